@@ -1,0 +1,38 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Each sets up .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+# The torch build to install first. Override for a CUDA build, e.g. TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIN ?= $(word 1,$(TORCH_SPEC))
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo demo-lora test test-fast lint docs clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	echo "$(TORCH_PIN)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/pipeline run lora --demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+docs: setup
+	$(PY) -m pipeline.docs_gen > docs/config.md
+
+clean:
+	rm -rf $(VENV) pipeline-demo .pytest_cache

@@ -1,0 +1,208 @@
+"""The `pipeline` command line."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import typer  # noqa: E402
+
+from pipeline.errors import PipelineError  # noqa: E402
+
+app = typer.Typer(
+    help="Staged, content-hashed LoRA training for diffusion models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ConfigOpt = typer.Option(Path("pipeline.toml"), "--config", "-c", help="The config file.")
+SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set lora1.lr=5e-5 (repeatable).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
+
+
+def user_errors(fn):
+    """Turn user-fixable errors into `error: ...` on stderr and a non-zero exit, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PipelineError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                typer.echo(f"error: the disk is full ({e.filename or 'while writing'}). Free some space and run the "
+                           f"same command again: finished items are kept and nothing partial is trusted.", err=True)
+                raise typer.Exit(1) from None
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished items are kept; run the same command again to resume.", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _env(config: Path, overrides: list[str]):
+    from cache.store import Store
+    from pipeline.config import load_config
+    from stages.base import PlanEnv
+
+    loaded = load_config(config, overrides)
+    return PlanEnv(loaded, Store(loaded.store_dir))
+
+
+@app.command()
+@user_errors
+def init(
+    path: Path = typer.Argument(Path("pipeline.toml"), help="Where to write the example config."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+):
+    """Write a commented example config with every key at its default."""
+    from pipeline.schema_docs import example_config_toml
+
+    if path.exists() and not force:
+        raise PipelineError(f"{path} already exists; pass --force to overwrite it.")
+    path.write_text(example_config_toml())
+    typer.echo(f"wrote {path}: set data.images and model.path, then run `pipeline run lora`.")
+
+
+@app.command()
+@user_errors
+def run(
+    workflow: str = typer.Argument(..., help="Workflow to run: lora."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    only: str = typer.Option(None, "--only", help="Run this one stage on the upstream artifacts that exist."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and why each stage would run; run nothing."),
+    demo: bool = typer.Option(False, "--demo", help="Use the built-in demo project in ./pipeline-demo (built on first use)."),
+    as_json: bool = JsonOpt,
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+):
+    """Run a workflow: reuse every fresh stage, run the rest, print what happened."""
+    from pipeline.runner import run_workflow
+
+    if demo:
+        from pipeline.demo import ensure_demo
+        from pipeline.workflows import get_workflow
+
+        get_workflow(workflow)
+        config = ensure_demo()
+    env = _env(config, set_)
+    runs = run_workflow(env, workflow, only=only, dry_run=dry_run, progress=not no_progress and not as_json)
+    if as_json:
+        typer.echo(json.dumps({"workflow": workflow, "dry_run": dry_run, "stages": [r.__dict__ for r in runs]}, indent=1))
+        return
+    _print_runs(runs, dry_run)
+    if demo and not dry_run:
+        outputs = [o for r in runs for o in r.outputs]
+        lora = next((o for o in outputs if o.endswith("lora1.safetensors")), None)
+        previews = sorted({str(Path(o).parent) for o in outputs if "/previews/" in o})
+        typer.echo(f"\nLoRA (kohya format): {lora}")
+        typer.echo(f"Previews: {', '.join(previews) or 'none'}")
+        typer.echo(f"Try: pipeline status lora -c {config}   or   pipeline run lora --demo --set lora1.lr=5e-4")
+
+
+def _print_runs(runs, dry_run: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("stage", "plan" if dry_run else "action", "key", "why" if dry_run else "seconds", "output"):
+        table.add_column(col)
+    for r in runs:
+        why = "; ".join(r.causes) if dry_run else f"{r.seconds:.1f}"
+        table.add_row(r.name, r.action, r.key[:12], why, r.location)
+    Console(width=160).print(table)
+
+
+@app.command()
+@user_errors
+def status(
+    workflow: str = typer.Argument(None, help="Workflow to show (default: every workflow with a run, else lora)."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    as_json: bool = JsonOpt,
+):
+    """Show FRESH / STALE / MISSING / PARTIAL per stage, with why, against the current config."""
+    from pipeline.planner import plan_workflow
+    from pipeline.workflows import WORKFLOWS, get_workflow
+
+    env = _env(config, set_)
+    names = [workflow] if workflow else [w for w in WORKFLOWS if env.store.read_ref(w)] or ["lora"]
+    report = []
+    for name in names:
+        plans = plan_workflow(env, get_workflow(name), env.store.read_ref(name))
+        report.append({"workflow": name, "stages": [
+            {"name": p.name, "state": p.state, "key": p.key, "causes": p.causes,
+             "progress": list(p.progress) if p.progress else None,
+             "outputs": {k: str(env.store.object_path(v["digest"])) for k, v in (p.manifest.outputs if p.manifest else {}).items()}}
+            for p in plans]})
+    env.store.memo.save()
+    if as_json:
+        typer.echo(json.dumps(report[0] if workflow else {"workflows": report}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    for wf in report:
+        table = Table(title=f"workflow {wf['workflow']}", show_edge=False, pad_edge=False)
+        for col in ("stage", "state", "key", "why"):
+            table.add_column(col)
+        for s in wf["stages"]:
+            state = s["state"].upper() + (f" {s['progress'][0]}/{s['progress'][1]}" if s["progress"] else "")
+            table.add_row(s["name"], state, s["key"][:12], "; ".join(s["causes"]))
+        Console(width=160).print(table)
+
+
+@app.command()
+@user_errors
+def gc(
+    config: Path = ConfigOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
+    as_json: bool = JsonOpt,
+):
+    """Remove store entries that no workflow's last run reaches."""
+    from cache.store import Store
+    from pipeline.config import load_config
+
+    loaded = load_config(config)
+    store = Store(loaded.store_dir)
+    store.lock.acquire("pipeline gc", wait=False)
+    try:
+        report = store.gc(dry_run=dry_run)
+    finally:
+        store.lock.release()
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    for r in report["removed"]:
+        typer.echo(f"{'would remove' if dry_run else 'removed'} {r['kind']:7} {r['bytes']:>12,} B  {r['path']}")
+    verb = "would free" if dry_run else "freed"
+    typer.echo(f"{verb} {report['bytes']:,} bytes in {len(report['removed'])} entries")
+
+
+def main() -> None:
+    try:
+        app()
+    except Exception as e:  # a bug, not a user error: keep the traceback, but say where to report it
+        from cache.locks import LockHeld
+
+        if isinstance(e, LockHeld):
+            print(f"error: {e}; wait for it to finish", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

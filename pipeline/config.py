@@ -1,0 +1,237 @@
+"""The config schema: `pipeline.toml` read into strict pydantic models.
+
+Semantic settings (they change what a stage produces, so they are hashed into stage keys) live in the
+data/model/stage sections; runtime settings (where things go, which device, how often to preview) live
+in `[runtime]` and never enter a key. Every field's description is its documentation: it feeds
+`docs/config.md`, `pipeline init` and `--help`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """The training images and their captions (stage `caption`)."""
+
+    images: Path = Field(Path("images"), description="Folder of training images (searched recursively), relative to the config file.")
+    caption_extensions: list[str] = Field(
+        [".txt", ".caption"], description="Sidecar caption files next to each image, tried in this order."
+    )
+    default_caption: str | None = Field(
+        None, description="Caption for images with no (or an empty) sidecar file. Unset: such images are an error."
+    )
+    caption_prefix: str = Field("", description="Text put before every caption, e.g. a trigger word and ', '.")
+    caption_suffix: str = Field("", description="Text put after every caption.")
+
+    @field_validator("caption_extensions")
+    @classmethod
+    def _dotted(cls, v: list[str]) -> list[str]:
+        if not v or any(not e.startswith(".") for e in v):
+            raise ValueError("give at least one extension, each starting with a dot, e.g. [\".txt\"]")
+        return v
+
+
+class ModelConfig(Section):
+    """The base model that is trained and that encodes latents and text."""
+
+    family: Literal["sd15"] = Field("sd15", description="Model family. Supported: sd15 (Stable Diffusion 1.x/2.x UNet).")
+    path: Path = Field(
+        Path("models/sd15"),
+        description="A diffusers model folder (with model_index.json) or a single-file .safetensors checkpoint.",
+    )
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="What the UNet predicts. auto: read it from the model's scheduler config."
+    )
+    single_file_config: Path | None = Field(
+        None,
+        description="For a single-file checkpoint: a diffusers folder whose component configs describe it "
+        "(needed offline; online, diffusers fetches them).",
+    )
+
+
+class LatentsConfig(Section):
+    """VAE encoding of the images (stage `latents`)."""
+
+    resolution: int = Field(512, description="Images are resized (short side) and centre-cropped to this square size, in pixels.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v < 8 or v % 8:
+            raise ValueError("must be a positive multiple of 8 (the VAE downsamples by 8)")
+        return v
+
+
+class TrainConfig(Section):
+    """LoRA training on the base model (stage `lora1`)."""
+
+    rank: int = Field(16, ge=1, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    targets: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        description="Module names (suffixes) in the UNet that get a LoRA: the attention projections by default.",
+    )
+    lr: float = Field(1e-4, description="Learning rate (with prodigy: its multiplier, usually 1.0).")
+    optimizer: Literal["adamw", "prodigy"] = Field("adamw", description="Optimizer: adamw (torch) or prodigy (prodigyopt).")
+    weight_decay: float = Field(1e-2, ge=0, description="Decoupled weight decay.")
+    lr_scheduler: Literal["constant", "cosine"] = Field("constant", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 over this many optimizer steps.")
+    steps: int = Field(1000, ge=1, description="Number of optimizer steps.")
+    batch_size: int = Field(1, ge=1, description="Images per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x grad_accum).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this value; 0 disables clipping.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Autocast precision of the forward pass. fp16 needs a CUDA GPU; on a CPU bf16 is slower than no."
+    )
+    seed: int = Field(42, description="Seed of the LoRA init, data order, timesteps and noise.")
+
+
+class PreviewConfig(Section):
+    """Preview images rendered during training."""
+
+    every: int = Field(0, ge=0, description="Render previews every N optimizer steps and at the end; 0 disables.")
+    prompts: list[str] = Field([], description="Prompts to render; empty: the first caption of the data set.")
+    seed: int = Field(0, description="Seed of each preview's initial noise (the same for every preview).")
+    steps: int = Field(20, ge=1, description="Sampling steps per preview.")
+    guidance_scale: float = Field(7.5, description="Classifier-free guidance scale of previews.")
+
+
+class RuntimeConfig(Section):
+    """Where and how to run. Never part of a stage key: changing these re-runs nothing."""
+
+    store: Path = Field(Path(".pipeline"), description="The artifact store folder, relative to the config file.")
+    output_dir: Path = Field(Path("output"), description="Where finished LoRA files and previews are exported, relative to the config file.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    log_level: Literal["debug", "info", "warning"] = Field("info", description="Verbosity of messages on stderr.")
+    checkpoint_every: int = Field(100, ge=0, description="Save resumable training state every N steps; 0 disables.")
+    encode_batch_size: int = Field(8, ge=1, description="Images per VAE / text-encoder forward when caching.")
+    preview: PreviewConfig = Field(default_factory=PreviewConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+class PipelineConfig(Section):
+    """A pipeline.toml."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    latents: LatentsConfig = Field(default_factory=LatentsConfig)
+    lora1: TrainConfig = Field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+
+class LoadedConfig:
+    """A validated config plus the folder its relative paths are resolved against."""
+
+    def __init__(self, config: PipelineConfig, path: Path):
+        self.config = config
+        self.path = path
+        self.base_dir = path.parent
+
+    def resolve(self, p: Path) -> Path:
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def store_dir(self) -> Path:
+        return self.resolve(self.config.runtime.store)
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`lora1.lr=5e-5` -> (["lora1", "lr"], 5e-05). Values are TOML; a bare word is a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. --set lora1.lr=5e-5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise ConfigError(f"--set {text!r}: {key!r} is not a dotted key like lora1.lr")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as --set model.path=/models/sd15
+    return key.split("."), value
+
+
+def apply_override(raw: dict, parts: list[str], value: Any) -> None:
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(parts)}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _closest(model: type[BaseModel], loc: tuple) -> str | None:
+    """The closest valid dotted key to an unknown one, walking the schema along loc."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        cls = field.annotation
+    names = list(cls.model_fields)
+    match = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
+    if not match:
+        return None
+    return ".".join([*map(str, loc[:-1]), match[0]])
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(map(str, loc))
+        if e["type"] == "extra_forbidden":
+            hint = _closest(PipelineConfig, loc)
+            fix = f"did you mean `{hint}`?" if hint else "see `pipeline init` or docs/config.md for the valid keys"
+            lines.append(f"unknown key `{dotted}` in {source}: {fix}")
+        else:
+            got = e.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"`{dotted}` in {source}: {e['msg']}{got_text}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> LoadedConfig:
+    """Read, override and validate a config file. Raises ConfigError with every problem found."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"no config file at {path}: write one with `pipeline init`, or pass --config PATH")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file") from None
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(raw, parts, value)
+    source = path.name if not overrides else f"{path.name} (with --set)"
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+    return LoadedConfig(config, path)

@@ -1,0 +1,83 @@
+"""The built-in demo: a tiny SD 1.5-style model and a small generated, captioned image set.
+
+`pipeline run lora --demo` builds ./pipeline-demo/ once (deterministically, so its digests never
+change and a second run reuses every stage), then runs the workflow on its pipeline.toml.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline.schema_docs import example_config_toml
+
+DEMO_DIR = Path("pipeline-demo")
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
+          "purple": (140, 50, 190), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15)}
+SHAPES = ("circle", "square", "triangle")
+
+DEMO_SETTINGS = {
+    "model": {"path": "models/tiny-sd15"},
+    "latents": {"resolution": 64},
+    "lora1": {"rank": 4, "alpha": 8.0, "lr": 1e-3, "steps": 120, "batch_size": 2, "lr_scheduler": "cosine", "warmup_steps": 10},
+    "runtime": {"checkpoint_every": 40},
+    "runtime.preview": {"every": 60, "steps": 10, "prompts": ["a red circle on a blue background", "a yellow square on a black background"]},
+}
+
+
+def draw_scene(shape: str, fg: str, bg: str, size: int, jitter: tuple[int, int, int]):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), COLORS[bg])
+    draw = ImageDraw.Draw(image)
+    dx, dy, dr = jitter
+    c, r = size // 2, size // 3 + dr
+    box = (c - r + dx, c - r + dy, c + r + dx, c + r + dy)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[fg])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLORS[fg])
+    else:
+        draw.polygon([(c + dx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=COLORS[fg])
+    return image
+
+
+def write_images(folder: Path, count: int = 12, size: int = 96, seed: int = 0) -> None:
+    """Shapes on plain backgrounds, each with a sidecar caption that describes it."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(COLORS)
+    for i in range(count):
+        shape, fg = SHAPES[i % 3], names[i % len(names)]
+        bg = rng.choice([n for n in names if n != fg])
+        jitter = (rng.randint(-6, 6), rng.randint(-6, 6), rng.randint(-4, 4))
+        draw_scene(shape, fg, bg, size, jitter).save(folder / f"{i:03d}_{fg}_{shape}.png")
+        (folder / f"{i:03d}_{fg}_{shape}.txt").write_text(f"a {fg} {shape} on a {bg} background\n")
+
+
+def demo_config_text() -> str:
+    return example_config_toml(DEMO_SETTINGS)
+
+
+def ensure_demo(root: Path = DEMO_DIR) -> Path:
+    """Build the demo folder if it is not there yet; return its config path."""
+    config = root / "pipeline.toml"
+    model = root / "models" / "tiny-sd15"
+    if not (model / "model_index.json").exists():
+        print(f"demo: building a tiny SD 1.5-style model in {model} (random weights) ...", file=sys.stderr)
+        from stages.families.tiny import build_tiny_sd15
+
+        tmp = model.with_name(".tiny-sd15.tmp")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny_sd15(tmp, seed=0)
+        tmp.rename(model)
+    if not (root / "images").exists():
+        print(f"demo: drawing a captioned image set in {root / 'images'} ...", file=sys.stderr)
+        write_images(root / "images")
+    if not config.exists():
+        config.write_text(demo_config_text())
+    return config

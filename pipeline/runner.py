@@ -1,0 +1,167 @@
+"""Running a workflow: reuse fresh artifacts, run the rest in order, commit manifests, update the ref."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cache.store import Manifest
+from pipeline import __version__
+from pipeline.errors import PlanError
+from pipeline.planner import StagePlan, plan_stage, plan_workflow
+from pipeline.workflows import get_workflow
+from stages.base import PlanEnv, StageContext
+
+EXPORT_MARKER = ".lora-pipeline-export"
+
+
+@dataclass
+class StageRun:
+    name: str
+    action: str  # ran | reused | would run | would reuse
+    key: str
+    seconds: float = 0.0
+    outputs: list[str] = field(default_factory=list)
+    location: str = ""  # where to look: the export folder, or the manifest for stages without files
+    summary: str = ""
+    causes: list[str] = field(default_factory=list)
+
+
+def _git_describe() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_workflow(env: PlanEnv, workflow: str, only: str | None = None, dry_run: bool = False, progress: bool = True) -> list[StageRun]:
+    stages = get_workflow(workflow)
+    if only is not None and only not in {s.name for s in stages}:
+        raise PlanError(f"--only {only}: workflow {workflow!r} has no stage {only!r}; its stages are {', '.join(s.name for s in stages)}.")
+    if dry_run:
+        return [_dry(p) for p in _plans(env, workflow, stages, only)]
+
+    def waiting(holder):
+        who = f"pid {holder['pid']} ({holder['what']}, since {holder['since']})" if holder else "another process"
+        print(f"waiting for the store lock held by {who} ...", file=sys.stderr, flush=True)
+
+    env.store.lock.acquire(f"pipeline run {workflow}", on_wait=waiting)
+    try:
+        plans = _plans(env, workflow, stages, only)
+        runs = []
+        for plan in plans:
+            if plan.state == "fresh":
+                runs.append(StageRun(plan.name, "reused", plan.key, summary="", causes=[]))
+            else:
+                upstream = {u: _upstream_manifest(env, plans, u) for u in plan.stage.upstream}
+                runs.append(_run_stage(env, plan, upstream, progress))
+                plan.manifest = env.store.load_manifest(plan.name, plan.key)
+                plan.state = "fresh"
+        ref = env.store.read_ref(workflow)
+        ref.update({p.name: p.key for p in plans})
+        env.store.write_ref(workflow, ref)
+        output_root = env.loaded.resolve(env.config.runtime.output_dir) / workflow
+        for run, plan in zip(runs, plans):
+            run.outputs = export_outputs(env, plan.manifest, output_root / plan.name)
+            manifest_path = env.store.stage_dir(plan.name, plan.key) / "manifest.json"
+            run.location = str(output_root / plan.name) + "/" if run.outputs else str(manifest_path)
+        return runs
+    finally:
+        env.store.memo.save()
+        env.store.lock.release()
+
+
+def _plans(env: PlanEnv, workflow: str, stages, only: str | None) -> list[StagePlan]:
+    ref = env.store.read_ref(workflow)
+    if only is None:
+        return plan_workflow(env, stages, ref)
+    stage = next(s for s in stages if s.name == only)
+    upstream = {}
+    for u in stage.upstream:
+        manifest = _existing_upstream(env, stages, ref, u, workflow)
+        upstream[u] = manifest
+    return [plan_stage(env, stage, upstream, ref)]
+
+
+def _existing_upstream(env: PlanEnv, stages, ref: dict, name: str, workflow: str) -> Manifest:
+    """The upstream artifact for --only: the current config's if it exists, else the last run's."""
+    full = {p.name: p for p in plan_workflow(env, stages[: [s.name for s in stages].index(name) + 1], ref)}
+    if full[name].manifest is not None:
+        return full[name].manifest
+    last = env.store.load_manifest(name, ref[name]) if name in ref else None
+    if last is None:
+        raise PlanError(
+            f"--only needs the {name} artifact, and there is none for this config. Make it with "
+            f"`pipeline run {workflow} --only {name}` or run the whole workflow with `pipeline run {workflow}`."
+        )
+    print(f"note: using the last run's {name} artifact; the current config would make a new one "
+          f"({'; '.join(full[name].causes)})", file=sys.stderr)
+    return last
+
+
+def _upstream_manifest(env: PlanEnv, plans: list[StagePlan], name: str) -> Manifest:
+    for p in plans:
+        if p.name == name and p.manifest is not None:
+            return p.manifest
+    # With --only, upstream manifests are pinned in the preimage.
+    key = plans[-1].preimage["upstream"][name]
+    return env.store.load_manifest(name, key)
+
+
+def _dry(plan: StagePlan) -> StageRun:
+    if plan.state == "fresh":
+        return StageRun(plan.name, "would reuse", plan.key)
+    causes = list(plan.causes)
+    if plan.progress:
+        causes.append(f"resumes at {plan.progress[0]}/{plan.progress[1]}")
+    return StageRun(plan.name, "would run", plan.key, causes=causes)
+
+
+def _run_stage(env: PlanEnv, plan: StagePlan, upstream: dict[str, Manifest], progress: bool) -> StageRun:
+    store = env.store
+    started = time.perf_counter()
+    work = store.work_dir(plan.name, plan.key)
+    print(f"{plan.name}: running ({'; '.join(plan.causes)})", file=sys.stderr, flush=True)
+    ctx = StageContext(env=env, key=plan.key, params=plan.params, upstream=upstream, work_dir=work, progress=progress)
+    result = plan.stage.run(ctx)
+    outputs = {name: store.put_object(path) for name, path in result.files.items()}
+    seconds = time.perf_counter() - started
+    manifest = Manifest(
+        stage=plan.name, key=plan.key, preimage=plan.preimage, contract=plan.contract, outputs=outputs,
+        pools=result.pools, record=result.record,
+        provenance={"version": __version__, "git": _git_describe(), "seconds": round(seconds, 3),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - seconds)),
+                    "host": os.uname().nodename, "argv": sys.argv[1:]},
+    )
+    store.commit(manifest)
+    return StageRun(plan.name, "ran", plan.key, seconds, summary=result.summary, causes=plan.causes)
+
+
+def export_outputs(env: PlanEnv, manifest: Manifest | None, dest: Path) -> list[str]:
+    """Copy a manifest's files to the output folder (a folder this tool owns, marked as such)."""
+    if manifest is None or not manifest.outputs:
+        return []
+    if dest.exists() and not (dest / EXPORT_MARKER).exists():
+        raise PlanError(f"{dest} exists and was not written by lora-pipeline; move it or change runtime.output_dir.")
+    wanted = {dest / name: obj["digest"] for name, obj in manifest.outputs.items()}
+    if dest.exists():  # drop files of an earlier export of this stage that this artifact does not have
+        for path in dest.rglob("*"):
+            if path.is_file() and path.name != EXPORT_MARKER and path not in wanted:
+                path.unlink()
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / EXPORT_MARKER).touch()
+    for path, digest in wanted.items():
+        if path.exists() and env.store.memo.digest(path) == digest:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.copyfile(env.store.object_path(digest), tmp)
+        os.replace(tmp, path)
+    return [str(p) for p in wanted]

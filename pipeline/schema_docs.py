@@ -1,0 +1,96 @@
+"""Documentation generated from the config schema: docs/config.md and the `pipeline init` template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from pipeline.config import PipelineConfig
+
+
+def _sections(model: type[BaseModel], prefix: str = ""):
+    """Yield (dotted section name, section model class, default instance) depth-first."""
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            dotted = f"{prefix}{name}"
+            yield dotted, ann
+            yield from _sections(ann, dotted + ".")
+
+
+def _leaf_fields(model: type[BaseModel]):
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            continue
+        yield name, field
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Path):
+        return json.dumps(str(value))
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _type_name(field) -> str:
+    text = str(field.annotation).replace("typing.", "").replace("pathlib.", "").replace("<class '", "")
+    return text.replace("'>", "")
+
+
+def config_reference_markdown() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from pipeline/config.py by `make docs`; tests/test_config.py fails when it is out of date. -->",
+        "",
+        "A `pipeline.toml` has the sections below. Unknown keys are errors. Any key can be overridden on the",
+        "command line with `--set section.key=value` (values are TOML: `--set lora1.lr=5e-5`,",
+        "`--set lora1.targets='[\"to_q\"]'`). Relative paths are resolved against the config file's folder.",
+        "Everything outside `[runtime]` is *semantic*: it is hashed into the keys of the stages that use it, so",
+        "changing it re-runs those stages. `[runtime]` settings never re-run anything.",
+        "",
+    ]
+    for dotted, section in _sections(PipelineConfig):
+        lines += [f"## `[{dotted}]`", "", (section.__doc__ or "").strip(), "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        defaults = section()
+        for name, field in _leaf_fields(section):
+            default = getattr(defaults, name)
+            shown = "unset" if default is None else f"`{toml_value(default)}`"
+            lines.append(f"| `{name}` | {_type_name(field)} | {shown} | {field.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def example_config_toml(overrides: dict[str, dict[str, Any]] | None = None) -> str:
+    """A commented pipeline.toml with every key at its default (or at `overrides[section][key]`)."""
+    overrides = overrides or {}
+    out = [
+        "# lora-pipeline config. Every key is shown with its default; delete what you do not change.",
+        "# Reference: docs/config.md. Override any key on the command line: --set lora1.lr=5e-5",
+        "",
+    ]
+    for dotted, section in _sections(PipelineConfig):
+        out.append(f"[{dotted}]")
+        out.append(f"# {(section.__doc__ or '').strip()}")
+        defaults = section()
+        for name, field in _leaf_fields(section):
+            value = overrides.get(dotted, {}).get(name, getattr(defaults, name))
+            out.append(f"# {field.description}")
+            out.append(f"# {name} = ..." if value is None else f"{name} = {toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown(), end="")

@@ -1,0 +1,1 @@
+"""Stages: one module per stage plus the shared model-family adapters and training machinery below it."""

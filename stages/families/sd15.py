@@ -1,0 +1,280 @@
+"""Stable Diffusion 1.x / 2.x: a UNet with CLIP text conditioning and a DDPM (epsilon or v) process."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ModelError
+from stages.families.base import ModelFamily, ModelLayout, quiet_libraries
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTED = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file, read without loading any tensor."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            return json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not a readable .safetensors file ({e}); is the download complete?") from None
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path} is not valid JSON ({e})") from None
+
+
+class SD15Family(ModelFamily):
+    name = "sd15"
+    default_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    pipeline_class = "StableDiffusionPipeline"
+    lora_component = "unet"
+
+    # -- cheap -------------------------------------------------------------------------------------------
+    def layout(self, path: Path, single_file_config: Path | None) -> ModelLayout:
+        if not path.exists():
+            raise ModelError(
+                f"model.path: {path} does not exist. Point it at a diffusers Stable Diffusion folder "
+                f"(with model_index.json) or a single-file .safetensors checkpoint."
+            )
+        if path.is_file():
+            return self._single_file_layout(path, single_file_config)
+        missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+        if missing:
+            raise ModelError(
+                f"model.path: {path} is missing {', '.join(c + '/' for c in missing)}. A diffusers Stable Diffusion "
+                f"folder has {', '.join(c + '/' for c in COMPONENTS)} (as written by save_pretrained)."
+            )
+        for comp in WEIGHTED:
+            folder = path / comp
+            if not (folder / "config.json").is_file():
+                raise ModelError(f"model.path: {folder}/config.json is missing; the {comp} component is incomplete.")
+            if not list(folder.glob("*.safetensors")):
+                found = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+                hint = f" (found {', '.join(found)}: pickle files are not loaded, for safety)" if found else ""
+                raise ModelError(
+                    f"model.path: {folder}/ has no .safetensors weights{hint}. Re-save the model with "
+                    f"save_pretrained(..., safe_serialization=True)."
+                )
+        return ModelLayout(path=path, single_file=False)
+
+    def _single_file_layout(self, path: Path, config_dir: Path | None) -> ModelLayout:
+        if path.suffix in PICKLE_SUFFIXES:
+            raise ModelError(
+                f"model.path: {path} is a pickle checkpoint, which can run code when loaded. Convert it to "
+                f".safetensors first (or use the diffusers folder of the model)."
+            )
+        if path.suffix != ".safetensors":
+            raise ModelError(f"model.path: {path} is neither a model folder nor a .safetensors checkpoint.")
+        header = read_safetensors_header(path)
+        if not any(k.startswith("model.diffusion_model.") for k in header):
+            raise ModelError(
+                f"model.path: {path} has no `model.diffusion_model.*` tensors, so it is not a Stable Diffusion "
+                f"single-file checkpoint (a LoRA file, perhaps?)."
+            )
+        if config_dir is not None:
+            missing = [c for c in COMPONENTS if not (config_dir / c).is_dir()]
+            if missing:
+                raise ModelError(
+                    f"model.single_file_config: {config_dir} is missing {', '.join(c + '/' for c in missing)}; "
+                    f"it must be a diffusers folder of the same architecture (configs suffice, weights are not read)."
+                )
+        return ModelLayout(path=path, single_file=True, config_dir=config_dir)
+
+    def component_files(self, layout: ModelLayout) -> dict[str, list[Path]]:
+        def files(folder: Path) -> list[Path]:
+            # Only what diffusers reads: configs, tokenizer files and safetensors weights.
+            return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in PICKLE_SUFFIXES)
+
+        if layout.single_file:
+            configs = {c: files(layout.config_dir / c) if layout.config_dir else [] for c in COMPONENTS}
+            return {
+                "unet": [layout.path, *configs["unet"]],
+                "vae": [layout.path, *configs["vae"]],
+                "text": [layout.path, *configs["text_encoder"], *configs["tokenizer"]],
+                "scheduler": configs["scheduler"],
+            }
+        p = layout.path
+        return {
+            "unet": files(p / "unet"),
+            "vae": files(p / "vae"),
+            "text": files(p / "text_encoder") + files(p / "tokenizer"),
+            "scheduler": files(p / "scheduler"),
+        }
+
+    def _config_root(self, layout: ModelLayout) -> Path | None:
+        return layout.config_dir if layout.single_file else layout.path
+
+    def prediction_type(self, layout: ModelLayout) -> str:
+        root = self._config_root(layout)
+        if root is None:
+            return "epsilon"  # SD 1.x default; a v-prediction single file needs model.prediction_type
+        return _json(root / "scheduler" / "scheduler_config.json").get("prediction_type", "epsilon")
+
+    def latent_space(self, layout: ModelLayout) -> dict[str, Any]:
+        root = self._config_root(layout)
+        cfg = _json(root / "vae" / "config.json") if root else {}
+        return {
+            "scaling_factor": cfg.get("scaling_factor", 0.18215),
+            "shift_factor": cfg.get("shift_factor") or 0.0,
+            "latent_channels": cfg.get("latent_channels", 4),
+        }
+
+    # -- heavy -------------------------------------------------------------------------------------------
+    def _load(self, layout: ModelLayout, component: str):
+        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        quiet_libraries()
+        try:
+            if layout.single_file:
+                pipe = StableDiffusionPipeline.from_single_file(
+                    str(layout.path),
+                    config=str(layout.config_dir) if layout.config_dir else None,
+                    local_files_only=layout.config_dir is not None,
+                    safety_checker=None,
+                    requires_safety_checker=False,
+                )
+                return getattr(pipe, component)
+            classes = {
+                "unet": UNet2DConditionModel,
+                "vae": AutoencoderKL,
+                "text_encoder": CLIPTextModel,
+                "tokenizer": CLIPTokenizer,
+                "scheduler": DDPMScheduler,
+            }
+            kwargs = {"use_safetensors": True} if component in WEIGHTED else {}
+            return classes[component].from_pretrained(str(layout.path), subfolder=component, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise ModelError(f"could not load the {component} of {layout.path}: {e}") from None
+
+    def load_vae(self, layout: ModelLayout, device):
+        vae = self._load(layout, "vae").to(device).eval()
+        vae.requires_grad_(False)
+        return vae
+
+    def encode_images(self, vae, pixels):
+        # The posterior mean: caching a single random sample would freeze one draw of the VAE noise forever.
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        shift = vae.config.shift_factor or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
+    def load_text_encoder(self, layout: ModelLayout, device):
+        model = self._load(layout, "text_encoder").to(device).eval()
+        model.requires_grad_(False)
+        return ClipText(self._load(layout, "tokenizer"), model, device)
+
+    def load_denoiser(self, layout: ModelLayout, device):
+        unet = self._load(layout, "unet").to(device)
+        unet.requires_grad_(False)
+        return unet
+
+    def load_noise_schedule(self, layout: ModelLayout, prediction_type: str):
+        return DDPMProcess(self._load(layout, "scheduler").config, prediction_type)
+
+    def predict(self, denoiser, x_t, t, cond):
+        return denoiser(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+    def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str):
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        text = self.load_text_encoder(layout, device)
+        scheduler = DDIMScheduler.from_config(self._load(layout, "scheduler").config, prediction_type=prediction_type)
+        pipe = StableDiffusionPipeline(
+            vae=self.load_vae(layout, device),
+            text_encoder=text.model,
+            tokenizer=text.tokenizer,
+            unet=denoiser,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+
+        def render(prompts: list[str], seed: int, steps: int, guidance_scale: float, size: int):
+            import torch
+
+            images = []
+            for prompt in prompts:
+                generator = torch.Generator("cpu").manual_seed(seed)
+                out = pipe(
+                    prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=size, width=size,
+                    generator=generator, output_type="pil",
+                )
+                images.append(out.images[0])
+            return images
+
+        return render
+
+    def lora_metadata(self) -> dict[str, str]:
+        return {
+            "ss_base_model_version": "sd_v1",
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": "stable-diffusion-v1/lora",
+            "modelspec.implementation": "https://github.com/huggingface/diffusers",
+        }
+
+
+class ClipText:
+    """Frozen CLIP text encoder: captions -> last hidden states, padded to the tokenizer's max length."""
+
+    def __init__(self, tokenizer, model, device):
+        self.tokenizer, self.model, self.device = tokenizer, model, device
+
+    def digest_fields(self) -> dict:
+        return {"max_length": self.tokenizer.model_max_length}
+
+    def encode(self, captions: list[str]):
+        import torch
+
+        ids = self.tokenizer(
+            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        with torch.no_grad():
+            return self.model(ids)[0]
+
+
+class DDPMProcess:
+    """The DDPM forward process and training target, from the model's own scheduler config."""
+
+    def __init__(self, scheduler_config, prediction_type: str):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(scheduler_config, prediction_type=prediction_type)
+        self.prediction_type = prediction_type
+        self.num_timesteps = self.scheduler.config.num_train_timesteps
+
+    def sample_timesteps(self, n: int, generator):
+        import torch
+
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator)
+
+    def noisy_input(self, x0, noise, t):
+        return self.scheduler.add_noise(x0, noise, t)
+
+    def target(self, x0, noise, t):
+        if self.prediction_type == "epsilon":
+            return noise
+        return self.scheduler.get_velocity(x0, noise, t)
+
+    def contract(self) -> dict:
+        return {
+            "process": "ddpm",
+            "num_train_timesteps": self.num_timesteps,
+            "timestep_sampler": "uniform",
+            "prediction_type": self.prediction_type,
+        }

@@ -1,0 +1,240 @@
+"""The LoRA training loop: deterministic steps, resumable checkpoints, previews, a progress bar.
+
+It never branches on a model family: the family supplies loading, the noise process and the model call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cache.faults import fault_point
+from pipeline.errors import ConfigError
+from stages.training.lora_files import add_lora, trainable_state
+from stages.training.sampling import batch_indices, derive_seed, generator
+
+
+@dataclass
+class TrainData:
+    latents: object  # (N, C, h, w) float32 tensor
+    cond: object  # (U, L, D) float32 tensor: unique conditionings
+    cond_index: object  # (N,) long tensor: item -> row of cond
+
+
+@dataclass
+class TrainJob:
+    family: object
+    layout: object
+    prediction_type: str
+    params: object  # TrainConfig-like: rank, alpha, dropout, targets, lr, optimizer, ..., seed
+    device: object
+    work_dir: Path
+    checkpoint_every: int = 0
+    preview: object | None = None  # PreviewConfig
+    preview_prompts: list[str] = field(default_factory=list)
+    preview_size: int = 512
+    progress: bool = True
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class TrainOutcome:
+    denoiser: object
+    adapter_config: object
+    losses: list[float]
+    previews: dict[str, Path]
+    resumed_from: int
+
+
+def make_accelerator(mixed_precision: str, device):
+    from accelerate import Accelerator
+
+    if mixed_precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"lora1.mixed_precision = \"fp16\" needs a CUDA GPU, but this run is on {device.type}. "
+            f"Use \"bf16\" or \"no\"."
+        )
+    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+
+
+def build_optimizer(params: list, cfg):
+    import torch
+
+    if cfg.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_lr_scheduler(optimizer, cfg):
+    import math
+
+    import torch
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_scheduler == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_lora(job: TrainJob, data: TrainData) -> TrainOutcome:
+    """Train a LoRA on job.family's denoiser and return it with its loss log and preview files."""
+    import torch
+    from tqdm import tqdm
+
+    cfg = job.params
+    accelerator = make_accelerator(cfg.mixed_precision, job.device)
+    denoiser = job.family.load_denoiser(job.layout, accelerator.device)
+    adapter_config = add_lora(denoiser, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, derive_seed("lora-init", cfg.seed))
+    lora_params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = build_optimizer(lora_params, cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg)
+    process = job.family.load_noise_schedule(job.layout, job.prediction_type)
+    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    start, losses = restore_checkpoint(job.work_dir, accelerator.unwrap_model(denoiser), optimizer, scheduler)
+    if start:
+        job.log(f"lora1: resuming from the checkpoint at step {start}/{cfg.steps}")
+    previews: dict[str, Path] = {}
+    render = PreviewRenderer(job, accelerator.unwrap_model(denoiser))
+    denoiser.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc="lora1", unit="step", disable=not job.progress, mininterval=0.5)
+    smoothed = None
+    for step in range(start, cfg.steps):
+        loss = train_step(step, job, data, accelerator, denoiser, process, optimizer, lora_params)
+        scheduler.step()
+        losses.append(loss)
+        smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+        bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        bar.update(1)
+        done = step + 1
+        fault_point("lora1.step", done)
+        if job.checkpoint_every and done % job.checkpoint_every == 0 and done < cfg.steps:
+            save_checkpoint(job.work_dir, done, accelerator.unwrap_model(denoiser), optimizer, scheduler, losses)
+            fault_point("lora1.checkpoint", done)
+        if job.preview and job.preview.every and (done % job.preview.every == 0 or done == cfg.steps):
+            previews[f"previews/step{done:06d}.png"] = render(done)
+            denoiser.train()
+    bar.close()
+    accelerator.end_training()
+    return TrainOutcome(accelerator.unwrap_model(denoiser), adapter_config, losses, previews, start)
+
+
+def train_step(step, job, data, accelerator, denoiser, process, optimizer, lora_params) -> float:
+    """One optimizer step over grad_accum micro-batches; every draw derives from (seed, micro-step)."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg = job.params
+    device = accelerator.device
+    n_items = data.latents.shape[0]
+    total = 0.0
+    for micro in range(cfg.grad_accum):
+        k = step * cfg.grad_accum + micro
+        idx = torch.tensor(batch_indices(cfg.seed, k, cfg.batch_size, n_items))
+        x0 = data.latents[idx].to(device)
+        cond = data.cond[data.cond_index[idx]].to(device)
+        g = generator("noise", cfg.seed, k)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = process.sample_timesteps(x0.shape[0], g).to(device)
+        x_t = process.noisy_input(x0, noise, t)
+        target = process.target(x0, noise, t)
+        if cfg.dropout > 0:
+            torch.manual_seed(derive_seed("dropout", cfg.seed, k))
+        with accelerator.autocast():
+            pred = job.family.predict(denoiser, x_t, t, cond)
+        loss = F.mse_loss(pred.float(), target.float())
+        accelerator.backward(loss / cfg.grad_accum)
+        total += loss.detach().item()
+    if cfg.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / cfg.grad_accum
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+
+
+def _checkpoints(work_dir: Path) -> list[Path]:
+    return sorted(p for p in work_dir.glob("ckpt-*") if p.is_dir())
+
+
+def save_checkpoint(work_dir: Path, step: int, denoiser, optimizer, scheduler, losses: list[float]) -> None:
+    """Write the resume state to a temp folder and rename it into place: a kill leaves the old one intact."""
+    import torch
+    from safetensors.torch import save_file
+
+    final = work_dir / f"ckpt-{step:07d}"
+    tmp = work_dir / f".tmp-ckpt-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in trainable_state(denoiser).items()}, str(tmp / "lora.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    for old in _checkpoints(work_dir):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_step(work_dir: Path) -> int:
+    ckpts = _checkpoints(work_dir) if work_dir.is_dir() else []
+    return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
+
+
+def restore_checkpoint(work_dir: Path, denoiser, optimizer, scheduler) -> tuple[int, list[float]]:
+    import torch
+    from safetensors.torch import load_file
+
+    ckpts = _checkpoints(work_dir)
+    if not ckpts:
+        return 0, []
+    ckpt = ckpts[-1]
+    weights = load_file(str(ckpt / "lora.safetensors"))
+    expected = set(trainable_state(denoiser))
+    if set(weights) != expected:
+        raise RuntimeError(f"checkpoint {ckpt} does not fit this LoRA; delete it to start over")
+    denoiser.load_state_dict(weights, strict=False)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    progress = json.loads((ckpt / "progress.json").read_text())
+    return progress["step"], progress["losses"]
+
+
+# -- previews ---------------------------------------------------------------------------------------------
+
+
+class PreviewRenderer:
+    """Renders the preview prompts at fixed seeds into one PNG strip; builds its pipeline on first use."""
+
+    def __init__(self, job: TrainJob, denoiser):
+        self.job, self.denoiser, self._render = job, denoiser, None
+
+    def __call__(self, step: int) -> Path:
+        from PIL import Image
+
+        job, pv = self.job, self.job.preview
+        if self._render is None:
+            self._render = job.family.preview_pipeline(job.layout, self.denoiser, self.denoiser.device, job.prediction_type)
+        self.denoiser.eval()
+        images = self._render(job.preview_prompts, pv.seed, pv.steps, pv.guidance_scale, job.preview_size)
+        strip = Image.new("RGB", (job.preview_size * len(images), job.preview_size))
+        for i, im in enumerate(images):
+            strip.paste(im, (i * job.preview_size, 0))
+        path = job.work_dir / f"preview-step{step:06d}.png"
+        strip.save(path)
+        return path
