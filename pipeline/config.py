@@ -184,6 +184,17 @@ def apply_override(raw: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+# Names people bring from kohya sd-scripts, diffusers' scripts and OneTrainer, for "did you mean" hints only:
+# an alias is never accepted silently.
+ALIASES = {
+    "learning_rate": "lr", "unet_lr": "lr", "network_dim": "rank", "network_alpha": "alpha", "lora_rank": "rank",
+    "lora_alpha": "alpha", "network_dropout": "dropout", "max_train_steps": "steps", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "optimizer_type": "optimizer", "lr_warmup_steps": "warmup_steps",
+    "max_grad_norm": "max_grad_norm", "train_data_dir": "images", "caption_extension": "caption_extensions",
+    "pretrained_model_name_or_path": "path", "output_dir": "output_dir", "resolution": "resolution",
+}
+
+
 def _closest(model: type[BaseModel], loc: tuple) -> str | None:
     """The closest valid dotted key to an unknown one, walking the schema along loc."""
     cls: Any = model
@@ -193,10 +204,11 @@ def _closest(model: type[BaseModel], loc: tuple) -> str | None:
             return None
         cls = field.annotation
     names = list(cls.model_fields)
-    match = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
+    aliases = {a: t for a, t in ALIASES.items() if t in names}
+    match = difflib.get_close_matches(str(loc[-1]), names + list(aliases), n=1, cutoff=0.6)
     if not match:
         return None
-    return ".".join([*map(str, loc[:-1]), match[0]])
+    return ".".join([*map(str, loc[:-1]), aliases.get(match[0], match[0])])
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

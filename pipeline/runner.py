@@ -55,6 +55,9 @@ def run_workflow(env: PlanEnv, workflow: str, only: str | None = None, dry_run: 
     env.store.lock.acquire(f"pipeline run {workflow}", on_wait=waiting)
     try:
         plans = _plans(env, workflow, stages, only)
+        for plan in plans:
+            if plan.state != "fresh":
+                plan.stage.preflight(env, plan.params)
         runs = []
         for plan in plans:
             if plan.state == "fresh":

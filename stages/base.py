@@ -113,6 +113,9 @@ class Stage:
         """This stage's cross-phase contract fields (merged with its upstream contracts)."""
         return {}
 
+    def preflight(self, env: PlanEnv, params: BaseModel) -> None:
+        """Checks that need the machine (devices, optional packages), run before any stage of a run starts."""
+
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
         """(done, total) of an interrupted run of this key, or None when nothing is in progress."""
         return None

@@ -55,6 +55,12 @@ class Lora1Stage(Stage):
             "prediction_type": params.prediction_type,
         }
 
+    def preflight(self, env: PlanEnv, params: Lora1Params) -> None:
+        from stages.devices import resolve_device
+        from stages.training.loop import check_precision
+
+        check_precision(params.mixed_precision, resolve_device(env.config.runtime.device))
+
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
         from stages.training.loop import checkpoint_step
 

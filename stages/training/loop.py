@@ -50,14 +50,18 @@ class TrainOutcome:
     resumed_from: int
 
 
-def make_accelerator(mixed_precision: str, device):
-    from accelerate import Accelerator
-
+def check_precision(mixed_precision: str, device) -> None:
     if mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError(
             f"lora1.mixed_precision = \"fp16\" needs a CUDA GPU, but this run is on {device.type}. "
             f"Use \"bf16\" or \"no\"."
         )
+
+
+def make_accelerator(mixed_precision: str, device):
+    from accelerate import Accelerator
+
+    check_precision(mixed_precision, device)
     return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
 
 

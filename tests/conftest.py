@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny SD 1.5-style model saved in the real formats, and throwaway projects around it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+SMALL_SETTINGS = {
+    "model": {"path": "model"},
+    "latents": {"resolution": 32},
+    "lora1": {"rank": 4, "alpha": 8.0, "lr": 1e-3, "steps": 6, "batch_size": 2},
+    "runtime": {"checkpoint_every": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny model as a diffusers folder, with the same weights as a single file beside it (model.safetensors)."""
+    from stages.families.tiny import build_tiny_sd15
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny_sd15(root / "model", seed=0, single_file=root / "model.safetensors")
+    return root
+
+
+def toml_config(settings: dict) -> str:
+    from pipeline.schema_docs import toml_value
+
+    lines = []
+    for section, values in settings.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+class Project:
+    """A folder with images, captions, a model and a pipeline.toml; runs the CLI in-process or as a subprocess."""
+
+    def __init__(self, root: Path, settings: dict):
+        self.root = root
+        self.settings = settings
+        self.write_config()
+
+    @property
+    def config(self) -> Path:
+        return self.root / "pipeline.toml"
+
+    @property
+    def store(self) -> Path:
+        return self.root / ".pipeline"
+
+    def write_config(self, **sections) -> None:
+        for name, values in sections.items():
+            self.settings.setdefault(name, {}).update(values)
+        self.config.write_text(toml_config(self.settings))
+
+    def cli(self, *args: str):
+        from cli import app
+
+        return CliRunner().invoke(app, [*args[:2], "-c", str(self.config), *args[2:]] if args[0] in ("run", "status") else [*args])
+
+    def run_json(self, *args: str) -> dict:
+        result = self.cli("run", "lora", "--json", *args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    def subprocess(self, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(REPO / "cli.py"), *args]
+        return subprocess.run(cmd, cwd=self.root, capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, timeout=600, **kw)
+
+    def manifests(self, stage: str) -> list[Path]:
+        return sorted((self.store / "stages" / stage).glob("*/manifest.json"))
+
+
+def make_images(folder: Path, count: int, start: int = 0, size: int = 48) -> None:
+    from pipeline.demo import write_images
+
+    tmp = folder.parent / f".gen{start}"
+    write_images(tmp, count=count + start, size=size, seed=start)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(tmp.iterdir())[2 * start :]:
+        shutil.move(str(path), folder / path.name)
+    shutil.rmtree(tmp)
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model) -> Project:
+    shutil.copytree(tiny_model / "model", tmp_path / "model")
+    make_images(tmp_path / "images", 6)
+    return Project(tmp_path, json.loads(json.dumps(SMALL_SETTINGS)))
+
+
+def actions(report: dict) -> dict[str, str]:
+    return {s["name"]: s["action"] for s in report["stages"]}

@@ -1,0 +1,129 @@
+"""Bad input: a clear message naming the file or field and the fix, a non-zero exit, nothing committed."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+
+def _fails(project, *args, expect: list[str], committed: tuple[str, ...] = ()):
+    result = project.cli("run", "lora", *args)
+    assert result.exit_code == 2, result.output
+    for text in expect:
+        assert text in result.output, result.output
+    assert "Traceback" not in result.output
+    stages = {p.parent.parent.name for p in project.store.glob("stages/*/*/manifest.json")}
+    assert stages == set(committed), "a failed run committed an artifact"
+    return result.output
+
+
+def test_corrupt_image(project):
+    (project.root / "images" / "000_red_circle.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    _fails(project, expect=["000_red_circle.png", "cannot decode", "Replace or remove"])
+
+
+def test_truncated_image(project):
+    path = project.root / "images" / "001_green_square.png"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _fails(project, expect=["001_green_square.png", "cannot decode"])
+
+
+def test_non_image_file(project):
+    (project.root / "images" / "notes.pdf").write_bytes(b"%PDF-1.4")
+    _fails(project, expect=["notes.pdf", "neither images", "Move them out"])
+
+
+def test_missing_caption(project):
+    (project.root / "images" / "002_blue_triangle.txt").unlink()
+    _fails(project, expect=["002_blue_triangle.png", "no caption file", "data.default_caption"])
+
+
+def test_missing_caption_uses_default_caption(project):
+    (project.root / "images" / "002_blue_triangle.txt").write_text("  \n")
+    project.write_config(data={"default_caption": "a shape"})
+    report = project.run_json()
+    assert report["stages"][0]["summary"] == "6 captions"
+
+
+def test_missing_images_folder(project):
+    shutil.rmtree(project.root / "images")
+    _fails(project, expect=["data.images", "does not exist", "images"])
+
+
+def test_empty_images_folder(project):
+    shutil.rmtree(project.root / "images")
+    (project.root / "images").mkdir()
+    _fails(project, expect=["contains no images"])
+
+
+def test_wrong_model_path(project):
+    project.write_config(model={"path": "no/such/model"})
+    _fails(project, expect=["model.path", "no/such/model", "does not exist"])
+
+
+@pytest.mark.parametrize("component", ["vae", "unet", "tokenizer"])
+def test_model_folder_missing_a_component(project, component):
+    shutil.rmtree(project.root / "model" / component)
+    _fails(project, expect=["model.path", f"missing {component}/"])
+
+
+def test_model_weights_only_in_pickle_format(project):
+    unet = project.root / "model" / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.bin")
+    _fails(project, expect=["no .safetensors weights", "pickle"])
+
+
+def test_pickle_single_file_is_refused(project):
+    (project.root / "sd.ckpt").write_bytes(b"not loaded")
+    project.write_config(model={"path": "sd.ckpt"})
+    _fails(project, expect=["sd.ckpt", "pickle", ".safetensors"])
+
+
+def test_config_typo_names_the_key_and_the_closest_valid_one(project):
+    project.config.write_text(project.config.read_text().replace("[lora1]", "[lora1]\nlearnig_rate = 1e-4"))
+    _fails(project, expect=["unknown key `lora1.learnig_rate`", "did you mean `lora1.lr`"])
+
+
+def test_set_typo_and_bad_value(project):
+    _fails(project, "--set", "lora1.rnak=8", expect=["unknown key `lora1.rnak`", "`lora1.rank`"])
+    _fails(project, "--set", "lora1.rank=abc", expect=["`lora1.rank`", "valid integer"])
+    _fails(project, "--set", "latents.resolution=30", expect=["`latents.resolution`", "multiple of 8"])
+    _fails(project, "--set", "lora1", expect=["expected dotted.key=value"])
+
+
+def test_unknown_section(project):
+    project.config.write_text(project.config.read_text() + "\n[lora2]\nlr = 1.0\n")
+    _fails(project, expect=["unknown key `lora2`"])
+
+
+def test_unknown_workflow_and_stage(project):
+    out = _fails_any(project, "run", "lroa")
+    assert "unknown workflow 'lroa'" in out and "lora" in out
+    out = _fails_any(project, "run", "lora", "--only", "lora9")
+    assert "no stage 'lora9'" in out and "lora1" in out
+
+
+def _fails_any(project, *args):
+    result = project.cli(*args)
+    assert result.exit_code == 2, result.output
+    return result.output
+
+
+def test_targets_that_match_nothing(project):
+    # Only the model knows its module names: the valid upstream stages commit, lora1 does not.
+    _fails(project, "--set", 'lora1.targets=["to_qq"]', expect=["lora1.targets", "matched no module", "to_q"],
+           committed=("caption", "latents", "text"))
+
+
+def test_fp16_on_cpu_is_refused_with_the_alternatives(project):
+    _fails(project, "--set", "lora1.mixed_precision=fp16", expect=["fp16", "CUDA", "bf16"])
+
+
+def test_missing_config_file(tmp_path):
+    from cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["run", "lora", "-c", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2 and "pipeline init" in result.output

@@ -1,0 +1,79 @@
+"""The config schema: strictness, overrides, generated docs and every shipped example."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import PipelineConfig, load_config, parse_override
+from pipeline.errors import ConfigError
+from pipeline.schema_docs import config_reference_markdown, example_config_toml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_docs_config_md_is_up_to_date():
+    assert (REPO / "docs" / "config.md").read_text() == config_reference_markdown(), "run `make docs`"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_examples_validate(path):
+    load_config(path)
+
+
+def test_init_template_and_demo_config_validate(tmp_path):
+    from pipeline.demo import demo_config_text
+
+    for text in (example_config_toml(), demo_config_text()):
+        (tmp_path / "c.toml").write_text(text)
+        assert load_config(tmp_path / "c.toml").config == PipelineConfig.model_validate(
+            __import__("tomllib").loads(text)
+        )
+
+
+def test_init_writes_the_template_and_refuses_to_overwrite(tmp_path):
+    from cli import app
+    from typer.testing import CliRunner
+
+    target = tmp_path / "pipeline.toml"
+    assert CliRunner().invoke(app, ["init", str(target)]).exit_code == 0
+    assert load_config(target).config == PipelineConfig()
+    again = CliRunner().invoke(app, ["init", str(target)])
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+@pytest.mark.parametrize(
+    "text, parts, value",
+    [
+        ("lora1.lr=5e-5", ["lora1", "lr"], 5e-5),
+        ("lora1.steps=200", ["lora1", "steps"], 200),
+        ("model.path=/models/sd15", ["model", "path"], "/models/sd15"),
+        ('lora1.targets=["to_q", "to_v"]', ["lora1", "targets"], ["to_q", "to_v"]),
+        ("runtime.preview.every=50", ["runtime", "preview", "every"], 50),
+        ("data.caption_prefix='sks, '", ["data", "caption_prefix"], "sks, "),
+    ],
+)
+def test_parse_override(text, parts, value):
+    assert parse_override(text) == (parts, value)
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    (tmp_path / "c.toml").write_text("[lora1]\nlr = 1e-4\n")
+    loaded = load_config(tmp_path / "c.toml", ["lora1.lr=5e-5", "runtime.preview.every=10"])
+    assert loaded.config.lora1.lr == 5e-5 and loaded.config.runtime.preview.every == 10
+    with pytest.raises(ConfigError, match="`lora1.steps`.*greater than or equal to 1"):
+        load_config(tmp_path / "c.toml", ["lora1.steps=0"])
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.toml").write_text('[data]\nimages = "imgs"\n')
+    loaded = load_config(tmp_path / "sub" / "c.toml")
+    assert loaded.resolve(loaded.config.data.images) == (tmp_path / "sub" / "imgs").resolve()
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    (tmp_path / "c.toml").write_text("[lora1\nlr = 1")
+    with pytest.raises(ConfigError, match="c.toml is not valid TOML"):
+        load_config(tmp_path / "c.toml")

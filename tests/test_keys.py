@@ -1,0 +1,95 @@
+"""Stage keys: every semantic setting changes the keys of the stages that use it; runtime settings change none."""
+
+from __future__ import annotations
+
+import pytest
+
+from cache.keys import canonical_json
+from cache.store import Store
+from pipeline.config import load_config
+from pipeline.planner import plan_workflow
+from pipeline.workflows import get_workflow
+from stages.base import PlanEnv
+
+
+def keys(project, *overrides: str) -> dict[str, str]:
+    loaded = load_config(project.config, list(overrides))
+    env = PlanEnv(loaded, Store(loaded.store_dir))
+    return {p.name: p.key for p in plan_workflow(env, get_workflow("lora"), {})}
+
+
+# (override, the first stage whose key must change; every stage downstream of it changes too)
+SEMANTIC = [
+    ("data.caption_prefix='sks, '", "caption"),
+    ("data.caption_suffix=', photo'", "caption"),
+    ("data.default_caption='a shape'", "caption"),
+    ('data.caption_extensions=[".caption", ".txt"]', "caption"),
+    ("latents.resolution=40", "latents"),
+    ("model.prediction_type='v_prediction'", "lora1"),
+    *[(f"lora1.{k}={v}", "lora1") for k, v in [
+        ("rank", 8), ("alpha", 4.0), ("dropout", 0.1), ("targets", '["to_q"]'), ("lr", 5e-4),
+        ("optimizer", "'prodigy'"), ("weight_decay", 0.0), ("lr_scheduler", "'cosine'"), ("warmup_steps", 3),
+        ("steps", 7), ("batch_size", 1), ("grad_accum", 2), ("max_grad_norm", 0.5), ("mixed_precision", "'bf16'"),
+        ("seed", 7),
+    ]],
+]
+DOWNSTREAM = {"caption": {"caption", "latents", "text", "lora1"}, "latents": {"latents", "lora1"}, "lora1": {"lora1"}}
+
+RUNTIME = ["runtime.store='elsewhere'", "runtime.output_dir='out2'", "runtime.device='cpu'", "runtime.log_level='debug'",
+           "runtime.checkpoint_every=5", "runtime.encode_batch_size=3", "runtime.preview.every=2",
+           "runtime.preview.prompts=['x']", "runtime.preview.seed=3", "runtime.preview.steps=4",
+           "runtime.preview.guidance_scale=1.0"]
+
+
+def test_every_config_field_is_covered_by_this_table():
+    from pipeline.config import PipelineConfig
+
+    covered = {o.split("=")[0] for o, _ in SEMANTIC} | {o.split("=")[0] for o in RUNTIME}
+    fields = set()
+    for section, model in PipelineConfig.model_fields.items():
+        for name, field in model.annotation.model_fields.items():
+            sub = getattr(field.annotation, "model_fields", None)
+            fields |= {f"{section}.{name}.{s}" for s in sub} if sub else {f"{section}.{name}"}
+    # data.images and model.path/family/single_file_config enter keys as content digests, tested below.
+    assert fields - covered == {"data.images", "model.family", "model.path", "model.single_file_config"}
+
+
+@pytest.mark.parametrize("override, first", SEMANTIC, ids=[o for o, _ in SEMANTIC])
+def test_semantic_setting_changes_exactly_the_downstream_keys(project, override, first):
+    base, changed = keys(project), keys(project, override)
+    assert {s for s in base if base[s] != changed[s]} == DOWNSTREAM[first]
+
+
+@pytest.mark.parametrize("override", RUNTIME)
+def test_runtime_setting_changes_no_key(project, override):
+    assert keys(project, override) == keys(project)
+
+
+def test_keys_depend_on_content_not_on_paths(project, tmp_path):
+    import shutil
+
+    base = keys(project)
+    shutil.move(project.root / "images", project.root / "renamed")  # same bytes, same relative paths
+    assert keys(project, "data.images='renamed'") == base
+    img = next((project.root / "renamed").glob("*.png"))
+    img.write_bytes(img.read_bytes() + b"\0")  # one changed byte
+    assert keys(project, "data.images='renamed'")["caption"] != base["caption"]
+
+
+def test_model_weights_enter_the_keys_of_the_stages_that_use_them(project):
+    from safetensors.torch import load_file, save_file
+
+    base = keys(project)
+    path = project.root / "model" / "vae" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(path))
+    name = next(iter(sd))
+    sd[name] = sd[name] + 1
+    save_file(sd, str(path))
+    changed = keys(project)
+    assert {s for s in base if base[s] != changed[s]} == {"latents", "lora1"}
+
+
+def test_canonical_json_is_spelling_independent():
+    assert canonical_json({"b": 1e-4, "a": [1, 2]}) == canonical_json({"a": [1, 2], "b": 0.0001})
+    with pytest.raises(ValueError):
+        canonical_json({"x": float("nan")})

@@ -1,0 +1,84 @@
+"""The lora workflow end to end on a tiny model: reuse, partial re-runs, status causes, --only, --dry-run."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import actions, make_images
+
+
+def test_first_run_runs_everything_second_run_reuses_everything(project):
+    first = project.run_json()
+    assert actions(first) == {"caption": "ran", "latents": "ran", "text": "ran", "lora1": "ran"}
+    lora = [o for o in first["stages"][-1]["outputs"] if o.endswith("lora1.safetensors")]
+    assert lora and (project.root / "output/lora/lora1/diffusers/pytorch_lora_weights.safetensors").exists()
+    second = project.run_json()
+    assert actions(second) == {s: "reused" for s in ("caption", "latents", "text", "lora1")}
+    assert [s["key"] for s in second["stages"]] == [s["key"] for s in first["stages"]]
+
+
+def test_changing_the_learning_rate_reruns_only_lora1_and_status_says_why(project):
+    project.run_json()
+    status = json.loads(project.cli("status", "lora", "--json", "--set", "lora1.lr=5e-4").stdout)
+    states = {s["name"]: (s["state"], s["causes"]) for s in status["stages"]}
+    assert states["lora1"] == ("stale", ["params lora1.lr 0.001 → 0.0005"])
+    assert {n for n, (state, _) in states.items() if state == "fresh"} == {"caption", "latents", "text"}
+    rerun = project.run_json("--set", "lora1.lr=5e-4")
+    assert actions(rerun) == {"caption": "reused", "latents": "reused", "text": "reused", "lora1": "ran"}
+
+
+def test_adding_three_images_encodes_three(project):
+    project.run_json()
+    make_images(project.root / "images", 3, start=6)
+    status = json.loads(project.cli("status", "lora", "--json").stdout)
+    caption = next(s for s in status["stages"] if s["name"] == "caption")
+    assert caption["causes"] == ["input: 3 images added", "input: 3 caption files added"]
+    report = project.run_json()
+    latents = next(s for s in report["stages"] if s["name"] == "latents")
+    assert latents["summary"] == "3 encoded, 6 reused"
+
+
+def test_runtime_settings_rerun_nothing(project):
+    project.run_json()
+    report = project.run_json("--set", "runtime.checkpoint_every=0", "--set", "runtime.log_level=warning")
+    assert set(actions(report).values()) == {"reused"}
+
+
+def test_only_runs_one_stage_on_existing_upstream(project):
+    result = project.cli("run", "lora", "--only", "lora1")
+    assert result.exit_code == 2
+    assert "pipeline run lora --only caption" in result.output
+    project.run_json()
+    report = project.run_json("--only", "lora1", "--set", "lora1.steps=4")
+    assert actions(report) == {"lora1": "ran"}
+    # --only against upstream from the last run even though the current config would re-make it
+    report = project.run_json("--only", "lora1", "--set", "latents.resolution=40", "--set", "lora1.steps=3")
+    assert actions(report) == {"lora1": "ran"}
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(project):
+    result = project.cli("run", "lora", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "would run" in result.output and "never run" in result.output
+    assert not project.manifests("caption")
+
+
+def test_status_before_any_run_says_missing(project):
+    status = json.loads(project.cli("status", "lora", "--json").stdout)
+    assert {s["state"] for s in status["stages"]} == {"missing"}
+
+
+def test_gc_removes_only_what_no_ref_reaches(project):
+    project.run_json()
+    project.run_json("--set", "lora1.lr=5e-4")  # the lr=1e-3 lora1 artifact is now unreferenced
+    from cli import app
+    from typer.testing import CliRunner
+
+    dry = json.loads(CliRunner().invoke(app, ["gc", "-c", str(project.config), "--dry-run", "--json"]).stdout)
+    kinds = sorted(r["kind"] for r in dry["removed"])
+    assert kinds.count("stage") == 1 and "object" in kinds and dry["bytes"] > 0
+    assert len(project.manifests("lora1")) == 2  # dry run removed nothing
+    real = json.loads(CliRunner().invoke(app, ["gc", "-c", str(project.config), "--json"]).stdout)
+    assert real["bytes"] == dry["bytes"]
+    assert len(project.manifests("lora1")) == 1
+    assert set(actions(project.run_json("--set", "lora1.lr=5e-4")).values()) == {"reused"}
