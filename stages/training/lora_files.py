@@ -55,6 +55,19 @@ def to_kohya(state: dict, alpha: float, prefix: str) -> dict:
     return out
 
 
+def canonicalize_safetensors(path: Path) -> None:
+    """Rewrite a .safetensors header with sorted keys. safetensors serializes its metadata from a hash map
+    whose order changes per process, so equal tensors would otherwise give files with different digests."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned; its offsets are relative to it
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    tmp.replace(path)
+
+
 def save_kohya(state: dict, rank: int, alpha: float, path: Path, prefix: str, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
@@ -66,6 +79,7 @@ def save_kohya(state: dict, rank: int, alpha: float, path: Path, prefix: str, me
         **metadata,
     }
     save_file(to_kohya(state, alpha, prefix), str(path), metadata=meta)
+    canonicalize_safetensors(path)
 
 
 def save_diffusers(state: dict, adapter_config, path: Path, pipeline_class: str, component: str) -> None:
@@ -73,8 +87,9 @@ def save_diffusers(state: dict, adapter_config, path: Path, pipeline_class: str,
     import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    meta = json.loads(json.dumps(adapter_config.to_dict(), default=list))  # sets -> lists
+    meta = json.loads(json.dumps(adapter_config.to_dict(), default=sorted))  # sets -> sorted lists
     getattr(diffusers, pipeline_class).save_lora_weights(
         str(path.parent), weight_name=path.name,
         **{f"{component}_lora_layers": convert_state_dict_to_diffusers(state), f"{component}_lora_adapter_metadata": meta},
     )
+    canonicalize_safetensors(path)

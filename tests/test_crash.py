@@ -1,0 +1,90 @@
+"""kill -9 during latents and during training: nothing partial is trusted, and the next run resumes.
+
+LORA_PIPELINE_FAULT places a real SIGKILL at a named point (cache/faults.py), so the kill lands at the
+worst moment deterministically: an array written but not committed, a step done but not checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, make_images
+
+pytestmark = pytest.mark.slow
+
+
+def _run(project, *args, fault: str | None = None):
+    env = {"LORA_PIPELINE_FAULT": fault} if fault else {}
+    return project.subprocess("run", "lora", "-c", str(project.config), "--json", *args, env=env)
+
+
+def _status(project) -> dict[str, dict]:
+    out = project.subprocess("status", "lora", "-c", str(project.config), "--json")
+    return {s["name"]: s for s in json.loads(out.stdout)["stages"]}
+
+
+def test_kill_during_latents_then_resume(project):
+    make_images(project.root / "images", 4, start=6)  # 10 images
+    # Killed while writing the 4th latent: 3 committed, the 4th written to zarr but not in the commit log.
+    killed = _run(project, fault="pool.put:4")
+    assert killed.returncode == -signal.SIGKILL
+    assert not project.manifests("latents")
+    status = _status(project)
+    assert status["caption"]["state"] == "fresh"
+    assert (status["latents"]["state"], status["latents"]["progress"]) == ("partial", [3, 10])
+    done = _run(project)
+    assert done.returncode == 0, done.stderr
+    latents = next(s for s in json.loads(done.stdout)["stages"] if s["name"] == "latents")
+    assert latents["action"] == "ran" and latents["summary"] == "7 encoded, 3 reused"
+    assert "3/10 images already encoded" in done.stderr
+
+
+def test_kill_during_training_resumes_to_the_same_lora_as_an_uninterrupted_run(project, tmp_path):
+    project.write_config(lora1={"steps": 8, "dropout": 0.1}, runtime={"checkpoint_every": 2})
+    twin_root = tmp_path.parent / (tmp_path.name + "-twin")
+    shutil.copytree(project.root, twin_root)
+
+    killed = _run(project, fault="lora1.step:5")  # checkpoint at step 4, killed after step 5
+    assert killed.returncode == -signal.SIGKILL
+    assert not project.manifests("lora1")
+    assert _status(project)["lora1"]["progress"] == [4, 8]
+    resumed = _run(project)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from the checkpoint at step 4/8" in resumed.stderr
+
+    from conftest import Project
+
+    twin = Project(twin_root, project.settings)
+    straight = _run(twin)
+    assert straight.returncode == 0, straight.stderr
+    lora = [json.loads(r.stdout)["stages"][-1] for r in (resumed, straight)]
+    assert lora[0]["key"] == lora[1]["key"]
+    digests = [json.loads(p.manifests("lora1")[0].read_text())["outputs"]["lora1.safetensors"]["digest"] for p in (project, twin)]
+    assert digests[0] == digests[1], "a resumed run must write bit-for-bit the LoRA of an uninterrupted one"
+
+
+def test_external_kill_9_during_training(project):
+    project.write_config(lora1={"steps": 300}, runtime={"checkpoint_every": 2})
+    cmd = [sys.executable, str(REPO / "cli.py"), "run", "lora", "-c", str(project.config), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(project.store.glob("stages/lora1/*/work/ckpt-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(project.store.glob("stages/lora1/*/work/ckpt-*")), "training never reached a checkpoint"
+    assert not project.manifests("lora1")
+    status = _status(project)["lora1"]
+    assert status["state"] == "partial" and status["progress"][0] >= 2
+    # The lock died with the process: a new run gets it at once and finishes from the checkpoint.
+    done = _run(project, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "resuming from the checkpoint" in done.stderr
