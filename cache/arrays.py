@@ -14,13 +14,17 @@ import json
 import os
 import shutil
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from cache.faults import fault_point
 
+if TYPE_CHECKING:
+    import numpy as np
+
 
 def array_digest(arr: np.ndarray) -> str:
+    import numpy as np
+
     arr = np.ascontiguousarray(arr)
     h = hashlib.sha256(f"{arr.dtype.str}|{arr.shape}|".encode())
     h.update(arr.tobytes())
@@ -65,6 +69,8 @@ class ArrayPool:
 
     def put(self, name: str, arr: np.ndarray, chunks: tuple[int, ...] | None = None) -> dict:
         """Write one array, then commit it to the log. Returns its log entry."""
+        import numpy as np
+
         group = self._open()
         arr = np.ascontiguousarray(arr)
         z = group.create_array(name=name, shape=arr.shape, dtype=arr.dtype, chunks=chunks or arr.shape, overwrite=True)
@@ -82,6 +88,8 @@ class ArrayPool:
         entry = self.committed().get(name)
         if entry is None:
             raise CorruptArray(f"array {name} is not committed in {self.root}")
+        import numpy as np
+
         arr = np.asarray(self._open()[name][...])
         expect = digest or entry["digest"]
         if array_digest(arr) != expect:

@@ -41,7 +41,8 @@ def build_tokenizer(max_length: int = 77):
     )
 
 
-def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: int = 32, sample_size: int = 8):
+def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: int = 32, sample_size: int = 8,
+              norm_num_groups: int = 8):
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -57,7 +58,7 @@ def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: i
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
-        norm_num_groups=8,
+        norm_num_groups=norm_num_groups,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class TrainOutcome:
     losses: list[float]
     previews: dict[str, Path]
     resumed_from: int
+    step_times: list[float]  # perf_counter() at the end of each step (benchmarks/overhead.py reads these)
 
 
 def check_precision(mixed_precision: str, device) -> None:
@@ -113,6 +115,7 @@ def train_lora(job: TrainJob, data: TrainData) -> TrainOutcome:
     denoiser.train()
     bar = tqdm(total=cfg.steps, initial=start, desc="lora1", unit="step", disable=not job.progress, mininterval=0.5)
     smoothed = None
+    step_times = [time.perf_counter()]
     for step in range(start, cfg.steps):
         loss = train_step(step, job, data, accelerator, denoiser, process, optimizer, lora_params)
         scheduler.step()
@@ -120,6 +123,7 @@ def train_lora(job: TrainJob, data: TrainData) -> TrainOutcome:
         smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
         bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         bar.update(1)
+        step_times.append(time.perf_counter())
         done = step + 1
         fault_point("lora1.step", done)
         if job.checkpoint_every and done % job.checkpoint_every == 0 and done < cfg.steps:
@@ -130,7 +134,7 @@ def train_lora(job: TrainJob, data: TrainData) -> TrainOutcome:
             denoiser.train()
     bar.close()
     accelerator.end_training()
-    return TrainOutcome(accelerator.unwrap_model(denoiser), adapter_config, losses, previews, start)
+    return TrainOutcome(accelerator.unwrap_model(denoiser), adapter_config, losses, previews, start, step_times)
 
 
 def train_step(step, job, data, accelerator, denoiser, process, optimizer, lora_params) -> float:
