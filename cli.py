@@ -42,8 +42,11 @@ def user_errors(fn):
             raise typer.Exit(e.exit_code) from None
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                typer.echo(f"error: the disk is full ({e.filename or 'while writing'}). Free some space and run the "
-                           f"same command again: finished items are kept and nothing partial is trusted.", err=True)
+                typer.echo(
+                    f"error: the disk is full ({e.filename or 'while writing'}). Free some space and run the "
+                    f"same command again: finished items are kept and nothing partial is trusted.",
+                    err=True,
+                )
                 raise typer.Exit(1) from None
             raise
         except KeyboardInterrupt:
@@ -85,7 +88,9 @@ def run(
     set_: list[str] = SetOpt,
     only: str = typer.Option(None, "--only", help="Run this one stage on the upstream artifacts that exist."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and why each stage would run; run nothing."),
-    demo: bool = typer.Option(False, "--demo", help="Use the built-in demo project in ./pipeline-demo (built on first use)."),
+    demo: bool = typer.Option(
+        False, "--demo", help="Use the built-in demo project in ./pipeline-demo (built on first use)."
+    ),
     as_json: bool = JsonOpt,
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ):
@@ -101,7 +106,9 @@ def run(
     env = _env(config, set_)
     runs = run_workflow(env, workflow, only=only, dry_run=dry_run, progress=not no_progress and not as_json)
     if as_json:
-        typer.echo(json.dumps({"workflow": workflow, "dry_run": dry_run, "stages": [r.__dict__ for r in runs]}, indent=1))
+        typer.echo(
+            json.dumps({"workflow": workflow, "dry_run": dry_run, "stages": [r.__dict__ for r in runs]}, indent=1)
+        )
         return
     _print_runs(runs, dry_run)
     if demo and not dry_run:
@@ -143,11 +150,25 @@ def status(
     report = []
     for name in names:
         plans = plan_workflow(env, get_workflow(name), env.store.read_ref(name))
-        report.append({"workflow": name, "stages": [
-            {"name": p.name, "state": p.state, "key": p.key, "causes": p.causes,
-             "progress": list(p.progress) if p.progress else None,
-             "outputs": {k: str(env.store.object_path(v["digest"])) for k, v in (p.manifest.outputs if p.manifest else {}).items()}}
-            for p in plans]})
+        report.append(
+            {
+                "workflow": name,
+                "stages": [
+                    {
+                        "name": p.name,
+                        "state": p.state,
+                        "key": p.key,
+                        "causes": p.causes,
+                        "progress": list(p.progress) if p.progress else None,
+                        "outputs": {
+                            k: str(env.store.object_path(v["digest"]))
+                            for k, v in (p.manifest.outputs if p.manifest else {}).items()
+                        },
+                    }
+                    for p in plans
+                ],
+            }
+        )
     env.store.memo.save()
     if as_json:
         typer.echo(json.dumps(report[0] if workflow else {"workflows": report}, indent=1))

@@ -34,7 +34,11 @@ WARMUP = 5
 MODELS = {
     # name: (UNet kwargs, latent size, cross-attention width)
     "tiny": ({}, 8, 32),
-    "small": ({"block_out_channels": (64, 128, 256), "cross_attention_dim": 768, "sample_size": 32, "norm_num_groups": 32}, 32, 768),
+    "small": (
+        {"block_out_channels": (64, 128, 256), "cross_attention_dim": 768, "sample_size": 32, "norm_num_groups": 32},
+        32,
+        768,
+    ),
 }
 
 
@@ -48,11 +52,13 @@ def build_model(root: Path, unet_kwargs: dict) -> Path:
 
 def make_data(size: int, width: int, n: int = 16) -> TrainData:
     g = torch.Generator().manual_seed(0)
-    return TrainData(torch.randn(n, 4, size, size, generator=g), torch.randn(n, 77, width, generator=g), torch.arange(n))
+    return TrainData(
+        torch.randn(n, 4, size, size, generator=g), torch.randn(n, 77, width, generator=g), torch.arange(n)
+    )
 
 
 def median_step(times: list[float]) -> float:
-    return statistics.median(b - a for a, b in zip(times[WARMUP:], times[WARMUP + 1 :]))
+    return statistics.median(b - a for a, b in zip(times[WARMUP:-1], times[WARMUP + 1 :], strict=True))
 
 
 def stage_loop(model: Path, data: TrainData, cfg: TrainConfig, work: Path) -> float:
@@ -73,7 +79,9 @@ def bare_loop(model: Path, data: TrainData, cfg: TrainConfig) -> float:
 
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, init_lora_weights="gaussian"))
+    unet.add_adapter(
+        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, init_lora_weights="gaussian")
+    )
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
@@ -100,8 +108,13 @@ def fresh_run_seconds(tmp: Path) -> tuple[float, float, float]:
     """Wall time of an all-fresh `pipeline run lora` vs `import cli` and `pipeline --help`, medians of 5."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     project = tmp / "fresh"
-    subprocess.run([sys.executable, str(REPO / "cli.py"), "run", "lora", "--demo", "--no-progress"], cwd=project.parent,
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "run", "lora", "--demo", "--no-progress"],
+        cwd=project.parent,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     cmd_run = [sys.executable, str(REPO / "cli.py"), "run", "lora", "--demo", "--no-progress"]
     cmd_import = [sys.executable, "-c", "import cli"]
     cmd_help = [sys.executable, str(REPO / "cli.py"), "--help"]
@@ -129,7 +142,9 @@ def main() -> None:
         for name in filter(None, args.models.split(",")):
             unet_kwargs, size, width = MODELS[name]
             model = build_model(tmp / name, unet_kwargs)
-            n_params = sum(p.numel() for p in SD15Family().load_denoiser(SD15Family().layout(model, None), "cpu").parameters())
+            n_params = sum(
+                p.numel() for p in SD15Family().load_denoiser(SD15Family().layout(model, None), "cpu").parameters()
+            )
             data = make_data(size, width)
             cfg = TrainConfig(rank=4, alpha=4.0, lr=1e-4, steps=args.steps, batch_size=2)
             stage, bare = [], []
@@ -137,12 +152,16 @@ def main() -> None:
                 stage.append(stage_loop(model, data, cfg, tmp / f"work-{name}-{r}"))
                 bare.append(bare_loop(model, data, cfg))
             s, b = statistics.median(stage), statistics.median(bare)
-            print(f"{name:6} UNet {n_params / 1e6:5.1f}M params, latents {size}x{size}: "
-                  f"lora1 stage {s * 1e3:7.2f} ms/step, bare loop {b * 1e3:7.2f} ms/step, ratio {s / b:.3f}")
+            print(
+                f"{name:6} UNet {n_params / 1e6:5.1f}M params, latents {size}x{size}: "
+                f"lora1 stage {s * 1e3:7.2f} ms/step, bare loop {b * 1e3:7.2f} ms/step, ratio {s / b:.3f}"
+            )
         (tmp / "fresh").mkdir()
         run_s, import_s, help_s = fresh_run_seconds(tmp / "fresh")
-        print(f"all-fresh `pipeline run lora --demo`: {run_s:.2f} s; `python -c 'import cli'`: {import_s:.2f} s "
-              f"(ratio {run_s / import_s:.2f}); `pipeline --help`: {help_s:.2f} s (ratio {run_s / help_s:.2f})")
+        print(
+            f"all-fresh `pipeline run lora --demo`: {run_s:.2f} s; `python -c 'import cli'`: {import_s:.2f} s "
+            f"(ratio {run_s / import_s:.2f}); `pipeline --help`: {help_s:.2f} s (ratio {run_s / help_s:.2f})"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -36,7 +36,9 @@ class StoreLock:
                 on_wait(holder)
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        os.write(
+            fd, json.dumps({"pid": os.getpid(), "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+        )
         self._fd = fd
 
     def release(self) -> None:

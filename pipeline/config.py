@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import difflib
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError
@@ -26,7 +26,9 @@ class Section(BaseModel):
 class DataConfig(Section):
     """The training images and their captions (stage `caption`)."""
 
-    images: Path = Field(Path("images"), description="Folder of training images (searched recursively), relative to the config file.")
+    images: Path = Field(
+        Path("images"), description="Folder of training images (searched recursively), relative to the config file."
+    )
     caption_extensions: list[str] = Field(
         [".txt", ".caption"], description="Sidecar caption files next to each image, tried in this order."
     )
@@ -40,14 +42,16 @@ class DataConfig(Section):
     @classmethod
     def _dotted(cls, v: list[str]) -> list[str]:
         if not v or any(not e.startswith(".") for e in v):
-            raise ValueError("give at least one extension, each starting with a dot, e.g. [\".txt\"]")
+            raise ValueError('give at least one extension, each starting with a dot, e.g. [".txt"]')
         return v
 
 
 class ModelConfig(Section):
     """The base model that is trained and that encodes latents and text."""
 
-    family: Literal["sd15"] = Field("sd15", description="Model family. Supported: sd15 (Stable Diffusion 1.x/2.x UNet).")
+    family: Literal["sd15"] = Field(
+        "sd15", description="Model family. Supported: sd15 (Stable Diffusion 1.x/2.x UNet)."
+    )
     path: Path = Field(
         Path("models/sd15"),
         description="A diffusers model folder (with model_index.json) or a single-file .safetensors checkpoint.",
@@ -65,7 +69,9 @@ class ModelConfig(Section):
 class LatentsConfig(Section):
     """VAE encoding of the images (stage `latents`)."""
 
-    resolution: int = Field(512, description="Images are resized (short side) and centre-cropped to this square size, in pixels.")
+    resolution: int = Field(
+        512, description="Images are resized (short side) and centre-cropped to this square size, in pixels."
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -86,16 +92,21 @@ class TrainConfig(Section):
         description="Module names (suffixes) in the UNet that get a LoRA: the attention projections by default.",
     )
     lr: float = Field(1e-4, description="Learning rate (with prodigy: its multiplier, usually 1.0).")
-    optimizer: Literal["adamw", "prodigy"] = Field("adamw", description="Optimizer: adamw (torch) or prodigy (prodigyopt).")
+    optimizer: Literal["adamw", "prodigy"] = Field(
+        "adamw", description="Optimizer: adamw (torch) or prodigy (prodigyopt)."
+    )
     weight_decay: float = Field(1e-2, ge=0, description="Decoupled weight decay.")
     lr_scheduler: Literal["constant", "cosine"] = Field("constant", description="Learning-rate schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 over this many optimizer steps.")
     steps: int = Field(1000, ge=1, description="Number of optimizer steps.")
     batch_size: int = Field(1, ge=1, description="Images per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x grad_accum).")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x grad_accum)."
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this value; 0 disables clipping.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        "no", description="Autocast precision of the forward pass. fp16 needs a CUDA GPU; on a CPU bf16 is slower than no."
+        "no",
+        description="Autocast precision of the forward pass. fp16 needs a CUDA GPU; on a CPU bf16 is slower than no.",
     )
     seed: int = Field(42, description="Seed of the LoRA init, data order, timesteps and noise.")
 
@@ -114,7 +125,9 @@ class RuntimeConfig(Section):
     """Where and how to run. Never part of a stage key: changing these re-runs nothing."""
 
     store: Path = Field(Path(".pipeline"), description="The artifact store folder, relative to the config file.")
-    output_dir: Path = Field(Path("output"), description="Where finished LoRA files and previews are exported, relative to the config file.")
+    output_dir: Path = Field(
+        Path("output"), description="Where finished LoRA files and previews are exported, relative to the config file."
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     log_level: Literal["debug", "info", "warning"] = Field("info", description="Verbosity of messages on stderr.")
     checkpoint_every: int = Field(100, ge=0, description="Save resumable training state every N steps; 0 disables.")
@@ -187,11 +200,24 @@ def apply_override(raw: dict, parts: list[str], value: Any) -> None:
 # Names people bring from kohya sd-scripts, diffusers' scripts and OneTrainer, for "did you mean" hints only:
 # an alias is never accepted silently.
 ALIASES = {
-    "learning_rate": "lr", "unet_lr": "lr", "network_dim": "rank", "network_alpha": "alpha", "lora_rank": "rank",
-    "lora_alpha": "alpha", "network_dropout": "dropout", "max_train_steps": "steps", "train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "optimizer_type": "optimizer", "lr_warmup_steps": "warmup_steps",
-    "max_grad_norm": "max_grad_norm", "train_data_dir": "images", "caption_extension": "caption_extensions",
-    "pretrained_model_name_or_path": "path", "output_dir": "output_dir", "resolution": "resolution",
+    "learning_rate": "lr",
+    "unet_lr": "lr",
+    "network_dim": "rank",
+    "network_alpha": "alpha",
+    "lora_rank": "rank",
+    "lora_alpha": "alpha",
+    "network_dropout": "dropout",
+    "max_train_steps": "steps",
+    "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "optimizer_type": "optimizer",
+    "lr_warmup_steps": "warmup_steps",
+    "max_grad_norm": "max_grad_norm",
+    "train_data_dir": "images",
+    "caption_extension": "caption_extensions",
+    "pretrained_model_name_or_path": "path",
+    "output_dir": "output_dir",
+    "resolution": "resolution",
 }
 
 

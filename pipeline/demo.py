@@ -12,16 +12,36 @@ from pathlib import Path
 from pipeline.schema_docs import example_config_toml
 
 DEMO_DIR = Path("pipeline-demo")
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
-          "purple": (140, 50, 190), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (15, 15, 15)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 50, 190),
+    "orange": (240, 140, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
 SHAPES = ("circle", "square", "triangle")
 
 DEMO_SETTINGS = {
     "model": {"path": "models/tiny-sd15"},
     "latents": {"resolution": 64},
-    "lora1": {"rank": 4, "alpha": 8.0, "lr": 1e-3, "steps": 120, "batch_size": 2, "lr_scheduler": "cosine", "warmup_steps": 10},
+    "lora1": {
+        "rank": 4,
+        "alpha": 8.0,
+        "lr": 1e-3,
+        "steps": 120,
+        "batch_size": 2,
+        "lr_scheduler": "cosine",
+        "warmup_steps": 10,
+    },
     "runtime": {"checkpoint_every": 40},
-    "runtime.preview": {"every": 60, "steps": 10, "prompts": ["a red circle on a blue background", "a yellow square on a black background"]},
+    "runtime.preview": {
+        "every": 60,
+        "steps": 10,
+        "prompts": ["a red circle on a blue background", "a yellow square on a black background"],
+    },
 }
 
 

@@ -33,7 +33,9 @@ def plan_stage(env: PlanEnv, stage: Stage, upstream: dict[str, StagePlan | Manif
     """Plan one stage given the plans (or the manifests, for --only) of its upstream stages."""
     params = stage.params(env)
     upstream_keys = {u: p.key for u, p in upstream.items()}
-    preimage = build_preimage(stage.name, stage.IMPL_VERSION, params.model_dump(mode="json"), upstream_keys, stage.inputs(env))
+    preimage = build_preimage(
+        stage.name, stage.IMPL_VERSION, params.model_dump(mode="json"), upstream_keys, stage.inputs(env)
+    )
     key = stage_key(preimage)
     contract: dict = {}
     for up in upstream.values():

@@ -35,16 +35,21 @@ class StageRun:
 def _git_describe() -> str | None:
     try:
         here = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def run_workflow(env: PlanEnv, workflow: str, only: str | None = None, dry_run: bool = False, progress: bool = True) -> list[StageRun]:
+def run_workflow(
+    env: PlanEnv, workflow: str, only: str | None = None, dry_run: bool = False, progress: bool = True
+) -> list[StageRun]:
     stages = get_workflow(workflow)
     if only is not None and only not in {s.name for s in stages}:
-        raise PlanError(f"--only {only}: workflow {workflow!r} has no stage {only!r}; its stages are {', '.join(s.name for s in stages)}.")
+        names = ", ".join(s.name for s in stages)
+        raise PlanError(f"--only {only}: workflow {workflow!r} has no stage {only!r}; its stages are {names}.")
     if dry_run:
         return [_dry(p) for p in _plans(env, workflow, stages, only)]
 
@@ -71,7 +76,7 @@ def run_workflow(env: PlanEnv, workflow: str, only: str | None = None, dry_run: 
         ref.update({p.name: p.key for p in plans})
         env.store.write_ref(workflow, ref)
         output_root = env.loaded.resolve(env.config.runtime.output_dir) / workflow
-        for run, plan in zip(runs, plans):
+        for run, plan in zip(runs, plans, strict=True):
             run.outputs = export_outputs(env, plan.manifest, output_root / plan.name)
             manifest_path = env.store.stage_dir(plan.name, plan.key) / "manifest.json"
             run.location = str(output_root / plan.name) + "/" if run.outputs else str(manifest_path)
@@ -104,8 +109,11 @@ def _existing_upstream(env: PlanEnv, stages, ref: dict, name: str, workflow: str
             f"--only needs the {name} artifact, and there is none for this config. Make it with "
             f"`pipeline run {workflow} --only {name}` or run the whole workflow with `pipeline run {workflow}`."
         )
-    print(f"note: using the last run's {name} artifact; the current config would make a new one "
-          f"({'; '.join(full[name].causes)})", file=sys.stderr)
+    print(
+        f"note: using the last run's {name} artifact; the current config would make a new one "
+        f"({'; '.join(full[name].causes)})",
+        file=sys.stderr,
+    )
     return last
 
 
@@ -137,11 +145,21 @@ def _run_stage(env: PlanEnv, plan: StagePlan, upstream: dict[str, Manifest], pro
     outputs = {name: store.put_object(path) for name, path in result.files.items()}
     seconds = time.perf_counter() - started
     manifest = Manifest(
-        stage=plan.name, key=plan.key, preimage=plan.preimage, contract=plan.contract, outputs=outputs,
-        pools=result.pools, record=result.record,
-        provenance={"version": __version__, "git": _git_describe(), "seconds": round(seconds, 3),
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - seconds)),
-                    "host": os.uname().nodename, "argv": sys.argv[1:]},
+        stage=plan.name,
+        key=plan.key,
+        preimage=plan.preimage,
+        contract=plan.contract,
+        outputs=outputs,
+        pools=result.pools,
+        record=result.record,
+        provenance={
+            "version": __version__,
+            "git": _git_describe(),
+            "seconds": round(seconds, 3),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - seconds)),
+            "host": os.uname().nodename,
+            "argv": sys.argv[1:],
+        },
     )
     store.commit(manifest)
     return StageRun(plan.name, "ran", plan.key, seconds, summary=result.summary, causes=plan.causes)

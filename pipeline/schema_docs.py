@@ -62,7 +62,14 @@ def config_reference_markdown() -> str:
         "",
     ]
     for dotted, section in _sections(PipelineConfig):
-        lines += [f"## `[{dotted}]`", "", (section.__doc__ or "").strip(), "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"## `[{dotted}]`",
+            "",
+            (section.__doc__ or "").strip(),
+            "",
+            "| key | type | default | meaning |",
+            "| --- | --- | --- | --- |",
+        ]
         defaults = section()
         for name, field in _leaf_fields(section):
             default = getattr(defaults, name)

@@ -28,13 +28,17 @@ class CaptionStage(Stage):
     def params(self, env: PlanEnv) -> CaptionParams:
         d = env.config.data
         return CaptionParams(
-            caption_extensions=d.caption_extensions, default_caption=d.default_caption,
-            caption_prefix=d.caption_prefix, caption_suffix=d.caption_suffix,
+            caption_extensions=d.caption_extensions,
+            default_caption=d.default_caption,
+            caption_prefix=d.caption_prefix,
+            caption_suffix=d.caption_suffix,
         )
 
     def inputs(self, env: PlanEnv) -> dict:
-        return {"images": {e.relpath: e.digest for e in env.images},
-                "captions": {e.relpath: e.caption_digest for e in env.images if e.caption_digest}}
+        return {
+            "images": {e.relpath: e.digest for e in env.images},
+            "captions": {e.relpath: e.caption_digest for e in env.images if e.caption_digest},
+        }
 
     def contract(self, env: PlanEnv, params: CaptionParams) -> dict:
         from cache.keys import canonical_json, sha256_text

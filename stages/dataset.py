@@ -49,9 +49,7 @@ def scan_images(root: Path, caption_extensions: list[str], memo: StatMemo) -> li
         if suffix not in IMAGE_SUFFIXES:
             strangers.append(rel.as_posix())
             continue
-        caption_path = next(
-            (c for c in (path.with_suffix(e) for e in caption_extensions) if c.is_file()), None
-        )
+        caption_path = next((c for c in (path.with_suffix(e) for e in caption_extensions) if c.is_file()), None)
         entries.append(
             ImageEntry(
                 relpath=rel.as_posix(),

@@ -69,10 +69,12 @@ class LatentsStage(Stage):
             with tqdm(total=len(todo), desc="latents", unit="img", disable=not ctx.progress) as bar:
                 for start in range(0, len(todo), bs):
                     chunk = todo[start : start + bs]
-                    pixels = np.stack([center_crop_pixels(load_image(root / by_digest[d]["path"]), p.resolution) for d in chunk])
+                    pixels = np.stack(
+                        [center_crop_pixels(load_image(root / by_digest[d]["path"]), p.resolution) for d in chunk]
+                    )
                     with torch.no_grad():
                         latents = env.family.encode_images(vae, torch.from_numpy(pixels)).float().cpu().numpy()
-                    for d, z in zip(chunk, latents):
+                    for d, z in zip(chunk, latents, strict=True):
                         pool.put(d, z)
                         bar.update(1)
         entries = {d: pool.committed()[d] for d in by_digest}
@@ -82,6 +84,7 @@ class LatentsStage(Stage):
             "shape": entries[items[0]["digest"]]["shape"],
         }
         return StageResult(
-            pools={self.pool_id(env, p): sorted(by_digest)}, record=record,
+            pools={self.pool_id(env, p): sorted(by_digest)},
+            record=record,
             summary=f"{len(todo)} encoded, {len(by_digest) - len(todo)} reused",
         )

@@ -70,32 +70,49 @@ class Lora1Stage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from stages.devices import resolve_device
-        from stages.training.lora_files import lora_state_dict, save_diffusers, save_kohya
         from stages.training.loop import TrainJob, train_lora
+        from stages.training.lora_files import lora_state_dict, save_diffusers, save_kohya
 
         env, p = ctx.env, ctx.params
         data, captions = load_training_data(ctx)
         preview = ctx.runtime.preview
         job = TrainJob(
-            family=env.family, layout=env.layout, prediction_type=p.prediction_type, params=p,
-            device=resolve_device(ctx.runtime.device), work_dir=ctx.work_dir,
-            checkpoint_every=ctx.runtime.checkpoint_every, preview=preview,
-            preview_prompts=preview.prompts or captions[:1], preview_size=env.config.latents.resolution,
-            progress=ctx.progress, log=ctx.log,
+            family=env.family,
+            layout=env.layout,
+            prediction_type=p.prediction_type,
+            params=p,
+            device=resolve_device(ctx.runtime.device),
+            work_dir=ctx.work_dir,
+            checkpoint_every=ctx.runtime.checkpoint_every,
+            preview=preview,
+            preview_prompts=preview.prompts or captions[:1],
+            preview_size=env.config.latents.resolution,
+            progress=ctx.progress,
+            log=ctx.log,
         )
         outcome = train_lora(job, data)
         state = lora_state_dict(outcome.denoiser)
         kohya = ctx.work_dir / "lora1.safetensors"
         save_kohya(state, p.rank, p.alpha, kohya, env.family.kohya_prefix, env.family.lora_metadata())
         diffusers_file = ctx.work_dir / "pytorch_lora_weights.safetensors"
-        save_diffusers(state, outcome.adapter_config, diffusers_file, env.family.pipeline_class, env.family.lora_component)
+        save_diffusers(
+            state, outcome.adapter_config, diffusers_file, env.family.pipeline_class, env.family.lora_component
+        )
         loss_csv = ctx.work_dir / "loss.csv"
         loss_csv.write_text("step,loss\n" + "".join(f"{i + 1},{v:.6g}\n" for i, v in enumerate(outcome.losses)))
-        files = {"lora1.safetensors": kohya, "diffusers/pytorch_lora_weights.safetensors": diffusers_file,
-                 "loss.csv": loss_csv, **outcome.previews}
-        tail = outcome.losses[-min(10, len(outcome.losses)):]
-        record = {"final_loss": sum(tail) / len(tail), "resumed_from_step": outcome.resumed_from,
-                  "rank": p.rank, "alpha": p.alpha}
+        files = {
+            "lora1.safetensors": kohya,
+            "diffusers/pytorch_lora_weights.safetensors": diffusers_file,
+            "loss.csv": loss_csv,
+            **outcome.previews,
+        }
+        tail = outcome.losses[-min(10, len(outcome.losses)) :]
+        record = {
+            "final_loss": sum(tail) / len(tail),
+            "resumed_from_step": outcome.resumed_from,
+            "rank": p.rank,
+            "alpha": p.alpha,
+        }
         return StageResult(files=files, record=record, summary=f"loss {record['final_loss']:.4f}")
 
 

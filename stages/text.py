@@ -58,7 +58,7 @@ class TextStage(Stage):
                 for start in range(0, len(todo), bs):
                     chunk = todo[start : start + bs]
                     embeddings = encoder.encode(chunk).float().cpu().numpy()
-                    for s, e in zip(chunk, embeddings):
+                    for s, e in zip(chunk, embeddings, strict=True):
                         pool.put(names[s], e)
                         bar.update(1)
         committed = pool.committed()
@@ -67,6 +67,7 @@ class TextStage(Stage):
             "strings": {s: {"array": names[s], "digest": committed[names[s]]["digest"]} for s in strings},
         }
         return StageResult(
-            pools={self.pool_id(env, ctx.params): sorted(names.values())}, record=record,
+            pools={self.pool_id(env, ctx.params): sorted(names.values())},
+            record=record,
             summary=f"{len(todo)} encoded, {len(strings) - len(todo)} reused",
         )

@@ -69,7 +69,9 @@ class Project:
     def cli(self, *args: str):
         from cli import app
 
-        return CliRunner().invoke(app, [*args[:2], "-c", str(self.config), *args[2:]] if args[0] in ("run", "status") else [*args])
+        return CliRunner().invoke(
+            app, [*args[:2], "-c", str(self.config), *args[2:]] if args[0] in ("run", "status") else [*args]
+        )
 
     def run_json(self, *args: str) -> dict:
         result = self.cli("run", "lora", "--json", *args)
@@ -78,8 +80,9 @@ class Project:
 
     def subprocess(self, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
         cmd = [sys.executable, str(REPO / "cli.py"), *args]
-        return subprocess.run(cmd, cwd=self.root, capture_output=True, text=True,
-                              env={**os.environ, **(env or {})}, timeout=600, **kw)
+        return subprocess.run(
+            cmd, cwd=self.root, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600, **kw
+        )
 
     def manifests(self, stage: str) -> list[Path]:
         return sorted((self.store / "stages" / stage).glob("*/manifest.json"))

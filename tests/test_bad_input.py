@@ -113,8 +113,13 @@ def _fails_any(project, *args):
 
 def test_targets_that_match_nothing(project):
     # Only the model knows its module names: the valid upstream stages commit, lora1 does not.
-    _fails(project, "--set", 'lora1.targets=["to_qq"]', expect=["lora1.targets", "matched no module", "to_q"],
-           committed=("caption", "latents", "text"))
+    _fails(
+        project,
+        "--set",
+        'lora1.targets=["to_qq"]',
+        expect=["lora1.targets", "matched no module", "to_q"],
+        committed=("caption", "latents", "text"),
+    )
 
 
 def test_fp16_on_cpu_is_refused_with_the_alternatives(project):
@@ -122,8 +127,9 @@ def test_fp16_on_cpu_is_refused_with_the_alternatives(project):
 
 
 def test_missing_config_file(tmp_path):
-    from cli import app
     from typer.testing import CliRunner
+
+    from cli import app
 
     result = CliRunner().invoke(app, ["run", "lora", "-c", str(tmp_path / "nope.toml")])
     assert result.exit_code == 2 and "pipeline init" in result.output

@@ -33,8 +33,9 @@ def test_init_template_and_demo_config_validate(tmp_path):
 
 
 def test_init_writes_the_template_and_refuses_to_overwrite(tmp_path):
-    from cli import app
     from typer.testing import CliRunner
+
+    from cli import app
 
     target = tmp_path / "pipeline.toml"
     assert CliRunner().invoke(app, ["init", str(target)]).exit_code == 0

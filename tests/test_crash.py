@@ -15,7 +15,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, make_images
 
 pytestmark = pytest.mark.slow
@@ -67,7 +66,10 @@ def test_kill_during_training_resumes_to_the_same_lora_as_an_uninterrupted_run(p
     assert straight.returncode == 0, straight.stderr
     lora = [json.loads(r.stdout)["stages"][-1] for r in (resumed, straight)]
     assert lora[0]["key"] == lora[1]["key"]
-    digests = [json.loads(p.manifests("lora1")[0].read_text())["outputs"]["lora1.safetensors"]["digest"] for p in (project, twin)]
+    digests = [
+        json.loads(p.manifests("lora1")[0].read_text())["outputs"]["lora1.safetensors"]["digest"]
+        for p in (project, twin)
+    ]
     assert digests[0] == digests[1], "a resumed run must write bit-for-bit the LoRA of an uninterrupted one"
 
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -15,7 +14,8 @@ pytestmark = pytest.mark.slow
 def test_all_fresh_run_imports_no_torch(project):
     assert project.run_json()["stages"][-1]["action"] == "ran"
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); sys.argv = ['pipeline', 'run', 'lora', '-c', sys.argv[2], '--json'];"
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "sys.argv = ['pipeline', 'run', 'lora', '-c', sys.argv[2], '--json'];"
         "from cli import app\n"
         "try: app()\n"
         "except SystemExit as e: assert e.code in (0, None), e.code\n"

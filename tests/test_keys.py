@@ -26,19 +26,42 @@ SEMANTIC = [
     ('data.caption_extensions=[".caption", ".txt"]', "caption"),
     ("latents.resolution=40", "latents"),
     ("model.prediction_type='v_prediction'", "lora1"),
-    *[(f"lora1.{k}={v}", "lora1") for k, v in [
-        ("rank", 8), ("alpha", 4.0), ("dropout", 0.1), ("targets", '["to_q"]'), ("lr", 5e-4),
-        ("optimizer", "'prodigy'"), ("weight_decay", 0.0), ("lr_scheduler", "'cosine'"), ("warmup_steps", 3),
-        ("steps", 7), ("batch_size", 1), ("grad_accum", 2), ("max_grad_norm", 0.5), ("mixed_precision", "'bf16'"),
-        ("seed", 7),
-    ]],
+    *[
+        (f"lora1.{k}={v}", "lora1")
+        for k, v in [
+            ("rank", 8),
+            ("alpha", 4.0),
+            ("dropout", 0.1),
+            ("targets", '["to_q"]'),
+            ("lr", 5e-4),
+            ("optimizer", "'prodigy'"),
+            ("weight_decay", 0.0),
+            ("lr_scheduler", "'cosine'"),
+            ("warmup_steps", 3),
+            ("steps", 7),
+            ("batch_size", 1),
+            ("grad_accum", 2),
+            ("max_grad_norm", 0.5),
+            ("mixed_precision", "'bf16'"),
+            ("seed", 7),
+        ]
+    ],
 ]
 DOWNSTREAM = {"caption": {"caption", "latents", "text", "lora1"}, "latents": {"latents", "lora1"}, "lora1": {"lora1"}}
 
-RUNTIME = ["runtime.store='elsewhere'", "runtime.output_dir='out2'", "runtime.device='cpu'", "runtime.log_level='debug'",
-           "runtime.checkpoint_every=5", "runtime.encode_batch_size=3", "runtime.preview.every=2",
-           "runtime.preview.prompts=['x']", "runtime.preview.seed=3", "runtime.preview.steps=4",
-           "runtime.preview.guidance_scale=1.0"]
+RUNTIME = [
+    "runtime.store='elsewhere'",
+    "runtime.output_dir='out2'",
+    "runtime.device='cpu'",
+    "runtime.log_level='debug'",
+    "runtime.checkpoint_every=5",
+    "runtime.encode_batch_size=3",
+    "runtime.preview.every=2",
+    "runtime.preview.prompts=['x']",
+    "runtime.preview.seed=3",
+    "runtime.preview.steps=4",
+    "runtime.preview.guidance_scale=1.0",
+]
 
 
 def test_every_config_field_is_covered_by_this_table():

@@ -20,4 +20,4 @@ def test_every_item_once_per_epoch_and_reproducible():
 def test_noise_regenerates_bit_identically_out_of_order():
     first = [torch.randn(2, 4, 8, 8, generator=generator("noise", 1, k)) for k in range(5)]
     again = [torch.randn(2, 4, 8, 8, generator=generator("noise", 1, k)) for k in reversed(range(5))][::-1]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))

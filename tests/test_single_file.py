@@ -28,8 +28,8 @@ def test_lora_workflow_on_a_single_file_checkpoint(project, tiny_model):
 
 
 def test_a_lora_file_is_not_a_checkpoint(project, tiny_model):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(project.root / "lora.safetensors"))
     with pytest.raises(ModelError, match="not a Stable Diffusion single-file checkpoint"):

@@ -77,10 +77,16 @@ def test_stat_memo_hashes_once_and_notices_changes(tmp_path):
 def test_second_locker_is_told_who_holds_the_lock_and_a_killed_holder_releases_it(tmp_path):
     store = Store(tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); from cache.store import Store; "
-         "s = Store(sys.argv[2]); s.lock.acquire('pipeline run lora'); print('held', flush=True); time.sleep(60)",
-         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), str(tmp_path)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[1]); from cache.store import Store; "
+            "s = Store(sys.argv[2]); s.lock.acquire('pipeline run lora'); print('held', flush=True); time.sleep(60)",
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(LockHeld, match=f"pid {holder.pid} \\(pipeline run lora"):

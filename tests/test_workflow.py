@@ -71,8 +71,9 @@ def test_status_before_any_run_says_missing(project):
 def test_gc_removes_only_what_no_ref_reaches(project):
     project.run_json()
     project.run_json("--set", "lora1.lr=5e-4")  # the lr=1e-3 lora1 artifact is now unreferenced
-    from cli import app
     from typer.testing import CliRunner
+
+    from cli import app
 
     dry = json.loads(CliRunner().invoke(app, ["gc", "-c", str(project.config), "--dry-run", "--json"]).stdout)
     kinds = sorted(r["kind"] for r in dry["removed"])

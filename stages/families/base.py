@@ -47,8 +47,7 @@ class ModelFamily(ABC):
         """Files whose bytes define each component: {"unet": [...], "vae": [...], "text": [...], ...}."""
 
     @abstractmethod
-    def prediction_type(self, layout: ModelLayout) -> str:
-        ...
+    def prediction_type(self, layout: ModelLayout) -> str: ...
 
     @abstractmethod
     def latent_space(self, layout: ModelLayout) -> dict[str, Any]:
@@ -56,8 +55,7 @@ class ModelFamily(ABC):
 
     # -- heavy: torch ----------------------------------------------------------------------------------
     @abstractmethod
-    def load_vae(self, layout: ModelLayout, device):
-        ...
+    def load_vae(self, layout: ModelLayout, device): ...
 
     @abstractmethod
     def encode_images(self, vae, pixels):
@@ -68,16 +66,14 @@ class ModelFamily(ABC):
         """-> an object with .encode(list[str]) -> tensor (B, L, D)."""
 
     @abstractmethod
-    def load_denoiser(self, layout: ModelLayout, device):
-        ...
+    def load_denoiser(self, layout: ModelLayout, device): ...
 
     @abstractmethod
     def load_noise_schedule(self, layout: ModelLayout, prediction_type: str):
         """-> an object with sample_timesteps(n, generator), noisy_input(x0, noise, t), target(x0, noise, t)."""
 
     @abstractmethod
-    def predict(self, denoiser, x_t, t, cond):
-        ...
+    def predict(self, denoiser, x_t, t, cond): ...
 
     @abstractmethod
     def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str):

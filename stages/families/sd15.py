@@ -211,8 +211,13 @@ class SD15Family(ModelFamily):
             for prompt in prompts:
                 generator = torch.Generator("cpu").manual_seed(seed)
                 out = pipe(
-                    prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=size, width=size,
-                    generator=generator, output_type="pil",
+                    prompt,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    height=size,
+                    width=size,
+                    generator=generator,
+                    output_type="pil",
                 )
                 images.append(out.images[0])
             return images
@@ -241,7 +246,10 @@ class ClipText:
         import torch
 
         ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
         with torch.no_grad():

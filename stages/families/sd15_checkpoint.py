@@ -40,12 +40,20 @@ def _unet_prefix_map(config) -> list[tuple[str, str]]:
             if has_attn:
                 pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{ldm}.1."))
         if i < n - 1:
-            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{(per + 1) * i + per}.{2 if has_attn else 1}."))
+            pairs.append(
+                (f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{(per + 1) * i + per}.{2 if has_attn else 1}.")
+            )
     return pairs
 
 
-_RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
-           ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection.")]
+_RESNET = [
+    ("norm1.", "in_layers.0."),
+    ("conv1.", "in_layers.2."),
+    ("norm2.", "out_layers.0."),
+    ("conv2.", "out_layers.3."),
+    ("time_emb_proj.", "emb_layers.1."),
+    ("conv_shortcut.", "skip_connection."),
+]
 
 
 def unet_to_ldm(state_dict: dict, config) -> dict:
@@ -54,11 +62,11 @@ def unet_to_ldm(state_dict: dict, config) -> dict:
     for key, value in state_dict.items():
         for hf, ldm in pairs:
             if key.startswith(hf):
-                rest = key[len(hf):]
+                rest = key[len(hf) :]
                 if ".resnets." in hf:
                     for a, b in _RESNET:
                         if rest.startswith(a):
-                            rest = b + rest[len(a):]
+                            rest = b + rest[len(a) :]
                             break
                 key = ldm + rest
                 break
@@ -85,11 +93,11 @@ def vae_to_ldm(state_dict: dict, config) -> dict:
     for key, value in state_dict.items():
         for hf, ldm in pairs:
             if key.startswith(hf):
-                rest = key[len(hf):]
+                rest = key[len(hf) :]
                 if hf.endswith("mid_block.attentions.0."):
                     for a, b in attn.items():
                         if rest.startswith(a):
-                            rest = b + rest[len(a):]
+                            rest = b + rest[len(a) :]
                             break
                     if rest.endswith("weight") and value.ndim == 2:
                         value = value.reshape(*value.shape, 1, 1)  # LDM uses 1x1 convs for attention

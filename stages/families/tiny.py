@@ -28,7 +28,10 @@ def build_tokenizer(max_length: int = 77):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>", show_progress=False
+        vocab_size=400,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        end_of_word_suffix="</w>",
+        show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
     bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
@@ -36,13 +39,22 @@ def build_tokenizer(max_length: int = 77):
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)]
     )
     return CLIPTokenizerFast(
-        tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>", model_max_length=max_length,
+        tokenizer_object=tok,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=max_length,
     )
 
 
-def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: int = 32, sample_size: int = 8,
-              norm_num_groups: int = 8):
+def tiny_unet(
+    seed: int = 0,
+    block_out_channels=(32, 64),
+    cross_attention_dim: int = 32,
+    sample_size: int = 8,
+    norm_num_groups: int = 8,
+):
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -62,7 +74,9 @@ def tiny_unet(seed: int = 0, block_out_channels=(32, 64), cross_attention_dim: i
     )
 
 
-def build_tiny_sd15(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon", single_file: Path | None = None) -> Path:
+def build_tiny_sd15(
+    out_dir: Path, seed: int = 0, prediction_type: str = "epsilon", single_file: Path | None = None
+) -> Path:
     """Save a tiny SD 1.5-style pipeline as a diffusers folder (and optionally as a single file too)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
@@ -75,25 +89,49 @@ def build_tiny_sd15(out_dir: Path, seed: int = 0, prediction_type: str = "epsilo
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8,
         sample_size=64,
     )
     unet = tiny_unet(seed + 2)
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     out_dir = Path(out_dir)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)

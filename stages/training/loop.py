@@ -55,8 +55,7 @@ class TrainOutcome:
 def check_precision(mixed_precision: str, device) -> None:
     if mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError(
-            f"lora1.mixed_precision = \"fp16\" needs a CUDA GPU, but this run is on {device.type}. "
-            f"Use \"bf16\" or \"no\"."
+            f'lora1.mixed_precision = "fp16" needs a CUDA GPU, but this run is on {device.type}. Use "bf16" or "no".'
         )
 
 
@@ -95,13 +94,14 @@ def build_lr_scheduler(optimizer, cfg):
 
 def train_lora(job: TrainJob, data: TrainData) -> TrainOutcome:
     """Train a LoRA on job.family's denoiser and return it with its loss log and preview files."""
-    import torch
     from tqdm import tqdm
 
     cfg = job.params
     accelerator = make_accelerator(cfg.mixed_precision, job.device)
     denoiser = job.family.load_denoiser(job.layout, accelerator.device)
-    adapter_config = add_lora(denoiser, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, derive_seed("lora-init", cfg.seed))
+    adapter_config = add_lora(
+        denoiser, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, derive_seed("lora-init", cfg.seed)
+    )
     lora_params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = build_optimizer(lora_params, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg)
@@ -237,7 +237,9 @@ class PreviewRenderer:
 
         job, pv = self.job, self.job.preview
         if self._render is None:
-            self._render = job.family.preview_pipeline(job.layout, self.denoiser, self.denoiser.device, job.prediction_type)
+            self._render = job.family.preview_pipeline(
+                job.layout, self.denoiser, self.denoiser.device, job.prediction_type
+            )
         self.denoiser.eval()
         images = self._render(job.preview_prompts, pv.seed, pv.steps, pv.guidance_scale, job.preview_size)
         strip = Image.new("RGB", (job.preview_size * len(images), job.preview_size))

@@ -18,8 +18,9 @@ def add_lora(denoiser, rank: int, alpha: float, dropout: float, targets: list[st
     import torch
     from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                        init_lora_weights="gaussian")
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), init_lora_weights="gaussian"
+    )
     torch.manual_seed(seed)
     try:
         denoiser.add_adapter(config)
@@ -89,7 +90,11 @@ def save_diffusers(state: dict, adapter_config, path: Path, pipeline_class: str,
 
     meta = json.loads(json.dumps(adapter_config.to_dict(), default=sorted))  # sets -> sorted lists
     getattr(diffusers, pipeline_class).save_lora_weights(
-        str(path.parent), weight_name=path.name,
-        **{f"{component}_lora_layers": convert_state_dict_to_diffusers(state), f"{component}_lora_adapter_metadata": meta},
+        str(path.parent),
+        weight_name=path.name,
+        **{
+            f"{component}_lora_layers": convert_state_dict_to_diffusers(state),
+            f"{component}_lora_adapter_metadata": meta,
+        },
     )
     canonicalize_safetensors(path)
