@@ -7,6 +7,7 @@ by 8, a CLIP text encoder) so every code path is the one a real checkpoint takes
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 CORPUS_WORDS = (
@@ -16,25 +17,40 @@ CORPUS_WORDS = (
 )
 
 
+def _bpe_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style BPE vocabulary built deterministically (the tokenizers trainer orders ties by hash).
+
+    Every character, alone and word-final (`x</w>`), then for each word the merges that build it left to right.
+    """
+    special = ["<|startoftext|>", "<|endoftext|>"]
+    chars = sorted({c for w in words for c in w} | set(string.digits + string.punctuation))
+    tokens = special + chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(words)):
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+                tokens.append(pair[0] + pair[1])
+            pieces = [pair[0] + pair[1], *pieces[2:]]
+    vocab: dict[str, int] = {}
+    for t in tokens:
+        vocab.setdefault(t, len(vocab))
+    return vocab, merges
+
+
 def build_tokenizer(max_length: int = 77):
-    """A CLIP-style BPE tokenizer trained offline on a small corpus (transformers 5 needs tokenizer_object)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A CLIP-style BPE tokenizer over a small fixed vocabulary (transformers 5 needs tokenizer_object)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import CLIPTokenizerFast
 
-    words = CORPUS_WORDS.split()
-    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
-    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    vocab, merges = _bpe_vocab(CORPUS_WORDS.split())
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
-    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     tok.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)]
     )
