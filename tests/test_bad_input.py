@@ -133,3 +133,27 @@ def test_missing_config_file(tmp_path):
 
     result = CliRunner().invoke(app, ["run", "lora", "-c", str(tmp_path / "nope.toml")])
     assert result.exit_code == 2 and "pipeline init" in result.output
+
+
+def test_disk_full_while_committing_is_reported_and_the_next_run_recovers(project):
+    """/dev/full answers every write with ENOSPC: put it where the caption manifest's temp file goes."""
+    import os
+
+    from cache.store import Store
+    from pipeline.config import load_config
+    from pipeline.planner import plan_workflow
+    from pipeline.workflows import get_workflow
+    from stages.base import PlanEnv
+
+    loaded = load_config(project.config)
+    key = plan_workflow(PlanEnv(loaded, Store(loaded.store_dir)), get_workflow("lora"), {})[0].key
+    stage_dir = project.store / "stages" / "caption" / key
+    stage_dir.mkdir(parents=True)
+    tmp = stage_dir / f".manifest.json.tmp{os.getpid()}"
+    tmp.symlink_to("/dev/full")
+    result = project.cli("run", "lora")
+    assert result.exit_code == 1, result.output
+    assert "disk is full" in result.output and "run the same command again" in result.output
+    assert not project.manifests("caption")
+    tmp.unlink()
+    assert {s["action"] for s in project.run_json()["stages"]} == {"ran"}

@@ -61,8 +61,12 @@ def check_precision(mixed_precision: str, device) -> None:
 
 def make_accelerator(mixed_precision: str, device):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     check_precision(mixed_precision, device)
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision; each
+    # training stage is its own run, so it starts from a clean state (as accelerate's own test-suite does).
+    AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
 
 
