@@ -9,8 +9,8 @@ import torch
 
 from pipeline.config import TrainConfig
 from stages.families.sd15 import SD15Family
-from stages.training.lora_files import lora_state_dict
 from stages.training.loop import TrainData, TrainJob, build_lr_scheduler, train_lora
+from stages.training.lora_files import lora_state_dict
 
 OPTIONS = [
     {},
@@ -29,9 +29,11 @@ def test_option_trains(tiny_model, tmp_path, options):
     family = SD15Family()
     cfg = TrainConfig(**{"rank": 4, "alpha": 4.0, "lr": 1e-2, "steps": 4, "batch_size": 2, **options})
     g = torch.Generator().manual_seed(0)
-    data = TrainData(torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([0, 1, 0, 1]))
-    job = TrainJob(family, family.layout(tiny_model / "model", None), "epsilon", cfg, torch.device("cpu"), tmp_path,
-                   progress=False)
+    latents, cond = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 77, 32, generator=g)
+    data = TrainData(latents, cond, torch.tensor([0, 1, 0, 1]))
+    job = TrainJob(
+        family, family.layout(tiny_model / "model", None), "epsilon", cfg, torch.device("cpu"), tmp_path, progress=False
+    )
     outcome = train_lora(job, data)
     assert len(outcome.losses) == 4 and all(math.isfinite(v) for v in outcome.losses)
     lora_b = [v for k, v in lora_state_dict(outcome.denoiser).items() if "lora_B" in k]
