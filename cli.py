@@ -115,8 +115,8 @@ def run(
         outputs = [o for r in runs for o in r.outputs]
         lora = next((o for o in outputs if o.endswith("lora1.safetensors")), None)
         previews = sorted({str(Path(o).parent) for o in outputs if "/previews/" in o})
-        typer.echo(f"\nLoRA (kohya format): {lora}")
-        typer.echo(f"Previews: {', '.join(previews) or 'none'}")
+        typer.echo(f"\nLoRA (kohya format): {_short(lora) if lora else 'none'}")
+        typer.echo(f"Previews: {', '.join(_short(p) for p in previews) or 'none'}")
         typer.echo(f"Try: pipeline status lora -c {config}   or   pipeline run lora --demo --set lora1.lr=5e-4")
 
 
@@ -125,12 +125,23 @@ def _print_runs(runs, dry_run: bool) -> None:
     from rich.table import Table
 
     table = Table(show_edge=False, pad_edge=False)
-    for col in ("stage", "plan" if dry_run else "action", "key", "why" if dry_run else "seconds", "output"):
-        table.add_column(col)
+    columns = ("stage", "plan", "key", "why") if dry_run else ("stage", "action", "key", "seconds", "output")
+    for col in columns:
+        table.add_column(col, overflow="fold")
     for r in runs:
-        why = "; ".join(r.causes) if dry_run else f"{r.seconds:.1f}"
-        table.add_row(r.name, r.action, r.key[:12], why, r.location)
+        if dry_run:
+            table.add_row(r.name, r.action, r.key[:12], "; ".join(r.causes))
+        else:
+            table.add_row(r.name, r.action, r.key[:12], f"{r.seconds:.1f}", _short(r.location))
     Console(width=160).print(table)
+
+
+def _short(path: str) -> str:
+    """A path relative to the working directory when it is below it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd())) + ("/" if path.endswith("/") else "")
+    except ValueError:
+        return path
 
 
 @app.command()
@@ -184,6 +195,24 @@ def status(
             state = s["state"].upper() + (f" {s['progress'][0]}/{s['progress'][1]}" if s["progress"] else "")
             table.add_row(s["name"], state, s["key"][:12], "; ".join(s["causes"]))
         Console(width=160).print(table)
+
+
+@app.command()
+@user_errors
+def config(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    keys: bool = typer.Option(False, "--keys", help="Print every config key with its type, default and meaning."),
+):
+    """Print the resolved config (file plus --set overrides) as TOML, or the reference of every key."""
+    from pipeline.schema_docs import config_reference_markdown, resolved_config_toml
+
+    if keys:
+        typer.echo(config_reference_markdown())
+        return
+    from pipeline.config import load_config
+
+    typer.echo(resolved_config_toml(load_config(config, set_).config), nl=False)
 
 
 @app.command()

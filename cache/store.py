@@ -123,8 +123,8 @@ class Store:
         except FileNotFoundError:
             return {}
 
-    def write_ref(self, workflow: str, stages: dict[str, str]) -> None:
-        ref = {"stages": stages, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    def write_ref(self, workflow: str, stages: dict[str, str], config: dict | None = None) -> None:
+        ref = {"stages": stages, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config}
         write_json_atomic(self.root / "refs" / f"{workflow}.json", ref)
 
     def refs(self) -> dict[str, dict[str, str]]:

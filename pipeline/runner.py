@@ -27,7 +27,7 @@ class StageRun:
     key: str
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
-    location: str = ""  # where to look: the export folder, or the manifest for stages without files
+    location: str = ""  # where to look: the export folder, or the artifact's store folder for stages without files
     summary: str = ""
     causes: list[str] = field(default_factory=list)
 
@@ -74,12 +74,12 @@ def run_workflow(
                 plan.state = "fresh"
         ref = env.store.read_ref(workflow)
         ref.update({p.name: p.key for p in plans})
-        env.store.write_ref(workflow, ref)
+        env.store.write_ref(workflow, ref, config=env.config.model_dump(mode="json"))
         output_root = env.loaded.resolve(env.config.runtime.output_dir) / workflow
         for run, plan in zip(runs, plans, strict=True):
             run.outputs = export_outputs(env, plan.manifest, output_root / plan.name)
-            manifest_path = env.store.stage_dir(plan.name, plan.key) / "manifest.json"
-            run.location = str(output_root / plan.name) + "/" if run.outputs else str(manifest_path)
+            stage_dir = env.store.stage_dir(plan.name, plan.key)
+            run.location = str((output_root / plan.name) if run.outputs else stage_dir) + "/"
         return runs
     finally:
         env.store.memo.save()

@@ -99,5 +99,22 @@ def example_config_toml(overrides: dict[str, dict[str, Any]] | None = None) -> s
     return "\n".join(out)
 
 
+def resolved_config_toml(config: PipelineConfig) -> str:
+    """Every key of a validated config, with the values in force."""
+    data = config.model_dump()
+    settings = {}
+    for dotted, _ in _sections(PipelineConfig):
+        node = data
+        for part in dotted.split("."):
+            node = node[part]
+        settings[dotted] = {k: v for k, v in node.items() if not isinstance(v, dict)}
+    out = []
+    for dotted, values in settings.items():
+        out.append(f"[{dotted}]")
+        out += [f"{k} = {toml_value(v)}" if v is not None else f"# {k} is unset" for k, v in values.items()]
+        out.append("")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     print(config_reference_markdown(), end="")

@@ -78,3 +78,19 @@ def test_invalid_toml_names_the_file(tmp_path):
     (tmp_path / "c.toml").write_text("[lora1\nlr = 1")
     with pytest.raises(ConfigError, match="c.toml is not valid TOML"):
         load_config(tmp_path / "c.toml")
+
+
+def test_config_command_prints_the_resolved_config_and_the_key_reference(tmp_path):
+    import tomllib
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    (tmp_path / "c.toml").write_text("[lora1]\nlr = 1e-4\n")
+    result = CliRunner().invoke(app, ["config", "-c", str(tmp_path / "c.toml"), "--set", "lora1.rank=8"])
+    assert result.exit_code == 0, result.output
+    resolved = tomllib.loads(result.stdout)
+    assert resolved["lora1"]["rank"] == 8 and resolved["lora1"]["lr"] == 1e-4
+    assert resolved["runtime"]["preview"]["every"] == 0
+    keys = CliRunner().invoke(app, ["config", "--keys"])
+    assert "| `lr` | float |" in keys.stdout
