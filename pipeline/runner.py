@@ -66,7 +66,7 @@ def run_workflow(
         runs = []
         for plan in plans:
             if plan.state == "fresh":
-                runs.append(StageRun(plan.name, "reused", plan.key, summary="", causes=[]))
+                runs.append(StageRun(plan.name, "reused", plan.key))
             else:
                 upstream = {u: _upstream_manifest(env, plans, u) for u in plan.stage.upstream}
                 runs.append(_run_stage(env, plan, upstream, progress))
@@ -88,30 +88,27 @@ def run_workflow(
 
 def _plans(env: PlanEnv, workflow: str, stages, only: str | None) -> list[StagePlan]:
     ref = env.store.read_ref(workflow)
+    plans = {p.name: p for p in plan_workflow(env, stages, ref)}
     if only is None:
-        return plan_workflow(env, stages, ref)
-    stage = next(s for s in stages if s.name == only)
-    upstream = {}
-    for u in stage.upstream:
-        manifest = _existing_upstream(env, stages, ref, u, workflow)
-        upstream[u] = manifest
+        return list(plans.values())
+    stage = plans[only].stage
+    upstream = {u: _existing_upstream(env, plans[u], ref, workflow) for u in stage.upstream}
     return [plan_stage(env, stage, upstream, ref)]
 
 
-def _existing_upstream(env: PlanEnv, stages, ref: dict, name: str, workflow: str) -> Manifest:
+def _existing_upstream(env: PlanEnv, plan: StagePlan, ref: dict, workflow: str) -> Manifest:
     """The upstream artifact for --only: the current config's if it exists, else the last run's."""
-    full = {p.name: p for p in plan_workflow(env, stages[: [s.name for s in stages].index(name) + 1], ref)}
-    if full[name].manifest is not None:
-        return full[name].manifest
-    last = env.store.load_manifest(name, ref[name]) if name in ref else None
+    if plan.manifest is not None:
+        return plan.manifest
+    last = env.store.load_manifest(plan.name, ref[plan.name]) if plan.name in ref else None
     if last is None:
         raise PlanError(
-            f"--only needs the {name} artifact, and there is none for this config. Make it with "
-            f"`pipeline run {workflow} --only {name}` or run the whole workflow with `pipeline run {workflow}`."
+            f"--only needs the {plan.name} artifact, and there is none for this config. Make it with "
+            f"`pipeline run {workflow} --only {plan.name}` or run the whole workflow with `pipeline run {workflow}`."
         )
     print(
-        f"note: using the last run's {name} artifact; the current config would make a new one "
-        f"({'; '.join(full[name].causes)})",
+        f"note: using the last run's {plan.name} artifact; the current config would make a new one "
+        f"({'; '.join(plan.causes)})",
         file=sys.stderr,
     )
     return last

@@ -52,3 +52,13 @@ def test_warmup_then_cosine_schedule_values():
     # warmup (s+1)/(w+1) for s < 4: 0.2, 0.4, 0.6, 0.8; then 0.5(1+cos(pi (s-4)/6)) for s = 4..9
     expected = [0.2, 0.4, 0.6, 0.8] + [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
     assert lrs == pytest.approx(expected)
+
+
+def test_a_diverging_loss_stops_with_advice(project):
+    result = project.cli(
+        "run", "lora", "--set", "lora1.lr=1e30", "--set", "lora1.max_grad_norm=0", "--set", "lora1.steps=40"
+    )
+    assert result.exit_code == 2, result.output
+    assert "the loss became nan" in result.output.lower() or "the loss became inf" in result.output.lower()
+    assert "Lower lora1.lr (now 1e+30)" in result.output
+    assert not project.manifests("lora1")

@@ -6,6 +6,7 @@ It never branches on a model family: the family supplies loading, the noise proc
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -14,9 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.faults import fault_point
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from stages.training.lora_files import add_lora, trainable_state
 from stages.training.sampling import batch_indices, derive_seed, generator
+
+
+class TrainingDiverged(PipelineError):
+    pass
 
 
 @dataclass
@@ -40,6 +45,7 @@ class TrainJob:
     preview_size: int = 512
     progress: bool = True
     log: Callable[[str], None] = print
+    stage: str = "lora1"  # names the progress bar, messages and the config section in errors
 
 
 @dataclass
@@ -113,15 +119,21 @@ def train_lora(job: TrainJob, data: TrainData) -> TrainOutcome:
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     start, losses = restore_checkpoint(job.work_dir, accelerator.unwrap_model(denoiser), optimizer, scheduler)
     if start:
-        job.log(f"lora1: resuming from the checkpoint at step {start}/{cfg.steps}")
+        job.log(f"{job.stage}: resuming from the checkpoint at step {start}/{cfg.steps}")
     previews: dict[str, Path] = {}
     render = PreviewRenderer(job, accelerator.unwrap_model(denoiser))
     denoiser.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc="lora1", unit="step", disable=not job.progress, mininterval=0.5)
+    bar = tqdm(total=cfg.steps, initial=start, desc=job.stage, unit="step", disable=not job.progress, mininterval=0.5)
     smoothed = None
     step_times = [time.perf_counter()]
     for step in range(start, cfg.steps):
         loss = train_step(step, job, data, accelerator, denoiser, process, optimizer, lora_params)
+        if not math.isfinite(loss):
+            bar.close()
+            raise TrainingDiverged(
+                f"{job.stage}: the loss became {loss} at step {step + 1}. Lower {job.stage}.lr (now {cfg.lr:g}), "
+                f"or set {job.stage}.max_grad_norm if it is 0; the last checkpoint stays for a re-run."
+            )
         scheduler.step()
         losses.append(loss)
         smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
@@ -149,7 +161,7 @@ def train_step(step, job, data, accelerator, denoiser, process, optimizer, lora_
     cfg = job.params
     device = accelerator.device
     n_items = data.latents.shape[0]
-    total = 0.0
+    total = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         k = step * cfg.grad_accum + micro
         idx = torch.tensor(batch_indices(cfg.seed, k, cfg.batch_size, n_items))
@@ -166,12 +178,12 @@ def train_step(step, job, data, accelerator, denoiser, process, optimizer, lora_
             pred = job.family.predict(denoiser, x_t, t, cond)
         loss = F.mse_loss(pred.float(), target.float())
         accelerator.backward(loss / cfg.grad_accum)
-        total += loss.detach().item()
+        total += loss.detach()
     if cfg.max_grad_norm > 0:
         accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / cfg.grad_accum
+    return total.item() / cfg.grad_accum  # one device sync per step
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
