@@ -90,3 +90,30 @@ def test_external_kill_9_during_training(project):
     done = _run(project, "--no-progress")
     assert done.returncode == 0, done.stderr
     assert "resuming from the checkpoint" in done.stderr
+
+
+def test_a_second_run_on_the_same_store_waits_and_says_who_holds_the_lock(project):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[1]); from cache.store import Store; "
+            "s = Store(sys.argv[2]); s.lock.acquire('pipeline run lora'); print('held', flush=True); time.sleep(120)",
+            str(REPO),
+            str(project.store),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    cmd = [sys.executable, str(REPO / "cli.py"), "run", "lora", "-c", str(project.config), "--json"]
+    second = subprocess.Popen(cmd, cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waited = second.stderr.readline()
+    assert f"waiting for the store lock held by pid {holder.pid} (pipeline run lora" in waited
+    time.sleep(1)
+    assert second.poll() is None and not project.manifests("caption"), "the second run must wait, not work"
+    holder.kill()
+    holder.wait()
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    assert {s["action"] for s in json.loads(out)["stages"]} == {"ran"}
