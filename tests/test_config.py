@@ -94,3 +94,20 @@ def test_config_command_prints_the_resolved_config_and_the_key_reference(tmp_pat
     assert resolved["runtime"]["preview"]["every"] == 0
     keys = CliRunner().invoke(app, ["config", "--keys"])
     assert "| `lr` | float |" in keys.stdout
+
+
+@pytest.mark.parametrize(
+    "kohya_key, ours",
+    [
+        ("network_dim", "rank"),
+        ("network_alpha", "alpha"),
+        ("learning_rate", "lr"),
+        ("max_train_steps", "steps"),
+        ("gradient_accumulation_steps", "grad_accum"),
+        ("train_batch_size", "batch_size"),
+    ],
+)
+def test_kohya_spellings_point_to_our_keys(tmp_path, kohya_key, ours):
+    (tmp_path / "c.toml").write_text(f"[lora1]\n{kohya_key} = 1\n")
+    with pytest.raises(ConfigError, match=f"unknown key `lora1.{kohya_key}`.*did you mean `lora1.{ours}`"):
+        load_config(tmp_path / "c.toml")
