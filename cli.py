@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import typer  # noqa: E402
 
+from cache.arrays import CorruptArray  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
 app = typer.Typer(
@@ -40,6 +41,9 @@ def user_errors(fn):
         except PipelineError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
+        except CorruptArray as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 typer.echo(

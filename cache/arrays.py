@@ -85,17 +85,24 @@ class ArrayPool:
         return entry
 
     def get(self, name: str, digest: str | None = None) -> np.ndarray:
+        """Read a committed array. A damaged one is dropped from the pool, so the next run re-makes it."""
         entry = self.committed().get(name)
         if entry is None:
-            raise CorruptArray(f"array {name} is not committed in {self.root}")
+            raise CorruptArray(
+                f"array {name} is not committed in {self.root}; run the same command again to re-make it"
+            )
         import numpy as np
 
-        arr = np.asarray(self._open()[name][...])
-        expect = digest or entry["digest"]
-        if array_digest(arr) != expect:
+        try:
+            arr = np.asarray(self._open()[name][...])
+            ok = array_digest(arr) == (digest or entry["digest"])
+        except Exception:  # a missing or garbled chunk: zarr and its codecs raise many types
+            ok = False
+        if not ok:
+            self.remove({name})
             raise CorruptArray(
-                f"array {name} in {self.root} does not match its recorded digest; "
-                f"run `pipeline gc` and re-run the stage that wrote it"
+                f"{self.arrays_dir / name} was damaged (missing or not matching its digest) and has been dropped "
+                f"from the store; run the same command again to re-make it."
             )
         return arr
 

@@ -42,18 +42,36 @@ def plan_stage(env: PlanEnv, stage: Stage, upstream: dict[str, StagePlan | Manif
         contract.update(up.contract)
     contract.update(stage.contract(env, params))
     manifest = env.store.load_manifest(stage.name, key)
+    damage = damaged(env, manifest) if manifest else []
+    if damage:
+        manifest = None  # re-made by this run; what is intact (pool items) is reused
     previous = None
     if ref.get(stage.name) and ref[stage.name] != key:
         previous = env.store.load_manifest(stage.name, ref[stage.name])
-    causes = diff_preimages(previous.preimage, preimage) if previous else []
+    causes = damage + (diff_preimages(previous.preimage, preimage) if previous else [])
     plan = StagePlan(stage, params, preimage, key, contract, "fresh", causes, manifest=manifest)
     if manifest is None:
         up_manifests = {u: (p.manifest if isinstance(p, StagePlan) else p) for u, p in upstream.items()}
         plan.progress = stage.progress(env, key, up_manifests)
-        plan.state = "partial" if plan.progress else ("stale" if previous else "missing")
+        plan.state = "partial" if plan.progress else ("stale" if previous or damage else "missing")
         if not causes:
             plan.causes = ["never run with these settings"] if plan.state != "partial" else ["interrupted"]
     return plan
+
+
+def damaged(env: PlanEnv, manifest: Manifest) -> list[str]:
+    """Causes for a committed artifact whose files were deleted from the store by hand (cheap: stat and log)."""
+    causes = [
+        f"store: output {name} is missing"
+        for name, obj in manifest.outputs.items()
+        if not env.store.object_path(obj["digest"]).exists()
+    ]
+    for pool_id, names in manifest.pools.items():
+        pool = env.store.pool(pool_id)
+        lost = sum(1 for n in names if not pool.has(n))
+        if lost:
+            causes.append(f"store: {lost} array{'s' if lost > 1 else ''} of {pool_id} missing")
+    return causes
 
 
 def plan_workflow(env: PlanEnv, stages: list[Stage], ref: dict[str, str]) -> list[StagePlan]:
