@@ -31,6 +31,21 @@ SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set lora
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"lora-pipeline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Staged, content-hashed LoRA training for diffusion models."""
+
+
 def user_errors(fn):
     """Turn user-fixable errors into `error: ...` on stderr and a non-zero exit, without a traceback."""
 

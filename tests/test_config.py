@@ -111,3 +111,13 @@ def test_kohya_spellings_point_to_our_keys(tmp_path, kohya_key, ours):
     (tmp_path / "c.toml").write_text(f"[lora1]\n{kohya_key} = 1\n")
     with pytest.raises(ConfigError, match=f"unknown key `lora1.{kohya_key}`.*did you mean `lora1.{ours}`"):
         load_config(tmp_path / "c.toml")
+
+
+def test_version():
+    from typer.testing import CliRunner
+
+    from cli import app
+    from pipeline import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"lora-pipeline {__version__}"
