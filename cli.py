@@ -209,7 +209,7 @@ def status(
     for wf in report:
         table = Table(title=f"workflow {wf['workflow']}", show_edge=False, pad_edge=False)
         for col in ("stage", "state", "key", "why"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for s in wf["stages"]:
             state = s["state"].upper() + (f" {s['progress'][0]}/{s['progress'][1]}" if s["progress"] else "")
             table.add_row(s["name"], state, s["key"][:12], "; ".join(s["causes"]))
