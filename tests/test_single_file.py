@@ -15,7 +15,8 @@ def test_single_file_loads_the_same_weights_as_the_folder(tiny_model, component)
     family = SD15Family()
     folder = family.layout(tiny_model / "model", None)
     single = family.layout(tiny_model / "model.safetensors", tiny_model / "model")
-    a, b = family._load(folder, component).state_dict(), family._load(single, component).state_dict()
+    (a,), (b,) = family._load(folder, component), family._load(single, component)
+    a, b = a.state_dict(), b.state_dict()
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
 
@@ -23,8 +24,10 @@ def test_single_file_loads_the_same_weights_as_the_folder(tiny_model, component)
 def test_lora_workflow_on_a_single_file_checkpoint(project, tiny_model):
     shutil.copy(tiny_model / "model.safetensors", project.root / "sd.safetensors")
     project.write_config(model={"path": "sd.safetensors", "single_file_config": "model"})
+    project.write_config(**{"runtime.preview": {"every": 6, "steps": 2}})
     report = project.run_json()
     assert {s["action"] for s in report["stages"]} == {"ran"}
+    assert (project.root / "output/lora/lora1/previews/step000006.png").exists()
 
 
 def test_a_lora_file_is_not_a_checkpoint(project, tiny_model):

@@ -133,13 +133,14 @@ class SD15Family(ModelFamily):
         }
 
     # -- heavy -------------------------------------------------------------------------------------------
-    def _load(self, layout: ModelLayout, component: str):
+    def _load(self, layout: ModelLayout, *components: str) -> tuple:
+        """The named components, from one load: a single file is read once however many are asked for."""
         from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         quiet_libraries()
         try:
-            if layout.single_file:
+            if layout.single_file and not (components == ("scheduler",) and layout.config_dir):
                 pipe = StableDiffusionPipeline.from_single_file(
                     str(layout.path),
                     config=str(layout.config_dir) if layout.config_dir else None,
@@ -147,7 +148,9 @@ class SD15Family(ModelFamily):
                     safety_checker=None,
                     requires_safety_checker=False,
                 )
-                return getattr(pipe, component)
+                return tuple(getattr(pipe, c) for c in components)
+            # A diffusers folder, or a single file's scheduler: a config with no weights in the checkpoint.
+            root = layout.config_dir if layout.single_file else layout.path
             classes = {
                 "unet": UNet2DConditionModel,
                 "vae": AutoencoderKL,
@@ -155,13 +158,18 @@ class SD15Family(ModelFamily):
                 "tokenizer": CLIPTokenizer,
                 "scheduler": DDPMScheduler,
             }
-            kwargs = {"use_safetensors": True} if component in WEIGHTED else {}
-            return classes[component].from_pretrained(str(layout.path), subfolder=component, **kwargs)
+            return tuple(
+                classes[c].from_pretrained(
+                    str(root), subfolder=c, **({"use_safetensors": True} if c in WEIGHTED else {})
+                )
+                for c in components
+            )
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ModelError(f"could not load the {component} of {layout.path}: {e}") from None
+            raise ModelError(f"could not load {', '.join(components)} of {layout.path}: {e}") from None
 
     def load_vae(self, layout: ModelLayout, device):
-        vae = self._load(layout, "vae").to(device).eval()
+        (vae,) = self._load(layout, "vae")
+        vae = vae.to(device).eval()
         vae.requires_grad_(False)
         return vae
 
@@ -172,17 +180,24 @@ class SD15Family(ModelFamily):
         return (z - shift) * vae.config.scaling_factor
 
     def load_text_encoder(self, layout: ModelLayout, device):
-        model = self._load(layout, "text_encoder").to(device).eval()
+        model, tokenizer = self._load(layout, "text_encoder", "tokenizer")
+        return self._clip_text(model, tokenizer, device)
+
+    @staticmethod
+    def _clip_text(model, tokenizer, device) -> ClipText:
+        model = model.to(device).eval()
         model.requires_grad_(False)
-        return ClipText(self._load(layout, "tokenizer"), model, device)
+        return ClipText(tokenizer, model, device)
 
     def load_denoiser(self, layout: ModelLayout, device):
-        unet = self._load(layout, "unet").to(device)
+        (unet,) = self._load(layout, "unet")
+        unet = unet.to(device)
         unet.requires_grad_(False)
         return unet
 
     def load_noise_schedule(self, layout: ModelLayout, prediction_type: str):
-        return DDPMProcess(self._load(layout, "scheduler").config, prediction_type)
+        (scheduler,) = self._load(layout, "scheduler")
+        return DDPMProcess(scheduler.config, prediction_type)
 
     def predict(self, denoiser, x_t, t, cond):
         return denoiser(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
@@ -190,14 +205,15 @@ class SD15Family(ModelFamily):
     def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        text = self.load_text_encoder(layout, device)
-        scheduler = DDIMScheduler.from_config(self._load(layout, "scheduler").config, prediction_type=prediction_type)
+        model, tokenizer, vae, scheduler = self._load(layout, "text_encoder", "tokenizer", "vae", "scheduler")
+        text = self._clip_text(model, tokenizer, device)
+        vae = vae.to(device).eval()
         pipe = StableDiffusionPipeline(
-            vae=self.load_vae(layout, device),
+            vae=vae,
             text_encoder=text.model,
             tokenizer=text.tokenizer,
             unet=denoiser,
-            scheduler=scheduler,
+            scheduler=DDIMScheduler.from_config(scheduler.config, prediction_type=prediction_type),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
