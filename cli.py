@@ -6,7 +6,6 @@ import errno
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -17,6 +16,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import typer  # noqa: E402
 
 from cache.arrays import CorruptArray  # noqa: E402
+from cache.locks import LockHeld  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
 app = typer.Typer(
@@ -56,7 +56,7 @@ def user_errors(fn):
         except PipelineError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
-        except CorruptArray as e:
+        except (CorruptArray, LockHeld) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
         except OSError as e:
@@ -262,15 +262,7 @@ def gc(
 
 
 def main() -> None:
-    try:
-        app()
-    except Exception as e:  # a bug, not a user error: keep the traceback, but say where to report it
-        from cache.locks import LockHeld
-
-        if isinstance(e, LockHeld):
-            print(f"error: {e}; wait for it to finish", file=sys.stderr)
-            sys.exit(2)
-        raise
+    app()
 
 
 if __name__ == "__main__":

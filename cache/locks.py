@@ -58,5 +58,5 @@ class StoreLock:
 class LockHeld(RuntimeError):
     def __init__(self, path: Path, holder: dict | None):
         who = f"pid {holder['pid']} ({holder['what']}, since {holder['since']})" if holder else "another process"
-        super().__init__(f"the store lock {path} is held by {who}")
+        super().__init__(f"the store lock {path} is held by {who}; wait for it to finish")
         self.holder = holder

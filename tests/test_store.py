@@ -110,3 +110,20 @@ def test_gc_keeps_pool_arrays_that_a_ref_reaches(tmp_path):
     assert [r["kind"] for r in report["removed"]] == ["arrays"]
     assert store.pool("latents/cfg").all_names() == {"a", "b"}
     assert set(store.pool("latents/cfg").committed()) == {"a", "b"}
+
+
+def test_gc_while_a_run_holds_the_store_says_who_and_removes_nothing(project):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    project.run_json()
+    store = Store(project.store)
+    store.lock.acquire("pipeline run lora")
+    try:
+        result = CliRunner().invoke(app, ["gc", "-c", str(project.config)])
+    finally:
+        store.lock.release()
+    assert result.exit_code == 1
+    assert f"held by pid {os.getpid()} (pipeline run lora" in result.output and "Traceback" not in result.output
+    assert project.manifests("lora1")
