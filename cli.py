@@ -102,7 +102,7 @@ def init(
 @app.command()
 @user_errors
 def run(
-    workflow: str = typer.Argument(..., help="Workflow to run: lora."),
+    workflow: str = typer.Argument(..., help="Workflow to run: lora or transfer."),
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     only: str = typer.Option(None, "--only", help="Run this one stage on the upstream artifacts that exist."),
@@ -131,11 +131,24 @@ def run(
         return
     _print_runs(runs, dry_run)
     if demo and not dry_run:
-        outputs = [o for r in runs for o in r.outputs]
-        lora = next((o for o in outputs if o.endswith("lora1.safetensors")), None)
-        previews = sorted({str(Path(o).parent) for o in outputs if "/previews/" in o})
-        typer.echo(f"\nLoRA (kohya format): {_short(lora) if lora else 'none'}")
-        typer.echo(f"Previews: {', '.join(_short(p) for p in previews) or 'none'}")
+        _demo_epilogue(workflow, runs, config)
+
+
+def _demo_epilogue(workflow: str, runs, config: Path) -> None:
+    outputs = [o for r in runs for o in r.outputs]
+    final = "student" if workflow == "transfer" else "lora1"
+    lora = next((o for o in outputs if o.endswith(f"{final}.safetensors")), None)
+    previews = sorted({str(Path(o).parent) for o in outputs if "/previews/" in o})
+    typer.echo(f"\nLoRA (kohya format): {_short(lora) if lora else 'none'}")
+    typer.echo(f"Previews: {', '.join(_short(p) for p in previews) or 'none'}")
+    if workflow == "transfer":
+        student = next(r for r in runs if r.name == "student")
+        typer.echo(f"Student: {student.summary or 'reused (see pipeline status transfer)'}")
+        typer.echo(
+            f"Try: pipeline run transfer --demo --set student.lr=1e-3   (re-runs the student only)\n"
+            f"     pipeline inspect teacher -c {config} --out teacher-sheet"
+        )
+    else:
         typer.echo(f"Try: pipeline status lora -c {config}   or   pipeline run lora --demo --set lora1.lr=5e-4")
 
 
@@ -179,7 +192,7 @@ def status(
     names = [workflow] if workflow else [w for w in WORKFLOWS if env.store.read_ref(w)] or ["lora"]
     report = []
     for name in names:
-        plans = plan_workflow(env, get_workflow(name), env.store.read_ref(name))
+        plans = plan_workflow(env, get_workflow(name, env.config), env.store.read_ref(name))
         report.append(
             {
                 "workflow": name,

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from stages.families.sd15 import SD15Family  # noqa: E402
 from stages.families.tiny import build_tiny_sd15, tiny_unet  # noqa: E402
-from stages.training.loop import TrainData, TrainJob, train_lora  # noqa: E402
+from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora  # noqa: E402
 
 WARMUP = 5
 MODELS = {
@@ -67,7 +67,9 @@ def stage_loop(model: Path, data: TrainData, cfg: TrainConfig, work: Path) -> fl
     with open(os.devnull, "w") as devnull:  # keep the real progress bar's cost, not its output
         stderr, sys.stderr = sys.stderr, devnull
         try:
-            return median_step(train_lora(job, data).step_times)
+            return median_step(
+                train_lora(job, DiffusionBatches(data, job.params.seed, job.params.batch_size)).step_times
+            )
         finally:
             sys.stderr = stderr
 

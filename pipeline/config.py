@@ -81,8 +81,8 @@ class LatentsConfig(Section):
         return v
 
 
-class TrainConfig(Section):
-    """LoRA training on the base model (stage `lora1`)."""
+class LoraSettings(Section):
+    """What every LoRA-training stage shares: the adapter, the optimizer and its schedule, precision, seed."""
 
     rank: int = Field(16, ge=1, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
@@ -98,17 +98,89 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-2, ge=0, description="Decoupled weight decay.")
     lr_scheduler: Literal["constant", "cosine"] = Field("constant", description="Learning-rate schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 over this many optimizer steps.")
-    steps: int = Field(1000, ge=1, description="Number of optimizer steps.")
-    batch_size: int = Field(1, ge=1, description="Images per micro-batch.")
-    grad_accum: int = Field(
-        1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x grad_accum)."
-    )
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this value; 0 disables clipping.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no",
         description="Autocast precision of the forward pass. fp16 needs a CUDA GPU; on a CPU bf16 is slower than no.",
     )
     seed: int = Field(42, description="Seed of the LoRA init, data order, timesteps and noise.")
+
+
+class TrainConfig(LoraSettings):
+    """LoRA training on the base model (stage `lora1`; in `transfer`, the teacher LoRA)."""
+
+    steps: int = Field(1000, ge=1, description="Number of optimizer steps.")
+    batch_size: int = Field(1, ge=1, description="Images per micro-batch.")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x grad_accum)."
+    )
+
+
+class ScheduleConfig(Section):
+    """The materialized training plan that the teacher and the student of `transfer` share (stage `schedule`).
+
+    Every field here is part of the cross-phase contract: changing one re-runs the teacher."""
+
+    steps: int = Field(500, ge=1, description="Optimizer steps in the schedule (the student may stop earlier).")
+    batch_size: int = Field(1, ge=1, description="Samples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    seed: int = Field(42, description="Seed of the item order, timesteps, noise and caption dropout.")
+    caption_dropout: float = Field(
+        0.0, ge=0, le=1, description="Probability that a slot's caption is replaced by the empty caption."
+    )
+    heldout: int = Field(
+        16, ge=0, description="Held-out (x_t, t, c) samples, not in the schedule, for measuring student fidelity."
+    )
+
+
+class TransferConfig(Section):
+    """Delta transfer (workflow `transfer`): the teacher is `model` with LoRA-1, the student another model."""
+
+    student_model: Path = Field(
+        Path("models/student"),
+        description="The student (e.g. the Turbo/distilled sibling): a diffusers folder or a single-file .safetensors. "
+        "It must share the teacher's latent space and prediction type.",
+    )
+    student_single_file_config: Path | None = Field(
+        None, description="For a single-file student: a diffusers folder with its component configs."
+    )
+    teacher_lora: Path | None = Field(
+        None,
+        description="An existing LoRA file (.safetensors, kohya or diffusers format) to transfer. "
+        "Unset: stage lora1 trains it on `model` with the [lora1] settings.",
+    )
+    delta_mode: Literal["cond", "cfg"] = Field(
+        "cond",
+        description="cond: store the conditional delta. cfg: also the unconditional one (two more teacher passes), "
+        "for the exact CFG target (1-g)*du + g*dc.",
+    )
+    delta_dtype: Literal["fp16", "fp32"] = Field(
+        "fp16", description="Storage dtype of the teacher deltas (they are always computed in fp32)."
+    )
+    uncond_caption: str = Field("", description="The caption of the unconditional passes (delta_mode = cfg).")
+
+
+class StudentConfig(LoraSettings):
+    """LoRA training on the student model against the teacher's deltas (stage `student` of `transfer`)."""
+
+    steps: int | None = Field(
+        None, ge=1, description="Optimizer steps; unset: the whole schedule. At most schedule.steps."
+    )
+    guidance: float = Field(
+        1.0,
+        description="Transfer guidance g: target = prior + g*delta. About 2.5 for Flux.2, 3 for Z-Image Turbo, 1 when "
+        "the student is not CFG-distilled.",
+    )
+    init: Literal["zero", "teacher"] = Field(
+        "zero",
+        description="zero: the student LoRA starts as a zero update. teacher: it starts from the teacher LoRA "
+        "(same architecture; rank, alpha and targets must then match it).",
+    )
+    prior: Literal["materialized", "on_the_fly"] = Field(
+        "materialized",
+        description="materialized: the student's own prediction (LoRA off) is computed once per schedule and stored, "
+        "so every student run is one forward and backward per step. on_the_fly: computed every step instead.",
+    )
 
 
 class PreviewConfig(Section):
@@ -132,6 +204,17 @@ class RuntimeConfig(Section):
     log_level: Literal["debug", "info", "warning"] = Field("info", description="Verbosity of messages on stderr.")
     checkpoint_every: int = Field(100, ge=0, description="Save resumable training state every N steps; 0 disables.")
     encode_batch_size: int = Field(8, ge=1, description="Images per VAE / text-encoder forward when caching.")
+    teacher_batching: Literal["mixed", "two_pass"] = Field(
+        "mixed",
+        description="mixed: the teacher's predictions with and without its LoRA come from one batched forward "
+        "(peft mixed-adapter batches); two_pass: two forwards. Same numbers up to float rounding.",
+    )
+    fidelity_every: int = Field(
+        0,
+        ge=0,
+        description="Measure the student's fidelity on held-out samples every N steps (and at the end); 0: "
+        "at the start and the end only.",
+    )
     preview: PreviewConfig = Field(default_factory=PreviewConfig)
 
     @field_validator("device")
@@ -149,6 +232,9 @@ class PipelineConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     latents: LatentsConfig = Field(default_factory=LatentsConfig)
     lora1: TrainConfig = Field(default_factory=TrainConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
@@ -218,6 +304,8 @@ ALIASES = {
     "pretrained_model_name_or_path": "path",
     "output_dir": "output_dir",
     "resolution": "resolution",
+    "transfer_guidance": "guidance",
+    "lora_base_model": "teacher_lora",
 }
 
 

@@ -1,11 +1,12 @@
-"""The built-in demo: a tiny SD 1.5-style model and a small generated, captioned image set.
+"""The built-in demo: a tiny SD 1.5-style model, its "Turbo" sibling and a small generated, captioned image set.
 
-`pipeline run lora --demo` builds ./pipeline-demo/ once (deterministically, so its digests never
-change and a second run reuses every stage), then runs the workflow on its pipeline.toml.
+`pipeline run transfer --demo` (or `lora`) builds ./pipeline-demo/ once (deterministically, so its digests
+never change and a second run reuses every stage), then runs the workflow on its pipeline.toml.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,7 +37,10 @@ DEMO_SETTINGS = {
         "lr_scheduler": "cosine",
         "warmup_steps": 10,
     },
-    "runtime": {"checkpoint_every": 40},
+    "schedule": {"steps": 80, "batch_size": 2, "heldout": 8},
+    "transfer": {"student_model": "models/tiny-turbo"},
+    "student": {"rank": 4, "alpha": 8.0, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 5},
+    "runtime": {"checkpoint_every": 40, "fidelity_every": 20},
     "runtime.preview": {
         "every": 60,
         "steps": 10,
@@ -90,14 +94,21 @@ def ensure_demo(root: Path = DEMO_DIR) -> Path:
         from stages.families.tiny import build_tiny_sd15
 
         tmp = model.with_name(".tiny-sd15.tmp")
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         build_tiny_sd15(tmp, seed=0)
         tmp.rename(model)
+    turbo = root / "models" / "tiny-turbo"
+    if not (turbo / "model_index.json").exists():
+        print(f"demo: building its 'Turbo' sibling in {turbo} (the same VAE and text encoder) ...", file=sys.stderr)
+        from stages.families.tiny import build_tiny_turbo
+
+        tmp = turbo.with_name(".tiny-turbo.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny_turbo(model, tmp)
+        tmp.rename(turbo)
     if not (root / "images").exists():
         print(f"demo: drawing a captioned image set in {root / 'images'} ...", file=sys.stderr)
         write_images(root / "images")
-    if not config.exists():
+    if not config.exists() or "[transfer]" not in config.read_text():  # absent, or from a demo before transfer
         config.write_text(demo_config_text())
     return config

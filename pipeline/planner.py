@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from cache.keys import build_preimage, stage_key
 from cache.store import Manifest
+from pipeline.errors import PlanError
 from stages.base import PlanEnv, Stage
 
 
@@ -37,10 +38,17 @@ def plan_stage(env: PlanEnv, stage: Stage, upstream: dict[str, StagePlan | Manif
         stage.name, stage.IMPL_VERSION, params.model_dump(mode="json"), upstream_keys, stage.inputs(env)
     )
     key = stage_key(preimage)
-    contract: dict = {}
-    for up in upstream.values():
-        contract.update(up.contract)
-    contract.update(stage.contract(env, params))
+    contract = inherited_contract(stage, upstream)
+    own = stage.contract(env, params)
+    conflicts = contract_diff(contract, own)
+    if conflicts:
+        raise PlanError(
+            f"{stage.name}: its settings break the contract of its upstream stages "
+            f"({', '.join(stage.contract_from or stage.upstream)}):\n"
+            + "\n".join(f"  {c}" for c in conflicts)
+            + f"\n{CONFLICT_HINTS.get(stage.name, 'Make the two sides agree in the config.')}"
+        )
+    contract.update(own)
     manifest = env.store.load_manifest(stage.name, key)
     damage = damaged(env, manifest) if manifest else []
     if damage:
@@ -49,6 +57,7 @@ def plan_stage(env: PlanEnv, stage: Stage, upstream: dict[str, StagePlan | Manif
     if ref.get(stage.name) and ref[stage.name] != key:
         previous = env.store.load_manifest(stage.name, ref[stage.name])
     causes = damage + (diff_preimages(previous.preimage, preimage) if previous else [])
+    causes = [_explain_upstream(c, upstream) for c in causes]
     plan = StagePlan(stage, params, preimage, key, contract, "fresh", causes, manifest=manifest)
     if manifest is None:
         up_manifests = {u: (p.manifest if isinstance(p, StagePlan) else p) for u, p in upstream.items()}
@@ -57,6 +66,42 @@ def plan_stage(env: PlanEnv, stage: Stage, upstream: dict[str, StagePlan | Manif
         if not causes:
             plan.causes = ["never run with these settings"] if plan.state != "partial" else ["interrupted"]
     return plan
+
+
+CONFLICT_HINTS = {
+    "prior": "The student (transfer.student_model) must share the teacher's (model.path) latent space, prediction "
+    "type and noise schedule: delta transfer adds the teacher's deltas to the student's predictions in one space.",
+}
+
+
+def inherited_contract(stage: Stage, upstream: dict[str, StagePlan | Manifest]) -> dict:
+    contract: dict = {}
+    for name in stage.contract_from if stage.contract_from is not None else stage.upstream:
+        contract.update(upstream[name].contract)
+    return contract
+
+
+def contract_diff(expected: dict, actual: dict, labels: tuple[str, str] = ("upstream", "this stage")) -> list[str]:
+    """`field: a → b` for every contract field that both sides define and that differs, nested fields flattened."""
+    if not expected or not actual:
+        return []
+    a, b = _flatten("", expected, {}), _flatten("", actual, {})
+    shared_roots = {k.split(".")[1] for k in a} & {k.split(".")[1] for k in b}
+    out = []
+    for k in sorted(a.keys() | b.keys()):
+        if k.split(".")[1] not in shared_roots or a.get(k) == b.get(k):
+            continue
+        out.append(f"{k[1:]}: {labels[0]} {_fmt(a.get(k, 'unset'))}, {labels[1]} {_fmt(b.get(k, 'unset'))}")
+    return out
+
+
+def _explain_upstream(cause: str, upstream: dict[str, StagePlan | Manifest]) -> str:
+    """`upstream schedule changed` -> `upstream schedule changed (params schedule.steps 40 → 60)`."""
+    if not cause.startswith("upstream ") or not cause.endswith(" changed"):
+        return cause
+    plan = upstream.get(cause.split()[1])
+    why = [c for c in getattr(plan, "causes", []) if c != "never run with these settings"]
+    return f"{cause} ({'; '.join(why[:2])}{'; ...' if len(why) > 2 else ''})" if why else cause
 
 
 def damaged(env: PlanEnv, manifest: Manifest) -> list[str]:

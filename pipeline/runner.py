@@ -13,7 +13,7 @@ from pathlib import Path
 from cache.store import Manifest
 from pipeline import __version__
 from pipeline.errors import PlanError
-from pipeline.planner import StagePlan, plan_stage, plan_workflow
+from pipeline.planner import StagePlan, contract_diff, inherited_contract, plan_stage, plan_workflow
 from pipeline.workflows import get_workflow
 from stages.base import PlanEnv, StageContext
 
@@ -46,7 +46,7 @@ def _git_describe() -> str | None:
 def run_workflow(
     env: PlanEnv, workflow: str, only: str | None = None, dry_run: bool = False, progress: bool = True
 ) -> list[StageRun]:
-    stages = get_workflow(workflow)
+    stages = get_workflow(workflow, env.config)
     if only is not None and only not in {s.name for s in stages}:
         names = ", ".join(s.name for s in stages)
         raise PlanError(f"--only {only}: workflow {workflow!r} has no stage {only!r}; its stages are {names}.")
@@ -93,7 +93,25 @@ def _plans(env: PlanEnv, workflow: str, stages, only: str | None) -> list[StageP
         return list(plans.values())
     stage = plans[only].stage
     upstream = {u: _existing_upstream(env, plans[u], ref, workflow) for u in stage.upstream}
+    if stage.enforce_contract:
+        check_contract(plans[only], upstream, workflow)
     return [plan_stage(env, stage, upstream, ref)]
+
+
+def check_contract(plan: StagePlan, upstream: dict[str, Manifest], workflow: str) -> None:
+    """--only on a phase-2 stage: the upstream artifacts must carry the contract the config resolves to."""
+    diff = contract_diff(plan.contract, inherited_contract(plan.stage, upstream), labels=("config", "artifact"))
+    if not diff:
+        return
+    sources = plan.stage.contract_from or plan.stage.upstream
+    names = ", ".join(f"{u} {upstream[u].key[:12]}" for u in sources)
+    raise PlanError(
+        f"--only {plan.name}: the upstream artifacts ({names}) were made under another contract than this "
+        f"config's; {plan.name} would train on data that does not match its settings:\n"
+        + "\n".join(f"  {d}" for d in diff)
+        + "\nTwo ways out: change the config back to the artifact's values, or let the upstream stages re-run "
+        f"with `pipeline run {workflow}` (only the stages whose inputs changed run again)."
+    )
 
 
 def _existing_upstream(env: PlanEnv, plan: StagePlan, ref: dict, workflow: str) -> Manifest:

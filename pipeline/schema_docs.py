@@ -89,7 +89,7 @@ def example_config_toml(overrides: dict[str, dict[str, Any]] | None = None) -> s
     ]
     for dotted, section in _sections(PipelineConfig):
         out.append(f"[{dotted}]")
-        out.append(f"# {(section.__doc__ or '').strip()}")
+        out += [f"# {line.strip()}".rstrip() for line in (section.__doc__ or "").strip().splitlines()]
         defaults = section()
         for name, field in _leaf_fields(section):
             value = overrides.get(dotted, {}).get(name, getattr(defaults, name))

@@ -20,6 +20,47 @@ from stages.dataset import ImageEntry, scan_images
 from stages.families import ModelFamily, ModelLayout, get_family
 
 
+class ModelRef:
+    """One model on disk as planning sees it: layout, component digests, prediction type, latent space.
+
+    Files and JSON only; computed once per command."""
+
+    def __init__(self, family: ModelFamily, path: Path, single_file_config: Path | None, store: Store, field: str):
+        self.family, self.path, self.single_file_config, self.store = family, path, single_file_config, store
+        self.field = field  # the config key that names it, for error messages
+
+    @cached_property
+    def layout(self) -> ModelLayout:
+        from pipeline.errors import ModelError
+
+        try:
+            return self.family.layout(self.path, self.single_file_config)
+        except ModelError as e:
+            text = str(e)
+            raise ModelError(text.replace("model.path:", f"{self.field}:", 1)) from None
+
+    @cached_property
+    def component_digests(self) -> dict[str, str]:
+        from cache.keys import canonical_json, sha256_text
+
+        digests = {}
+        for comp, files in self.family.component_files(self.layout).items():
+            digests[comp] = sha256_text(canonical_json([[f.name, self.store.memo.digest(f)] for f in files]))
+        return digests
+
+    @cached_property
+    def auto_prediction_type(self) -> str:
+        return self.family.prediction_type(self.layout)
+
+    @cached_property
+    def latent_space(self) -> dict:
+        return self.family.latent_space(self.layout)
+
+    @cached_property
+    def timesteps(self) -> dict:
+        return self.family.noise_schedule_contract(self.layout)
+
+
 class PlanEnv:
     """What planning needs, computed once per command and shared by every stage: config, store, scans, digests."""
 
@@ -33,10 +74,28 @@ class PlanEnv:
         return get_family(self.config.model.family)
 
     @cached_property
-    def layout(self) -> ModelLayout:
+    def model(self) -> ModelRef:
+        """The base model (the teacher of `transfer`)."""
         m = self.config.model
         config_dir = self.loaded.resolve(m.single_file_config) if m.single_file_config else None
-        return self.family.layout(self.loaded.resolve(m.path), config_dir)
+        return ModelRef(self.family, self.loaded.resolve(m.path), config_dir, self.store, "model.path")
+
+    @cached_property
+    def student(self) -> ModelRef:
+        """The student model of `transfer`."""
+        t = self.config.transfer
+        config_dir = self.loaded.resolve(t.student_single_file_config) if t.student_single_file_config else None
+        return ModelRef(
+            self.family, self.loaded.resolve(t.student_model), config_dir, self.store, "transfer.student_model"
+        )
+
+    @property
+    def layout(self) -> ModelLayout:
+        return self.model.layout
+
+    @property
+    def component_digests(self) -> dict[str, str]:
+        return self.model.component_digests
 
     @cached_property
     def images(self) -> list[ImageEntry]:
@@ -44,22 +103,9 @@ class PlanEnv:
         return scan_images(self.loaded.resolve(d.images), d.caption_extensions, self.store.memo)
 
     @cached_property
-    def component_digests(self) -> dict[str, str]:
-        from cache.keys import canonical_json, sha256_text
-
-        digests = {}
-        for comp, files in self.family.component_files(self.layout).items():
-            digests[comp] = sha256_text(canonical_json([[f.name, self.store.memo.digest(f)] for f in files]))
-        return digests
-
-    @cached_property
     def prediction_type(self) -> str:
         p = self.config.model.prediction_type
-        return self.family.prediction_type(self.layout) if p == "auto" else p
-
-    @cached_property
-    def latent_space(self) -> dict:
-        return {"vae": self.component_digests["vae"], **self.family.latent_space(self.layout)}
+        return self.model.auto_prediction_type if p == "auto" else p
 
 
 @dataclass
@@ -100,6 +146,10 @@ class Stage:
     name: ClassVar[str]
     IMPL_VERSION: ClassVar[int]
     upstream: ClassVar[tuple[str, ...]] = ()
+    # The upstream stages whose contract this one inherits (None: all); its own fields must agree with them.
+    contract_from: ClassVar[tuple[str, ...] | None] = None
+    # A phase-2 stage: `--only` refuses upstream artifacts made under another contract than the config's.
+    enforce_contract: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def params(self, env: PlanEnv) -> BaseModel:

@@ -33,7 +33,12 @@ class LatentsStage(Stage):
         return {"model": {"vae": env.component_digests["vae"]}}
 
     def contract(self, env: PlanEnv, params: LatentsParams) -> dict:
-        return {"resolution": params.resolution, "crop": params.crop, "latent_space": env.latent_space}
+        return {
+            "resolution": params.resolution,
+            "crop": params.crop,
+            "vae": env.component_digests["vae"],
+            "latent_space": env.model.latent_space,
+        }
 
     def pool_id(self, env: PlanEnv, params: LatentsParams) -> str:
         return pool_id("latents", self.IMPL_VERSION, params.model_dump(), "vae", env.component_digests["vae"])

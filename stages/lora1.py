@@ -50,7 +50,7 @@ class Lora1Stage(Stage):
             "grad_accum": params.grad_accum,
             "steps": params.steps,
             "seed": params.seed,
-            "timesteps": {"sampler": "uniform", "process": "ddpm"},
+            "timesteps": env.model.timesteps,
             "noise": {"offset": 0.0, "pyramid": False},
             "prediction_type": params.prediction_type,
         }
@@ -70,8 +70,8 @@ class Lora1Stage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from stages.devices import resolve_device
-        from stages.training.loop import TrainJob, train_lora
-        from stages.training.lora_files import lora_state_dict, save_diffusers, save_kohya
+        from stages.training.loop import DiffusionBatches, TrainJob, train_lora
+        from stages.training.lora_files import write_lora_outputs
 
         env, p = ctx.env, ctx.params
         data, captions = load_training_data(ctx)
@@ -90,22 +90,8 @@ class Lora1Stage(Stage):
             progress=ctx.progress,
             log=ctx.log,
         )
-        outcome = train_lora(job, data)
-        state = lora_state_dict(outcome.denoiser)
-        kohya = ctx.work_dir / "lora1.safetensors"
-        save_kohya(state, p.rank, p.alpha, kohya, env.family.kohya_prefix, env.family.lora_metadata())
-        diffusers_file = ctx.work_dir / "pytorch_lora_weights.safetensors"
-        save_diffusers(
-            state, outcome.adapter_config, diffusers_file, env.family.pipeline_class, env.family.lora_component
-        )
-        loss_csv = ctx.work_dir / "loss.csv"
-        loss_csv.write_text("step,loss\n" + "".join(f"{i + 1},{v:.6g}\n" for i, v in enumerate(outcome.losses)))
-        files = {
-            "lora1.safetensors": kohya,
-            "diffusers/pytorch_lora_weights.safetensors": diffusers_file,
-            "loss.csv": loss_csv,
-            **outcome.previews,
-        }
+        outcome = train_lora(job, DiffusionBatches(data, p.seed, p.batch_size))
+        files = write_lora_outputs(env.family, outcome, p, ctx.work_dir, "lora1")
         tail = outcome.losses[-min(10, len(outcome.losses)) :]
         record = {
             "final_loss": sum(tail) / len(tail),
@@ -135,3 +121,56 @@ def load_training_data(ctx: StageContext):
     index = [row[i["caption"]] for i in items]
     data = TrainData(torch.from_numpy(latents), torch.from_numpy(cond), torch.tensor(index, dtype=torch.long))
     return data, [i["caption"] for i in items]
+
+
+class ImportLoraParams(BaseModel):
+    source: str = "file"
+
+
+class ImportLoraStage(Stage):
+    """`lora1` when transfer.teacher_lora names an existing file: the file becomes an artifact keyed by its digest."""
+
+    name = "lora1"
+    IMPL_VERSION = 1
+    upstream = ()
+    description = "the teacher LoRA, imported from transfer.teacher_lora"
+
+    def path(self, env: PlanEnv):
+        return env.loaded.resolve(env.config.transfer.teacher_lora)
+
+    def params(self, env: PlanEnv) -> ImportLoraParams:
+        return ImportLoraParams()
+
+    def inputs(self, env: PlanEnv) -> dict:
+        from pipeline.errors import ConfigError
+
+        path = self.path(env)
+        if not path.is_file():
+            raise ConfigError(
+                f"transfer.teacher_lora: {path} does not exist. Point it at a LoRA .safetensors file, "
+                f"or remove the key to train the teacher LoRA (stage lora1) on model.path."
+            )
+        return {"lora_file": env.store.memo.digest(path)}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import shutil
+
+        from stages.training.lora_files import read_lora_file
+
+        env = ctx.env
+        source = self.path(env)
+        lora = read_lora_file(source, env.family.kohya_prefix, env.family.lora_component)
+        copy = ctx.work_dir / "lora1.safetensors"
+        shutil.copyfile(source, copy)
+        record = {
+            "imported_from": str(source),
+            "format": lora.format,
+            "modules": len(lora.modules),
+            "rank": sorted(lora.ranks)[-1],
+            "alpha": sorted(lora.alphas)[-1],
+        }
+        return StageResult(
+            files={"lora1.safetensors": copy},
+            record=record,
+            summary=f"imported {lora.format} LoRA, {len(lora.modules)} modules, rank {record['rank']}",
+        )

@@ -43,3 +43,54 @@ def fill_pool(
             for item, row in zip(chunk, encode_batch(chunk), strict=True):
                 pool.put(name_of(item), row)
                 bar.update(1)
+
+
+TEXT_POOL_IMPL = 1  # bump when the text embedding code changes what it stores
+TEXT_POOL_PARAMS = {"output": "last_hidden_state"}
+
+
+def text_pool_id(text_digest: str) -> str:
+    """The pool of caption-string embeddings of one text encoder: every stage that needs a string shares it."""
+    return pool_id("text", TEXT_POOL_IMPL, TEXT_POOL_PARAMS, "text", text_digest)
+
+
+def ensure_text_embeddings(store: Store, family, layout, text_digest: str, strings, runtime, progress: bool) -> dict:
+    """Encode the strings missing from the text encoder's pool. -> {"pool", "strings": {s: {"array", "digest"}}}."""
+    from stages.devices import resolve_device
+
+    pid = text_pool_id(text_digest)
+    pool = store.pool(pid)
+    strings = sorted(set(strings))
+    names = {s: sha256_text(s) for s in strings}
+    todo = [s for s in strings if not pool.has(names[s])]
+    if todo:
+        encoder = family.load_text_encoder(layout, resolve_device(runtime.device))
+
+        def encode(chunk: list[str]):
+            return encoder.encode(chunk).float().cpu().numpy()
+
+        fill_pool(pool, todo, names.__getitem__, encode, runtime.encode_batch_size, "text", "caption", progress)
+    committed = pool.committed()
+    return {
+        "pool": pid,
+        "strings": {s: {"array": names[s], "digest": committed[names[s]]["digest"]} for s in strings},
+        "encoded": len(todo),
+    }
+
+
+def load_text_table(store: Store, table: dict):
+    """The embeddings of an ensure_text_embeddings() table: (tensor (U, L, D), {string: row})."""
+    import numpy as np
+    import torch
+
+    pool = store.pool(table["pool"])
+    strings = sorted(table["strings"])
+    arrays = [pool.get(table["strings"][s]["array"], table["strings"][s]["digest"]) for s in strings]
+    return torch.from_numpy(np.stack(arrays)), {s: i for i, s in enumerate(strings)}
+
+
+def load_latent_table(store: Store, latents_record: dict, digests) -> dict:
+    """{image digest: latent array} for the given digests, read through the latents manifest's record."""
+    by_digest = {v["array"]: v["digest"] for v in latents_record["items"].values()}
+    pool = store.pool(latents_record["pool"])
+    return {d: pool.get(d, by_digest[d]) for d in sorted(set(digests))}

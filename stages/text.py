@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from cache.keys import sha256_text
 from cache.store import Manifest
 from stages.base import PlanEnv, Stage, StageContext, StageResult
-from stages.pools import fill_pool, pool_id, pool_progress
+from stages.pools import ensure_text_embeddings, pool_progress, text_pool_id
 
 
 class TextParams(BaseModel):
@@ -31,7 +31,7 @@ class TextStage(Stage):
         return {"model": {"text": env.component_digests["text"]}}
 
     def pool_id(self, env: PlanEnv, params: TextParams) -> str:
-        return pool_id("text", self.IMPL_VERSION, params.model_dump(), "text", env.component_digests["text"])
+        return text_pool_id(env.component_digests["text"])
 
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
         caption = upstream.get("caption")
@@ -41,30 +41,15 @@ class TextStage(Stage):
         return pool_progress(env.store, self.name, key, self.pool_id(env, self.params(env)), names)
 
     def run(self, ctx: StageContext) -> StageResult:
-        from stages.devices import resolve_device
-
         env = ctx.env
-        pid = self.pool_id(env, ctx.params)
-        pool = env.store.pool(pid)
-        strings = sorted({i["caption"] for i in ctx.upstream["caption"].record["items"]})
-        names = {s: sha256_text(s) for s in strings}
-        todo = [s for s in strings if not pool.has(names[s])]
-        if todo:
-            encoder = env.family.load_text_encoder(env.layout, resolve_device(ctx.runtime.device))
-
-            def encode(chunk: list[str]):
-                return encoder.encode(chunk).float().cpu().numpy()
-
-            fill_pool(
-                pool, todo, names.__getitem__, encode, ctx.runtime.encode_batch_size, "text", "caption", ctx.progress
-            )
-        committed = pool.committed()
-        record = {
-            "pool": pid,
-            "strings": {s: {"array": names[s], "digest": committed[names[s]]["digest"]} for s in strings},
-        }
+        strings = {i["caption"] for i in ctx.upstream["caption"].record["items"]}
+        table = ensure_text_embeddings(
+            env.store, env.family, env.layout, env.component_digests["text"], strings, ctx.runtime, ctx.progress
+        )
+        record = {"pool": table["pool"], "strings": table["strings"]}
+        names = sorted(v["array"] for v in table["strings"].values())
         return StageResult(
-            pools={pid: sorted(names.values())},
+            pools={table["pool"]: names},
             record=record,
-            summary=f"{len(todo)} encoded, {len(strings) - len(todo)} reused",
+            summary=f"{table['encoded']} encoded, {len(strings) - table['encoded']} reused",
         )

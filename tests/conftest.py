@@ -25,13 +25,23 @@ SMALL_SETTINGS = {
 }
 
 
+TRANSFER_SETTINGS = {
+    **SMALL_SETTINGS,
+    "schedule": {"steps": 6, "batch_size": 2, "heldout": 4},
+    "transfer": {"student_model": "student"},
+    "student": {"rank": 4, "alpha": 8.0, "lr": 1e-3},
+}
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """A tiny model as a diffusers folder, with the same weights as a single file beside it (model.safetensors)."""
-    from stages.families.tiny import build_tiny_sd15
+    """A tiny model as a diffusers folder, with the same weights as a single file beside it (model.safetensors),
+    and its "Turbo" sibling (student/: the same VAE and text encoder, a perturbed UNet)."""
+    from stages.families.tiny import build_tiny_sd15, build_tiny_turbo
 
     root = tmp_path_factory.mktemp("tiny")
     build_tiny_sd15(root / "model", seed=0, single_file=root / "model.safetensors")
+    build_tiny_turbo(root / "model", root / "student")
     return root
 
 
@@ -73,8 +83,8 @@ class Project:
             app, [*args[:2], "-c", str(self.config), *args[2:]] if args[0] in ("run", "status") else [*args]
         )
 
-    def run_json(self, *args: str) -> dict:
-        result = self.cli("run", "lora", "--json", *args)
+    def run_json(self, *args: str, workflow: str = "lora") -> dict:
+        result = self.cli("run", workflow, "--json", *args)
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)
 
@@ -104,6 +114,15 @@ def project(tmp_path, tiny_model) -> Project:
     shutil.copytree(tiny_model / "model", tmp_path / "model")
     make_images(tmp_path / "images", 6)
     return Project(tmp_path, json.loads(json.dumps(SMALL_SETTINGS)))
+
+
+@pytest.fixture
+def transfer_project(tmp_path, tiny_model) -> Project:
+    """A project with a teacher (model/) and a student (student/) model, set up for `pipeline run transfer`."""
+    shutil.copytree(tiny_model / "model", tmp_path / "model")
+    shutil.copytree(tiny_model / "student", tmp_path / "student")
+    make_images(tmp_path / "images", 6)
+    return Project(tmp_path, json.loads(json.dumps(TRANSFER_SETTINGS)))
 
 
 def actions(report: dict) -> dict[str, str]:

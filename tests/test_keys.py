@@ -12,10 +12,16 @@ from pipeline.workflows import get_workflow
 from stages.base import PlanEnv
 
 
-def keys(project, *overrides: str) -> dict[str, str]:
+@pytest.fixture
+def project(transfer_project):
+    """Keys are checked on the transfer workflow, whose stages are a superset of the lora workflow's."""
+    return transfer_project
+
+
+def keys(project, *overrides: str, workflow: str = "transfer") -> dict[str, str]:
     loaded = load_config(project.config, list(overrides))
     env = PlanEnv(loaded, Store(loaded.store_dir))
-    return {p.name: p.key for p in plan_workflow(env, get_workflow("lora"), {})}
+    return {p.name: p.key for p in plan_workflow(env, get_workflow(workflow, env.config), {})}
 
 
 # (override, the first stage whose key must change; every stage downstream of it changes too)
@@ -25,7 +31,6 @@ SEMANTIC = [
     ("data.default_caption='a shape'", "caption"),
     ('data.caption_extensions=[".caption", ".txt"]', "caption"),
     ("latents.resolution=40", "latents"),
-    ("model.prediction_type='v_prediction'", "lora1"),
     *[
         (f"lora1.{k}={v}", "lora1")
         for k, v in [
@@ -46,8 +51,47 @@ SEMANTIC = [
             ("seed", 7),
         ]
     ],
+    *[
+        (f"schedule.{k}={v}", "schedule")
+        for k, v in [("steps", 7), ("batch_size", 1), ("grad_accum", 2), ("seed", 7), ("caption_dropout", 0.1)]
+    ],
+    ("schedule.heldout=2", "schedule"),
+    ("transfer.delta_mode='cfg'", "teacher"),
+    ("transfer.delta_dtype='fp32'", "teacher"),
+    ("transfer.uncond_caption='blank'", "none"),  # only read in cfg mode, so in cond mode it re-runs nothing
+    ("student.prior='on_the_fly'", "prior"),
+    *[
+        (f"student.{k}={v}", "student")
+        for k, v in [
+            ("rank", 8),
+            ("alpha", 4.0),
+            ("dropout", 0.1),
+            ("targets", '["to_q"]'),
+            ("lr", 5e-4),
+            ("optimizer", "'prodigy'"),
+            ("weight_decay", 0.0),
+            ("lr_scheduler", "'cosine'"),
+            ("warmup_steps", 3),
+            ("steps", 3),
+            ("max_grad_norm", 0.5),
+            ("mixed_precision", "'bf16'"),
+            ("seed", 7),
+            ("guidance", 2.5),
+            ("init", "'teacher'"),
+        ]
+    ],
 ]
-DOWNSTREAM = {"caption": {"caption", "latents", "text", "lora1"}, "latents": {"latents", "lora1"}, "lora1": {"lora1"}}
+TRANSFER = ("caption", "latents", "text", "lora1", "schedule", "teacher", "prior", "student")
+DOWNSTREAM = {
+    "caption": set(TRANSFER),
+    "latents": {"latents", "lora1", "schedule", "teacher", "prior", "student"},
+    "lora1": {"lora1", "teacher", "student"},
+    "schedule": {"schedule", "teacher", "prior", "student"},
+    "teacher": {"teacher", "student"},
+    "prior": {"prior", "student"},
+    "student": {"student"},
+    "none": set(),
+}
 
 RUNTIME = [
     "runtime.store='elsewhere'",
@@ -61,6 +105,8 @@ RUNTIME = [
     "runtime.preview.seed=3",
     "runtime.preview.steps=4",
     "runtime.preview.guidance_scale=1.0",
+    "runtime.teacher_batching='two_pass'",
+    "runtime.fidelity_every=2",
 ]
 
 
@@ -73,8 +119,31 @@ def test_every_config_field_is_covered_by_this_table():
         for name, field in model.annotation.model_fields.items():
             sub = getattr(field.annotation, "model_fields", None)
             fields |= {f"{section}.{name}.{s}" for s in sub} if sub else {f"{section}.{name}"}
-    # data.images and model.path/family/single_file_config enter keys as content digests, tested below.
-    assert fields - covered == {"data.images", "model.family", "model.path", "model.single_file_config"}
+    # data.images and the model paths enter keys as content digests, tested below; model.prediction_type and
+    # transfer.teacher_lora have tests of their own.
+    assert fields - covered == {
+        "data.images",
+        "model.family",
+        "model.path",
+        "model.single_file_config",
+        "model.prediction_type",
+        "transfer.student_model",
+        "transfer.student_single_file_config",
+        "transfer.teacher_lora",
+    }
+
+
+def test_prediction_type_override_changes_lora1_and_breaks_the_transfer_contract(project):
+    from pipeline.errors import PlanError
+
+    base, changed = (
+        keys(project, workflow="lora"),
+        keys(project, "model.prediction_type='v_prediction'", workflow="lora"),
+    )
+    assert {s for s in base if base[s] != changed[s]} == {"lora1"}
+    # The teacher would then predict v while the (auto, epsilon) student predicts noise: refused at planning time.
+    with pytest.raises(PlanError, match=r"prediction_type: upstream 'v_prediction', this stage 'epsilon'"):
+        keys(project, "model.prediction_type='v_prediction'")
 
 
 @pytest.mark.parametrize("override, first", SEMANTIC, ids=[o for o, _ in SEMANTIC])
@@ -109,7 +178,8 @@ def test_model_weights_enter_the_keys_of_the_stages_that_use_them(project):
     sd[name] = sd[name] + 1
     save_file(sd, str(path))
     changed = keys(project)
-    assert {s for s in base if base[s] != changed[s]} == {"latents", "lora1"}
+    # The student shares nothing with model/ on disk, but it trains on latents from this VAE.
+    assert {s for s in base if base[s] != changed[s]} == DOWNSTREAM["latents"]
 
 
 def test_canonical_json_is_spelling_independent():

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from pipeline.config import TrainConfig
 from stages.families.sd15 import SD15Family
-from stages.training.loop import TrainData, TrainJob, train_lora
+from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
 from stages.training.lora_files import lora_state_dict, save_diffusers, save_kohya
 
 
@@ -21,7 +21,7 @@ def _train(tiny_model, tmp_path, rank=4, alpha=8.0):
         torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([0, 1, 0, 1])
     )
     job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), tmp_path, progress=False)
-    return family, train_lora(job, data)
+    return family, train_lora(job, DiffusionBatches(data, job.params.seed, job.params.batch_size))
 
 
 def _unet_out(unet):

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from stages.families.sd15 import SD15Family
-from stages.training.loop import TrainData, TrainJob, build_lr_scheduler, train_lora
+from stages.training.loop import DiffusionBatches, TrainData, TrainJob, build_lr_scheduler, train_lora
 from stages.training.lora_files import lora_state_dict
 
 OPTIONS = [
@@ -34,7 +34,7 @@ def test_option_trains(tiny_model, tmp_path, options):
     job = TrainJob(
         family, family.layout(tiny_model / "model", None), "epsilon", cfg, torch.device("cpu"), tmp_path, progress=False
     )
-    outcome = train_lora(job, data)
+    outcome = train_lora(job, DiffusionBatches(data, job.params.seed, job.params.batch_size))
     assert len(outcome.losses) == 4 and all(math.isfinite(v) for v in outcome.losses)
     lora_b = [v for k, v in lora_state_dict(outcome.denoiser).items() if "lora_B" in k]
     assert max(v.abs().max().item() for v in lora_b) > 0, "lora_B starts at zero; training must move it"

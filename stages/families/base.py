@@ -51,7 +51,11 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def latent_space(self, layout: ModelLayout) -> dict[str, Any]:
-        """VAE scaling/shift and channel count: part of every contract that touches latents."""
+        """VAE scaling/shift, channel count and architecture: part of every contract that touches latents."""
+
+    @abstractmethod
+    def noise_schedule_contract(self, layout: ModelLayout) -> dict[str, Any]:
+        """The training noise process and timestep range, from config files (the schedule's `timesteps`)."""
 
     # -- heavy: torch ----------------------------------------------------------------------------------
     @abstractmethod

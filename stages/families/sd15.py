@@ -130,6 +130,20 @@ class SD15Family(ModelFamily):
             "scaling_factor": cfg.get("scaling_factor", 0.18215),
             "shift_factor": cfg.get("shift_factor") or 0.0,
             "latent_channels": cfg.get("latent_channels", 4),
+            # The architecture, without the bookkeeping keys that differ between two saves of one VAE.
+            "vae_config": {k: v for k, v in sorted(cfg.items()) if not k.startswith("_")},
+        }
+
+    def noise_schedule_contract(self, layout: ModelLayout) -> dict[str, Any]:
+        root = self._config_root(layout)
+        cfg = _json(root / "scheduler" / "scheduler_config.json") if root else {}
+        return {
+            "process": "ddpm",
+            "sampler": "uniform",
+            "num_train_timesteps": cfg.get("num_train_timesteps", 1000),
+            "beta_schedule": cfg.get("beta_schedule", "scaled_linear"),
+            "beta_start": cfg.get("beta_start", 0.00085),
+            "beta_end": cfg.get("beta_end", 0.012),
         }
 
     # -- heavy -------------------------------------------------------------------------------------------

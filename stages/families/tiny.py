@@ -156,3 +156,27 @@ def build_tiny_sd15(
 
         save_single_file(unet, vae, text_encoder, Path(single_file))
     return out_dir
+
+
+def build_tiny_turbo(base_dir: Path, out_dir: Path, seed: int = 1, scale: float = 0.05) -> Path:
+    """A "Turbo" sibling of a tiny model: the same VAE, text encoder and scheduler files, and a UNet whose
+    every weight is moved by scale x (its tensor's std) of seeded Gaussian noise. Delta transfer needs just
+    this: another denoiser in the same latent space."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from stages.families.base import quiet_libraries
+
+    quiet_libraries()
+    shutil.copytree(base_dir, out_dir)
+    unet = UNet2DConditionModel.from_pretrained(str(base_dir), subfolder="unet", use_safetensors=True)
+    g = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(unet.named_parameters()):
+            if param.numel() > 1:
+                param.add_(torch.randn(param.shape, generator=g) * param.std() * scale)
+    shutil.rmtree(out_dir / "unet")
+    unet.save_pretrained(str(out_dir / "unet"), safe_serialization=True)
+    return out_dir

@@ -31,6 +31,26 @@ class TrainData:
     cond_index: object  # (N,) long tensor: item -> row of cond
 
 
+class DiffusionBatches:
+    """Plain denoising batches (lora1): items, timesteps and noise drawn from (seed, micro-step) alone."""
+
+    def __init__(self, data: TrainData, seed: int, batch_size: int):
+        self.data, self.seed, self.batch_size = data, seed, batch_size
+
+    def micro_batch(self, k: int, denoiser, process):
+        """-> (x_t, t, cond, target) on the CPU for micro-step k."""
+        import torch
+
+        data = self.data
+        idx = torch.tensor(batch_indices(self.seed, k, self.batch_size, data.latents.shape[0]))
+        x0 = data.latents[idx]
+        cond = data.cond[data.cond_index[idx]]
+        g = generator("noise", self.seed, k)
+        noise = torch.randn(x0.shape, generator=g)
+        t = process.sample_timesteps(x0.shape[0], g)
+        return process.noisy_input(x0, noise, t), t, cond, process.target(x0, noise, t)
+
+
 @dataclass
 class TrainJob:
     family: object
@@ -46,6 +66,9 @@ class TrainJob:
     progress: bool = True
     log: Callable[[str], None] = print
     stage: str = "lora1"  # names the progress bar, messages and the config section in errors
+    init_lora: dict | None = None  # module -> LoraModule: start from these weights instead of a zero update
+    evaluate: Callable | None = None  # (denoiser) -> dict of metrics, run at step 0, every eval_every and at the end
+    eval_every: int = 0
 
 
 @dataclass
@@ -56,12 +79,13 @@ class TrainOutcome:
     previews: dict[str, Path]
     resumed_from: int
     step_times: list[float]  # perf_counter() at the end of each step (benchmarks/overhead.py reads these)
+    evals: list[dict] = field(default_factory=list)  # {"step": n, **metrics}
 
 
 def check_precision(mixed_precision: str, device) -> None:
     if mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError(
-            f'lora1.mixed_precision = "fp16" needs a CUDA GPU, but this run is on {device.type}. Use "bf16" or "no".'
+            f'mixed_precision = "fp16" needs a CUDA GPU, but this run is on {device.type}. Use "bf16" or "no".'
         )
 
 
@@ -102,32 +126,39 @@ def build_lr_scheduler(optimizer, cfg):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_lora(job: TrainJob, data: TrainData) -> TrainOutcome:
-    """Train a LoRA on job.family's denoiser and return it with its loss log and preview files."""
+def train_lora(job: TrainJob, batches) -> TrainOutcome:
+    """Train a LoRA on job.family's denoiser against batches.micro_batch(k, denoiser, process) targets."""
     from tqdm import tqdm
+
+    from stages.training.lora_files import load_lora_into
 
     cfg = job.params
     accelerator = make_accelerator(cfg.mixed_precision, job.device)
     denoiser = job.family.load_denoiser(job.layout, accelerator.device)
     adapter_config = add_lora(
-        denoiser, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, derive_seed("lora-init", cfg.seed)
+        denoiser, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, derive_seed("lora-init", cfg.seed), job.stage
     )
+    if job.init_lora is not None:
+        load_lora_into(denoiser, job.init_lora)
     lora_params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = build_optimizer(lora_params, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg)
     process = job.family.load_noise_schedule(job.layout, job.prediction_type)
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
-    start, losses = restore_checkpoint(job.work_dir, accelerator.unwrap_model(denoiser), optimizer, scheduler)
+    start, losses, evals = restore_checkpoint(job.work_dir, accelerator.unwrap_model(denoiser), optimizer, scheduler)
     if start:
         job.log(f"{job.stage}: resuming from the checkpoint at step {start}/{cfg.steps}")
     previews: dict[str, Path] = {}
     render = PreviewRenderer(job, accelerator.unwrap_model(denoiser))
+    evaluate = Evaluator(job, accelerator.unwrap_model(denoiser), evals)
+    if start == 0:
+        evaluate(0)
     denoiser.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=job.stage, unit="step", disable=not job.progress, mininterval=0.5)
     smoothed = None
     step_times = [time.perf_counter()]
     for step in range(start, cfg.steps):
-        loss = train_step(step, job, data, accelerator, denoiser, process, optimizer, lora_params)
+        loss = train_step(step, job, batches, accelerator, denoiser, process, optimizer, lora_params)
         if not math.isfinite(loss):
             bar.close()
             raise TrainingDiverged(
@@ -141,37 +172,34 @@ def train_lora(job: TrainJob, data: TrainData) -> TrainOutcome:
         bar.update(1)
         step_times.append(time.perf_counter())
         done = step + 1
-        fault_point("lora1.step", done)
+        fault_point(f"{job.stage}.step", done)
+        if job.eval_every and done % job.eval_every == 0 and done < cfg.steps:
+            evaluate(done)
         if job.checkpoint_every and done % job.checkpoint_every == 0 and done < cfg.steps:
-            save_checkpoint(job.work_dir, done, accelerator.unwrap_model(denoiser), optimizer, scheduler, losses)
-            fault_point("lora1.checkpoint", done)
+            unwrapped = accelerator.unwrap_model(denoiser)
+            save_checkpoint(job.work_dir, done, unwrapped, optimizer, scheduler, losses, evals)
+            fault_point(f"{job.stage}.checkpoint", done)
         if job.preview and job.preview.every and (done % job.preview.every == 0 or done == cfg.steps):
             previews[f"previews/step{done:06d}.png"] = render(done)
             denoiser.train()
     bar.close()
+    evaluate(cfg.steps)
     accelerator.end_training()
-    return TrainOutcome(accelerator.unwrap_model(denoiser), adapter_config, losses, previews, start, step_times)
+    unwrapped = accelerator.unwrap_model(denoiser)
+    return TrainOutcome(unwrapped, adapter_config, losses, previews, start, step_times, evals)
 
 
-def train_step(step, job, data, accelerator, denoiser, process, optimizer, lora_params) -> float:
+def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lora_params) -> float:
     """One optimizer step over grad_accum micro-batches; every draw derives from (seed, micro-step)."""
     import torch
     import torch.nn.functional as F
 
     cfg = job.params
     device = accelerator.device
-    n_items = data.latents.shape[0]
     total = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         k = step * cfg.grad_accum + micro
-        idx = torch.tensor(batch_indices(cfg.seed, k, cfg.batch_size, n_items))
-        x0 = data.latents[idx].to(device)
-        cond = data.cond[data.cond_index[idx]].to(device)
-        g = generator("noise", cfg.seed, k)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        t = process.sample_timesteps(x0.shape[0], g).to(device)
-        x_t = process.noisy_input(x0, noise, t)
-        target = process.target(x0, noise, t)
+        x_t, t, cond, target = (v.to(device) for v in batches.micro_batch(k, denoiser, process))
         if cfg.dropout > 0:
             torch.manual_seed(derive_seed("dropout", cfg.seed, k))
         with accelerator.autocast():
@@ -186,6 +214,21 @@ def train_step(step, job, data, accelerator, denoiser, process, optimizer, lora_
     return total.item() / cfg.grad_accum  # one device sync per step
 
 
+class Evaluator:
+    """Runs job.evaluate in eval mode once per step number and keeps the results (they survive a resume)."""
+
+    def __init__(self, job: TrainJob, denoiser, evals: list[dict]):
+        self.job, self.denoiser, self.evals = job, denoiser, evals
+
+    def __call__(self, step: int) -> None:
+        if self.job.evaluate is None or any(e["step"] == step for e in self.evals):
+            return
+        was_training = self.denoiser.training
+        self.denoiser.eval()
+        self.evals.append({"step": step, **self.job.evaluate(self.denoiser)})
+        self.denoiser.train(was_training)
+
+
 # -- checkpoints ------------------------------------------------------------------------------------------
 
 
@@ -193,7 +236,9 @@ def _checkpoints(work_dir: Path) -> list[Path]:
     return sorted(p for p in work_dir.glob("ckpt-*") if p.is_dir())
 
 
-def save_checkpoint(work_dir: Path, step: int, denoiser, optimizer, scheduler, losses: list[float]) -> None:
+def save_checkpoint(
+    work_dir: Path, step: int, denoiser, optimizer, scheduler, losses: list[float], evals: list[dict] = ()
+) -> None:
     """Write the resume state to a temp folder and rename it into place: a kill leaves the old one intact."""
     import torch
     from safetensors.torch import save_file
@@ -204,7 +249,7 @@ def save_checkpoint(work_dir: Path, step: int, denoiser, optimizer, scheduler, l
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in trainable_state(denoiser).items()}, str(tmp / "lora.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
-    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, "evals": list(evals)}))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -219,13 +264,13 @@ def checkpoint_step(work_dir: Path) -> int:
     return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
 
 
-def restore_checkpoint(work_dir: Path, denoiser, optimizer, scheduler) -> tuple[int, list[float]]:
+def restore_checkpoint(work_dir: Path, denoiser, optimizer, scheduler) -> tuple[int, list[float], list[dict]]:
     import torch
     from safetensors.torch import load_file
 
     ckpts = _checkpoints(work_dir)
     if not ckpts:
-        return 0, []
+        return 0, [], []
     ckpt = ckpts[-1]
     weights = load_file(str(ckpt / "lora.safetensors"))
     expected = set(trainable_state(denoiser))
@@ -236,7 +281,7 @@ def restore_checkpoint(work_dir: Path, denoiser, optimizer, scheduler) -> tuple[
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     progress = json.loads((ckpt / "progress.json").read_text())
-    return progress["step"], progress["losses"]
+    return progress["step"], progress["losses"], progress.get("evals", [])
 
 
 # -- previews ---------------------------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""Stage `prior`: the student's own prediction S(x_t, t, c), LoRA off, on every schedule row (design.md §5).
+
+It does not depend on the student LoRA, so it is computed once per (student model, schedule) and every
+student run becomes plain regression: one forward and backward per step. It also holds the student's
+text embeddings of the schedule's caption strings (shared with the teacher's when the encoders are equal).
+With student.prior = "on_the_fly" only the embeddings are made here and the student computes S each step.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from cache.store import Manifest
+from stages.base import PlanEnv, Stage, StageContext, StageResult
+
+
+class PriorParams(BaseModel):
+    mode: str
+    prediction_type: str
+    compute_dtype: str = "fp32"
+
+
+class PriorStage(Stage):
+    name = "prior"
+    IMPL_VERSION = 1
+    upstream = ("latents", "schedule")
+    contract_from = ("schedule",)
+    description = "student prior S(x_t, t, c) per schedule step"
+
+    def params(self, env: PlanEnv) -> PriorParams:
+        return PriorParams(mode=env.config.student.prior, prediction_type=env.student.auto_prediction_type)
+
+    def inputs(self, env: PlanEnv) -> dict:
+        d = env.student.component_digests
+        return {"model": {"student unet": d["unet"], "student scheduler": d["scheduler"], "student text": d["text"]}}
+
+    def contract(self, env: PlanEnv, params: PriorParams) -> dict:
+        # The student's side of the contract: it must equal the teacher's (schedule) values, or planning stops.
+        return {
+            "latent_space": env.student.latent_space,
+            "prediction_type": params.prediction_type,
+            "timesteps": env.student.timesteps,
+        }
+
+    @staticmethod
+    def pool_id(key: str) -> str:
+        return f"prior/{key[:32]}"
+
+    def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
+        if not env.store.has_work(self.name, key) or env.config.student.prior != "materialized":
+            return None
+        pool = env.store.pool(self.pool_id(key))
+        steps = env.config.schedule.steps
+        return sum(pool.has(f"{s:07d}") for s in range(steps)), steps
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import torch
+        from tqdm import tqdm
+
+        from stages.devices import resolve_device
+        from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
+        from stages.training.schedule import read_schedule, rebuild_inputs, step_rows
+
+        env, p, store = ctx.env, ctx.params, ctx.store
+        student = env.student
+        doc, spec = read_schedule(store, ctx.upstream["schedule"])
+        strings = {r["caption"] for r in doc["rows"] + doc["heldout"]}
+        text = ensure_text_embeddings(
+            store, env.family, student.layout, student.component_digests["text"], strings, ctx.runtime, ctx.progress
+        )
+        record = {"mode": p.mode, "text": {"pool": text["pool"], "strings": text["strings"]}}
+        pools = {text["pool"]: sorted(v["array"] for v in text["strings"].values())}
+        if p.mode != "materialized":
+            return StageResult(pools=pools, record=record, summary="computed by the student on the fly")
+        pid = self.pool_id(ctx.key)
+        pool = store.pool(pid)
+        names = [f"{s:07d}" for s in range(spec.steps)]
+        todo = [s for s in range(spec.steps) if not pool.has(names[s])]
+        if todo:
+            device = resolve_device(ctx.runtime.device)
+            unet = student.family.load_denoiser(student.layout, device).eval()
+            process = env.family.load_noise_schedule(student.layout, p.prediction_type)
+            cond, row_of = load_text_table(store, text)
+            latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in doc["rows"]})
+            for s in tqdm(todo, desc="prior", unit="step", disable=not ctx.progress, mininterval=0.5):
+                rows = step_rows(doc, spec, s)
+                outs = []
+                for start in range(0, len(rows), spec.batch_size):
+                    chunk = rows[start : start + spec.batch_size]
+                    x_t, t, _ = rebuild_inputs(chunk, latents, process, spec.latent_shape)
+                    c = cond[[row_of[r["caption"]] for r in chunk]]
+                    with torch.no_grad():
+                        pred = env.family.predict(unet, x_t.to(device), t.to(device), c.to(device)).float()
+                    outs.append(pred.cpu())
+                pool.put(names[s], torch.cat(outs).numpy())
+        record["pool"] = pid
+        pools[pid] = names
+        return StageResult(pools=pools, record=record, summary=f"{len(todo)} steps computed")

@@ -1,0 +1,79 @@
+"""Stage `schedule`: the materialized training plan of delta transfer (design.md §4).
+
+For every optimizer step, micro-batch and slot: item, flip/crop, final caption string, timestep, and the
+noise as a CPU seed plus its digest; and a set of held-out rows on which student fidelity is measured.
+The teacher records its deltas on exactly these rows and the student replays them.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import BaseModel
+
+from stages.base import PlanEnv, Stage, StageContext, StageResult
+
+
+class ScheduleParams(BaseModel):
+    steps: int
+    batch_size: int
+    grad_accum: int
+    seed: int
+    caption_dropout: float
+    heldout: int
+    timesteps: dict
+    prediction_type: str
+
+
+class ScheduleStage(Stage):
+    name = "schedule"
+    IMPL_VERSION = 1
+    upstream = ("caption", "latents")
+    description = "materialized schedule: item, caption, timestep and noise per step and slot"
+
+    def params(self, env: PlanEnv) -> ScheduleParams:
+        s = env.config.schedule
+        return ScheduleParams(**s.model_dump(), timesteps=env.model.timesteps, prediction_type=env.prediction_type)
+
+    def contract(self, env: PlanEnv, params: ScheduleParams) -> dict:
+        return {
+            "batch_size": params.batch_size,
+            "grad_accum": params.grad_accum,
+            "steps": params.steps,
+            "seed": params.seed,
+            "caption_dropout": params.caption_dropout,
+            "heldout": params.heldout,
+            "timesteps": params.timesteps,
+            "noise": {"offset": 0.0, "pyramid": False, "storage": "cpu-seed+sha256"},
+            "prediction_type": params.prediction_type,
+            "guidance_embed": None,  # sd15 has no guidance embedding; families with one put its value here
+        }
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import torch
+
+        from stages.training.schedule import ScheduleSpec, build_schedule
+
+        p: ScheduleParams = ctx.params
+        items = ctx.upstream["caption"].record["items"]
+        spec = ScheduleSpec(
+            steps=p.steps,
+            batch_size=p.batch_size,
+            grad_accum=p.grad_accum,
+            seed=p.seed,
+            caption_dropout=p.caption_dropout,
+            heldout=p.heldout,
+            num_timesteps=p.timesteps["num_train_timesteps"],
+            latent_shape=tuple(ctx.upstream["latents"].record["shape"]),
+        )
+        schedule = build_schedule(spec, items)
+        path = ctx.work_dir / "schedule.json"
+        doc = {"spec": spec.__dict__, "torch": torch.__version__, **schedule}
+        path.write_text(json.dumps(doc, separators=(",", ":"), sort_keys=True))
+        strings = sorted({r["caption"] for r in schedule["rows"] + schedule["heldout"]})
+        record = {"spec": spec.__dict__, "rows": len(schedule["rows"]), "strings": strings, "torch": torch.__version__}
+        return StageResult(
+            files={"schedule.json": path},
+            record=record,
+            summary=f"{p.steps} steps x {p.grad_accum * p.batch_size} slots, {p.heldout} held out",
+        )

@@ -1,0 +1,304 @@
+"""Stage `student`: train a LoRA on the student model so that it adds the teacher's delta (design.md §5).
+
+target = S(x_t, t, c) + g·Δc   (cond mode)      target = S + (1−g)·Δu + g·Δc   (cfg mode)
+
+on exactly the schedule's rows, with S read from the prior artifact (or computed per step). g, the
+learning rate, optimizer, rank, init and step count are student settings: changing them re-runs only
+this stage. Fidelity, how well the learned delta S_L − S matches g·Δ on held-out rows, is measured at the
+start, every runtime.fidelity_every steps and at the end.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from cache.store import Manifest
+from pipeline.errors import ConfigError
+from stages.base import PlanEnv, Stage, StageContext, StageResult
+
+
+class StudentParams(BaseModel):
+    rank: int
+    alpha: float
+    dropout: float
+    targets: list[str]
+    lr: float
+    optimizer: str
+    weight_decay: float
+    lr_scheduler: str
+    warmup_steps: int
+    max_grad_norm: float
+    mixed_precision: str
+    seed: int
+    steps: int
+    batch_size: int
+    grad_accum: int
+    guidance: float
+    init: str
+    prediction_type: str
+
+
+class StudentStage(Stage):
+    name = "student"
+    IMPL_VERSION = 1
+    upstream = ("latents", "schedule", "teacher", "prior")
+    contract_from = ("teacher", "prior")
+    enforce_contract = True
+    description = "student LoRA trained on prior + g * teacher delta"
+
+    def params(self, env: PlanEnv) -> StudentParams:
+        s, sched = env.config.student, env.config.schedule
+        steps = s.steps or sched.steps
+        if steps > sched.steps:
+            raise ConfigError(
+                f"student.steps = {steps} is more than schedule.steps = {sched.steps}: the teacher records deltas "
+                f"for {sched.steps} steps. Lower student.steps, or raise schedule.steps (which re-runs the teacher)."
+            )
+        fields = s.model_dump(exclude={"steps", "prior"})
+        return StudentParams(
+            **fields,
+            steps=steps,
+            batch_size=sched.batch_size,
+            grad_accum=sched.grad_accum,
+            prediction_type=env.student.auto_prediction_type,
+        )
+
+    def inputs(self, env: PlanEnv) -> dict:
+        d = env.student.component_digests
+        return {"model": {"student unet": d["unet"], "student scheduler": d["scheduler"]}}
+
+    def preflight(self, env: PlanEnv, params: StudentParams) -> None:
+        from stages.devices import resolve_device
+        from stages.training.loop import check_precision
+
+        check_precision(params.mixed_precision, resolve_device(env.config.runtime.device))
+        if params.init == "teacher":
+            check_teacher_init(env, params)
+
+    def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
+        from stages.training.loop import checkpoint_step
+
+        if not env.store.has_work(self.name, key):
+            return None
+        return checkpoint_step(env.store.work_dir(self.name, key, create=False)), self.params(env).steps
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from stages.devices import resolve_device
+        from stages.pools import load_latent_table, load_text_table
+        from stages.training.loop import TrainJob, train_lora
+        from stages.training.lora_files import read_lora_file, write_lora_outputs
+        from stages.training.schedule import read_schedule
+
+        env, p, store = ctx.env, ctx.params, ctx.store
+        student = env.student
+        doc, spec = read_schedule(store, ctx.upstream["schedule"])
+        teacher, prior = ctx.upstream["teacher"], ctx.upstream["prior"]
+        cond, row_of = load_text_table(store, prior.record["text"])
+        latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in doc["rows"]})
+        heldout_latents = load_latent_table(
+            store, ctx.upstream["latents"].record, {r["latent"] for r in doc["heldout"]}
+        )
+        device = resolve_device(ctx.runtime.device)
+        batches = TransferBatches(env.family, doc, spec, latents, cond, row_of, store, teacher, prior, p.guidance)
+        fidelity = Fidelity(
+            env.family,
+            student,
+            p,
+            doc["heldout"],
+            heldout_latents,
+            cond,
+            row_of,
+            store,
+            teacher,
+            spec,
+            device,
+            ctx.runtime.teacher_batching,
+        )
+        init = None
+        if p.init == "teacher":
+            obj = ctx.upstream["teacher"].record["lora"]["digest"]
+            init = read_lora_file(store.object_path(obj), env.family.kohya_prefix, env.family.lora_component)
+        preview = ctx.runtime.preview
+        job = TrainJob(
+            family=env.family,
+            layout=student.layout,
+            prediction_type=p.prediction_type,
+            params=p,
+            device=device,
+            work_dir=ctx.work_dir,
+            checkpoint_every=ctx.runtime.checkpoint_every,
+            preview=preview,
+            preview_prompts=preview.prompts or [r["caption"] for r in doc["rows"][:1]],
+            preview_size=env.config.latents.resolution,
+            progress=ctx.progress,
+            log=ctx.log,
+            stage="student",
+            init_lora=init,
+            evaluate=fidelity if fidelity.rows else None,
+            eval_every=ctx.runtime.fidelity_every,
+        )
+        outcome = train_lora(job, batches)
+        files = write_lora_outputs(env.family, outcome, p, ctx.work_dir, "student")
+        fid_csv = ctx.work_dir / "fidelity.csv"
+        lines = [f"{e['step']},{e['cosine']:.6g},{e['rel_error']:.6g}\n" for e in outcome.evals]
+        fid_csv.write_text("step,cosine,rel_error\n" + "".join(lines))
+        files["fidelity.csv"] = fid_csv
+        tail = outcome.losses[-min(10, len(outcome.losses)) :]
+        final = outcome.evals[-1] if outcome.evals else None
+        record = {
+            "first_loss": outcome.losses[0] if outcome.losses else None,
+            "final_loss": sum(tail) / len(tail),
+            "resumed_from_step": outcome.resumed_from,
+            "guidance": p.guidance,
+            "init": p.init,
+            "steps": p.steps,
+            "fidelity": {"final": final, "curve": outcome.evals, "heldout": len(fidelity.rows)},
+        }
+        summary = f"loss {record['final_loss']:.4g}"
+        if final:
+            summary += f", fidelity cos {final['cosine']:.3f} rel.err {final['rel_error']:.3f}"
+        ctx.log(f"student: {summary} (held-out rows: {len(fidelity.rows)}; fidelity.csv has the curve)")
+        return StageResult(files=files, record=record, summary=summary)
+
+
+def check_teacher_init(env: PlanEnv, p: StudentParams) -> None:
+    """student.init = "teacher" copies LoRA-1 into the student LoRA: same rank, alpha and targets, or say which."""
+    t = env.config.transfer
+    if t.teacher_lora is not None:
+        from stages.training.lora_files import read_lora_file
+
+        lora = read_lora_file(env.loaded.resolve(t.teacher_lora), env.family.kohya_prefix, env.family.lora_component)
+        rank, alpha, source = max(lora.ranks), max(lora.alphas), "the teacher LoRA file"
+        if len(lora.ranks) > 1:
+            raise ConfigError(f'student.init = "teacher": {t.teacher_lora} has mixed ranks {sorted(lora.ranks)}.')
+    else:
+        l1 = env.config.lora1
+        rank, alpha, source = l1.rank, l1.alpha, "lora1"
+        if sorted(l1.targets) != sorted(p.targets):
+            raise ConfigError(
+                f'student.init = "teacher" needs the teacher LoRA\'s targets: student.targets = {p.targets} but '
+                f'lora1.targets = {l1.targets}. Set them equal, or use student.init = "zero".'
+            )
+    if (rank, alpha) != (p.rank, p.alpha):
+        raise ConfigError(
+            f'student.init = "teacher" copies {source} (rank {rank}, alpha {alpha:g}) into the student LoRA, but '
+            f"student.rank = {p.rank}, student.alpha = {p.alpha:g}. Set student.rank = {rank} and "
+            f'student.alpha = {alpha:g}, or use student.init = "zero".'
+        )
+
+
+class TeacherDeltas:
+    """The teacher's stored deltas, one optimizer step's array at a time (one zarr chunk per step)."""
+
+    def __init__(self, store, teacher: Manifest):
+        self.pool = store.pool(teacher.record["pool"])
+        self.mode = teacher.contract["delta"]["mode"]
+        self._cache: dict[str, object] = {}
+
+    def get(self, part: str, kind: str):
+        import torch
+
+        name = f"{part}.{kind}"
+        if name not in self._cache:
+            self._cache = {name: torch.from_numpy(self.pool.get(name).astype("float32"))}
+        return self._cache[name]
+
+    def target_delta(self, part: str, rows: slice, g: float):
+        """g·Δc, or (1−g)·Δu + g·Δc in cfg mode."""
+        delta = g * self.get(part, "c")[rows]
+        if self.mode == "cfg":
+            delta = delta + (1 - g) * self.get(part, "u")[rows]
+        return delta
+
+
+class TransferBatches:
+    """Student micro-batches replayed from the schedule: x_t, t and conditioning rebuilt bit-identically."""
+
+    def __init__(self, family, doc, spec, latents, cond, row_of, store, teacher: Manifest, prior: Manifest, g):
+        self.family, self.doc, self.spec = family, doc, spec
+        self.latents, self.cond, self.row_of, self.g = latents, cond, row_of, g
+        self.deltas = TeacherDeltas(store, teacher)
+        self.prior_pool = store.pool(prior.record["pool"]) if prior.record["mode"] == "materialized" else None
+        self._prior: tuple[int, object] | None = None
+
+    def inputs(self, k: int, process):
+        """(x_t, t, cond, captions) of micro-step k, rebuilt from the schedule alone."""
+        from stages.training.schedule import rebuild_inputs
+
+        b = self.spec.batch_size
+        rows = self.doc["rows"][k * b : (k + 1) * b]
+        captions = [r["caption"] for r in rows]
+        x_t, t, _ = rebuild_inputs(rows, self.latents, process, self.spec.latent_shape)
+        return x_t, t, self.cond[[self.row_of[c] for c in captions]], captions
+
+    def verify(self, k: int, x_t, t, captions: list[str]) -> None:
+        """Hash micro-step k into its step's digest; at the step's last micro-step, compare with the teacher's."""
+        import hashlib
+
+        import numpy as np
+
+        from stages.training.schedule import ScheduleMismatch, inputs_digest
+
+        step, micro = divmod(k, self.spec.grad_accum)
+        if micro == 0:
+            self._seen = hashlib.sha256()
+        self._seen.update(inputs_digest(x_t, t, captions))
+        if micro == self.spec.grad_accum - 1:
+            want = bytes(np.asarray(self.deltas.pool.get(f"{step:07d}.inputs"), dtype=np.uint8))
+            if self._seen.digest() != want:
+                raise ScheduleMismatch(
+                    f"student: step {step + 1} rebuilt x_t, t or captions that differ from what the teacher saw. "
+                    f"The latents or the schedule changed under the teacher artifact; run `pipeline run transfer`."
+                )
+
+    def micro_batch(self, k: int, denoiser, process):
+        import torch
+
+        from stages.training.adapters import predict_base
+
+        step, micro = divmod(k, self.spec.grad_accum)
+        b = self.spec.batch_size
+        x_t, t, cond, captions = self.inputs(k, process)
+        self.verify(k, x_t, t, captions)
+        rows = slice(micro * b, (micro + 1) * b)
+        if self.prior_pool is not None:
+            if self._prior is None or self._prior[0] != step:
+                self._prior = (step, torch.from_numpy(self.prior_pool.get(f"{step:07d}")))
+            prior = self._prior[1][rows]
+        else:
+            model = getattr(denoiser, "module", denoiser)
+            device = next(model.parameters()).device
+            prior = predict_base(self.family, model, x_t.to(device), t.to(device), cond.to(device)).cpu()
+        return x_t, t, cond, prior + self.deltas.target_delta(f"{step:07d}", rows, self.g)
+
+
+class Fidelity:
+    """On held-out rows: how well the student's learned delta S_L − S matches the teacher's g·Δ."""
+
+    def __init__(self, family, student, p, rows, latents, cond, row_of, store, teacher, spec, device, batching):
+        self.family, self.rows, self.latents, self.cond, self.row_of = family, rows, latents, cond, row_of
+        self.g, self.spec, self.device, self.batching = p.guidance, spec, device, batching
+        self.deltas = TeacherDeltas(store, teacher) if rows else None
+        self.process = family.load_noise_schedule(student.layout, p.prediction_type) if rows else None
+
+    def __call__(self, denoiser) -> dict:
+        import torch
+
+        from stages.training.adapters import predict_both
+        from stages.training.schedule import rebuild_inputs
+
+        learned, wanted = [], []
+        b = self.spec.batch_size
+        for start in range(0, len(self.rows), b):
+            chunk = self.rows[start : start + b]
+            x_t, t, _ = rebuild_inputs(chunk, self.latents, self.process, self.spec.latent_shape)
+            cond = self.cond[[self.row_of[r["caption"]] for r in chunk]]
+            x_t, t, cond = x_t.to(self.device), t.to(self.device), cond.to(self.device)
+            base, with_lora = predict_both(self.family, denoiser, "default", x_t, t, cond, self.batching)
+            learned.append((with_lora - base).cpu().flatten(1))
+            wanted.append(self.deltas.target_delta("heldout", slice(start, start + len(chunk)), self.g).flatten(1))
+        learned, wanted = torch.cat(learned).double(), torch.cat(wanted).double()
+        norms = learned.norm(dim=1) * wanted.norm(dim=1)
+        cos = torch.where(norms > 0, (learned * wanted).sum(1) / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        rel = (learned - wanted).norm() / wanted.norm().clamp_min(1e-300)
+        return {"cosine": float(cos.mean()), "rel_error": float(rel)}

@@ -1,0 +1,213 @@
+"""Stage `teacher`: the teacher's prediction deltas on every schedule row (design.md §5).
+
+Δc = T_L(x_t, t, c) − T(x_t, t, c), computed in fp32 with LoRA dropout off, both predictions from one
+batched forward (peft mixed-adapter batches) unless runtime.teacher_batching = "two_pass". In cfg mode also
+Δu, the same with the unconditional caption. Stored per optimizer step as one zarr array (one chunk), so
+an interrupted run resumes at the first step it had not committed, and the student reads one chunk per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from pydantic import BaseModel
+
+from cache.faults import fault_point
+from cache.store import Manifest
+from pipeline.errors import PipelineError
+from stages.base import PlanEnv, Stage, StageContext, StageResult
+
+
+class TeacherParams(BaseModel):
+    delta_mode: str
+    delta_dtype: str
+    uncond_caption: str | None  # only in cfg mode
+    prediction_type: str
+    compute_dtype: str = "fp32"
+    lora_dropout: float = 0.0
+
+
+class TeacherError(PipelineError):
+    pass
+
+
+def array_names(steps: int, mode: str, heldout: int) -> list[str]:
+    """Per step (and for the held-out set): `inputs` (a digest of the x_t, t and conditioning the teacher saw),
+    `c` (Δc) and, in cfg mode, `u` (Δu). `inputs` is written first and the deltas last, so a step counts as
+    done when its last array is committed."""
+    kinds = ("inputs", "c", "u") if mode == "cfg" else ("inputs", "c")
+    names = [f"{s:07d}.{k}" for s in range(steps) for k in kinds]
+    return names + ([f"heldout.{k}" for k in kinds] if heldout else [])
+
+
+class TeacherStage(Stage):
+    name = "teacher"
+    IMPL_VERSION = 1
+    upstream = ("latents", "lora1", "schedule")
+    contract_from = ("schedule",)
+    description = "teacher deltas T_L - T on every schedule row"
+
+    def params(self, env: PlanEnv) -> TeacherParams:
+        t = env.config.transfer
+        return TeacherParams(
+            delta_mode=t.delta_mode,
+            delta_dtype=t.delta_dtype,
+            uncond_caption=t.uncond_caption if t.delta_mode == "cfg" else None,
+            prediction_type=env.prediction_type,
+        )
+
+    def inputs(self, env: PlanEnv) -> dict:
+        d = env.component_digests
+        return {"model": {"unet": d["unet"], "scheduler": d["scheduler"], "text": d["text"]}}
+
+    def contract(self, env: PlanEnv, params: TeacherParams) -> dict:
+        return {"delta": {"mode": params.delta_mode, "dtype": params.delta_dtype}}
+
+    @staticmethod
+    def pool_id(key: str) -> str:
+        return f"teacher/{key[:32]}"
+
+    def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
+        if not env.store.has_work(self.name, key):
+            return None
+        s = env.config.schedule
+        names = array_names(s.steps, env.config.transfer.delta_mode, s.heldout)
+        pool = env.store.pool(self.pool_id(key))
+        return sum(pool.has(n) for n in names), len(names)
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import numpy as np
+        from tqdm import tqdm
+
+        from stages.devices import resolve_device
+        from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
+        from stages.training.lora_files import attach_lora_file, match_modules, read_lora_file
+        from stages.training.schedule import read_schedule, step_rows
+
+        env, p, store = ctx.env, ctx.params, ctx.store
+        doc, spec = read_schedule(store, ctx.upstream["schedule"])
+        strings = {r["caption"] for r in doc["rows"] + doc["heldout"]}
+        if p.delta_mode == "cfg":
+            strings.add(p.uncond_caption)
+        text = ensure_text_embeddings(
+            store, env.family, env.layout, env.component_digests["text"], strings, ctx.runtime, ctx.progress
+        )
+        pid = self.pool_id(ctx.key)
+        pool = store.pool(pid)
+        names = array_names(spec.steps, p.delta_mode, spec.heldout)
+        todo = sorted({n.split(".")[0] for n in names if not pool.has(n)})
+        if len(todo) < spec.steps + (1 if spec.heldout else 0):
+            ctx.log(f"teacher: resuming, {len(todo)} of {spec.steps} steps (and the held-out set) to go")
+        lora_obj = ctx.upstream["lora1"].outputs["lora1.safetensors"]
+        lora = read_lora_file(store.object_path(lora_obj["digest"]), env.family.kohya_prefix, env.family.lora_component)
+        if todo:
+            device = resolve_device(ctx.runtime.device)
+            unet = env.family.load_denoiser(env.layout, device)
+            attach_lora_file(unet, match_modules(lora, unet, env.family.kohya_prefix), "teacher")
+            unet.eval()  # dropout off in the UNet and in every LoRA layer
+            cond, row_of = load_text_table(store, text)
+            rows = doc["rows"] + doc["heldout"]
+            latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in rows})
+            delta = DeltaComputer(
+                env.family,
+                unet,
+                env.family.load_noise_schedule(env.layout, p.prediction_type),
+                latents,
+                cond,
+                row_of,
+                spec,
+                p,
+                ctx.runtime.teacher_batching,
+                device,
+            )
+            for n, part in enumerate(
+                tqdm(todo, desc="teacher", unit="step", disable=not ctx.progress, mininterval=0.5)
+            ):
+                chunk = doc["heldout"] if part == "heldout" else step_rows(doc, spec, int(part))
+                for kind, arr in delta(chunk, part).items():
+                    pool.put(f"{part}.{kind}", arr)
+                fault_point("teacher.step", n + 1)
+        stats = delta_stats(pool, names, doc, spec)
+        record = {
+            "pool": pid,
+            "arrays": names,
+            "dtype": p.delta_dtype,
+            "lora": {"digest": lora_obj["digest"], "format": lora.format, "modules": len(lora.modules)},
+            "text": {"pool": text["pool"], "strings": text["strings"]},
+            "stats": stats,
+        }
+        mean = float(np.mean([r["mean_abs"] for r in stats["rows"]])) if stats["rows"] else 0.0
+        return StageResult(
+            pools={pid: names},
+            record=record,
+            summary=f"{spec.steps} steps, mean |delta| {mean:.3g}, {stats['nonfinite']} non-finite",
+        )
+
+
+class DeltaComputer:
+    """Δc (and Δu) of a list of schedule rows, one micro-batch at a time, in fp32; cast for storage."""
+
+    def __init__(self, family, unet, process, latents, cond, row_of, spec, params, batching, device):
+        self.family, self.unet, self.process = family, unet, process
+        self.latents, self.cond, self.row_of = latents, cond, row_of
+        self.spec, self.p, self.batching, self.device = spec, params, batching, device
+
+    def __call__(self, rows: list[dict], where: str) -> dict:
+        import numpy as np
+        import torch
+
+        from stages.training.adapters import predict_both
+        from stages.training.schedule import inputs_digest, rebuild_inputs
+
+        kinds = ("c", "u") if self.p.delta_mode == "cfg" else ("c",)
+        out: dict[str, list] = {k: [] for k in kinds}
+        seen = hashlib.sha256()
+        b = self.spec.batch_size
+        for start in range(0, len(rows), b):
+            chunk = rows[start : start + b]
+            x_t, t, _ = rebuild_inputs(chunk, self.latents, self.process, self.spec.latent_shape)
+            for kind in kinds:
+                captions = [r["caption"] for r in chunk] if kind == "c" else [self.p.uncond_caption] * len(chunk)
+                if kind == "c":
+                    seen.update(inputs_digest(x_t, t, captions))
+                cond = self.cond[[self.row_of[c] for c in captions]].to(self.device)
+                x, tt = x_t.to(self.device), t.to(self.device)
+                base, with_lora = predict_both(self.family, self.unet, "teacher", x, tt, cond, self.batching)
+                out[kind].append((with_lora - base).cpu())
+        dtype = np.float16 if self.p.delta_dtype == "fp16" else np.float32
+        arrays = {"inputs": np.frombuffer(seen.digest(), dtype=np.uint8).copy()}
+        for kind, parts in out.items():
+            d32 = torch.cat(parts).numpy()
+            if not np.isfinite(d32).all():
+                raise TeacherError(
+                    f"teacher: the prediction at {where} (timesteps {[r['t'] for r in rows]}) is NaN or Inf in "
+                    f"fp32. The teacher model or LoRA file is broken; check it with `pipeline run lora` previews."
+                )
+            stored = d32.astype(dtype)
+            if not np.isfinite(stored).all():
+                raise TeacherError(
+                    f"teacher: a delta at {where} is larger than fp16 can hold (max |delta| "
+                    f'{np.abs(d32).max():.3g}). Set transfer.delta_dtype = "fp32".'
+                )
+            arrays[kind] = stored
+        return arrays
+
+
+def delta_stats(pool, names: list[str], doc: dict, spec) -> dict:
+    """Per row: timestep, mean and max |Δc|; and the count of non-finite values in every array."""
+    import numpy as np
+
+    rows, nonfinite = [], 0
+    for name in names:
+        if name.endswith(".inputs"):
+            continue
+        arr = pool.get(name).astype(np.float32)
+        nonfinite += int((~np.isfinite(arr)).sum())
+        part, kind = name.split(".")
+        if kind != "c" or part == "heldout":
+            continue
+        step_rows = doc["rows"][int(part) * spec.rows_per_step : (int(part) + 1) * spec.rows_per_step]
+        flat = np.abs(arr.reshape(arr.shape[0], -1))
+        for row, values in zip(step_rows, flat, strict=True):
+            rows.append({"t": row["t"], "mean_abs": float(values.mean()), "max_abs": float(values.max())})
+    return {"rows": rows, "nonfinite": nonfinite}

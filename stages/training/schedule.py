@@ -1,0 +1,133 @@
+"""The materialized schedule of delta transfer: for every micro-step and batch slot, what the teacher and the
+student both see.
+
+A row says which item (latent) and caption string a slot uses, its flip and crop, its timestep, and the
+seed that regenerates its noise on the CPU, with the digest of that noise. Any phase rebuilds x_t, t and
+the conditioning from a row alone and checks the noise against the digest, so the two phases cannot
+drift apart silently (a torch upgrade that changed randn would be caught, not trained on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from pipeline.errors import PipelineError
+from stages.training.sampling import batch_indices, derive_seed, generator
+
+
+class ScheduleMismatch(PipelineError):
+    pass
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    steps: int
+    batch_size: int
+    grad_accum: int
+    seed: int
+    caption_dropout: float
+    heldout: int
+    num_timesteps: int
+    latent_shape: tuple[int, ...]  # of one item, (C, h, w)
+
+    @property
+    def micro_steps(self) -> int:
+        return self.steps * self.grad_accum
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
+def noise_digest(noise) -> str:
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(noise.numpy(), dtype="<f4").tobytes()).hexdigest()[:32]
+
+
+def slot_noise(seed: int, shape: tuple[int, ...]):
+    import torch
+
+    return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def _row(spec: ScheduleSpec, stream: str, k: int, slot: int, item: dict) -> dict:
+    import torch
+
+    g = generator(stream, "slot", spec.seed, k, slot)
+    t = int(torch.randint(0, spec.num_timesteps, (1,), generator=g))
+    dropped = spec.caption_dropout > 0 and float(torch.rand(1, generator=g)) < spec.caption_dropout
+    seed = derive_seed(stream, "noise", spec.seed, k, slot)
+    return {
+        "k": k,
+        "slot": slot,
+        "item": item["id"],
+        "latent": item["digest"],
+        "flip": False,
+        "crop": "center",
+        "caption": "" if dropped else item["caption"],
+        "t": t,
+        "noise_seed": seed,
+        "noise_digest": noise_digest(slot_noise(seed, spec.latent_shape)),
+    }
+
+
+def build_schedule(spec: ScheduleSpec, items: list[dict]) -> dict:
+    """Rows for every (micro-step, slot) in order, plus `heldout` rows drawn from a separate stream."""
+    rows = []
+    for k in range(spec.micro_steps):
+        for slot, i in enumerate(batch_indices(spec.seed, k, spec.batch_size, len(items))):
+            rows.append(_row(spec, "schedule", k, slot, items[i]))
+    heldout = []
+    for j in range(spec.heldout):
+        item = items[int(derive_seed("heldout", "item", spec.seed, j) % len(items))]
+        heldout.append(_row(spec, "heldout", j, 0, item))
+    return {"rows": rows, "heldout": heldout}
+
+
+def step_rows(schedule: dict, spec: ScheduleSpec, step: int) -> list[dict]:
+    """The rows of one optimizer step: grad_accum micro-batches of batch_size slots, in order."""
+    n = spec.rows_per_step
+    return schedule["rows"][step * n : (step + 1) * n]
+
+
+def rebuild_inputs(rows: list[dict], latents: dict, process, shape: tuple[int, ...]):
+    """(x_t, t, noise) of these rows, regenerated on the CPU; raises ScheduleMismatch if a noise digest differs."""
+    import torch
+
+    noises = []
+    for row in rows:
+        noise = slot_noise(row["noise_seed"], shape)
+        if noise_digest(noise) != row["noise_digest"]:
+            raise ScheduleMismatch(
+                f"the noise of schedule row k={row['k']} slot={row['slot']} regenerates differently on this machine "
+                f"(torch {torch.__version__}); the teacher's deltas do not match this student. Re-run the teacher "
+                f"on this machine: `pipeline run transfer --only schedule`, then the rest."
+            )
+        noises.append(noise)
+    x0 = torch.stack([torch.as_tensor(latents[row["latent"]]) for row in rows])
+    noise = torch.stack(noises)
+    t = torch.tensor([row["t"] for row in rows], dtype=torch.long)
+    return process.noisy_input(x0, noise, t), t, noise
+
+
+def inputs_digest(x_t, t, captions: list[str]) -> bytes:
+    """sha256 of what one forward saw: x_t as float32 bytes, t as int64, the caption strings as UTF-8.
+
+    The teacher stores one per step (over its micro-batches in order); the student recomputes and compares."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(x_t.detach().cpu().numpy(), dtype="<f4").tobytes())
+    h.update(np.ascontiguousarray(t.detach().cpu().numpy(), dtype="<i8").tobytes())
+    h.update("\x00".join(captions).encode())
+    return h.digest()
+
+
+def read_schedule(store, manifest) -> tuple[dict, object]:
+    """(the schedule document, its ScheduleSpec) from a schedule manifest."""
+    doc = json.loads(store.object_path(manifest.outputs["schedule.json"]["digest"]).read_text())
+    spec = doc["spec"]
+    return doc, ScheduleSpec(**{**spec, "latent_shape": tuple(spec["latent_shape"])})
