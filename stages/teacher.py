@@ -9,6 +9,7 @@ an interrupted run resumes at the first step it had not committed, and the stude
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -100,6 +101,10 @@ class TeacherStage(Stage):
             ctx.log(f"teacher: resuming, {len(todo)} of {spec.steps} steps (and the held-out set) to go")
         lora_obj = ctx.upstream["lora1"].outputs["lora1.safetensors"]
         lora = read_lora_file(store.object_path(lora_obj["digest"]), env.family.kohya_prefix, env.family.lora_component)
+        # Errors name the file the user gave (transfer.teacher_lora), not its copy in the store.
+        lora.path = Path(
+            ctx.upstream["lora1"].record.get("imported_from") or f"the lora1 artifact {lora.path.name[:12]}"
+        )
         if todo:
             device = resolve_device(ctx.runtime.device)
             unet = env.family.load_denoiser(env.layout, device)

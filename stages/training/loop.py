@@ -66,7 +66,7 @@ class TrainJob:
     progress: bool = True
     log: Callable[[str], None] = print
     stage: str = "lora1"  # names the progress bar, messages and the config section in errors
-    init_lora: dict | None = None  # module -> LoraModule: start from these weights instead of a zero update
+    init_lora: object | None = None  # a LoraFile: start from its weights instead of a zero update
     evaluate: Callable | None = None  # (denoiser) -> dict of metrics, run at step 0, every eval_every and at the end
     eval_every: int = 0
 
@@ -130,7 +130,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     """Train a LoRA on job.family's denoiser against batches.micro_batch(k, denoiser, process) targets."""
     from tqdm import tqdm
 
-    from stages.training.lora_files import load_lora_into
+    from stages.training.lora_files import load_lora_into, match_modules
 
     cfg = job.params
     accelerator = make_accelerator(cfg.mixed_precision, job.device)
@@ -139,7 +139,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         denoiser, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, derive_seed("lora-init", cfg.seed), job.stage
     )
     if job.init_lora is not None:
-        load_lora_into(denoiser, job.init_lora)
+        load_lora_into(denoiser, match_modules(job.init_lora, denoiser, job.family.kohya_prefix))
     lora_params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = build_optimizer(lora_params, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg)

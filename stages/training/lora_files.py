@@ -236,7 +236,11 @@ def match_modules(lora: LoraFile, denoiser, kohya_prefix: str = "lora_unet_") ->
 
     from pipeline.errors import ModelError
 
-    layers = {n: m for n, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    layers = {  # a layer that already carries an adapter is found through its peft wrapper's base_layer
+        n.removesuffix(".base_layer"): m
+        for n, m in denoiser.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    }
     if lora.format == "kohya":
         by_flat = {n.replace(".", "_"): n for n in layers}
         names = {k: by_flat.get(k) for k in lora.modules}

@@ -1,0 +1,228 @@
+"""Delta transfer end to end on tiny models: reuse, the contract, determinism across phases, the identity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import actions
+
+
+def run(project, *args: str) -> dict:
+    return project.run_json(*args, workflow="transfer")
+
+
+def manifest(project, stage: str, key: str) -> dict:
+    return json.loads((project.store / "stages" / stage / key / "manifest.json").read_text())
+
+
+def keys_of(report: dict) -> dict[str, str]:
+    return {s["name"]: s["key"] for s in report["stages"]}
+
+
+def test_transfer_runs_then_student_settings_rerun_only_the_student(transfer_project):
+    first = run(transfer_project)
+    assert set(actions(first).values()) == {"ran"}
+    student = manifest(transfer_project, "student", keys_of(first)["student"])
+    assert {"student.safetensors", "diffusers/pytorch_lora_weights.safetensors", "loss.csv", "fidelity.csv"} <= set(
+        student["outputs"]
+    )
+    # Every manifest carries the contract; the student's is the teacher's plus its own model's side.
+    for stage in ("schedule", "teacher", "prior", "student"):
+        c = manifest(transfer_project, stage, keys_of(first)[stage])["contract"]
+        assert c["steps"] == 6 and c["batch_size"] == 2 and c["prediction_type"] == "epsilon"
+        assert c["latent_space"]["scaling_factor"] == 0.18215 and "dataset" in c
+    for override in ("student.lr=5e-4", "student.guidance=2.0", "student.steps=3", "student.rank=2"):
+        again = run(transfer_project, "--set", override)
+        ran = {s for s, a in actions(again).items() if a == "ran"}
+        assert ran == {"student"}, override
+    assert set(actions(run(transfer_project)).values()) == {"reused"}
+
+
+def test_schedule_change_reruns_the_teacher_and_says_why(transfer_project):
+    run(transfer_project)
+    status = transfer_project.cli("status", "transfer", "--set", "schedule.seed=7", "--json")
+    assert status.exit_code == 0, status.output
+    why = {s["name"]: s["causes"] for s in json.loads(status.stdout)["stages"]}
+    assert why["schedule"] == ["params schedule.seed 42 → 7"]
+    assert "params schedule.seed 42 → 7" in why["teacher"][0]  # upstream schedule changed (params ...)
+    report = run(transfer_project, "--set", "schedule.seed=7")
+    assert {s for s, a in actions(report).items() if a == "ran"} == {"schedule", "teacher", "prior", "student"}
+
+
+def test_only_student_against_a_teacher_of_another_contract_fails_with_a_diff(transfer_project):
+    run(transfer_project)
+    before = sorted(p.parent.name for p in transfer_project.manifests("student"))
+    result = transfer_project.cli(
+        "run", "transfer", "--only", "student", "--set", "schedule.steps=4", "--set", "schedule.batch_size=1"
+    )
+    assert result.exit_code == 2, result.output
+    out = result.output
+    assert "--only student: the upstream artifacts" in out
+    assert "steps: config 4, artifact 6" in out and "batch_size: config 1, artifact 2" in out
+    assert "Two ways out" in out and "pipeline run transfer" in out
+    assert "Traceback" not in out
+    assert sorted(p.parent.name for p in transfer_project.manifests("student")) == before  # nothing written
+    # A student-only setting is free to change under --only.
+    report = run(transfer_project, "--only", "student", "--set", "student.lr=3e-4")
+    assert actions(report) == {"student": "ran"}
+
+
+def test_student_replays_bit_identical_inputs_for_every_step(transfer_project):
+    """The teacher stores a digest of the x_t, t and captions of every step; the student rebuilds them from the
+    schedule alone (another process, the same CPU noise seeds) and matches all of them, or training stops."""
+    from cache.store import Manifest, Store
+    from stages.families import get_family
+    from stages.pools import load_latent_table, load_text_table
+    from stages.student import TransferBatches
+    from stages.training.schedule import ScheduleMismatch, read_schedule
+
+    transfer_project.write_config(schedule={"steps": 5, "batch_size": 2, "grad_accum": 2, "caption_dropout": 0.3})
+    keys = keys_of(run(transfer_project))
+    store = Store(transfer_project.store)
+    m = {s: Manifest.from_json(manifest(transfer_project, s, k)) for s, k in keys.items()}
+    doc, spec = read_schedule(store, m["schedule"])
+    assert len(doc["rows"]) == 5 * 2 * 2 and any(r["caption"] == "" for r in doc["rows"])  # dropout materialized
+    family = get_family("sd15")
+    layout = family.layout(transfer_project.root / "student", None)
+    process = family.load_noise_schedule(layout, "epsilon")
+    cond, row_of = load_text_table(store, m["prior"].record["text"])
+    latents = load_latent_table(store, m["latents"].record, {r["latent"] for r in doc["rows"]})
+    batches = TransferBatches(family, doc, spec, latents, cond, row_of, store, m["teacher"], m["prior"], 1.0)
+    for k in range(spec.micro_steps):
+        x_t, t, _, captions = batches.inputs(k, process)
+        batches.verify(k, x_t, t, captions)  # raises at the end of a step whose digest differs
+    # A changed schedule row is caught: one timestep moved by one.
+    doc["rows"][5]["t"] += 1
+    with pytest.raises(ScheduleMismatch, match="step 2"):
+        for k in range(4):
+            x_t, t, _, captions = batches.inputs(k, process)
+            batches.verify(k, x_t, t, captions)
+
+
+def test_noise_is_checked_against_its_digest():
+    from stages.training.schedule import ScheduleMismatch, noise_digest, rebuild_inputs, slot_noise
+
+    class Identity:
+        def noisy_input(self, x0, noise, t):
+            return x0 + noise
+
+    row = {"k": 0, "slot": 0, "latent": "a", "t": 5, "noise_seed": 123, "noise_digest": ""}
+    row["noise_digest"] = noise_digest(slot_noise(123, (4, 2, 2)))
+    latents = {"a": np.zeros((4, 2, 2), np.float32)}
+    x_t, t, noise = rebuild_inputs([row], latents, Identity(), (4, 2, 2))
+    assert np.array_equal(x_t[0].numpy(), slot_noise(123, (4, 2, 2)).numpy())
+    with pytest.raises(ScheduleMismatch, match="k=0 slot=0"):
+        rebuild_inputs([{**row, "noise_seed": 124}], latents, Identity(), (4, 2, 2))
+
+
+def test_identity_teacher_equals_student_with_teacher_init_starts_at_zero_loss(transfer_project):
+    """teacher = student, g = 1, student LoRA = L: target = S + (T_L − T) = T_L = S_L, so the first loss is 0 up to
+    fp32 rounding (~1e-7 relative on predictions of size ~1, squared: ~1e-14); and fidelity starts perfect."""
+    transfer_project.write_config(
+        transfer={"student_model": "model", "delta_dtype": "fp32"}, student={"init": "teacher", "guidance": 1.0}
+    )
+    keys = keys_of(run(transfer_project))
+    rec = manifest(transfer_project, "student", keys["student"])["record"]
+    assert rec["first_loss"] < 1e-10
+    start = rec["fidelity"]["curve"][0]
+    assert start["step"] == 0 and start["cosine"] > 0.9999 and start["rel_error"] < 1e-4
+    # The control: from a zero LoRA the first loss is the mean squared delta, far from 0.
+    keys = keys_of(run(transfer_project, "--set", "student.init='zero'"))
+    rec = manifest(transfer_project, "student", keys["student"])["record"]
+    assert rec["first_loss"] > 1e-8 and rec["fidelity"]["curve"][0]["cosine"] == 0.0
+
+
+def test_on_the_fly_prior_trains_the_same_student_as_the_materialized_one(transfer_project):
+    a = keys_of(run(transfer_project))
+    b = keys_of(run(transfer_project, "--set", "student.prior='on_the_fly'"))
+    assert a["teacher"] == b["teacher"] and a["prior"] != b["prior"]
+    la = manifest(transfer_project, "student", a["student"])["record"]
+    lb = manifest(transfer_project, "student", b["student"])["record"]
+    assert lb["first_loss"] == pytest.approx(la["first_loss"], rel=1e-5)
+    assert lb["final_loss"] == pytest.approx(la["final_loss"], rel=1e-3)
+
+
+def test_cfg_mode_stores_unconditional_deltas_and_trains(transfer_project):
+    from cache.store import Store
+
+    keys = keys_of(run(transfer_project, "--set", "transfer.delta_mode='cfg'", "--set", "student.guidance=2.0"))
+    teacher = manifest(transfer_project, "teacher", keys["teacher"])
+    assert "0000000.u" in teacher["record"]["arrays"] and "heldout.u" in teacher["record"]["arrays"]
+    pool = Store(transfer_project.store).pool(teacher["record"]["pool"])
+    c, u = pool.get("0000000.c").astype(np.float32), pool.get("0000000.u").astype(np.float32)
+    assert np.abs(u).mean() > 0 and not np.allclose(c, u)  # the empty caption moves the teacher differently
+    assert "" in teacher["record"]["text"]["strings"]  # the unconditional caption was encoded
+    student = manifest(transfer_project, "student", keys["student"])["record"]
+    assert np.isfinite(student["final_loss"])
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (
+            ("vae/config.json", "scaling_factor", 0.13025),
+            "latent_space.scaling_factor: upstream 0.18215, this stage 0.13025",
+        ),
+        (("scheduler/scheduler_config.json", "prediction_type", "v_prediction"), "prediction_type: upstream 'epsilon'"),
+        (("scheduler/scheduler_config.json", "num_train_timesteps", 500), "timesteps.num_train_timesteps"),
+    ],
+)
+def test_a_student_outside_the_teachers_space_is_refused_before_any_work(transfer_project, edit, field):
+    path, key, value = edit
+    cfg_path = transfer_project.root / "student" / path
+    cfg = json.loads(cfg_path.read_text())
+    cfg[key] = value
+    cfg_path.write_text(json.dumps(cfg))
+    result = transfer_project.cli("run", "transfer")
+    assert result.exit_code == 2, result.output
+    assert field in result.output and "transfer.student_model" in result.output
+    assert not transfer_project.store.exists() or not transfer_project.manifests("caption")  # nothing ran
+
+
+def test_student_steps_beyond_the_schedule_is_a_config_error(transfer_project):
+    result = transfer_project.cli("run", "transfer", "--set", "student.steps=9")
+    assert result.exit_code == 2
+    assert "student.steps = 9 is more than schedule.steps = 6" in result.output
+
+
+def test_teacher_init_with_another_rank_is_refused_before_any_work(transfer_project):
+    result = transfer_project.cli("run", "transfer", "--set", "student.init='teacher'", "--set", "student.rank=2")
+    assert result.exit_code == 2
+    assert "Set student.rank = 4 and student.alpha = 8" in result.output
+    assert not transfer_project.manifests("caption")
+
+
+def test_an_existing_lora_file_is_imported_and_gives_the_same_deltas(transfer_project):
+    """transfer.teacher_lora = the kohya file lora1 wrote: the teacher's deltas equal those of the trained lora1."""
+    from cache.store import Store
+
+    trained = keys_of(run(transfer_project))
+    lora_file = transfer_project.root / "output" / "transfer" / "lora1" / "lora1.safetensors"
+    imported = keys_of(run(transfer_project, "--set", f"transfer.teacher_lora='{lora_file}'"))
+    assert imported["lora1"] != trained["lora1"]
+    rec = manifest(transfer_project, "lora1", imported["lora1"])["record"]
+    assert rec["format"] == "kohya" and rec["rank"] == 4
+    store = Store(transfer_project.store)
+    pa = store.pool(manifest(transfer_project, "teacher", trained["teacher"])["record"]["pool"])
+    pb = store.pool(manifest(transfer_project, "teacher", imported["teacher"])["record"]["pool"])
+    for name in ("0000000.c", "0000005.c", "heldout.c"):
+        np.testing.assert_allclose(pa.get(name).astype(np.float32), pb.get(name).astype(np.float32), atol=1e-3)
+
+
+def test_a_lora_for_another_architecture_is_refused_with_the_file_named(transfer_project, tmp_path):
+    from stages.families.tiny import tiny_unet
+    from stages.training.lora_files import add_lora, lora_state_dict, save_kohya
+
+    unet = tiny_unet(block_out_channels=(16, 32))  # the same module names, other widths
+    add_lora(unet, 4, 4.0, 0.0, ["to_q", "to_k"], 0)
+    bad = tmp_path / "other.safetensors"
+    save_kohya(lora_state_dict(unet), 4, 4.0, bad, "lora_unet_", {})
+    result = transfer_project.cli("run", "transfer", "--set", f"transfer.teacher_lora='{bad}'")
+    assert result.exit_code == 2, result.output
+    assert str(bad.name) in result.output and "another architecture" in result.output
+    assert "Traceback" not in result.output
+    missing = transfer_project.cli("run", "transfer", "--set", "transfer.teacher_lora='nope.safetensors'")
+    assert missing.exit_code == 2 and "transfer.teacher_lora" in missing.output and "does not exist" in missing.output
