@@ -97,8 +97,10 @@ class TeacherStage(Stage):
         pool = store.pool(pid)
         names = array_names(spec.steps, p.delta_mode, spec.heldout)
         todo = sorted({n.split(".")[0] for n in names if not pool.has(n)})
-        if len(todo) < spec.steps + (1 if spec.heldout else 0):
-            ctx.log(f"teacher: resuming, {len(todo)} of {spec.steps} steps (and the held-out set) to go")
+        steps_left = sum(1 for part in todo if part != "heldout")
+        if todo and steps_left < spec.steps:
+            held = " and the held-out set" if "heldout" in todo else ""
+            ctx.log(f"teacher: resuming, {steps_left} of {spec.steps} steps{held} to go")
         lora_obj = ctx.upstream["lora1"].outputs["lora1.safetensors"]
         lora = read_lora_file(store.object_path(lora_obj["digest"]), env.family.kohya_prefix, env.family.lora_component)
         # Errors name the file the user gave (transfer.teacher_lora), not its copy in the store.

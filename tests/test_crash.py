@@ -117,3 +117,36 @@ def test_a_second_run_on_the_same_store_waits_and_says_who_holds_the_lock(projec
     out, err = second.communicate(timeout=300)
     assert second.returncode == 0, err
     assert {s["action"] for s in json.loads(out)["stages"]} == {"ran"}
+
+
+def test_kill_during_teacher_resumes_per_step_to_the_same_deltas(transfer_project, tmp_path):
+    project = transfer_project
+    twin_root = tmp_path.parent / (tmp_path.name + "-twin")
+    shutil.copytree(project.root, twin_root)
+
+    def run(root, fault=None):
+        env = {**os.environ, **({"LORA_PIPELINE_FAULT": fault} if fault else {})}
+        cmd = [sys.executable, str(REPO / "cli.py"), "run", "transfer", "-c", str(root / "pipeline.toml"), "--json"]
+        return subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=600)
+
+    killed = run(project.root, "teacher.step:3")  # 3 of 6 steps committed, then SIGKILL
+    assert killed.returncode == -signal.SIGKILL
+    assert not project.manifests("teacher")
+    status = json.loads(project.subprocess("status", "transfer", "-c", str(project.config), "--json").stdout)
+    teacher = next(s for s in status["stages"] if s["name"] == "teacher")
+    assert teacher["state"] == "partial" and teacher["progress"] == [6, 14]  # (inputs, c) x 3 steps of 6, + held-out
+    resumed = run(project.root)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "teacher: resuming, 3 of 6 steps and the held-out set to go" in resumed.stderr
+    clean = run(twin_root)
+    assert clean.returncode == 0, clean.stderr
+    a = {s["name"]: s["key"] for s in json.loads(resumed.stdout)["stages"]}
+    b = {s["name"]: s["key"] for s in json.loads(clean.stdout)["stages"]}
+    assert a == b
+
+    def deltas(root) -> dict[str, str]:
+        m = json.loads((root / ".pipeline" / "stages" / "teacher" / a["teacher"] / "manifest.json").read_text())
+        log = root / ".pipeline" / "pools" / m["record"]["pool"] / "committed.jsonl"
+        return {e["name"]: e["digest"] for e in map(json.loads, log.read_text().splitlines())}
+
+    assert deltas(project.root) == deltas(twin_root)  # every stored delta bit-identical to the uninterrupted run's

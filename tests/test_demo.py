@@ -1,4 +1,4 @@
-"""`pipeline run lora --demo` as a newcomer runs it: builds the demo once, trains, then reuses everything."""
+"""`pipeline run transfer --demo` as a newcomer runs it: builds the demo once, runs the chain, then reuses it."""
 
 from __future__ import annotations
 
@@ -13,25 +13,37 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def _demo(cwd, *args):
-    cmd = [sys.executable, str(REPO / "cli.py"), "run", "lora", "--demo", *args]
+def _demo(cwd, workflow, *args):
+    cmd = [sys.executable, str(REPO / "cli.py"), "run", workflow, "--demo", *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ)
 
 
-def test_demo_runs_then_reuses_then_reruns_only_lora1(tmp_path):
-    first = _demo(tmp_path)
+def _ran(result) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return [s["name"] for s in json.loads(result.stdout)["stages"] if s["action"] == "ran"]
+
+
+def test_transfer_demo_runs_reports_fidelity_then_reruns_only_the_student(tmp_path):
+    first = _demo(tmp_path, "transfer")
     assert first.returncode == 0, first.stderr
-    assert "LoRA (kohya format):" in first.stdout
-    out = tmp_path / "pipeline-demo" / "output" / "lora" / "lora1"
-    assert (out / "lora1.safetensors").exists() and (out / "diffusers" / "pytorch_lora_weights.safetensors").exists()
-    assert sorted(p.name for p in (out / "previews").iterdir()) == ["step000060.png", "step000120.png"]
-    losses = [float(line.split(",")[1]) for line in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert "LoRA (kohya format): pipeline-demo/output/transfer/student/student.safetensors" in first.stdout
+    assert "fidelity cos" in first.stdout
+    out = tmp_path / "pipeline-demo" / "output" / "transfer"
+    assert (out / "student" / "diffusers" / "pytorch_lora_weights.safetensors").exists()
+    assert sorted(p.name for p in (out / "lora1" / "previews").iterdir()) == ["step000060.png", "step000120.png"]
+    losses = [float(line.split(",")[1]) for line in (out / "lora1" / "loss.csv").read_text().splitlines()[1:]]
     assert len(losses) == 120
+    # Fidelity on held-out rows rises as the student trains: 0 at the start (zero LoRA), then every measurement
+    # (each 20 steps) closer to the teacher's delta than the one before.
+    curve = [line.split(",") for line in (out / "student" / "fidelity.csv").read_text().splitlines()[1:]]
+    steps, cos, err = [int(c[0]) for c in curve], [float(c[1]) for c in curve], [float(c[2]) for c in curve]
+    assert steps == [0, 20, 40, 60, 80] and cos[0] == 0.0 and err[0] == pytest.approx(1.0)
+    assert all(b > a for a, b in zip(cos, cos[1:], strict=False)) and cos[-1] > 0.8
+    assert all(b < a for a, b in zip(err, err[1:], strict=False))
 
-    again = _demo(tmp_path, "--json")
-    assert [s["action"] for s in json.loads(again.stdout)["stages"]] == ["reused"] * 4
-    assert "building a tiny" not in again.stderr  # the demo model is built once
-
-    lr = _demo(tmp_path, "--json", "--set", "lora1.lr=5e-4", "--set", "runtime.preview.every=0")
-    ran = [s["name"] for s in json.loads(lr.stdout)["stages"] if s["action"] == "ran"]
-    assert ran == ["lora1"]
+    again = _demo(tmp_path, "transfer", "--json")
+    assert _ran(again) == [] and "building a tiny" not in again.stderr  # the demo models are built once
+    assert _ran(_demo(tmp_path, "transfer", "--json", "--set", "student.lr=1e-3")) == ["student"]
+    assert _ran(_demo(tmp_path, "transfer", "--json", "--set", "student.guidance=2.0")) == ["student"]
+    # The lora workflow shares caption, latents, text and lora1 with transfer: nothing to do.
+    assert _ran(_demo(tmp_path, "lora", "--json")) == []

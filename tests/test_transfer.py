@@ -226,3 +226,30 @@ def test_a_lora_for_another_architecture_is_refused_with_the_file_named(transfer
     assert "Traceback" not in result.output
     missing = transfer_project.cli("run", "transfer", "--set", "transfer.teacher_lora='nope.safetensors'")
     assert missing.exit_code == 2 and "transfer.teacher_lora" in missing.output and "does not exist" in missing.output
+
+
+def test_mixed_adapter_batch_gives_the_two_pass_predictions():
+    """One forward on [x; x] with rows routed to __base__ and to the adapter equals two separate forwards."""
+    import torch
+
+    from stages.families import get_family
+    from stages.families.tiny import tiny_unet
+    from stages.training.adapters import predict_both
+    from stages.training.lora_files import add_lora
+
+    unet = tiny_unet()
+    add_lora(unet, 4, 8.0, 0.0, ["to_q", "to_k", "to_v", "to_out.0"], 0)
+    with torch.no_grad():  # a non-zero LoRA: B starts at zero
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    unet.eval()
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 77, 32, generator=g)
+    t = torch.tensor([10, 500, 990])
+    family = get_family("sd15")
+    base_m, lora_m = predict_both(family, unet, "default", x, t, cond, "mixed")
+    base_t, lora_t = predict_both(family, unet, "default", x, t, cond, "two_pass")
+    torch.testing.assert_close(base_m, base_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lora_m, lora_t, atol=1e-5, rtol=1e-5)
+    assert (lora_m - base_m).abs().mean() > 1e-3  # the adapter really moved the prediction
