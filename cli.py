@@ -231,6 +231,102 @@ def status(
 
 @app.command()
 @user_errors
+def inspect(
+    what: str = typer.Argument(..., help="What to look at: teacher, schedule or latents."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    workflow: str = typer.Option("transfer", "--workflow", "-w", help="The workflow whose artifact to inspect."),
+    step: list[int] = typer.Option([], "--step", help="Schedule step(s) to show or draw (repeatable)."),
+    out: Path = typer.Option(None, "--out", help="Write PNG sheets into this folder (loads the model's VAE)."),
+    as_json: bool = JsonOpt,
+):
+    """Numbers and pictures from cached artifacts: teacher deltas, the schedule, the latents."""
+    from pipeline import inspect as ins
+
+    if what not in ("teacher", "schedule", "latents"):
+        raise PipelineError(f"inspect {what!r}: choose teacher, schedule or latents.")
+    env = _env(config, set_)
+    if what == "latents":
+        latents = ins.find_artifact(env, workflow, "latents")
+        report = ins.latents_report(env, latents)
+        if out is not None:
+            report["sheets"] = ins.latents_sheet(env, latents, out)
+    elif what == "schedule":
+        report = ins.schedule_report(env, ins.find_artifact(env, workflow, "schedule"), step or [0])
+    else:
+        teacher = ins.find_artifact(env, workflow, "teacher")
+        schedule = env.store.load_manifest("schedule", teacher.preimage["upstream"]["schedule"])
+        if schedule is None:
+            raise PipelineError("the teacher's schedule artifact is gone from the store; run `pipeline run transfer`.")
+        report = ins.teacher_report(env, teacher, schedule)
+        if out is not None:
+            n = report["steps"]
+            chosen = step or sorted({0, n // 2, n - 1})
+            latents = env.store.load_manifest("latents", teacher.preimage["upstream"]["latents"])
+            report["sheets"] = ins.teacher_sheet(env, teacher, schedule, latents, chosen, out)
+    env.store.memo.save()
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    _print_inspect(report)
+
+
+def _print_inspect(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+
+    def table(title: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        t = Table(title=title, show_edge=False, pad_edge=False, title_justify="left")
+        for col in rows[0]:
+            t.add_column(col, overflow="fold")
+        for r in rows:
+            t.add_row(*(_cell(v) for v in r.values()))
+        console.print(t)
+
+    stage = report["stage"]
+    console.print(f"[bold]{stage}[/bold] {report['key'][:12]}")
+    if stage == "teacher":
+        console.print(
+            f"{report['steps']} steps x {report['rows_per_step']} rows, delta mode {report['delta_mode']}, "
+            f"{report['bytes_per_sample_step']:,.0f} bytes stored per sample-step"
+        )
+        table("arrays", [{"kind": k, **v} for k, v in report["arrays"].items()])
+        table("|delta_cond| per timestep bin", report["bins"])
+    elif stage == "schedule":
+        spec = report["spec"]
+        console.print(
+            f"{report['rows']} rows ({spec['steps']} steps x {spec['grad_accum']} x {spec['batch_size']}), "
+            f"{report['heldout']} held out, {report['dropped_captions']} dropped captions, seed {spec['seed']}, "
+            f"torch {report['torch']}"
+        )
+        table("timesteps", report["timesteps"])
+        table("items drawn", [{"item": k, "rows": v} for k, v in report["items"].items()])
+        for s, rows in report["steps"].items():
+            table(f"step {s}", rows)
+    else:
+        console.print(
+            f"{report['items']} items ({report['unique']} unique), shape {report['shape']} {report['dtype']}, "
+            f"{report['bytes']:,} bytes, {report['nonfinite']} non-finite, scaling factor {report['latent_space']}"
+        )
+        table("channels", report["channels"])
+    for path in report.get("sheets", []):
+        console.print(f"sheet: {_short(path)}")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@app.command()
+@user_errors
 def config(
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,

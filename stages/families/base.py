@@ -66,6 +66,10 @@ class ModelFamily(ABC):
         """pixels in [-1, 1], (B, 3, H, W) -> scaled latents (B, C, H/8, W/8)."""
 
     @abstractmethod
+    def decode_latents(self, vae, latents):
+        """Scaled latents -> pixels in [-1, 1] (for `pipeline inspect`)."""
+
+    @abstractmethod
     def load_text_encoder(self, layout: ModelLayout, device):
         """-> an object with .encode(list[str]) -> tensor (B, L, D)."""
 
@@ -74,7 +78,8 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def load_noise_schedule(self, layout: ModelLayout, prediction_type: str):
-        """-> an object with sample_timesteps(n, generator), noisy_input(x0, noise, t), target(x0, noise, t)."""
+        """-> an object with sample_timesteps(n, generator), noisy_input(x0, noise, t), target(x0, noise, t),
+        predict_x0(x_t, prediction, t)."""
 
     @abstractmethod
     def predict(self, denoiser, x_t, t, cond): ...

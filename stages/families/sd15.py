@@ -193,6 +193,11 @@ class SD15Family(ModelFamily):
         shift = vae.config.shift_factor or 0.0
         return (z - shift) * vae.config.scaling_factor
 
+    def decode_latents(self, vae, latents):
+        """Scaled latents -> pixels in [-1, 1] (the inverse of encode_images)."""
+        shift = vae.config.shift_factor or 0.0
+        return vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
+
     def load_text_encoder(self, layout: ModelLayout, device):
         model, tokenizer = self._load(layout, "text_encoder", "tokenizer")
         return self._clip_text(model, tokenizer, device)
@@ -309,10 +314,9 @@ class DDPMProcess:
             return noise
         return self.scheduler.get_velocity(x0, noise, t)
 
-    def contract(self) -> dict:
-        return {
-            "process": "ddpm",
-            "num_train_timesteps": self.num_timesteps,
-            "timestep_sampler": "uniform",
-            "prediction_type": self.prediction_type,
-        }
+    def predict_x0(self, x_t, pred, t):
+        """The clean latent a prediction implies (what a one-step sampler would return)."""
+        ab = self.scheduler.alphas_cumprod.to(x_t.device)[t].float().view(-1, *([1] * (x_t.ndim - 1)))
+        if self.prediction_type == "epsilon":
+            return (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
+        return ab.sqrt() * x_t - (1 - ab).sqrt() * pred

@@ -1,0 +1,245 @@
+"""`pipeline inspect`: look inside cached artifacts — the teacher's deltas, the schedule, the latents.
+
+Each report is a plain dict (printed as tables, or as JSON with --json). Picture sheets decode latents
+with the model's VAE, so they load models; the tables read only the store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cache.store import Manifest
+from pipeline.errors import PlanError
+from stages.base import PlanEnv
+
+TIMESTEP_BINS = 10
+HEADER = 12  # pixels of column labels above a sheet
+
+
+def find_artifact(env: PlanEnv, workflow: str, stage: str) -> Manifest:
+    """The artifact the current config resolves to, else the one the workflow's last run used."""
+    from pipeline.planner import plan_workflow
+    from pipeline.workflows import get_workflow
+
+    stages = get_workflow(workflow, env.config)
+    if stage not in {s.name for s in stages}:
+        names = ", ".join(s.name for s in stages)
+        raise PlanError(f"workflow {workflow!r} has no stage {stage!r}; its stages are {names}.")
+    ref = env.store.read_ref(workflow)
+    plan = next(p for p in plan_workflow(env, stages, ref) if p.name == stage)
+    if plan.manifest is not None:
+        return plan.manifest
+    last = env.store.load_manifest(stage, ref[stage]) if stage in ref else None
+    if last is None:
+        raise PlanError(f"there is no {stage} artifact yet. Make it with `pipeline run {workflow}`.")
+    print(f"note: showing the last run's {stage} artifact; the current config would make a new one.")
+    return last
+
+
+def _bins(rows: list[dict], num_timesteps: int) -> list[dict]:
+    width = num_timesteps / TIMESTEP_BINS
+    out = []
+    for b in range(TIMESTEP_BINS):
+        lo, hi = round(b * width), round((b + 1) * width)
+        inside = [r for r in rows if lo <= r["t"] < hi]
+        out.append(
+            {
+                "t": f"{lo}-{hi - 1}",
+                "rows": len(inside),
+                "mean_abs": sum(r["mean_abs"] for r in inside) / len(inside) if inside else None,
+                "max_abs": max((r["max_abs"] for r in inside), default=None),
+            }
+        )
+    return out
+
+
+def teacher_report(env: PlanEnv, teacher: Manifest, schedule: Manifest) -> dict:
+    """Per array kind: count, shape, dtype, bytes on disk, non-finite values; |Δc| per timestep bin."""
+    import numpy as np
+
+    from cache.arrays import dir_size
+    from stages.training.schedule import read_schedule
+
+    doc, spec = read_schedule(env.store, schedule)
+    pool = env.store.pool(teacher.record["pool"])
+    kinds: dict[str, dict] = {}
+    for name in teacher.record["arrays"]:
+        kind = {"c": "delta_cond", "u": "delta_uncond", "inputs": "input_digest"}[name.split(".")[1]]
+        arr = pool.get(name)
+        k = kinds.setdefault(
+            kind, {"arrays": 0, "shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": 0, "nonfinite": 0}
+        )
+        k["arrays"] += 1
+        k["bytes"] += dir_size(pool.arrays_dir / name)
+        if arr.dtype.kind == "f":
+            k["nonfinite"] += int((~np.isfinite(arr)).sum())
+    samples = spec.steps * spec.rows_per_step
+    stored = sum(k["bytes"] for k in kinds.values())
+    return {
+        "stage": "teacher",
+        "key": teacher.key,
+        "steps": spec.steps,
+        "rows_per_step": spec.rows_per_step,
+        "delta_mode": teacher.contract["delta"]["mode"],
+        "arrays": kinds,
+        "bytes_per_sample_step": stored / max(1, samples + spec.heldout),
+        "bins": _bins(teacher.record["stats"]["rows"], spec.num_timesteps),
+    }
+
+
+def teacher_sheet(
+    env: PlanEnv, teacher: Manifest, schedule: Manifest, latents: Manifest, steps, out: Path
+) -> list[str]:
+    """PNG per chosen step: per row (slot), the clean image, the teacher's x0 prediction without and with its
+    LoRA (T and T + Δc, one denoising step), and a heatmap of |Δc| over the latent (brighter = larger, scaled to
+    the step's maximum), labelled with the row's timestep."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    from stages.devices import resolve_device
+    from stages.pools import load_latent_table, load_text_table
+    from stages.training.schedule import read_schedule, rebuild_inputs, step_rows
+
+    doc, spec = read_schedule(env.store, schedule)
+    bad = [s for s in steps if not 0 <= s < spec.steps]
+    if bad:
+        raise PlanError(f"--step {bad[0]}: the schedule has steps 0 to {spec.steps - 1}.")
+    device = resolve_device(env.config.runtime.device)
+    family, layout = env.family, env.layout
+    unet = family.load_denoiser(layout, device).eval()
+    vae = family.load_vae(layout, device)
+    process = family.load_noise_schedule(layout, schedule.contract["prediction_type"])
+    cond, row_of = load_text_table(env.store, teacher.record["text"])
+    pool = env.store.pool(teacher.record["pool"])
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for step in steps:
+        rows = step_rows(doc, spec, step)
+        lat = load_latent_table(env.store, latents.record, {r["latent"] for r in rows})
+        x_t, t, _ = rebuild_inputs(rows, lat, process, spec.latent_shape)
+        c = cond[[row_of[r["caption"]] for r in rows]]
+        with torch.no_grad():
+            base = family.predict(unet, x_t.to(device), t.to(device), c.to(device)).float().cpu()
+            delta = torch.from_numpy(pool.get(f"{step:07d}.c").astype(np.float32))
+            x0 = torch.stack([torch.as_tensor(lat[r["latent"]]) for r in rows])
+            columns = [x0, process.predict_x0(x_t, base, t), process.predict_x0(x_t, base + delta, t)]
+            pictures = [_to_images(family.decode_latents(vae, z).cpu()) for z in columns]
+        heat = delta.abs().mean(1)
+        heat = (heat / heat.max().clamp_min(1e-12)).numpy()
+        size = pictures[0][0].size[0]
+        sheet = Image.new("RGB", (size * 4, HEADER + size * len(rows)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for j, label in enumerate(("clean", "teacher", "+LoRA", "|delta|")):
+            draw.text((j * size + 2, 1), label, fill="black")
+        for i, row in enumerate(rows):
+            for j, pics in enumerate(pictures):
+                sheet.paste(pics[i], (j * size, HEADER + i * size))
+            sheet.paste(_heatmap(heat[i], size), (3 * size, HEADER + i * size))
+            draw.text((3 * size + 2, HEADER + i * size + 1), f"t={row['t']}", fill="cyan")
+        path = out / f"teacher-step{step:06d}.png"
+        sheet.save(path)
+        written.append(str(path))
+    return written
+
+
+def _to_images(pixels) -> list:
+    from PIL import Image
+
+    arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def _heatmap(values, size: int):
+    """A black-red-yellow-white ramp of values in [0, 1], scaled up to size x size."""
+    import numpy as np
+    from PIL import Image
+
+    v = np.clip(values, 0, 1)
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
+    return Image.fromarray((rgb * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
+
+
+def schedule_report(env: PlanEnv, schedule: Manifest, steps: list[int]) -> dict:
+    """Counts, the timestep histogram, how often each item is drawn, and the rows of chosen steps."""
+    from collections import Counter
+
+    from stages.training.schedule import read_schedule, step_rows
+
+    doc, spec = read_schedule(env.store, schedule)
+    rows = doc["rows"]
+    width = spec.num_timesteps / TIMESTEP_BINS
+    hist = Counter(min(TIMESTEP_BINS - 1, int(r["t"] // width)) for r in rows)
+    shown = {}
+    for s in steps:
+        if not 0 <= s < spec.steps:
+            raise PlanError(f"--step {s}: the schedule has steps 0 to {spec.steps - 1}.")
+        shown[s] = [
+            {k: r[k] for k in ("k", "slot", "item", "caption", "t", "noise_seed", "noise_digest")}
+            for r in step_rows(doc, spec, s)
+        ]
+    return {
+        "stage": "schedule",
+        "key": schedule.key,
+        "spec": {k: v for k, v in doc["spec"].items()},
+        "rows": len(rows),
+        "heldout": len(doc["heldout"]),
+        "dropped_captions": sum(1 for r in rows if r["caption"] == ""),
+        "timesteps": [
+            {"t": f"{round(b * width)}-{round((b + 1) * width) - 1}", "rows": hist.get(b, 0)}
+            for b in range(TIMESTEP_BINS)
+        ],
+        "items": dict(sorted(Counter(r["item"] for r in rows).items())),
+        "torch": doc.get("torch"),
+        "steps": shown,
+    }
+
+
+def latents_report(env: PlanEnv, latents: Manifest) -> dict:
+    """Count, shape, dtype, bytes, and per-channel mean and std of the cached latents."""
+    import numpy as np
+
+    from cache.arrays import dir_size
+
+    pool = env.store.pool(latents.record["pool"])
+    items = latents.record["items"]
+    arrays = {v["array"]: v["digest"] for v in items.values()}
+    stack = np.stack([pool.get(a, d) for a, d in sorted(arrays.items())]).astype(np.float64)
+    return {
+        "stage": "latents",
+        "key": latents.key,
+        "items": len(items),
+        "unique": len(arrays),
+        "shape": list(stack.shape[1:]),
+        "dtype": str(pool.get(next(iter(arrays))).dtype),
+        "bytes": sum(dir_size(pool.arrays_dir / a) for a in arrays),
+        "nonfinite": int((~np.isfinite(stack)).sum()),
+        "channels": [
+            {"channel": c, "mean": float(stack[:, c].mean()), "std": float(stack[:, c].std())}
+            for c in range(stack.shape[1])
+        ],
+        "latent_space": latents.contract.get("latent_space", {}).get("scaling_factor"),
+    }
+
+
+def latents_sheet(env: PlanEnv, latents: Manifest, out: Path, limit: int = 16) -> list[str]:
+    """The first `limit` latents decoded by the VAE, side by side: what training actually sees."""
+    import torch
+    from PIL import Image
+
+    from stages.devices import resolve_device
+
+    pool = env.store.pool(latents.record["pool"])
+    items = sorted(latents.record["items"].items())[:limit]
+    vae = env.family.load_vae(env.layout, resolve_device(env.config.runtime.device))
+    z = torch.stack([torch.from_numpy(pool.get(v["array"], v["digest"])) for _, v in items])
+    with torch.no_grad():
+        images = _to_images(env.family.decode_latents(vae, z).cpu())
+    size = images[0].size[0]
+    sheet = Image.new("RGB", (size * len(images), size))
+    for i, im in enumerate(images):
+        sheet.paste(im, (i * size, 0))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "latents.png"
+    sheet.save(path)
+    return [str(path)]
