@@ -1,0 +1,212 @@
+"""Delta transfer costs, each against a baseline measured in the same run:
+
+1. a student step with the materialized prior vs a plain lora1 step on the same model (target <= 1.05x), and
+   vs a student step that computes the prior on the fly;
+2. teacher time per step (both predictions, fp32 delta, digest, cast) vs one batched double forward
+   (target <= 1.1x), for mixed-adapter batches and for two passes;
+3. a student-only re-run (new learning rate): the upstream stages' work (must be zero) and the wall time;
+4. teacher storage per sample-step, fp16 and fp32.
+
+It builds a project on the "small" UNet of benchmarks/overhead.py (cross-attention 32; latents 32x32), runs
+`pipeline run transfer` once, then times the loops on the artifacts that run made.
+
+    .venv/bin/python benchmarks/transfer.py [--steps 30] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from overhead import MODELS, build_model, median_step  # noqa: E402
+
+# overhead.py's small UNet, with cross-attention as wide as the tiny text encoder (32): the whole pipeline
+# runs, text encoding included, so the UNet must accept that encoder's embeddings.
+SMALL = {**MODELS["small"][0], "cross_attention_dim": 32}
+
+from cache.store import Manifest, Store  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.runner import run_workflow  # noqa: E402
+from stages.base import PlanEnv  # noqa: E402
+from stages.families.tiny import build_tiny_turbo  # noqa: E402
+from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora  # noqa: E402
+
+
+def make_project(root: Path, steps: int) -> Path:
+    from pipeline.demo import write_images
+    from tests.conftest import toml_config
+
+    build_model(root / "model", SMALL)
+    build_tiny_turbo(root / "model", root / "student")
+    write_images(root / "images", count=8, size=256)
+    settings = {
+        "model": {"path": "model"},
+        "latents": {"resolution": 256},
+        "lora1": {"rank": 4, "alpha": 4.0, "steps": 10, "batch_size": 2},
+        "schedule": {"steps": steps, "batch_size": 2, "heldout": 0},
+        "transfer": {"student_model": "student"},
+        "student": {"rank": 4, "alpha": 4.0, "lr": 1e-4},
+        "runtime": {"checkpoint_every": 0},
+    }
+    (root / "pipeline.toml").write_text(toml_config(settings))
+    return root / "pipeline.toml"
+
+
+def env_for(config: Path, *overrides: str) -> PlanEnv:
+    loaded = load_config(config, list(overrides))
+    return PlanEnv(loaded, Store(loaded.store_dir))
+
+
+def quiet(fn, *args):
+    with open(os.devnull, "w") as devnull:
+        stderr, sys.stderr = sys.stderr, devnull
+        try:
+            return fn(*args)
+        finally:
+            sys.stderr = stderr
+
+
+def artifacts(env: PlanEnv, runs) -> dict[str, Manifest]:
+    return {r.name: env.store.load_manifest(r.name, r.key) for r in runs}
+
+
+def student_step(env: PlanEnv, m: dict[str, Manifest], work: Path, prior: str) -> float:
+    from stages.pools import load_latent_table, load_text_table
+    from stages.student import TransferBatches
+    from stages.training.schedule import read_schedule
+
+    doc, spec = read_schedule(env.store, m["schedule"])
+    cond, row_of = load_text_table(env.store, m["prior"].record["text"])
+    latents = load_latent_table(env.store, m["latents"].record, {r["latent"] for r in doc["rows"]})
+    prior_m = m["prior"] if prior == "materialized" else Manifest("prior", "", {}, record={"mode": "on_the_fly"})
+    batches = TransferBatches(env.family, doc, spec, latents, cond, row_of, env.store, m["teacher"], prior_m, 1.0)
+    cfg = m["student"].preimage["params"]
+    job = TrainJob(env.family, env.student.layout, "epsilon", SimpleNamespace(**cfg), torch.device("cpu"), work)
+    return median_step(quiet(train_lora, job, batches).step_times)
+
+
+def lora1_step(env: PlanEnv, m: dict[str, Manifest], work: Path) -> float:
+    """The same model, batch, LoRA and optimizer as the student, trained as lora1 trains."""
+    import numpy as np
+
+    from stages.pools import load_latent_table, load_text_table
+
+    lat = load_latent_table(env.store, m["latents"].record, [v["array"] for v in m["latents"].record["items"].values()])
+    cond, _ = load_text_table(env.store, m["prior"].record["text"])
+    latents = torch.from_numpy(np.stack(list(lat.values())))
+    data = TrainData(latents, cond, torch.arange(latents.shape[0]) % cond.shape[0])
+    cfg = m["student"].preimage["params"]
+    job = TrainJob(env.family, env.student.layout, "epsilon", SimpleNamespace(**cfg), torch.device("cpu"), work)
+    return median_step(quiet(train_lora, job, DiffusionBatches(data, cfg["seed"], cfg["batch_size"])).step_times)
+
+
+def teacher_step(env: PlanEnv, m: dict[str, Manifest], batching: str) -> tuple[float, float]:
+    """(median seconds of a teacher step, of one batched double forward of the same rows) on the teacher UNet."""
+    from stages.pools import load_latent_table, load_text_table
+    from stages.teacher import DeltaComputer
+    from stages.training.lora_files import attach_lora_file, match_modules, read_lora_file
+    from stages.training.schedule import read_schedule, rebuild_inputs, step_rows
+
+    doc, spec = read_schedule(env.store, m["schedule"])
+    unet = env.family.load_denoiser(env.layout, torch.device("cpu"))
+    lora = read_lora_file(env.store.object_path(m["teacher"].record["lora"]["digest"]))
+    attach_lora_file(unet, match_modules(lora, unet), "teacher")
+    unet.eval()
+    process = env.family.load_noise_schedule(env.layout, "epsilon")
+    cond, row_of = load_text_table(env.store, m["teacher"].record["text"])
+    latents = load_latent_table(env.store, m["latents"].record, {r["latent"] for r in doc["rows"]})
+    params = SimpleNamespace(**m["teacher"].preimage["params"])
+    plain = env.family.load_denoiser(env.layout, torch.device("cpu")).eval()  # the baseline: no peft at all
+    delta = DeltaComputer(env.family, unet, process, latents, cond, row_of, spec, params, batching, "cpu")
+    ours, bare = [], []
+    for s in range(spec.steps):
+        rows = step_rows(doc, spec, s)
+        t0 = time.perf_counter()
+        delta(rows, f"step {s}")
+        t1 = time.perf_counter()
+        x_t, t, _ = rebuild_inputs(rows, latents, process, spec.latent_shape)
+        c = cond[[row_of[r["caption"]] for r in rows]]
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            env.family.predict(plain, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([c, c]))
+        t3 = time.perf_counter()
+        ours.append(t1 - t0)
+        bare.append(t3 - t2)
+    return statistics.median(ours[3:]), statistics.median(bare[3:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, small UNet, batch 2, rank 4, fp32, CPU")
+    tmp = Path(tempfile.mkdtemp(prefix="lp-bench-transfer-"))
+    try:
+        config = make_project(tmp, args.steps)
+        env = env_for(config)
+        t = time.perf_counter()
+        runs = quiet(run_workflow, env, "transfer", None, False, False)
+        print(f"first `pipeline run transfer` ({args.steps} steps): {time.perf_counter() - t:.1f} s")
+        m = artifacts(env, runs)
+
+        student, fly, plain = [], [], []
+        for r in range(args.repeats):  # interleaved, so drift on a shared machine hits all three
+            student.append(student_step(env, m, tmp / f"s{r}", "materialized"))
+            plain.append(lora1_step(env, m, tmp / f"l{r}"))
+            fly.append(student_step(env, m, tmp / f"f{r}", "on_the_fly"))
+        s, p, f = statistics.median(student), statistics.median(plain), statistics.median(fly)
+        print(
+            f"student step, materialized prior: {s * 1e3:.1f} ms; plain lora1 step: {p * 1e3:.1f} ms "
+            f"(ratio {s / p:.3f}); on-the-fly prior: {f * 1e3:.1f} ms (materialized/on-the-fly {s / f:.3f})"
+        )
+        for batching in ("mixed", "two_pass"):
+            ours, bare = teacher_step(env, m, batching)
+            per = ours / 2  # rows per step: batch 2, grad_accum 1
+            print(
+                f"teacher step ({batching}): {ours * 1e3:.1f} ms ({per * 1e3:.1f} ms per sample); one batched double "
+                f"forward: {bare * 1e3:.1f} ms; ratio {ours / bare:.3f}"
+            )
+
+        env2 = env_for(config, "student.lr=5e-5")
+        t = time.perf_counter()
+        reruns = quiet(run_workflow, env2, "transfer", None, False, False)
+        wall = time.perf_counter() - t
+        upstream = [r for r in reruns if r.name != "student"]
+        ran = [r.name for r in upstream if r.action == "ran"]
+        print(
+            f"student-only re-run (student.lr=5e-5): {wall:.1f} s wall, student {reruns[-1].seconds:.1f} s; "
+            f"upstream stages run: {ran or 'none'}, upstream seconds {sum(r.seconds for r in upstream):.2f}"
+        )
+
+        from pipeline.inspect import teacher_report
+
+        for dtype in ("fp16", "fp32"):
+            e = env_for(config, f"transfer.delta_dtype='{dtype}'")
+            rs = quiet(run_workflow, e, "transfer", None, False, False)
+            a = artifacts(e, rs)
+            rep = teacher_report(e, a["teacher"], a["schedule"])
+            raw = 4 * 32 * 32 * (2 if dtype == "fp16" else 4)
+            print(
+                f"teacher storage, {dtype}: {rep['bytes_per_sample_step']:,.0f} bytes per sample-step "
+                f"(raw array {raw:,} bytes; delta + input digest, zarr-compressed)"
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
