@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
+	$(VENV)/bin/pipeline run transfer --demo
+
+demo-lora: setup
 	$(VENV)/bin/pipeline run lora --demo
 
 test: setup
@@ -32,7 +35,7 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 docs: setup
-	$(PY) -m pipeline.docs_gen > docs/config.md
+	$(PY) -m pipeline.schema_docs > docs/config.md
 
 clean:
 	rm -rf $(VENV) pipeline-demo .pytest_cache

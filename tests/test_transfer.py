@@ -253,3 +253,10 @@ def test_mixed_adapter_batch_gives_the_two_pass_predictions():
     torch.testing.assert_close(base_m, base_t, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lora_m, lora_t, atol=1e-5, rtol=1e-5)
     assert (lora_m - base_m).abs().mean() > 1e-3  # the adapter really moved the prediction
+
+
+def test_a_missing_student_model_names_its_config_key(transfer_project):
+    result = transfer_project.cli("run", "transfer", "--set", "transfer.student_model='turbo'")
+    assert result.exit_code == 2
+    assert "transfer.student_model:" in result.output and "turbo does not exist" in result.output
+    assert transfer_project.cli("run", "lora").exit_code == 0  # the lora workflow never looks at the student
