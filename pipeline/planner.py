@@ -82,7 +82,7 @@ def inherited_contract(stage: Stage, upstream: dict[str, StagePlan | Manifest]) 
 
 
 def contract_diff(expected: dict, actual: dict, labels: tuple[str, str] = ("upstream", "this stage")) -> list[str]:
-    """`field: a → b` for every contract field that both sides define and that differs, nested fields flattened."""
+    """`field: <label a> a, <label b> b` for every differing field under a top-level key both sides define."""
     if not expected or not actual:
         return []
     a, b = _flatten("", expected, {}), _flatten("", actual, {})

@@ -94,6 +94,10 @@ def test_student_replays_bit_identical_inputs_for_every_step(transfer_project):
     for k in range(spec.micro_steps):
         x_t, t, _, captions = batches.inputs(k, process)
         batches.verify(k, x_t, t, captions)  # raises at the end of a step whose digest differs
+    # The conditioning: the same strings give the same embeddings on both sides (one text encoder here).
+    t_cond, t_row = load_text_table(store, m["teacher"].record["text"])
+    for caption, row in row_of.items():
+        assert np.array_equal(cond[row].numpy(), t_cond[t_row[caption]].numpy())
     # A changed schedule row is caught: one timestep moved by one.
     doc["rows"][5]["t"] += 1
     with pytest.raises(ScheduleMismatch, match="step 2"):
