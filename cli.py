@@ -370,6 +370,84 @@ def gc(
     typer.echo(f"{verb} {report['bytes']:,} bytes in {len(report['removed'])} entries")
 
 
+lora_app = typer.Typer(
+    help="Inspect, convert and combine LoRA files (kohya and diffusers formats).", no_args_is_help=True
+)
+app.add_typer(lora_app, name="lora")
+FamilyOpt = typer.Option("sd15", "--family", help="Model family of the LoRA files.")
+ModelOpt = typer.Option(None, "--model", help="The model the LoRA was trained for (maps kohya names exactly).")
+
+
+def _family(name: str):
+    from stages.families import get_family
+
+    return get_family(name)
+
+
+@lora_app.command("info")
+@user_errors
+def lora_info(
+    file: Path = typer.Argument(..., help="A LoRA .safetensors file."), family: str = FamilyOpt, as_json: bool = JsonOpt
+):
+    """Format, family, rank, alpha, targets and metadata of a LoRA file."""
+    from pipeline.lora_tools import info
+
+    report = info(file, _family(family))
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    for key in ("file", "format", "family", "modules", "rank", "alpha", "parameters", "bytes"):
+        typer.echo(f"{key:11} {report[key]}")
+    typer.echo(f"{'targets':11} " + ", ".join(f"{k} ×{v}" for k, v in report["targets"].items()))
+    for k, v in report["metadata"].items():
+        typer.echo(f"  {k} = {v}")
+
+
+@lora_app.command("convert")
+@user_errors
+def lora_convert(
+    file: Path = typer.Argument(..., help="A LoRA .safetensors file."),
+    to: str = typer.Option(..., "--to", help="kohya or diffusers."),
+    out: Path = typer.Option(..., "--out", help="The file to write."),
+    model: Path = ModelOpt,
+    family: str = FamilyOpt,
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    as_json: bool = JsonOpt,
+):
+    """Rewrite a LoRA in the kohya or the diffusers format (the weights are copied exactly)."""
+    from pipeline.lora_tools import check_format, check_out, convert
+
+    check_format(to)
+    check_out(out, force)
+    report = convert(file, to, out, _family(family), model)
+    typer.echo(json.dumps(report, indent=1) if as_json else f"wrote {out} ({to} format, {report['modules']} modules)")
+
+
+@lora_app.command("mix")
+@user_errors
+def lora_mix(
+    files: list[str] = typer.Argument(..., help="FILE:WEIGHT ... (weight 1 when left out)."),
+    out: Path = typer.Option(..., "--out", help="The file to write."),
+    to: str = typer.Option("kohya", "--to", help="Output format: kohya or diffusers."),
+    rank: int = typer.Option(None, "--rank", min=1, help="Compress the mix to this rank by SVD (reports the error)."),
+    model: Path = ModelOpt,
+    family: str = FamilyOpt,
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    as_json: bool = JsonOpt,
+):
+    """The exact weighted sum of LoRAs in ΔW space (ranks concatenated), optionally compressed by SVD."""
+    from pipeline.lora_tools import check_format, check_out, mix
+
+    check_format(to)
+    check_out(out, force)
+    report = mix(files, out, to, _family(family), model, rank)
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    err = f", max relative Frobenius error {report['max_rel_error']:.3g}" if rank else " (exact)"
+    typer.echo(f"wrote {out}: rank {report['rank']}{err}")
+
+
 def main() -> None:
     app()
 

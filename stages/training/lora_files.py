@@ -45,7 +45,8 @@ def lora_state_dict(denoiser) -> dict:
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
 
 
-def to_kohya(state: dict, alpha: float, prefix: str) -> dict:
+def to_kohya(state: dict, alpha: float | dict[str, float], prefix: str) -> dict:
+    """peft-named state -> kohya names; alpha is one value or a per-module {module: alpha}."""
     import torch
 
     out = {}
@@ -53,7 +54,8 @@ def to_kohya(state: dict, alpha: float, prefix: str) -> dict:
         module, which = key.rsplit(".lora_", 1)
         name = prefix + module.replace(".", "_")
         out[f"{name}.{'lora_down' if which.startswith('A') else 'lora_up'}.weight"] = value
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+        a = alpha[module] if isinstance(alpha, dict) else alpha
+        out[f"{name}.alpha"] = torch.tensor(float(a))
     return out
 
 
@@ -70,13 +72,18 @@ def canonicalize_safetensors(path: Path) -> None:
     tmp.replace(path)
 
 
-def save_kohya(state: dict, rank: int, alpha: float, path: Path, prefix: str, metadata: dict[str, str]) -> None:
+def save_kohya(
+    state: dict, rank: int, alpha: float | dict[str, float], path: Path, prefix: str, metadata: dict[str, str]
+) -> None:
+    from collections import Counter
+
     from safetensors.torch import save_file
 
+    common_alpha = Counter(alpha.values()).most_common(1)[0][0] if isinstance(alpha, dict) else alpha
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
+        "ss_network_alpha": str(common_alpha),
         "modelspec.title": path.stem,
         **metadata,
     }

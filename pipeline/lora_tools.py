@@ -1,0 +1,127 @@
+"""`pipeline lora info|convert|mix`: LoRA files in, LoRA files out, on this project's files and on kohya and
+diffusers files from elsewhere. The arithmetic is in stages/training/lora_ops.py."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from pipeline.errors import ConfigError, ModelError
+
+FORMATS = ("kohya", "diffusers")
+
+
+def parse_weighted(spec: str) -> tuple[Path, float]:
+    """`A.safetensors:0.5` -> (A.safetensors, 0.5); no `:weight` means 1.0."""
+    path, sep, weight = spec.rpartition(":")
+    if not sep or "/" in weight or weight.endswith(".safetensors"):
+        return Path(spec), 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        raise ConfigError(
+            f"{spec!r}: the weight {weight!r} is not a number; write FILE:WEIGHT, e.g. a.safetensors:0.5"
+        ) from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{spec!r}: the weight must be a finite number")
+    return Path(path), value
+
+
+def read(path: Path, family, model: Path | None = None, single_file_config: Path | None = None):
+    """Read a LoRA file; with a model, map its modules onto the model's (dotted) names and check every shape."""
+    from stages.training.lora_files import LoraFile, match_modules, read_lora_file
+
+    lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
+    if model is None:
+        return lora
+    unet = family.load_denoiser(family.layout(model, single_file_config), "cpu")
+    return LoraFile(lora.path, lora.format, match_modules(lora, unet, family.kohya_prefix), lora.metadata)
+
+
+KNOWN_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+    "conv_shortcut", "time_emb_proj", "add_k_proj", "add_v_proj", "add_q_proj", "to_add_out",
+)  # fmt: skip
+
+
+def target_of(name: str, fmt: str) -> str:
+    """The layer name a module's LoRA targets (`to_q`, `to_out.0`), from a dotted or a kohya (underscored) name."""
+    if fmt == "kohya":
+        return next((t for t in KNOWN_TARGETS if name.endswith("_" + t.replace(".", "_"))), name.rsplit("_", 1)[-1])
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def info(path: Path, family) -> dict:
+    lora = read(path, family)
+    suffixes = Counter(target_of(name, lora.format) for name in lora.modules)
+    meta = lora.metadata
+    base = meta.get("ss_base_model_version") or meta.get("modelspec.architecture")
+    params = sum(m.down.numel() + m.up.numel() for m in lora.modules.values())
+    return {
+        "file": str(path),
+        "format": lora.format,
+        "family": base or f"{family.name} ({family.lora_component} keys)",
+        "modules": len(lora.modules),
+        "rank": sorted(lora.ranks),
+        "alpha": sorted(lora.alphas),
+        "targets": dict(sorted(suffixes.items())),
+        "parameters": params,
+        "bytes": path.stat().st_size,
+        "metadata": {k: (v if len(v) <= 200 else v[:200] + "...") for k, v in sorted(meta.items())},
+    }
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--to {fmt!r}: choose kohya or diffusers")
+    return fmt
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists; pass --force to overwrite it, or choose another --out")
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out {out}: LoRA files are written as .safetensors")
+
+
+def convert(path: Path, fmt: str, out: Path, family, model: Path | None) -> dict:
+    from stages.training.lora_ops import save_modules
+
+    lora = read(path, family, model)
+    if lora.format == "kohya" and fmt == "diffusers" and model is None:
+        raise ModelError(
+            f"{path} is a kohya file: its module names lost their dots, so converting it to the diffusers format "
+            f"needs the model it was trained for. Pass --model DIR_OR_FILE."
+        )
+    save_modules(lora.modules, fmt, out, family, {"lora_pipeline.converted_from": path.name})
+    return {
+        "from": str(path),
+        "from_format": lora.format,
+        "to": str(out),
+        "to_format": fmt,
+        "modules": len(lora.modules),
+    }
+
+
+def mix(specs: list[str], out: Path, fmt: str, family, model: Path | None, rank: int | None) -> dict:
+    from stages.training.lora_ops import combine, compress, save_modules
+
+    pairs = [parse_weighted(s) for s in specs]
+    if len(pairs) < 1:
+        raise ConfigError("give at least one FILE:WEIGHT")
+    loras = [read(p, family, model) for p, _ in pairs]
+    if model is None and fmt == "diffusers" and any(lora.format == "kohya" for lora in loras):
+        raise ModelError("mixing kohya files into the diffusers format needs --model (see `pipeline lora convert`).")
+    modules = combine(loras, [w for _, w in pairs])
+    report = {"inputs": [{"file": str(p), "weight": w} for p, w in pairs], "to": str(out), "to_format": fmt}
+    if rank is not None:
+        compressed = compress(modules, rank)
+        modules = compressed.modules
+        report["rank"] = rank
+        report["max_rel_error"] = compressed.total_rel_error
+    else:
+        report["rank"] = max(m.rank for m in modules.values())
+        report["max_rel_error"] = 0.0
+    save_modules(modules, fmt, out, family, {"lora_pipeline.mix": ", ".join(specs)})
+    return report
