@@ -448,6 +448,60 @@ def lora_mix(
     typer.echo(f"wrote {out}: rank {report['rank']}{err}")
 
 
+@lora_app.command("merge")
+@user_errors
+def lora_merge(
+    files: list[str] = typer.Argument(..., help="FILE:WEIGHT ... (weight 1 when left out)."),
+    model: Path = typer.Option(..., "--model", help="The model: a diffusers folder or a single .safetensors file."),
+    out: Path = typer.Option(..., "--out", help="A new diffusers folder, or a .safetensors file for a single file."),
+    single_file_config: Path = typer.Option(None, "--single-file-config", help="Configs for a single-file model."),
+    family: str = FamilyOpt,
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    as_json: bool = JsonOpt,
+):
+    """Bake LoRAs into a copy of a model (W += w·ΔW in fp32)."""
+    from pipeline.lora_tools import merge
+
+    report = merge(model, files, out, _family(family), single_file_config, force)
+    typer.echo(json.dumps(report, indent=1) if as_json else f"wrote {out} ({report['modules_changed']} layers changed)")
+
+
+@app.command()
+@user_errors
+def sample(
+    model: Path = typer.Option(..., "--model", help="A diffusers folder or a single .safetensors checkpoint."),
+    lora: list[str] = typer.Option([], "--lora", help="FILE:WEIGHT (repeatable); all are applied together."),
+    prompt: list[str] = typer.Option(..., "--prompt", help="A prompt: one grid row each (repeatable)."),
+    scale: str = typer.Option(
+        "0,1", "--scales", help="Comma-separated multipliers of the LoRA weights: one column each."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (the same in every cell)."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Sampling steps (DDIM)."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    size: int = typer.Option(512, "--size", help="Image size in pixels (a multiple of 8)."),
+    out: Path = typer.Option(Path("grid.png"), "--out", help="The PNG to write."),
+    single_file_config: Path = typer.Option(None, "--single-file-config", help="Configs for a single-file model."),
+    family: str = FamilyOpt,
+    as_json: bool = JsonOpt,
+):
+    """Render a PNG grid: prompts x LoRA scales, with diffusers' sampler on one seed."""
+    from pipeline.lora_tools import parse_weighted
+    from pipeline.lora_tools import sample as render_grid
+
+    try:
+        scales = [float(x) for x in scale.split(",") if x.strip()]
+    except ValueError:
+        raise PipelineError(f"--scales {scale!r}: give comma-separated numbers, e.g. 0,0.5,1") from None
+    if size % 8:
+        raise PipelineError(f"--size {size}: must be a multiple of 8")
+    for spec in lora:
+        parse_weighted(spec)  # a bad weight fails before any model loads
+    report = render_grid(
+        model, lora, prompt, seed, out, steps, guidance, size, scales, _family(family), single_file_config
+    )
+    typer.echo(json.dumps(report, indent=1) if as_json else f"wrote {out} ({len(prompt)} x {len(scales)} images)")
+
+
 def main() -> None:
     app()
 

@@ -125,3 +125,124 @@ def mix(specs: list[str], out: Path, fmt: str, family, model: Path | None, rank:
         report["max_rel_error"] = 0.0
     save_modules(modules, fmt, out, family, {"lora_pipeline.mix": ", ".join(specs)})
     return report
+
+
+def _model_layout(family, model: Path, single_file_config: Path | None):
+    return family.layout(Path(model).resolve(), single_file_config)
+
+
+def apply_weighted(unet, family, specs: list[str], model: Path):
+    """Attach each FILE:WEIGHT as its own adapter (lora0, lora1, ...). -> [(adapter name, weight, file)]."""
+    from stages.training.lora_files import attach_lora_file, match_modules, read_lora_file
+
+    attached = []
+    for i, spec in enumerate(specs):
+        path, weight = parse_weighted(spec)
+        lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
+        attach_lora_file(unet, match_modules(lora, unet, family.kohya_prefix), f"lora{i}")
+        attached.append((f"lora{i}", weight, path))
+    return attached
+
+
+def set_adapter_weights(unet, weights: dict[str, float]) -> None:
+    """Activate these adapters together, each scaled by its weight (what diffusers' set_adapters does)."""
+    from peft.tuners.lora import LoraLayer
+
+    unet.set_adapter(list(weights))
+    for module in unet.modules():
+        if isinstance(module, LoraLayer):
+            for name, w in weights.items():
+                if name in module.lora_A:
+                    module.set_scale(name, w)
+
+
+def merge(model: Path, specs: list[str], out: Path, family, single_file_config: Path | None, force: bool) -> dict:
+    """Bake weighted LoRAs into a copy of the model: W += Σ w_i·ΔW_i in fp32, cast back to W's dtype."""
+    import shutil
+
+    import torch
+
+    from stages.training.lora_files import match_modules, read_lora_file
+    from stages.training.lora_ops import delta_weight
+
+    if not specs:
+        raise ConfigError("give at least one FILE:WEIGHT to merge")
+    model, out = Path(model).resolve(), Path(out).resolve()
+    if out == model:
+        raise ConfigError(f"--out {out} is the model itself; write the merged model somewhere else.")
+    if out.exists() and not force:
+        raise ConfigError(f"{out} exists; pass --force to overwrite it, or choose another --out")
+    parsed = [parse_weighted(s) for s in specs]
+    components = family.load_components(_model_layout(family, model, single_file_config))
+    unet = components[family.lora_component]
+    layers = dict(unet.named_modules())
+    changed = 0
+    with torch.no_grad():
+        for path, weight in parsed:
+            lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
+            for name, mod in match_modules(lora, unet, family.kohya_prefix).items():
+                w = layers[name].weight
+                w.copy_((w.float() + weight * delta_weight(mod).reshape(w.shape)).to(w.dtype))
+                changed += 1
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    family.save_model(components, tmp)
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    tmp.rename(out)
+    return {
+        "model": str(model),
+        "loras": [{"file": str(p), "weight": w} for p, w in parsed],
+        "out": str(out),
+        "modules_changed": changed,
+    }
+
+
+def sample(
+    model: Path,
+    specs: list[str],
+    prompts: list[str],
+    seed: int,
+    out: Path,
+    steps: int,
+    guidance: float,
+    size: int,
+    scales: list[float],
+    family,
+    single_file_config: Path | None = None,
+) -> dict:
+    """A PNG grid: one row per prompt, one column per scale s (every LoRA at s x its weight), same seed everywhere."""
+    from PIL import Image, ImageDraw
+
+    from stages.devices import resolve_device
+
+    if not prompts:
+        raise ConfigError("give at least one --prompt")
+    layout = _model_layout(family, model, single_file_config)
+    device = resolve_device("auto")
+    unet = family.load_denoiser(layout, device).eval()
+    attached = apply_weighted(unet, family, specs, model)
+    render = family.preview_pipeline(layout, unet, device, family.prediction_type(layout))
+    columns = []
+    for s in scales:
+        if attached:
+            set_adapter_weights(unet, {name: s * w for name, w, _ in attached})
+        columns.append(render(prompts, seed, steps, guidance, size))
+    header = 14
+    grid = Image.new("RGB", (size * len(scales), header + size * len(prompts)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, (s, images) in enumerate(zip(scales, columns, strict=True)):
+        draw.text((j * size + 2, 1), f"scale {s:g}", fill="black")
+        for i, im in enumerate(images):
+            grid.paste(im, (j * size, header + i * size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return {
+        "out": str(out),
+        "prompts": prompts,
+        "scales": scales,
+        "seed": seed,
+        "loras": [{"file": str(p), "weight": w} for _, w, p in attached],
+    }

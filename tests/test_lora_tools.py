@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from stages.families import get_family
 from stages.training.lora_files import LoraFile, LoraModule, read_lora_file
 from stages.training.lora_ops import average, combine, compress, delta_weight
-
-FAMILY = get_family("sd15")
 
 
 def random_lora(seed: int, rank: int = 4, alpha: float = 8.0, names=("a.to_q", "a.to_k")) -> LoraFile:
     g = torch.Generator().manual_seed(seed)
     mods = {n: LoraModule(torch.randn(rank, 16, generator=g), torch.randn(24, rank, generator=g), alpha) for n in names}
-    return LoraFile(
-        path=__import__("pathlib").Path(f"lora{seed}.safetensors"), format="peft", modules=mods, metadata={}
-    )
+    return LoraFile(path=Path(f"lora{seed}.safetensors"), format="peft", modules=mods, metadata={})
 
 
 def test_mix_is_the_exact_weighted_sum_of_delta_w():
@@ -164,3 +160,93 @@ def test_bad_input_to_the_lora_tools(project, monkeypatch, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not (project.root / "o.safetensors").exists()
+
+
+@pytest.fixture
+def strong_lora(project, tmp_path) -> Path:
+    """A kohya LoRA for the tiny model with large random factors, so its effect shows in every output."""
+    from diffusers import UNet2DConditionModel
+
+    from stages.training.lora_files import add_lora, lora_state_dict, save_kohya
+
+    unet = UNet2DConditionModel.from_pretrained(str(project.root / "model"), subfolder="unet")
+    add_lora(unet, 4, 4.0, 0.0, ["to_q", "to_k", "to_v", "to_out.0"], 0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    path = tmp_path / "strong.safetensors"
+    save_kohya(lora_state_dict(unet), 4, 4.0, path, "lora_unet_", {})
+    return path
+
+
+def diffusers_unet_with(model_dir: Path, lora: Path | None, weight: float):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="x")
+        pipe.set_adapters(["x"], [weight])
+    return pipe
+
+
+def unet_out(unet):
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([100, 700]), encoder_hidden_states=c).sample
+
+
+def test_merge_equals_the_unmerged_adapter_in_both_layouts(project, strong_lora, tmp_path):
+    from stages.families.sd15 import SD15Family
+
+    model = project.root / "model"
+    want = unet_out(diffusers_unet_with(model, strong_lora, 0.8).unet)
+    base = unet_out(diffusers_unet_with(model, None, 0).unet)
+    assert (want - base).abs().max() > 1e-2  # the LoRA matters
+    family = SD15Family()
+    for out in (tmp_path / "merged", tmp_path / "merged.safetensors"):
+        result = cli(project, "lora", "merge", f"{strong_lora}:0.8", "--model", str(model), "--out", str(out))
+        assert result.exit_code == 0, result.output
+        layout = family.layout(out, model if out.suffix else None)
+        torch.testing.assert_close(unet_out(family.load_denoiser(layout, "cpu")), want, atol=1e-5, rtol=1e-4)
+    again = cli(project, "lora", "merge", str(strong_lora), "--model", str(model), "--out", str(tmp_path / "merged"))
+    assert again.exit_code == 2 and "pass --force" in again.output
+    itself = cli(project, "lora", "merge", str(strong_lora), "--model", str(model), "--out", str(model), "--force")
+    assert itself.exit_code == 2 and "is the model itself" in itself.output
+
+
+def test_sample_grid_equals_diffusers_set_adapters(project, strong_lora, tmp_path):
+    """Column `scale s` of the grid is diffusers' load_lora_weights + set_adapters([s * w]) on the same seed."""
+    import numpy as np
+    from diffusers import DDIMScheduler
+    from PIL import Image
+
+    model, grid_path = project.root / "model", tmp_path / "grid.png"
+    args = ["--model", str(model), "--lora", f"{strong_lora}:0.7", "--prompt", "a red circle", "--prompt", "a cat"]
+    args += ["--scales", "0,1", "--seed", "3", "--steps", "4", "--size", "32", "--out", str(grid_path)]
+    result = cli(project, "sample", *args)
+    assert result.exit_code == 0, result.output
+    grid = np.asarray(Image.open(grid_path).convert("RGB")).astype(int)
+    assert grid.shape == (14 + 2 * 32, 2 * 32, 3)  # a 14 px header, rows = prompts, columns = scales
+    for col, weight in ((0, 0.0), (1, 0.7)):
+        pipe = diffusers_unet_with(model, strong_lora, weight)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+        for row, prompt in enumerate(("a red circle", "a cat")):
+            image = pipe(
+                prompt,
+                num_inference_steps=4,
+                guidance_scale=7.5,
+                height=32,
+                width=32,
+                generator=torch.Generator().manual_seed(3),
+            ).images[0]
+            cell = grid[14 + row * 32 : 14 + (row + 1) * 32, col * 32 : (col + 1) * 32]
+            assert np.abs(cell - np.asarray(image).astype(int)).max() <= 1, (prompt, weight)
+    assert np.abs(grid[14:46, :32] - grid[14:46, 32:]).max() > 10  # the LoRA changes the picture
+
+
+def test_sample_rejects_a_bad_weight_before_loading_anything(project):
+    result = cli(project, "sample", "--model", "nowhere", "--lora", "a.safetensors:x", "--prompt", "p")
+    assert result.exit_code == 2 and "the weight 'x' is not a number" in result.output

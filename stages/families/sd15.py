@@ -259,6 +259,24 @@ class SD15Family(ModelFamily):
 
         return render
 
+    def load_components(self, layout: ModelLayout) -> dict:
+        """Every component, for tools that rewrite a whole model (`pipeline lora merge`)."""
+        return dict(zip(COMPONENTS, self._load(layout, *COMPONENTS), strict=True))
+
+    def save_model(self, components: dict, out: Path) -> None:
+        """A diffusers folder, or a single .safetensors checkpoint (LDM layout) when out ends in .safetensors."""
+        from diffusers import StableDiffusionPipeline
+
+        if out.suffix == ".safetensors":
+            from stages.families.sd15_checkpoint import save_single_file
+
+            save_single_file(components["unet"], components["vae"], components["text_encoder"], out)
+            return
+        pipe = StableDiffusionPipeline(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+        pipe.save_pretrained(str(out), safe_serialization=True)
+
     def lora_metadata(self) -> dict[str, str]:
         return {
             "ss_base_model_version": "sd_v1",
