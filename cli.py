@@ -102,7 +102,7 @@ def init(
 @app.command()
 @user_errors
 def run(
-    workflow: str = typer.Argument(..., help="Workflow to run: lora or transfer."),
+    workflow: str = typer.Argument(..., help="Workflow to run: lora, transfer or differential."),
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     only: str = typer.Option(None, "--only", help="Run this one stage on the upstream artifacts that exist."),
@@ -118,9 +118,10 @@ def run(
 
     if demo:
         from pipeline.demo import ensure_demo
-        from pipeline.workflows import get_workflow
+        from pipeline.workflows import WORKFLOWS
 
-        get_workflow(workflow)
+        if workflow not in WORKFLOWS:  # before building anything
+            raise PipelineError(f"unknown workflow {workflow!r}. Known workflows: {', '.join(WORKFLOWS)}.")
         config = ensure_demo()
     env = _env(config, set_)
     runs = run_workflow(env, workflow, only=only, dry_run=dry_run, progress=not no_progress and not as_json)
@@ -131,10 +132,12 @@ def run(
         return
     _print_runs(runs, dry_run)
     if demo and not dry_run:
-        _demo_epilogue(workflow, runs, config)
+        _demo_epilogue(workflow, runs, config, set_)
 
 
-def _demo_epilogue(workflow: str, runs, config: Path) -> None:
+def _demo_epilogue(workflow: str, runs, config: Path, overrides: list[str]) -> None:
+    if workflow == "differential":
+        return _differential_epilogue(runs, config, overrides)
     outputs = [o for r in runs for o in r.outputs]
     final = "student" if workflow == "transfer" else "lora1"
     lora = next((o for o in outputs if o.endswith(f"{final}.safetensors")), None)
@@ -150,6 +153,87 @@ def _demo_epilogue(workflow: str, runs, config: Path) -> None:
         )
     else:
         typer.echo(f"Try: pipeline status lora -c {config}   or   pipeline run lora --demo --set lora1.lr=5e-4")
+
+
+def _differential_epilogue(runs, config: Path, overrides: list[str]) -> None:
+    """The eval table, and a grid of base vs base + the averaged LoRA-2 at weights 0, 0.5 and 1."""
+    from pipeline.lora_tools import sample as render_grid
+
+    env = _env(config, overrides)
+    _print_eval(_eval_record(env))
+    average = next(o for r in runs for o in r.outputs if o.endswith("lora2_average.safetensors"))
+    grid = env.loaded.resolve(env.config.runtime.output_dir) / "differential" / "sample-grid.png"
+    prompts = sorted({i["caption"] for i in _eval_captions(env)})[:2]
+    model = env.loaded.resolve(env.config.model.path)
+    render_grid(model, [average], prompts, 0, grid, 10, 7.5, env.config.latents.resolution, [0, 0.5, 1], env.family)
+    typer.echo(f"\nLoRA-2 (average of the pairs, kohya format): {_short(average)}")
+    typer.echo(f"Sample grid (rows: prompts; columns: LoRA-2 at 0, 0.5, 1): {_short(str(grid))}")
+    typer.echo(
+        f"Try: pipeline eval differential -c {config}   or   pipeline run differential --demo "
+        f"--set differential.paired_noise=true"
+    )
+
+
+def _eval_record(env) -> dict:
+    from pipeline.inspect import find_artifact
+
+    return find_artifact(env, "differential", "eval").record
+
+
+def _eval_captions(env) -> list[dict]:
+    """The caption tables of every pair side in the differential workflow's last run."""
+    out = []
+    for name, key in env.store.read_ref("differential").items():
+        if name.startswith("caption."):
+            manifest = env.store.load_manifest("caption", key)
+            out += manifest.record["items"] if manifest else []
+    return out
+
+
+def _print_eval(record: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="differential eval (held-out noise)", show_edge=False, pad_edge=False, title_justify="left")
+    cols = ("pair", "A: base", "A: +L1", "B: +L1", "B: +L1+L2", "L2 → B−A", "L2 over L1 → B−A", "avg L2 → B−A")
+    for col in cols:
+        table.add_column(col)
+    for name, r in record["pairs"].items():
+        table.add_row(
+            name,
+            *(f"{r[k]:.4f}" for k in ("loss_a_base", "loss_a_lora1", "loss_b_lora1", "loss_b_lora1_lora2")),
+            f"{r['direction_lora2']:.3f}",
+            f"{r['direction_lora2_over_lora1']:.3f}",
+            f"{r['direction_average']:.3f}",
+        )
+    Console(width=160).print(table)
+    typer.echo(
+        "Losses: mean squared denoising error (lower: the model reproduces that image). LoRA-1 should lower A's loss, "
+        "LoRA-2 B's on top of LoRA-1. → B−A: cosine between the move of the x0 prediction from a noisy A and z_B − z_A "
+        "(> 0: towards B), for LoRA-2 alone, LoRA-2 over LoRA-1, and the pairs' average LoRA-2 alone."
+    )
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    workflow: str = typer.Argument("differential", help="The workflow to evaluate: differential."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    as_json: bool = JsonOpt,
+):
+    """Print (and store) the eval table of a differential run; runs what is stale first."""
+    from pipeline.runner import run_workflow
+
+    if workflow != "differential":
+        raise PipelineError(f"eval {workflow!r}: only the differential workflow has an eval stage.")
+    env = _env(config, set_)
+    run_workflow(env, workflow, progress=not as_json)
+    record = _eval_record(env)
+    if as_json:
+        typer.echo(json.dumps(record, indent=1))
+        return
+    _print_eval(record)
 
 
 def _print_runs(runs, dry_run: bool) -> None:
@@ -192,7 +276,7 @@ def status(
     names = [workflow] if workflow else [w for w in WORKFLOWS if env.store.read_ref(w)] or ["lora"]
     report = []
     for name in names:
-        plans = plan_workflow(env, get_workflow(name, env.config), env.store.read_ref(name))
+        plans = plan_workflow(env, get_workflow(name, env.config, env), env.store.read_ref(name))
         report.append(
             {
                 "workflow": name,

@@ -123,15 +123,35 @@ class Store:
         except FileNotFoundError:
             return {}
 
-    def write_ref(self, workflow: str, stages: dict[str, str], config: dict | None = None) -> None:
-        ref = {"stages": stages, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config}
+    def write_ref(
+        self, workflow: str, stages: dict[str, str], config: dict | None = None, kinds: dict[str, str] | None = None
+    ) -> None:
+        """stages: node name -> key; kinds: node name -> stage name where they differ (`lora1.car` -> `lora1`)."""
+        old = self._read_ref_doc(workflow)
+        kinds = {**old.get("kinds", {}), **(kinds or {})}
+        ref = {"stages": stages, "kinds": kinds, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config}
         write_json_atomic(self.root / "refs" / f"{workflow}.json", ref)
 
+    def _read_ref_doc(self, workflow: str) -> dict:
+        try:
+            return json.loads((self.root / "refs" / f"{workflow}.json").read_text())
+        except FileNotFoundError:
+            return {}
+
     def refs(self) -> dict[str, dict[str, str]]:
+        """workflow -> {stage name/node name: key}, node names resolved to (stage, key) pairs by `ref_artifacts`."""
         refs_dir = self.root / "refs"
         if not refs_dir.is_dir():
             return {}
         return {p.stem: json.loads(p.read_text())["stages"] for p in sorted(refs_dir.glob("*.json"))}
+
+    def ref_artifacts(self) -> list[tuple[str, str]]:
+        """Every (stage, key) some workflow's last run reached: the roots of garbage collection."""
+        out = []
+        for workflow, stages in self.refs().items():
+            kinds = self._read_ref_doc(workflow).get("kinds", {})
+            out += [(kinds.get(node, node), key) for node, key in stages.items()]
+        return out
 
     # -- garbage collection --------------------------------------------------------------------------
     def gc(self, dry_run: bool = False) -> dict:
@@ -139,15 +159,14 @@ class Store:
         live_stage_dirs: set[Path] = set()
         live_objects: set[str] = set()
         live_arrays: dict[str, set[str]] = {}
-        for stages in self.refs().values():
-            for stage, key in stages.items():
-                manifest = self.load_manifest(stage, key)
-                if manifest is None:
-                    continue
-                live_stage_dirs.add(self.stage_dir(stage, key))
-                live_objects.update(o["digest"] for o in manifest.outputs.values())
-                for pool_id, names in manifest.pools.items():
-                    live_arrays.setdefault(pool_id, set()).update(names)
+        for stage, key in self.ref_artifacts():
+            manifest = self.load_manifest(stage, key)
+            if manifest is None:
+                continue
+            live_stage_dirs.add(self.stage_dir(stage, key))
+            live_objects.update(o["digest"] for o in manifest.outputs.values())
+            for pool_id, names in manifest.pools.items():
+                live_arrays.setdefault(pool_id, set()).update(names)
 
         removed: list[dict] = []
 

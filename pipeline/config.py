@@ -183,6 +183,53 @@ class StudentConfig(LoraSettings):
     )
 
 
+class PairConfig(Section):
+    """One (A, B) pair of differential LoRA, declared in the config instead of by the folder convention."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", description="The pair's name (letters, digits, - and _).")
+    a: Path = Field(..., description="Folder of the A side (what LoRA-1 overfits), relative to the config file.")
+    b: Path = Field(..., description="Folder of the B side (what LoRA-2 learns on top of LoRA-1).")
+
+
+def _overfit(**kw) -> TrainConfig:
+    return TrainConfig(**{"rank": 16, "alpha": 16.0, "lr": 5e-4, "steps": 300, "batch_size": 1, **kw})
+
+
+class DifferentialConfig(Section):
+    """Differential LoRA (workflow `differential`): LoRA-1 overfits A, LoRA-2 learns B on top of it, and the
+    LoRA-2s of all pairs are averaged in ΔW space."""
+
+    pairs_dir: Path = Field(
+        Path("pairs"), description="Folder of pairs by convention: <pairs_dir>/<name>/a/ and <name>/b/ (with captions)."
+    )
+    pairs: list[PairConfig] = Field(
+        [], description="Pairs declared explicitly ([[differential.pairs]] name, a, b); when set, pairs_dir is unused."
+    )
+    lora1_mode: Literal["adapter", "merged"] = Field(
+        "adapter",
+        description="How LoRA-1 is applied while LoRA-2 trains: adapter (a frozen runtime adapter) or merged "
+        "(added to the base weights in fp32).",
+    )
+    paired_noise: bool = Field(
+        False,
+        description="LoRA-2 replays LoRA-1's timesteps and noise step by step (needs equal batch sizes), so A and B "
+        "are compared on identical noise.",
+    )
+    average_rank: int = Field(
+        0,
+        ge=0,
+        description="Rank of the averaged LoRA-2: 0 keeps the exact average (rank = pairs x rank); "
+        "k compresses it by SVD and reports the relative error.",
+    )
+    eval_samples: int = Field(8, ge=1, description="Held-out (noise, timestep) draws per image for the eval table.")
+    lora1: TrainConfig = Field(
+        default_factory=_overfit, description="LoRA-1 on A: settings that overfit one image by default."
+    )
+    lora2: TrainConfig = Field(
+        default_factory=lambda: _overfit(seed=43), description="LoRA-2 on B, with LoRA-1 applied."
+    )
+
+
 class PreviewConfig(Section):
     """Preview images rendered during training."""
 
@@ -235,6 +282,7 @@ class PipelineConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
+    differential: DifferentialConfig = Field(default_factory=DifferentialConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 

@@ -40,6 +40,9 @@ DEMO_SETTINGS = {
     "schedule": {"steps": 80, "batch_size": 2, "heldout": 8},
     "transfer": {"student_model": "models/tiny-turbo"},
     "student": {"rank": 4, "alpha": 8.0, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 5},
+    "differential": {"pairs_dir": "pairs"},
+    "differential.lora1": {"rank": 8, "alpha": 8.0, "lr": 5e-3, "steps": 150, "batch_size": 1},
+    "differential.lora2": {"rank": 8, "alpha": 8.0, "lr": 5e-3, "steps": 150, "batch_size": 1, "seed": 43},
     "runtime": {"checkpoint_every": 40, "fidelity_every": 20},
     "runtime.preview": {
         "every": 60,
@@ -81,6 +84,23 @@ def write_images(folder: Path, count: int = 12, size: int = 96, seed: int = 0) -
         (folder / f"{i:03d}_{fg}_{shape}.txt").write_text(f"a {fg} {shape} on a {bg} background\n")
 
 
+PAIRS = (("red", "circle", "blue"), ("yellow", "square", "purple"), ("white", "triangle", "green"))
+
+
+def write_pairs(folder: Path, size: int = 64) -> None:
+    """One folder per pair: the same scene, blurred in a/ and sharp in b/, with the same caption."""
+    from PIL import ImageFilter
+
+    for fg, shape, bg in PAIRS:
+        scene = draw_scene(shape, fg, bg, size, (0, 0, 0))
+        caption = f"a {fg} {shape} on a {bg} background\n"
+        for side, image in (("a", scene.filter(ImageFilter.GaussianBlur(4))), ("b", scene)):
+            out = folder / f"{fg}-{shape}" / side
+            out.mkdir(parents=True, exist_ok=True)
+            image.save(out / "scene.png")
+            (out / "scene.txt").write_text(caption)
+
+
 def demo_config_text() -> str:
     return example_config_toml(DEMO_SETTINGS)
 
@@ -109,6 +129,9 @@ def ensure_demo(root: Path = DEMO_DIR) -> Path:
     if not (root / "images").exists():
         print(f"demo: drawing a captioned image set in {root / 'images'} ...", file=sys.stderr)
         write_images(root / "images")
-    if not config.exists() or "[transfer]" not in config.read_text():  # absent, or from a demo before transfer
+    if not (root / "pairs").exists():
+        print(f"demo: drawing blurred (A) / sharp (B) pairs in {root / 'pairs'} ...", file=sys.stderr)
+        write_pairs(root / "pairs")
+    if not config.exists() or "[differential]" not in config.read_text():  # absent, or from an older demo
         config.write_text(demo_config_text())
     return config

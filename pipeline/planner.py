@@ -14,6 +14,21 @@ from stages.base import PlanEnv, Stage
 
 
 @dataclass
+class Node:
+    """A stage in a workflow: its name there (the stage's name, or e.g. `lora1.car` for a pair), the env it
+    plans in (a pair's side sees its own images), and which node fills each of the stage's upstream roles."""
+
+    name: str
+    stage: Stage
+    upstream: dict[str, str]  # role (what the stage calls it) -> node name
+    env: PlanEnv | None = None  # None: the workflow's env
+
+
+def as_node(stage: Stage | Node) -> Node:
+    return stage if isinstance(stage, Node) else Node(stage.name, stage, {u: u for u in stage.upstream})
+
+
+@dataclass
 class StagePlan:
     stage: Stage
     params: object
@@ -24,14 +39,24 @@ class StagePlan:
     causes: list[str] = field(default_factory=list)
     progress: tuple[int, int] | None = None
     manifest: Manifest | None = None
+    node: str = ""  # the name in the workflow (= stage.name outside per-pair workflows)
+    env: PlanEnv | None = None
+    upstream_nodes: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return self.stage.name
+        return self.node or self.stage.name
 
 
-def plan_stage(env: PlanEnv, stage: Stage, upstream: dict[str, StagePlan | Manifest], ref: dict[str, str]) -> StagePlan:
-    """Plan one stage given the plans (or the manifests, for --only) of its upstream stages."""
+def plan_stage(
+    env: PlanEnv,
+    stage: Stage,
+    upstream: dict[str, StagePlan | Manifest],
+    ref: dict[str, str],
+    node: Node | None = None,
+) -> StagePlan:
+    """Plan one stage given the plans (or the manifests, for --only) of its upstream roles."""
+    node = node or as_node(stage)
     params = stage.params(env)
     upstream_keys = {u: p.key for u, p in upstream.items()}
     preimage = build_preimage(
@@ -44,7 +69,7 @@ def plan_stage(env: PlanEnv, stage: Stage, upstream: dict[str, StagePlan | Manif
     if conflicts:
         raise PlanError(
             f"{stage.name}: its settings break the contract of its upstream stages "
-            f"({', '.join(stage.contract_from or stage.upstream)}):\n"
+            f"({', '.join(stage.contract_from or upstream)}):\n"
             + "\n".join(f"  {c}" for c in conflicts)
             + f"\n{CONFLICT_HINTS.get(stage.name, 'Make the two sides agree in the config.')}"
         )
@@ -54,11 +79,23 @@ def plan_stage(env: PlanEnv, stage: Stage, upstream: dict[str, StagePlan | Manif
     if damage:
         manifest = None  # re-made by this run; what is intact (pool items) is reused
     previous = None
-    if ref.get(stage.name) and ref[stage.name] != key:
-        previous = env.store.load_manifest(stage.name, ref[stage.name])
+    if ref.get(node.name) and ref[node.name] != key:
+        previous = env.store.load_manifest(stage.name, ref[node.name])
     causes = damage + (diff_preimages(previous.preimage, preimage) if previous else [])
     causes = [_explain_upstream(c, upstream) for c in causes]
-    plan = StagePlan(stage, params, preimage, key, contract, "fresh", causes, manifest=manifest)
+    plan = StagePlan(
+        stage,
+        params,
+        preimage,
+        key,
+        contract,
+        "fresh",
+        causes,
+        manifest=manifest,
+        node=node.name,
+        env=env,
+        upstream_nodes=dict(node.upstream),
+    )
     if manifest is None:
         up_manifests = {u: (p.manifest if isinstance(p, StagePlan) else p) for u, p in upstream.items()}
         plan.progress = stage.progress(env, key, up_manifests)
@@ -76,7 +113,7 @@ CONFLICT_HINTS = {
 
 def inherited_contract(stage: Stage, upstream: dict[str, StagePlan | Manifest]) -> dict:
     contract: dict = {}
-    for name in stage.contract_from if stage.contract_from is not None else stage.upstream:
+    for name in stage.contract_from if stage.contract_from is not None else list(upstream):
         contract.update(upstream[name].contract)
     return contract
 
@@ -119,10 +156,11 @@ def damaged(env: PlanEnv, manifest: Manifest) -> list[str]:
     return causes
 
 
-def plan_workflow(env: PlanEnv, stages: list[Stage], ref: dict[str, str]) -> list[StagePlan]:
+def plan_workflow(env: PlanEnv, stages: list[Stage | Node], ref: dict[str, str]) -> list[StagePlan]:
     plans: dict[str, StagePlan] = {}
-    for stage in stages:
-        plans[stage.name] = plan_stage(env, stage, {u: plans[u] for u in stage.upstream}, ref)
+    for node in map(as_node, stages):
+        upstream = {role: plans[n] for role, n in node.upstream.items()}
+        plans[node.name] = plan_stage(node.env or env, node.stage, upstream, ref, node)
     return list(plans.values())
 
 

@@ -13,7 +13,14 @@ from pathlib import Path
 from cache.store import Manifest
 from pipeline import __version__
 from pipeline.errors import PlanError
-from pipeline.planner import StagePlan, contract_diff, inherited_contract, plan_stage, plan_workflow
+from pipeline.planner import (
+    StagePlan,
+    as_node,
+    contract_diff,
+    inherited_contract,
+    plan_stage,
+    plan_workflow,
+)
 from pipeline.workflows import get_workflow
 from stages.base import PlanEnv, StageContext
 
@@ -46,7 +53,7 @@ def _git_describe() -> str | None:
 def run_workflow(
     env: PlanEnv, workflow: str, only: str | None = None, dry_run: bool = False, progress: bool = True
 ) -> list[StageRun]:
-    stages = get_workflow(workflow, env.config)
+    stages = [as_node(s) for s in get_workflow(workflow, env.config, env)]
     if only is not None and only not in {s.name for s in stages}:
         names = ", ".join(s.name for s in stages)
         raise PlanError(f"--only {only}: workflow {workflow!r} has no stage {only!r}; its stages are {names}.")
@@ -62,23 +69,24 @@ def run_workflow(
         plans = _plans(env, workflow, stages, only)
         for plan in plans:
             if plan.state != "fresh":
-                plan.stage.preflight(env, plan.params)
+                plan.stage.preflight(plan.env or env, plan.params)
         runs = []
         for plan in plans:
             if plan.state == "fresh":
                 runs.append(StageRun(plan.name, "reused", plan.key))
             else:
-                upstream = {u: _upstream_manifest(env, plans, u) for u in plan.stage.upstream}
-                runs.append(_run_stage(env, plan, upstream, progress))
-                plan.manifest = env.store.load_manifest(plan.name, plan.key)
+                upstream = {role: _upstream_manifest(env, plans, plan, role) for role in plan.upstream_nodes}
+                runs.append(_run_stage(plan.env or env, plan, upstream, progress))
+                plan.manifest = env.store.load_manifest(plan.stage.name, plan.key)
                 plan.state = "fresh"
         ref = env.store.read_ref(workflow)
         ref.update({p.name: p.key for p in plans})
-        env.store.write_ref(workflow, ref, config=env.config.model_dump(mode="json"))
+        kinds = {p.name: p.stage.name for p in plans if p.name != p.stage.name}
+        env.store.write_ref(workflow, ref, config=env.config.model_dump(mode="json"), kinds=kinds)
         output_root = env.loaded.resolve(env.config.runtime.output_dir) / workflow
         for run, plan in zip(runs, plans, strict=True):
             run.outputs = export_outputs(env, plan.manifest, output_root / plan.name)
-            stage_dir = env.store.stage_dir(plan.name, plan.key)
+            stage_dir = env.store.stage_dir(plan.stage.name, plan.key)
             run.location = str((output_root / plan.name) if run.outputs else stage_dir) + "/"
         return runs
     finally:
@@ -91,11 +99,12 @@ def _plans(env: PlanEnv, workflow: str, stages, only: str | None) -> list[StageP
     plans = {p.name: p for p in plan_workflow(env, stages, ref)}
     if only is None:
         return list(plans.values())
-    stage = plans[only].stage
-    upstream = {u: _existing_upstream(env, plans[u], ref, workflow) for u in stage.upstream}
-    if stage.enforce_contract:
-        check_contract(plans[only], upstream, workflow)
-    return [plan_stage(env, stage, upstream, ref)]
+    target = plans[only]
+    upstream = {role: _existing_upstream(env, plans[n], ref, workflow) for role, n in target.upstream_nodes.items()}
+    if target.stage.enforce_contract:
+        check_contract(target, upstream, workflow)
+    node = next(n for n in stages if n.name == only)
+    return [plan_stage(target.env or env, target.stage, upstream, ref, node)]
 
 
 def check_contract(plan: StagePlan, upstream: dict[str, Manifest], workflow: str) -> None:
@@ -103,7 +112,7 @@ def check_contract(plan: StagePlan, upstream: dict[str, Manifest], workflow: str
     diff = contract_diff(plan.contract, inherited_contract(plan.stage, upstream), labels=("config", "artifact"))
     if not diff:
         return
-    sources = plan.stage.contract_from or plan.stage.upstream
+    sources = plan.stage.contract_from or list(upstream)
     names = ", ".join(f"{u} {upstream[u].key[:12]}" for u in sources)
     raise PlanError(
         f"--only {plan.name}: the upstream artifacts ({names}) were made under another contract than this "
@@ -118,7 +127,7 @@ def _existing_upstream(env: PlanEnv, plan: StagePlan, ref: dict, workflow: str) 
     """The upstream artifact for --only: the current config's if it exists, else the last run's."""
     if plan.manifest is not None:
         return plan.manifest
-    last = env.store.load_manifest(plan.name, ref[plan.name]) if plan.name in ref else None
+    last = env.store.load_manifest(plan.stage.name, ref[plan.name]) if plan.name in ref else None
     if last is None:
         raise PlanError(
             f"--only needs the {plan.name} artifact, and there is none for this config. Make it with "
@@ -132,13 +141,15 @@ def _existing_upstream(env: PlanEnv, plan: StagePlan, ref: dict, workflow: str) 
     return last
 
 
-def _upstream_manifest(env: PlanEnv, plans: list[StagePlan], name: str) -> Manifest:
+def _upstream_manifest(env: PlanEnv, plans: list[StagePlan], plan: StagePlan, role: str) -> Manifest:
+    node = plan.upstream_nodes[role]
     for p in plans:
-        if p.name == name and p.manifest is not None:
+        if p.name == node and p.manifest is not None:
             return p.manifest
-    # With --only, upstream manifests are pinned in the preimage.
-    key = plans[-1].preimage["upstream"][name]
-    return env.store.load_manifest(name, key)
+    # With --only, upstream manifests are pinned in the preimage (role -> key); the stage kind is the role's.
+    key = plan.preimage["upstream"][role]
+    kind = next((p.stage.name for p in plans if p.name == node), role)
+    return env.store.load_manifest(kind, key)
 
 
 def _dry(plan: StagePlan) -> StageRun:
@@ -153,14 +164,14 @@ def _dry(plan: StagePlan) -> StageRun:
 def _run_stage(env: PlanEnv, plan: StagePlan, upstream: dict[str, Manifest], progress: bool) -> StageRun:
     store = env.store
     started = time.perf_counter()
-    work = store.work_dir(plan.name, plan.key)
+    work = store.work_dir(plan.stage.name, plan.key)
     print(f"{plan.name}: running ({'; '.join(plan.causes)})", file=sys.stderr, flush=True)
     ctx = StageContext(env=env, key=plan.key, params=plan.params, upstream=upstream, work_dir=work, progress=progress)
     result = plan.stage.run(ctx)
     outputs = {name: store.put_object(path) for name, path in result.files.items()}
     seconds = time.perf_counter() - started
     manifest = Manifest(
-        stage=plan.name,
+        stage=plan.stage.name,
         key=plan.key,
         preimage=plan.preimage,
         contract=plan.contract,

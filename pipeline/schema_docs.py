@@ -12,13 +12,27 @@ from pipeline.config import PipelineConfig
 
 
 def _sections(model: type[BaseModel], prefix: str = ""):
-    """Yield (dotted section name, section model class, default instance) depth-first."""
+    """Yield (dotted section name, section model class) depth-first."""
     for name, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             dotted = f"{prefix}{name}"
             yield dotted, ann
             yield from _sections(ann, dotted + ".")
+
+
+def _section_info(dotted: str, section: type[BaseModel]) -> tuple[str, BaseModel]:
+    """(its description, its default instance) as it sits in a default config: a nested section such as
+    differential.lora1 has its own defaults and its field's description, not those of its class."""
+    node, parent = PipelineConfig(), PipelineConfig
+    field = None
+    for part in dotted.split("."):
+        field = parent.model_fields[part]
+        node, parent = getattr(node, part), type(getattr(node, part))
+    doc = (section.__doc__ or "").strip()
+    if "." in dotted and field is not None and field.description:
+        doc = field.description
+    return doc, node
 
 
 def _leaf_fields(model: type[BaseModel]):
@@ -65,12 +79,12 @@ def config_reference_markdown() -> str:
         lines += [
             f"## `[{dotted}]`",
             "",
-            (section.__doc__ or "").strip(),
+            _section_info(dotted, section)[0],
             "",
             "| key | type | default | meaning |",
             "| --- | --- | --- | --- |",
         ]
-        defaults = section()
+        defaults = _section_info(dotted, section)[1]
         for name, field in _leaf_fields(section):
             default = getattr(defaults, name)
             shown = "unset" if default is None else f"`{toml_value(default)}`"
@@ -89,8 +103,8 @@ def example_config_toml(overrides: dict[str, dict[str, Any]] | None = None) -> s
     ]
     for dotted, section in _sections(PipelineConfig):
         out.append(f"[{dotted}]")
-        out += [f"# {line.strip()}".rstrip() for line in (section.__doc__ or "").strip().splitlines()]
-        defaults = section()
+        doc, defaults = _section_info(dotted, section)
+        out += [f"# {line.strip()}".rstrip() for line in doc.splitlines()]
         for name, field in _leaf_fields(section):
             value = overrides.get(dotted, {}).get(name, getattr(defaults, name))
             out.append(f"# {field.description}")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from pipeline.errors import PlanError
-from stages.base import Stage
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import DataError, PlanError
+from pipeline.planner import Node
+from stages.average import AverageStage
+from stages.base import PlanEnv, Stage
 from stages.caption import CaptionStage
+from stages.evaluate import EvalStage
 from stages.latents import LatentsStage
 from stages.lora1 import ImportLoraStage, Lora1Stage
+from stages.lora2 import Lora2Stage
 from stages.prior import PriorStage
 from stages.schedule import ScheduleStage
 from stages.student import StudentStage
@@ -24,19 +31,29 @@ STAGES: dict[str, Stage] = {
         TeacherStage(),
         PriorStage(),
         StudentStage(),
+        Lora2Stage(),
+        AverageStage(),
+        EvalStage(),
     )
 }
 
 WORKFLOWS: dict[str, tuple[str, ...]] = {
     "lora": ("caption", "latents", "text", "lora1"),
     "transfer": ("caption", "latents", "text", "lora1", "schedule", "teacher", "prior", "student"),
+    # per pair p: caption/latents/text of p.a and p.b, lora1.p (on A), lora2.p (on B over lora1.p); then:
+    "differential": ("average", "eval"),
 }
 
 
-def get_workflow(name: str, config=None) -> list[Stage]:
-    """The stages of a workflow; with a config, `transfer.teacher_lora` swaps lora1 training for an import."""
+def get_workflow(name: str, config=None, env: PlanEnv | None = None) -> list[Stage] | list[Node]:
+    """The stages of a workflow; with a config, `transfer.teacher_lora` swaps lora1 training for an import.
+    `differential` has per-pair nodes, so it needs the env (its pairs come from the data on disk)."""
     if name not in WORKFLOWS:
         raise PlanError(f"unknown workflow {name!r}. Known workflows: {', '.join(WORKFLOWS)}.")
+    if name == "differential":
+        if env is None:
+            raise PlanError("the differential workflow is planned per pair: pass the env")
+        return differential_nodes(env)
     stages = [STAGES[s] for s in WORKFLOWS[name]]
     if name == "transfer" and config is not None and config.transfer.teacher_lora is not None:
         stages = [ImportLoraStage() if s.name == "lora1" else s for s in stages]
@@ -46,3 +63,93 @@ def get_workflow(name: str, config=None) -> list[Stage]:
         assert not missing, f"workflow {name}: {stage.name} listed before {missing}"
         seen.add(stage.name)
     return stages
+
+
+# -- differential LoRA: pairs -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    a: Path
+    b: Path
+
+
+def discover_pairs(env: PlanEnv) -> list[Pair]:
+    """differential.pairs if declared, else <pairs_dir>/<name>/{a,b}/; every side checked (files only)."""
+    d = env.config.differential
+    if d.pairs:
+        pairs = [Pair(p.name, env.loaded.resolve(p.a), env.loaded.resolve(p.b)) for p in d.pairs]
+    else:
+        root = env.loaded.resolve(d.pairs_dir)
+        if not root.is_dir():
+            raise DataError(
+                f"differential.pairs_dir: {root} does not exist. Make one folder per pair with a/ and b/ inside "
+                f"({root}/<name>/a/, {root}/<name>/b/), or declare [[differential.pairs]] in the config."
+            )
+        pairs = [Pair(p.name, p / "a", p / "b") for p in sorted(root.iterdir()) if p.is_dir()]
+        if not pairs:
+            raise DataError(f"differential.pairs_dir: {root} has no pair folders (<name>/a/ and <name>/b/).")
+    names = [p.name for p in pairs]
+    if len(set(names)) != len(names):
+        raise DataError(f"differential.pairs: pair names must be unique, got {names}")
+    for pair in pairs:
+        check_pair(env, pair)
+    return pairs
+
+
+def check_pair(env: PlanEnv, pair: Pair) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    from stages.dataset import scan_images
+
+    sizes = {}
+    for side, folder in (("a", pair.a), ("b", pair.b)):
+        if not folder.is_dir():
+            raise DataError(f"pair {pair.name!r}: side {side.upper()} folder {folder} does not exist.")
+        try:
+            entries = scan_images(folder, env.config.data.caption_extensions, env.store.memo)
+        except DataError:
+            entries = []
+        if not entries:
+            raise DataError(
+                f"pair {pair.name!r}: side {side.upper()} ({folder}) has no images. Put A's image(s) in "
+                f"a/ and B's in b/."
+            )
+        for e in entries:
+            try:
+                with Image.open(e.path) as im:
+                    sizes[e.path] = im.size
+            except (UnidentifiedImageError, OSError):
+                pass  # the caption stage reports unreadable images with the fix
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{p.parent.name}/{p.name} {w}x{h}" for p, (w, h) in sorted(sizes.items()))
+        raise DataError(
+            f"pair {pair.name!r}: A and B must be images of one size, so that they differ only in content; got "
+            f"{listed}."
+        )
+
+
+def differential_nodes(env: PlanEnv) -> list[Node]:
+    d = env.config.differential
+    nodes: list[Node] = []
+    average_up, eval_up = {}, {}
+    for pair in discover_pairs(env):
+        side_env = {}
+        for side, folder in (("a", pair.a), ("b", pair.b)):
+            data = env.config.data.model_copy(update={"images": folder})
+            side_env[side] = env.scoped(data=data, lora1=d.lora1)
+            names = {r: f"{r}.{pair.name}.{side}" for r in ("caption", "latents", "text")}
+            nodes.append(Node(names["caption"], STAGES["caption"], {}, side_env[side]))
+            nodes.append(Node(names["latents"], STAGES["latents"], {"caption": names["caption"]}, side_env[side]))
+            nodes.append(Node(names["text"], STAGES["text"], {"caption": names["caption"]}, side_env[side]))
+            eval_up.update({n: n for n in names.values()})
+        a = {r: f"{r}.{pair.name}.a" for r in ("caption", "latents", "text")}
+        b = {r: f"{r}.{pair.name}.b" for r in ("caption", "latents", "text")}
+        nodes.append(Node(f"lora1.{pair.name}", STAGES["lora1"], a, side_env["a"]))
+        nodes.append(Node(f"lora2.{pair.name}", STAGES["lora2"], {**b, "lora1": f"lora1.{pair.name}"}, side_env["b"]))
+        average_up[f"lora2.{pair.name}"] = f"lora2.{pair.name}"
+        eval_up.update({f"lora1.{pair.name}": f"lora1.{pair.name}", f"lora2.{pair.name}": f"lora2.{pair.name}"})
+    nodes.append(Node("average", STAGES["average"], average_up))
+    nodes.append(Node("eval", STAGES["eval"], {**eval_up, "average": "average"}))
+    return nodes

@@ -89,6 +89,15 @@ class PlanEnv:
             self.family, self.loaded.resolve(t.student_model), config_dir, self.store, "transfer.student_model"
         )
 
+    def scoped(self, **sections) -> PlanEnv:
+        """The same project with some config sections replaced (a pair side's images, its LoRA settings).
+
+        It shares the store and the models' digests; the scans and params follow the replaced sections."""
+        config = self.config.model_copy(update=sections)
+        env = PlanEnv(LoadedConfig(config, self.loaded.path), self.store)
+        env.__dict__.update({k: self.__dict__[k] for k in ("family", "model", "student") if k in self.__dict__})
+        return env
+
     @property
     def layout(self) -> ModelLayout:
         return self.model.layout

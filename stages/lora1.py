@@ -70,11 +70,12 @@ class Lora1Stage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from stages.devices import resolve_device
+        from stages.pools import load_training_data
         from stages.training.loop import DiffusionBatches, TrainJob, train_lora
         from stages.training.lora_files import write_lora_outputs
 
         env, p = ctx.env, ctx.params
-        data, captions = load_training_data(ctx)
+        data, captions = load_training_data(ctx.store, ctx.upstream)
         preview = ctx.runtime.preview
         job = TrainJob(
             family=env.family,
@@ -100,27 +101,6 @@ class Lora1Stage(Stage):
             "alpha": p.alpha,
         }
         return StageResult(files=files, record=record, summary=f"loss {record['final_loss']:.4f}")
-
-
-def load_training_data(ctx: StageContext):
-    """All latents and unique text embeddings in memory, read through the upstream manifests."""
-    import numpy as np
-    import torch
-
-    from stages.training.loop import TrainData
-
-    store = ctx.store
-    items = ctx.upstream["caption"].record["items"]
-    lat = ctx.upstream["latents"].record
-    txt = ctx.upstream["text"].record
-    lat_pool, txt_pool = store.pool(lat["pool"]), store.pool(txt["pool"])
-    latents = np.stack([lat_pool.get(lat["items"][i["id"]]["array"], lat["items"][i["id"]]["digest"]) for i in items])
-    strings = sorted({i["caption"] for i in items})
-    row = {s: n for n, s in enumerate(strings)}
-    cond = np.stack([txt_pool.get(txt["strings"][s]["array"], txt["strings"][s]["digest"]) for s in strings])
-    index = [row[i["caption"]] for i in items]
-    data = TrainData(torch.from_numpy(latents), torch.from_numpy(cond), torch.tensor(index, dtype=torch.long))
-    return data, [i["caption"] for i in items]
 
 
 class ImportLoraParams(BaseModel):

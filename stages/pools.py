@@ -94,3 +94,23 @@ def load_latent_table(store: Store, latents_record: dict, digests) -> dict:
     by_digest = {v["array"]: v["digest"] for v in latents_record["items"].values()}
     pool = store.pool(latents_record["pool"])
     return {d: pool.get(d, by_digest[d]) for d in sorted(set(digests))}
+
+
+def load_training_data(store: Store, upstream: dict):
+    """All latents and unique text embeddings in memory, read through the upstream manifests."""
+    import numpy as np
+    import torch
+
+    from stages.training.loop import TrainData
+
+    items = upstream["caption"].record["items"]
+    lat = upstream["latents"].record
+    txt = upstream["text"].record
+    lat_pool, txt_pool = store.pool(lat["pool"]), store.pool(txt["pool"])
+    latents = np.stack([lat_pool.get(lat["items"][i["id"]]["array"], lat["items"][i["id"]]["digest"]) for i in items])
+    strings = sorted({i["caption"] for i in items})
+    row = {s: n for n, s in enumerate(strings)}
+    cond = np.stack([txt_pool.get(txt["strings"][s]["array"], txt["strings"][s]["digest"]) for s in strings])
+    index = [row[i["caption"]] for i in items]
+    data = TrainData(torch.from_numpy(latents), torch.from_numpy(cond), torch.tensor(index, dtype=torch.long))
+    return data, [i["caption"] for i in items]

@@ -125,5 +125,35 @@ def transfer_project(tmp_path, tiny_model) -> Project:
     return Project(tmp_path, json.loads(json.dumps(TRANSFER_SETTINGS)))
 
 
+DIFFERENTIAL_SETTINGS = {
+    "model": {"path": "model"},
+    "latents": {"resolution": 32},
+    "differential": {"eval_samples": 2},
+    "differential.lora1": {"rank": 4, "alpha": 4.0, "lr": 5e-3, "steps": 4, "batch_size": 1},
+    "differential.lora2": {"rank": 4, "alpha": 4.0, "lr": 5e-3, "steps": 4, "batch_size": 1, "seed": 43},
+    "runtime": {"checkpoint_every": 2},
+}
+
+
+def make_pairs(folder: Path, names=("red-circle", "yellow-square"), size: int = 32) -> None:
+    from pipeline.demo import PAIRS, write_pairs
+
+    tmp = folder.parent / ".pairs-gen"
+    write_pairs(tmp, size=size)
+    wanted = {f"{fg}-{shape}" for fg, shape, _ in PAIRS} & set(names)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in sorted(wanted):
+        shutil.move(str(tmp / name), folder / name)
+    shutil.rmtree(tmp)
+
+
+@pytest.fixture
+def differential_project(tmp_path, tiny_model) -> Project:
+    """Two (blurred A, sharp B) pairs under pairs/, set up for `pipeline run differential`."""
+    shutil.copytree(tiny_model / "model", tmp_path / "model")
+    make_pairs(tmp_path / "pairs")
+    return Project(tmp_path, json.loads(json.dumps(DIFFERENTIAL_SETTINGS)))
+
+
 def actions(report: dict) -> dict[str, str]:
     return {s["name"]: s["action"] for s in report["stages"]}

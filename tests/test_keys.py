@@ -21,7 +21,7 @@ def project(transfer_project):
 def keys(project, *overrides: str, workflow: str = "transfer") -> dict[str, str]:
     loaded = load_config(project.config, list(overrides))
     env = PlanEnv(loaded, Store(loaded.store_dir))
-    return {p.name: p.key for p in plan_workflow(env, get_workflow(workflow, env.config), {})}
+    return {p.name: p.key for p in plan_workflow(env, get_workflow(workflow, env.config, env), {})}
 
 
 # (override, the first stage whose key must change; every stage downstream of it changes too)
@@ -110,10 +110,43 @@ RUNTIME = [
 ]
 
 
+TRAIN_FIELDS = [
+    ("rank", 8), ("alpha", 2.0), ("dropout", 0.1), ("targets", '["to_q"]'), ("lr", 5e-4), ("optimizer", "'prodigy'"),
+    ("weight_decay", 0.1), ("lr_scheduler", "'cosine'"), ("warmup_steps", 3), ("steps", 3), ("batch_size", 2),
+    ("grad_accum", 2), ("max_grad_norm", 0.5), ("mixed_precision", "'bf16'"), ("seed", 7),
+]  # fmt: skip
+PAIRS = ("red-circle", "yellow-square")
+
+
+def per_pair(*stages: str) -> set[str]:
+    return {f"{s}.{p}" for s in stages for p in PAIRS}
+
+
+# (override, the differential nodes whose keys change)
+DIFFERENTIAL = [
+    *[(f"differential.lora1.{k}={v}", per_pair("lora1", "lora2") | {"average", "eval"}) for k, v in TRAIN_FIELDS],
+    *[(f"differential.lora2.{k}={v}", per_pair("lora2") | {"average", "eval"}) for k, v in TRAIN_FIELDS],
+    ("differential.lora1_mode='merged'", per_pair("lora2") | {"average", "eval"}),
+    ("differential.paired_noise=true", per_pair("lora2") | {"average", "eval"}),
+    ("differential.average_rank=2", {"average", "eval"}),
+    ("differential.eval_samples=3", {"eval"}),
+    ("lora1.lr=1e-2", set()),  # the lora workflow's [lora1] is not differential's LoRA-1
+]
+
+
+@pytest.mark.parametrize("override, changed", DIFFERENTIAL, ids=[o for o, _ in DIFFERENTIAL])
+def test_differential_setting_changes_exactly_its_nodes(differential_project, override, changed):
+    if override == "differential.paired_noise=true":
+        differential_project.write_config(**{"differential.lora2": {"seed": 42}})  # then only the stream differs
+    base = keys(differential_project, workflow="differential")
+    new = keys(differential_project, override, workflow="differential")
+    assert {n for n in base if base[n] != new[n]} == changed
+
+
 def test_every_config_field_is_covered_by_this_table():
     from pipeline.config import PipelineConfig
 
-    covered = {o.split("=")[0] for o, _ in SEMANTIC} | {o.split("=")[0] for o in RUNTIME}
+    covered = {o.split("=")[0] for o, _ in SEMANTIC + DIFFERENTIAL} | {o.split("=")[0] for o in RUNTIME}
     fields = set()
     for section, model in PipelineConfig.model_fields.items():
         for name, field in model.annotation.model_fields.items():
@@ -130,6 +163,8 @@ def test_every_config_field_is_covered_by_this_table():
         "transfer.student_model",
         "transfer.student_single_file_config",
         "transfer.teacher_lora",
+        "differential.pairs_dir",  # the pairs are data: tests/test_differential.py adds one
+        "differential.pairs",
     }
 
 

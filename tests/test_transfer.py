@@ -33,7 +33,7 @@ def test_transfer_runs_then_student_settings_rerun_only_the_student(transfer_pro
     for stage in ("schedule", "teacher", "prior", "student"):
         c = manifest(transfer_project, stage, keys_of(first)[stage])["contract"]
         assert c["steps"] == 6 and c["batch_size"] == 2 and c["prediction_type"] == "epsilon"
-        assert c["latent_space"]["scaling_factor"] == 0.18215 and "dataset" in c
+        assert c["latent_space"]["scaling_factor"] == 5.0 and "dataset" in c  # TINY_VAE_SCALING
     for override in ("student.lr=5e-4", "student.guidance=2.0", "student.steps=3", "student.rank=2"):
         again = run(transfer_project, "--set", override)
         ran = {s for s, a in actions(again).items() if a == "ran"}
@@ -168,7 +168,7 @@ def test_cfg_mode_stores_unconditional_deltas_and_trains(transfer_project):
     [
         (
             ("vae/config.json", "scaling_factor", 0.13025),
-            "latent_space.scaling_factor: upstream 0.18215, this stage 0.13025",
+            "latent_space.scaling_factor: upstream 5, this stage 0.13025",
         ),
         (("scheduler/scheduler_config.json", "prediction_type", "v_prediction"), "prediction_type: upstream 'epsilon'"),
         (("scheduler/scheduler_config.json", "num_train_timesteps", 500), "timesteps.num_train_timesteps"),

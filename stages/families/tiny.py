@@ -10,6 +10,8 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+TINY_VAE_SCALING = 5.0
+
 CORPUS_WORDS = (
     "a an the photo drawing painting picture of red green blue yellow purple orange white black circle square "
     "triangle stripe stripes dot dots on in with background small large big bright dark cat dog car tree house "
@@ -128,6 +130,9 @@ def build_tiny_sd15(
         up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=8,
         sample_size=64,
+        # A random encoder's latents have std ~0.2; SD's VAE is scaled so that its latents have std ~1 against
+        # unit noise. With 0.18215 the tiny latents would be ~0.03: noise would swamp any content to learn.
+        scaling_factor=TINY_VAE_SCALING,
     )
     unet = tiny_unet(seed + 2)
     scheduler = DDPMScheduler(

@@ -34,8 +34,10 @@ class TrainData:
 class DiffusionBatches:
     """Plain denoising batches (lora1): items, timesteps and noise drawn from (seed, micro-step) alone."""
 
-    def __init__(self, data: TrainData, seed: int, batch_size: int):
-        self.data, self.seed, self.batch_size = data, seed, batch_size
+    def __init__(self, data: TrainData, seed: int, batch_size: int, stream: str = ""):
+        # stream "" is lora1's; another name draws other timesteps and noise from the same seed, and two runs
+        # with the same (stream, seed, batch size) see the same timesteps and noise at every step.
+        self.data, self.seed, self.batch_size, self.stream = data, seed, batch_size, stream
 
     def micro_batch(self, k: int, denoiser, process):
         """-> (x_t, t, cond, target) on the CPU for micro-step k."""
@@ -45,7 +47,7 @@ class DiffusionBatches:
         idx = torch.tensor(batch_indices(self.seed, k, self.batch_size, data.latents.shape[0]))
         x0 = data.latents[idx]
         cond = data.cond[data.cond_index[idx]]
-        g = generator("noise", self.seed, k)
+        g = generator("noise", self.seed, k) if not self.stream else generator("noise", self.stream, self.seed, k)
         noise = torch.randn(x0.shape, generator=g)
         t = process.sample_timesteps(x0.shape[0], g)
         return process.noisy_input(x0, noise, t), t, cond, process.target(x0, noise, t)
@@ -67,6 +69,8 @@ class TrainJob:
     log: Callable[[str], None] = print
     stage: str = "lora1"  # names the progress bar, messages and the config section in errors
     init_lora: object | None = None  # a LoraFile: start from its weights instead of a zero update
+    preset_lora: object | None = None  # a LoraFile applied, frozen, under the trained LoRA (differential LoRA-2)
+    preset_mode: str = "adapter"  # adapter: a frozen runtime adapter; merged: added to the weights in fp32
     evaluate: Callable | None = None  # (denoiser) -> dict of metrics, run at step 0, every eval_every and at the end
     eval_every: int = 0
 
@@ -135,9 +139,13 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     cfg = job.params
     accelerator = make_accelerator(cfg.mixed_precision, job.device)
     denoiser = job.family.load_denoiser(job.layout, accelerator.device)
+    if job.preset_lora is not None:
+        apply_preset(denoiser, job.preset_lora, job.preset_mode, job.family.kohya_prefix)
     adapter_config = add_lora(
         denoiser, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, derive_seed("lora-init", cfg.seed), job.stage
     )
+    if job.preset_lora is not None and job.preset_mode == "adapter":
+        freeze_preset(denoiser)
     if job.init_lora is not None:
         load_lora_into(denoiser, match_modules(job.init_lora, denoiser, job.family.kohya_prefix))
     lora_params = [p for p in denoiser.parameters() if p.requires_grad]
@@ -187,6 +195,32 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     accelerator.end_training()
     unwrapped = accelerator.unwrap_model(denoiser)
     return TrainOutcome(unwrapped, adapter_config, losses, previews, start, step_times, evals)
+
+
+def apply_preset(denoiser, lora, mode: str, kohya_prefix: str) -> None:
+    """LoRA-1 under LoRA-2: merged into the weights in fp32 (a bf16 merge would erase most of a small ΔW), or
+    attached as the adapter `preset`, which freeze_preset keeps active and frozen."""
+    import torch
+
+    from stages.training.lora_files import attach_lora_file, match_modules
+    from stages.training.lora_ops import delta_weight
+
+    modules = match_modules(lora, denoiser, kohya_prefix)
+    if mode == "adapter":
+        attach_lora_file(denoiser, modules, "preset")
+        return
+    layers = dict(denoiser.named_modules())
+    with torch.no_grad():
+        for name, mod in modules.items():
+            w = layers[name].weight
+            w.copy_((w.float() + delta_weight(mod).reshape(w.shape).to(w.device)).to(w.dtype))
+
+
+def freeze_preset(denoiser) -> None:
+    denoiser.set_adapter(["preset", "default"])  # both active; peft marks both trainable ...
+    for name, param in denoiser.named_parameters():
+        if ".preset." in name:
+            param.requires_grad_(False)  # ... so the preset is frozen again by hand
 
 
 def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lora_params) -> float:

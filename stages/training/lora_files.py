@@ -9,6 +9,7 @@ the metadata, so alpha ≠ rank survives a reload (diffusers would otherwise ass
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,9 @@ def add_lora(denoiser, rank: int, alpha: float, dropout: float, targets: list[st
     )
     torch.manual_seed(seed)
     try:
-        denoiser.add_adapter(config)
+        with warnings.catch_warnings():  # differential LoRA-2 trains over a LoRA-1 adapter on purpose
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            denoiser.add_adapter(config)
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(
@@ -311,5 +314,7 @@ def attach_lora_file(denoiser, modules: dict[str, LoraModule], adapter_name: str
         alpha_pattern={n: m.alpha for n, m in modules.items() if m.alpha != alpha},
         init_lora_weights=False,
     )
-    denoiser.add_adapter(config, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # a second adapter is the point here, not a mistake
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        denoiser.add_adapter(config, adapter_name=adapter_name)
     load_lora_into(denoiser, modules, adapter_name)

@@ -1,0 +1,117 @@
+"""Stage `lora2` (differential LoRA, design.md §6): train LoRA-2 on B with LoRA-1 (trained on A) applied.
+
+LoRA-1 is a frozen runtime adapter under LoRA-2 (differential.lora1_mode = "adapter"), or merged into the
+base weights in fp32 ("merged"). Only LoRA-2 is written. With differential.paired_noise, LoRA-2 draws the
+same timesteps and noise as LoRA-1 did at every step, so A and B are learned on identical noise.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from cache.store import Manifest
+from pipeline.errors import ConfigError
+from stages.base import PlanEnv, Stage, StageContext, StageResult
+
+
+class Lora2Params(BaseModel):
+    rank: int
+    alpha: float
+    dropout: float
+    targets: list[str]
+    lr: float
+    optimizer: str
+    weight_decay: float
+    lr_scheduler: str
+    warmup_steps: int
+    steps: int
+    batch_size: int
+    grad_accum: int
+    max_grad_norm: float
+    mixed_precision: str
+    seed: int
+    prediction_type: str
+    lora1_mode: str
+    noise_stream: str  # "" replays lora1's draws (paired noise); "lora2" draws its own
+    noise_seed: int
+
+
+class Lora2Stage(Stage):
+    name = "lora2"
+    IMPL_VERSION = 1
+    upstream = ("caption", "latents", "text", "lora1")
+    contract_from = ("caption", "latents")
+    description = "LoRA-2 on B, over LoRA-1"
+
+    def params(self, env: PlanEnv) -> Lora2Params:
+        d = env.config.differential
+        l1, l2 = d.lora1, d.lora2
+        if d.paired_noise and l1.batch_size != l2.batch_size:
+            raise ConfigError(
+                f"differential.paired_noise replays LoRA-1's noise step by step, so it needs the same batch size: "
+                f"differential.lora1.batch_size = {l1.batch_size}, differential.lora2.batch_size = {l2.batch_size}."
+            )
+        return Lora2Params(
+            **l2.model_dump(),
+            prediction_type=env.prediction_type,
+            lora1_mode=d.lora1_mode,
+            noise_stream="" if d.paired_noise else "lora2",
+            noise_seed=l1.seed if d.paired_noise else l2.seed,
+        )
+
+    def inputs(self, env: PlanEnv) -> dict:
+        d = env.component_digests
+        return {"model": {"unet": d["unet"], "scheduler": d["scheduler"]}}
+
+    def preflight(self, env: PlanEnv, params: Lora2Params) -> None:
+        from stages.devices import resolve_device
+        from stages.training.loop import check_precision
+
+        check_precision(params.mixed_precision, resolve_device(env.config.runtime.device))
+
+    def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
+        from stages.training.loop import checkpoint_step
+
+        if not env.store.has_work(self.name, key):
+            return None
+        return checkpoint_step(env.store.work_dir(self.name, key, create=False)), env.config.differential.lora2.steps
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from stages.devices import resolve_device
+        from stages.pools import load_training_data
+        from stages.training.loop import DiffusionBatches, TrainJob, train_lora
+        from stages.training.lora_files import read_lora_file, write_lora_outputs
+
+        env, p = ctx.env, ctx.params
+        data, captions = load_training_data(ctx.store, ctx.upstream)
+        lora1_file = ctx.upstream["lora1"].outputs["diffusers/pytorch_lora_weights.safetensors"]
+        lora1 = ctx.store.object_path(lora1_file["digest"])
+        preset = read_lora_file(lora1, env.family.kohya_prefix, env.family.lora_component)
+        preview = ctx.runtime.preview
+        job = TrainJob(
+            family=env.family,
+            layout=env.layout,
+            prediction_type=p.prediction_type,
+            params=p,
+            device=resolve_device(ctx.runtime.device),
+            work_dir=ctx.work_dir,
+            checkpoint_every=ctx.runtime.checkpoint_every,
+            preview=preview,
+            preview_prompts=preview.prompts or captions[:1],
+            preview_size=env.config.latents.resolution,
+            progress=ctx.progress,
+            log=ctx.log,
+            stage="lora2",
+            preset_lora=preset,
+            preset_mode=p.lora1_mode,
+        )
+        outcome = train_lora(job, DiffusionBatches(data, p.noise_seed, p.batch_size, p.noise_stream))
+        files = write_lora_outputs(env.family, outcome, p, ctx.work_dir, "lora2")
+        tail = outcome.losses[-min(10, len(outcome.losses)) :]
+        record = {
+            "first_loss": outcome.losses[0] if outcome.losses else None,
+            "final_loss": sum(tail) / len(tail),
+            "resumed_from_step": outcome.resumed_from,
+            "rank": p.rank,
+        }
+        return StageResult(files=files, record=record, summary=f"loss {record['final_loss']:.4f}")
