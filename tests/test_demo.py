@@ -47,3 +47,39 @@ def test_transfer_demo_runs_reports_fidelity_then_reruns_only_the_student(tmp_pa
     assert _ran(_demo(tmp_path, "transfer", "--json", "--set", "student.guidance=2.0")) == ["student"]
     # The lora workflow shares caption, latents, text and lora1 with transfer: nothing to do.
     assert _ran(_demo(tmp_path, "lora", "--json")) == []
+
+
+def test_differential_demo_prints_the_eval_and_draws_the_grid(tmp_path):
+    from PIL import Image
+
+    result = _demo(tmp_path, "differential")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "differential eval (held-out noise)" in out
+    for pair in ("red-circle", "yellow-square", "white-triangle"):
+        assert pair in out
+    grid = tmp_path / "pipeline-demo" / "output" / "differential" / "sample-grid.png"
+    assert Image.open(grid).size == (3 * 64, 14 + 2 * 64)  # LoRA-2 at 0, 0.5, 1 x two prompts
+    record = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "cli.py"),
+                "eval",
+                "differential",
+                "-c",
+                "pipeline-demo/pipeline.toml",
+                "--json",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=os.environ,
+            check=True,
+        ).stdout
+    )
+    for row in record["pairs"].values():
+        assert row["loss_a_lora1"] < row["loss_a_base"] - 0.1  # LoRA-1 learned A
+        assert row["loss_b_lora1_lora2"] < row["loss_b_lora1"] - 0.05  # LoRA-2 learned B on top of it
+        assert row["direction_lora2_over_lora1"] > 0.05  # and that move points from A towards B
