@@ -22,6 +22,7 @@ class Node:
     stage: Stage
     upstream: dict[str, str]  # role (what the stage calls it) -> node name
     env: PlanEnv | None = None  # None: the workflow's env
+    export: bool = True  # copy its files to runtime.output_dir (differential keeps LoRA-1s in the store only)
 
 
 def as_node(stage: Stage | Node) -> Node:
@@ -42,6 +43,7 @@ class StagePlan:
     node: str = ""  # the name in the workflow (= stage.name outside per-pair workflows)
     env: PlanEnv | None = None
     upstream_nodes: dict[str, str] = field(default_factory=dict)
+    export: bool = True
 
     @property
     def name(self) -> str:
@@ -95,6 +97,7 @@ def plan_stage(
         node=node.name,
         env=env,
         upstream_nodes=dict(node.upstream),
+        export=node.export,
     )
     if manifest is None:
         up_manifests = {u: (p.manifest if isinstance(p, StagePlan) else p) for u, p in upstream.items()}

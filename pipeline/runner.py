@@ -85,7 +85,7 @@ def run_workflow(
         env.store.write_ref(workflow, ref, config=env.config.model_dump(mode="json"), kinds=kinds)
         output_root = env.loaded.resolve(env.config.runtime.output_dir) / workflow
         for run, plan in zip(runs, plans, strict=True):
-            run.outputs = export_outputs(env, plan.manifest, output_root / plan.name)
+            run.outputs = export_outputs(env, plan.manifest, output_root / plan.name) if plan.export else []
             stage_dir = env.store.stage_dir(plan.stage.name, plan.key)
             run.location = str((output_root / plan.name) if run.outputs else stage_dir) + "/"
         return runs

@@ -146,7 +146,7 @@ def differential_nodes(env: PlanEnv) -> list[Node]:
             eval_up.update({n: n for n in names.values()})
         a = {r: f"{r}.{pair.name}.a" for r in ("caption", "latents", "text")}
         b = {r: f"{r}.{pair.name}.b" for r in ("caption", "latents", "text")}
-        nodes.append(Node(f"lora1.{pair.name}", STAGES["lora1"], a, side_env["a"]))
+        nodes.append(Node(f"lora1.{pair.name}", STAGES["lora1"], a, side_env["a"], export=False))  # LoRA-2s only
         nodes.append(Node(f"lora2.{pair.name}", STAGES["lora2"], {**b, "lora1": f"lora1.{pair.name}"}, side_env["b"]))
         average_up[f"lora2.{pair.name}"] = f"lora2.{pair.name}"
         eval_up.update({f"lora1.{pair.name}": f"lora1.{pair.name}", f"lora2.{pair.name}": f"lora2.{pair.name}"})

@@ -31,6 +31,7 @@ def test_differential_runs_per_pair_and_a_new_pair_trains_only_that_pair(differe
     out = project.root / "output" / "differential"
     assert (out / "average" / "lora2_average.safetensors").exists()
     assert (out / "lora2.red-circle" / "lora2.safetensors").exists()
+    assert not (out / "lora1.red-circle").exists()  # only LoRA-2s are outputs; LoRA-1 stays in the store
     assert ran(run(project)) == set()
 
     make_pairs(project.root / "pairs", names=("white-triangle",))

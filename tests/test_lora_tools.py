@@ -250,3 +250,19 @@ def test_sample_grid_equals_diffusers_set_adapters(project, strong_lora, tmp_pat
 def test_sample_rejects_a_bad_weight_before_loading_anything(project):
     result = cli(project, "sample", "--model", "nowhere", "--lora", "a.safetensors:x", "--prompt", "p")
     assert result.exit_code == 2 and "the weight 'x' is not a number" in result.output
+
+
+def test_peft_named_files_are_read_with_their_alpha(tmp_path):
+    """`unet.<module>.lora_A/lora_B` keys (peft naming, as diffusers' newer savers write) with an alpha tensor."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, 16, generator=g), torch.randn(24, 2, generator=g)
+    path = tmp_path / "peft.safetensors"
+    save_file(
+        {"unet.a.to_q.lora_A.weight": down, "unet.a.to_q.lora_B.weight": up, "unet.a.to_q.alpha": torch.tensor(1.0)},
+        str(path),
+    )
+    lora = read_lora_file(path)
+    assert lora.format == "peft" and set(lora.modules) == {"a.to_q"}
+    torch.testing.assert_close(delta_weight(lora.modules["a.to_q"]), 0.5 * up @ down)  # alpha / r = 1 / 2
