@@ -184,8 +184,10 @@ def merge(model: Path, specs: list[str], out: Path, family, single_file_config: 
                 w = layers[name].weight
                 w.copy_((w.float() + weight * delta_weight(mod).reshape(w.shape)).to(w.dtype))
                 changed += 1
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")  # keeps the suffix, which decides folder vs single file
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    tmp.unlink(missing_ok=True)
     family.save_model(components, tmp)
     if out.is_dir():
         shutil.rmtree(out)

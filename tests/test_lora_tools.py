@@ -209,6 +209,7 @@ def test_merge_equals_the_unmerged_adapter_in_both_layouts(project, strong_lora,
     for out in (tmp_path / "merged", tmp_path / "merged.safetensors"):
         result = cli(project, "lora", "merge", f"{strong_lora}:0.8", "--model", str(model), "--out", str(out))
         assert result.exit_code == 0, result.output
+        assert out.is_file() if out.suffix else (out / "model_index.json").is_file()
         layout = family.layout(out, model if out.suffix else None)
         torch.testing.assert_close(unet_out(family.load_denoiser(layout, "cpu")), want, atol=1e-5, rtol=1e-4)
     again = cli(project, "lora", "merge", str(strong_lora), "--model", str(model), "--out", str(tmp_path / "merged"))
