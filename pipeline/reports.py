@@ -1,0 +1,171 @@
+"""What the `pipeline` command prints: run tables, the demo epilogues, the eval and inspect reports.
+
+cli.py parses arguments and calls into pipeline/; this module turns results into text (rich tables).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def print_runs(runs, dry_run: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_edge=False, pad_edge=False)
+    columns = ("stage", "plan", "key", "why") if dry_run else ("stage", "action", "key", "seconds", "output")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for r in runs:
+        if dry_run:
+            table.add_row(r.name, r.action, r.key[:12], "; ".join(r.causes))
+        else:
+            table.add_row(r.name, r.action, r.key[:12], f"{r.seconds:.1f}", short(r.location))
+    Console(width=160).print(table)
+
+
+def short(path: str) -> str:
+    """A path relative to the working directory when it is below it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd())) + ("/" if path.endswith("/") else "")
+    except ValueError:
+        return path
+
+
+def demo_epilogue(workflow: str, runs, config: Path, overrides: list[str]) -> None:
+    if workflow == "differential":
+        return _differential_epilogue(runs, config, overrides)
+    outputs = [o for r in runs for o in r.outputs]
+    final = "student" if workflow == "transfer" else "lora1"
+    lora = next((o for o in outputs if o.endswith(f"{final}.safetensors")), None)
+    previews = sorted({str(Path(o).parent) for o in outputs if "/previews/" in o})
+    typer.echo(f"\nLoRA (kohya format): {short(lora) if lora else 'none'}")
+    typer.echo(f"Previews: {', '.join(short(p) for p in previews) or 'none'}")
+    if workflow == "transfer":
+        student = next(r for r in runs if r.name == "student")
+        typer.echo(f"Student: {student.summary or 'reused (see pipeline status transfer)'}")
+        typer.echo(
+            f"Try: pipeline run transfer --demo --set student.lr=1e-3   (re-runs the student only)\n"
+            f"     pipeline inspect teacher -c {config} --out teacher-sheet"
+        )
+    else:
+        typer.echo(f"Try: pipeline status lora -c {config}   or   pipeline run lora --demo --set lora1.lr=5e-4")
+
+
+def _differential_epilogue(runs, config: Path, overrides: list[str]) -> None:
+    """The eval table, and a grid of base vs base + the averaged LoRA-2 at weights 0, 0.5 and 1."""
+    from cache.store import Store
+    from pipeline.config import load_config
+    from pipeline.lora_tools import sample as render_grid
+    from stages.base import PlanEnv
+
+    loaded = load_config(config, overrides)
+    env = PlanEnv(loaded, Store(loaded.store_dir))
+    print_eval(eval_record(env))
+    average = next(o for r in runs for o in r.outputs if o.endswith("lora2_average.safetensors"))
+    grid = env.loaded.resolve(env.config.runtime.output_dir) / "differential" / "sample-grid.png"
+    prompts = sorted({i["caption"] for i in _eval_captions(env)})[:2]
+    model = env.loaded.resolve(env.config.model.path)
+    render_grid(model, [average], prompts, 0, grid, 10, 7.5, env.config.latents.resolution, [0, 0.5, 1], env.family)
+    typer.echo(f"\nLoRA-2 (average of the pairs, kohya format): {short(average)}")
+    typer.echo(f"Sample grid (rows: prompts; columns: LoRA-2 at 0, 0.5, 1): {short(str(grid))}")
+    typer.echo(
+        f"Try: pipeline eval differential -c {config}   or   pipeline run differential --demo "
+        f"--set differential.paired_noise=true"
+    )
+
+
+def eval_record(env) -> dict:
+    from pipeline.inspect import find_artifact
+
+    return find_artifact(env, "differential", "eval").record
+
+
+def _eval_captions(env) -> list[dict]:
+    """The caption tables of every pair side in the differential workflow's last run."""
+    out = []
+    for name, key in env.store.read_ref("differential").items():
+        if name.startswith("caption."):
+            manifest = env.store.load_manifest("caption", key)
+            out += manifest.record["items"] if manifest else []
+    return out
+
+
+def print_eval(record: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="differential eval (held-out noise)", show_edge=False, pad_edge=False, title_justify="left")
+    cols = ("pair", "A: base", "A: +L1", "B: +L1", "B: +L1+L2", "L2 → B−A", "L2 over L1 → B−A", "avg L2 → B−A")
+    for col in cols:
+        table.add_column(col)
+    for name, r in record["pairs"].items():
+        table.add_row(
+            name,
+            *(f"{r[k]:.4f}" for k in ("loss_a_base", "loss_a_lora1", "loss_b_lora1", "loss_b_lora1_lora2")),
+            f"{r['direction_lora2']:.3f}",
+            f"{r['direction_lora2_over_lora1']:.3f}",
+            f"{r['direction_average']:.3f}",
+        )
+    Console(width=160).print(table)
+    typer.echo(
+        "Losses: mean squared denoising error (lower: the model reproduces that image). LoRA-1 should lower A's loss, "
+        "LoRA-2 B's on top of LoRA-1. → B−A: cosine between the move of the x0 prediction from a noisy A and z_B − z_A "
+        "(> 0: towards B), for LoRA-2 alone, LoRA-2 over LoRA-1, and the pairs' average LoRA-2 alone."
+    )
+
+
+def print_inspect(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+
+    def table(title: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        t = Table(title=title, show_edge=False, pad_edge=False, title_justify="left")
+        for col in rows[0]:
+            t.add_column(col, overflow="fold")
+        for r in rows:
+            t.add_row(*(_cell(v) for v in r.values()))
+        console.print(t)
+
+    stage = report["stage"]
+    console.print(f"[bold]{stage}[/bold] {report['key'][:12]}")
+    if stage == "teacher":
+        console.print(
+            f"{report['steps']} steps x {report['rows_per_step']} rows, delta mode {report['delta_mode']}, "
+            f"{report['bytes_per_sample_step']:,.0f} bytes stored per sample-step"
+        )
+        table("arrays", [{"kind": k, **v} for k, v in report["arrays"].items()])
+        table("|delta_cond| per timestep bin", report["bins"])
+    elif stage == "schedule":
+        spec = report["spec"]
+        console.print(
+            f"{report['rows']} rows ({spec['steps']} steps x {spec['grad_accum']} x {spec['batch_size']}), "
+            f"{report['heldout']} held out, {report['dropped_captions']} dropped captions, seed {spec['seed']}, "
+            f"torch {report['torch']}"
+        )
+        table("timesteps", report["timesteps"])
+        table("items drawn", [{"item": k, "rows": v} for k, v in report["items"].items()])
+        for s, rows in report["steps"].items():
+            table(f"step {s}", rows)
+    else:
+        console.print(
+            f"{report['items']} items ({report['unique']} unique), shape {report['shape']} {report['dtype']}, "
+            f"{report['bytes']:,} bytes, {report['nonfinite']} non-finite, scaling factor {report['latent_space']}"
+        )
+        table("channels", report["channels"])
+    for path in report.get("sheets", []):
+        console.print(f"sheet: {short(path)}")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
