@@ -173,12 +173,17 @@ def main() -> None:
             f"student step, materialized prior: {s * 1e3:.1f} ms; plain lora1 step: {p * 1e3:.1f} ms "
             f"(ratio {s / p:.3f}); on-the-fly prior: {f * 1e3:.1f} ms (materialized/on-the-fly {s / f:.3f})"
         )
-        for batching in ("mixed", "two_pass"):
-            ours, bare = teacher_step(env, m, batching)
-            per = ours / 2  # rows per step: batch 2, grad_accum 1
+        timings: dict[str, list[tuple[float, float]]] = {"mixed": [], "two_pass": []}
+        for _ in range(args.repeats):  # interleaved repeats; each is a per-step median, ours and bare alternating
+            for batching in timings:
+                timings[batching].append(teacher_step(env, m, batching))
+        for batching, runs in timings.items():
+            ours = statistics.median(o for o, _ in runs)
+            bare = statistics.median(b for _, b in runs)
+            ratios = ", ".join(f"{o / b:.3f}" for o, b in runs)
             print(
-                f"teacher step ({batching}): {ours * 1e3:.1f} ms ({per * 1e3:.1f} ms per sample); one batched double "
-                f"forward: {bare * 1e3:.1f} ms; ratio {ours / bare:.3f}"
+                f"teacher step ({batching}): {ours * 1e3:.1f} ms ({ours / 2 * 1e3:.1f} ms per sample); one batched "
+                f"double forward: {bare * 1e3:.1f} ms; ratio {ours / bare:.3f} (repeats: {ratios})"
             )
 
         env2 = env_for(config, "student.lr=5e-5")
