@@ -10,25 +10,11 @@ from pydantic import BaseModel
 
 from cache.store import Manifest
 from stages.base import PlanEnv, Stage, StageContext, StageResult
+from stages.training.params import LoraTrainParams
 
 
-class Lora1Params(BaseModel):
-    rank: int
-    alpha: float
-    dropout: float
-    targets: list[str]
-    lr: float
-    optimizer: str
-    weight_decay: float
-    lr_scheduler: str
-    warmup_steps: int
-    steps: int
-    batch_size: int
-    grad_accum: int
-    max_grad_norm: float
-    mixed_precision: str
-    seed: int
-    prediction_type: str
+class Lora1Params(LoraTrainParams):
+    """lora1 hashes exactly the shared training params."""
 
 
 class Lora1Stage(Stage):

@@ -7,30 +7,13 @@ same timesteps and noise as LoRA-1 did at every step, so A and B are learned on 
 
 from __future__ import annotations
 
-from pydantic import BaseModel
-
 from cache.store import Manifest
 from pipeline.errors import ConfigError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
+from stages.training.params import LoraTrainParams
 
 
-class Lora2Params(BaseModel):
-    rank: int
-    alpha: float
-    dropout: float
-    targets: list[str]
-    lr: float
-    optimizer: str
-    weight_decay: float
-    lr_scheduler: str
-    warmup_steps: int
-    steps: int
-    batch_size: int
-    grad_accum: int
-    max_grad_norm: float
-    mixed_precision: str
-    seed: int
-    prediction_type: str
+class Lora2Params(LoraTrainParams):
     lora1_mode: str
     noise_stream: str  # "" replays lora1's draws (paired noise); "lora2" draws its own
     noise_seed: int

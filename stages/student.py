@@ -10,32 +10,15 @@ start, every runtime.fidelity_every steps and at the end.
 
 from __future__ import annotations
 
-from pydantic import BaseModel
-
 from cache.store import Manifest
 from pipeline.errors import ConfigError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
+from stages.training.params import LoraTrainParams
 
 
-class StudentParams(BaseModel):
-    rank: int
-    alpha: float
-    dropout: float
-    targets: list[str]
-    lr: float
-    optimizer: str
-    weight_decay: float
-    lr_scheduler: str
-    warmup_steps: int
-    max_grad_norm: float
-    mixed_precision: str
-    seed: int
-    steps: int
-    batch_size: int
-    grad_accum: int
+class StudentParams(LoraTrainParams):
     guidance: float
     init: str
-    prediction_type: str
 
 
 class StudentStage(Stage):
