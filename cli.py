@@ -17,6 +17,7 @@ import typer  # noqa: E402
 
 from cache.arrays import CorruptArray  # noqa: E402
 from cache.locks import LockHeld  # noqa: E402
+from cache.store import StoreError  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
 app = typer.Typer(
@@ -53,9 +54,9 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except PipelineError as e:
+        except (PipelineError, StoreError) as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(e.exit_code) from None
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None
         except (CorruptArray, LockHeld) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
@@ -68,11 +69,19 @@ def user_errors(fn):
                 )
                 raise typer.Exit(1) from None
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             typer.echo("interrupted: finished items are kept; run the same command again to resume.", err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop), handled like Ctrl-C: the stage stops where it is."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 
 
 def _env(config: Path, overrides: list[str]):
@@ -173,9 +182,12 @@ def status(
 
     env = _env(config, set_)
     names = [workflow] if workflow else [w for w in WORKFLOWS if env.store.read_ref(w)] or ["lora"]
+    holder = env.store.lock.held()
     report = []
     for name in names:
         plans = plan_workflow(env, get_workflow(name, env.config, env), env.store.read_ref(name))
+        if holder is not None and holder.get("what", f"pipeline run {name}") == f"pipeline run {name}":
+            _mark_running(plans, holder)
         report.append(
             {
                 "workflow": name,
@@ -210,6 +222,19 @@ def status(
             state = s["state"].upper() + (f" {s['progress'][0]}/{s['progress'][1]}" if s["progress"] else "")
             table.add_row(s["name"], state, s["key"][:12], "; ".join(s["causes"]))
         Console(width=160).print(table)
+
+
+def _mark_running(plans, holder: dict) -> None:
+    """Another process runs this workflow: its first unfinished stage is RUNNING, not `PARTIAL … interrupted`."""
+    for plan in plans:
+        if plan.state != "fresh":
+            who = (
+                f"pid {holder['pid']} ({holder.get('what')}, since {holder.get('since')})"
+                if holder
+                else "another process"
+            )
+            plan.state, plan.causes = "running", [f"{who} is running it"]
+            return
 
 
 @app.command()
@@ -286,7 +311,7 @@ def gc(
 
     loaded = load_config(config)
     store = Store(loaded.store_dir)
-    store.lock.acquire("pipeline gc", wait=False)
+    store.lock_for("pipeline gc", wait=False)
     try:
         report = store.gc(dry_run=dry_run)
     finally:
@@ -306,6 +331,7 @@ lora_app = typer.Typer(
 app.add_typer(lora_app, name="lora")
 FamilyOpt = typer.Option("sd15", "--family", help="Model family of the LoRA files.")
 ModelOpt = typer.Option(None, "--model", help="The model the LoRA was trained for (maps kohya names exactly).")
+UnetOnlyOpt = typer.Option(False, "--unet-only", help="Leave out the text-encoder modules (lora_te_*) on purpose.")
 
 
 def _family(name: str):
@@ -326,9 +352,13 @@ def lora_info(
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
-    for key in ("file", "format", "family", "modules", "rank", "alpha", "parameters", "bytes"):
-        typer.echo(f"{key:11} {report[key]}")
+    for key in ("file", "format", "loads_in", "family", "modules", "rank", "alpha", "parameters", "bytes"):
+        typer.echo(f"{key.replace('_', ' '):11} {report[key]}")
     typer.echo(f"{'targets':11} " + ", ".join(f"{k} ×{v}" for k, v in report["targets"].items()))
+    for comp, n in report["text_encoder_modules"].items():
+        typer.echo(
+            f"{'text enc.':11} {n} modules for the {comp} (applied by ComfyUI and A1111; `lora merge` refuses them)"
+        )
     for k, v in report["metadata"].items():
         typer.echo(f"  {k} = {v}")
 
@@ -342,15 +372,20 @@ def lora_convert(
     model: Path = ModelOpt,
     family: str = FamilyOpt,
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    unet_only: bool = UnetOnlyOpt,
     as_json: bool = JsonOpt,
 ):
-    """Rewrite a LoRA in the kohya or the diffusers format (the weights are copied exactly)."""
+    """Rewrite a LoRA in the kohya format (for ComfyUI, A1111/Forge, kohya, diffusers) or the diffusers format
+    (for diffusers only); the weights are copied exactly."""
     from pipeline.lora_tools import check_format, check_out, convert
 
     check_format(to)
     check_out(out, force)
-    report = convert(file, to, out, _family(family), model)
-    typer.echo(json.dumps(report, indent=1) if as_json else f"wrote {out} ({to} format, {report['modules']} modules)")
+    report = convert(file, to, out, _family(family), model, unet_only)
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    typer.echo(f"wrote {out} ({to} format, {report['modules']} modules): loads in {report['loads_in']}")
 
 
 @lora_app.command("mix")
@@ -363,6 +398,7 @@ def lora_mix(
     model: Path = ModelOpt,
     family: str = FamilyOpt,
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    unet_only: bool = UnetOnlyOpt,
     as_json: bool = JsonOpt,
 ):
     """The exact weighted sum of LoRAs in ΔW space (ranks concatenated), optionally compressed by SVD."""
@@ -370,12 +406,13 @@ def lora_mix(
 
     check_format(to)
     check_out(out, force)
-    report = mix(files, out, to, _family(family), model, rank)
+    report = mix(files, out, to, _family(family), model, rank, unet_only)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
     err = f", max relative Frobenius error {report['max_rel_error']:.3g}" if rank else " (exact)"
-    typer.echo(f"wrote {out}: rank {report['rank']}{err}")
+    text = "".join(f", {n} {c} modules" for c, n in report["text_encoder_modules"].items())
+    typer.echo(f"wrote {out}: rank {report['rank']}{err}{text}; loads in {report['loads_in']}")
 
 
 @lora_app.command("merge")
@@ -433,6 +470,9 @@ def sample(
 
 
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

@@ -21,6 +21,21 @@ class StoreLock:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def held(self) -> dict | None:
+        """Who holds the lock right now ({} when unknown), or None when it is free. Takes nothing and writes
+        nothing, so it works on a read-only store."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # no lock file (never run), or not a file: nobody can be holding it
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.holder() or {}
+        finally:
+            os.close(fd)  # closing releases a shared lock taken here
+        return None
+
     def acquire(self, what: str, wait: bool = True, on_wait: Callable[[dict | None], None] | None = None) -> None:
         """Take the lock; if another process holds it, call on_wait(holder) once and block (or raise)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,13 @@ from pathlib import Path
 from pipeline.errors import ConfigError, ModelError
 
 FORMATS = ("kohya", "diffusers")
+# Which programs load each format (checked against their loaders: kohya's networks/lora.py, ComfyUI's
+# comfy/lora.py, A1111's extensions-builtin/Lora, diffusers' load_lora_weights).
+CONSUMERS = {
+    "kohya": "ComfyUI, A1111/Forge, kohya's sd-scripts and diffusers' load_lora_weights",
+    "diffusers": "diffusers' load_lora_weights only (ComfyUI and A1111 apply none of its keys)",
+    "peft": "peft and diffusers (ComfyUI and A1111 apply none of its keys)",
+}
 
 
 def parse_weighted(spec: str) -> tuple[Path, float]:
@@ -35,7 +42,20 @@ def read(path: Path, family, model: Path | None = None, single_file_config: Path
     if model is None:
         return lora
     unet = family.load_denoiser(family.layout(model, single_file_config), "cpu")
-    return LoraFile(lora.path, lora.format, match_modules(lora, unet, family.kohya_prefix), lora.metadata)
+    modules = match_modules(lora, unet, family.kohya_prefix)
+    return LoraFile(lora.path, lora.format, modules, lora.metadata, lora.text_modules)
+
+
+def identity(loras) -> dict[str, str]:
+    """The base-model fields (ss_v2, ss_base_model_version, ...) the inputs agree on: an output keeps them."""
+    from stages.training.lora_ops import IDENTITY_KEYS
+
+    out = {}
+    for key in IDENTITY_KEYS:
+        values = {lora.metadata.get(key) for lora in loras}
+        if len(values) == 1 and None not in values:
+            out[key] = values.pop()
+    return out
 
 
 KNOWN_TARGETS = (
@@ -58,11 +78,14 @@ def info(path: Path, family) -> dict:
     meta = lora.metadata
     base = meta.get("ss_base_model_version") or meta.get("modelspec.architecture")
     params = sum(m.down.numel() + m.up.numel() for m in lora.modules.values())
+    params += sum(m.down.numel() + m.up.numel() for mods in lora.text_modules.values() for m in mods.values())
     return {
         "file": str(path),
         "format": lora.format,
+        "loads_in": CONSUMERS[lora.format],
         "family": base or f"{family.name} ({family.lora_component} keys)",
         "modules": len(lora.modules),
+        "text_encoder_modules": {comp: len(mods) for comp, mods in lora.text_modules.items()},
         "rank": sorted(lora.ranks),
         "alpha": sorted(lora.alphas),
         "targets": dict(sorted(suffixes.items())),
@@ -85,7 +108,7 @@ def check_out(out: Path, force: bool) -> None:
         raise ConfigError(f"--out {out}: LoRA files are written as .safetensors")
 
 
-def convert(path: Path, fmt: str, out: Path, family, model: Path | None) -> dict:
+def convert(path: Path, fmt: str, out: Path, family, model: Path | None, unet_only: bool = False) -> dict:
     from stages.training.lora_ops import save_modules
 
     lora = read(path, family, model)
@@ -94,17 +117,50 @@ def convert(path: Path, fmt: str, out: Path, family, model: Path | None) -> dict
             f"{path} is a kohya file: its module names lost their dots, so converting it to the diffusers format "
             f"needs the model it was trained for. Pass --model DIR_OR_FILE."
         )
-    save_modules(lora.modules, fmt, out, family, {"lora_pipeline.converted_from": path.name})
+    text = _text_modules([lora], fmt, unet_only)
+    meta = {**identity([lora]), "lora_pipeline.converted_from": path.name}
+    save_modules(lora.modules, fmt, out, family, meta, text)
     return {
         "from": str(path),
         "from_format": lora.format,
         "to": str(out),
         "to_format": fmt,
-        "modules": len(lora.modules),
+        "loads_in": CONSUMERS[fmt],
+        "modules": len(lora.modules) + sum(len(m) for m in text.values()),
+        "text_encoder_modules": {c: len(m) for c, m in text.items()},
     }
 
 
-def mix(specs: list[str], out: Path, fmt: str, family, model: Path | None, rank: int | None) -> dict:
+def _text_modules(loras, fmt: str, unet_only: bool, weights: list[float] | None = None) -> dict:
+    """The text-encoder modules to write: carried as they are (kohya names, kohya output), or none with
+    --unet-only; a mix combines them exactly like the UNet's. Never dropped without being asked."""
+    from stages.training.lora_files import LoraFile
+    from stages.training.lora_ops import combine
+
+    if unet_only or not any(lora.text_modules for lora in loras):
+        return {}
+    if fmt != "kohya" or any(lora.format != "kohya" for lora in loras):
+        with_text = next(lora for lora in loras if lora.text_modules)
+        with_text.refuse_text_modules(
+            "they are carried through in kohya-to-kohya conversions and mixes only (their diffusers names need the "
+            "text encoder's module paths)"
+        )
+    comps = [set(lora.text_modules) for lora in loras]
+    if any(c != comps[0] for c in comps):
+        raise ConfigError(
+            "only some of these LoRA files have text-encoder modules: mix files of the same kind, or pass --unet-only."
+        )
+    if weights is None:  # a conversion copies them exactly
+        return dict(loras[0].text_modules)
+    return {
+        comp: combine([LoraFile(x.path, x.format, x.text_modules[comp], x.metadata) for x in loras], weights)
+        for comp in sorted(comps[0])
+    }
+
+
+def mix(
+    specs: list[str], out: Path, fmt: str, family, model: Path | None, rank: int | None, unet_only: bool = False
+) -> dict:
     from stages.training.lora_ops import combine, compress, save_modules
 
     pairs = [parse_weighted(s) for s in specs]
@@ -113,17 +169,26 @@ def mix(specs: list[str], out: Path, fmt: str, family, model: Path | None, rank:
     loras = [read(p, family, model) for p, _ in pairs]
     if model is None and fmt == "diffusers" and any(lora.format == "kohya" for lora in loras):
         raise ModelError("mixing kohya files into the diffusers format needs --model (see `pipeline lora convert`).")
-    modules = combine(loras, [w for _, w in pairs])
+    weights = [w for _, w in pairs]
+    modules = combine(loras, weights)
+    text = _text_modules(loras, fmt, unet_only, weights)
     report = {"inputs": [{"file": str(p), "weight": w} for p, w in pairs], "to": str(out), "to_format": fmt}
     if rank is not None:
         compressed = compress(modules, rank)
         modules = compressed.modules
+        errors = [compressed.total_rel_error]
+        for comp, mods in text.items():
+            c = compress(mods, rank)
+            text[comp] = c.modules
+            errors.append(c.total_rel_error)
         report["rank"] = rank
-        report["max_rel_error"] = compressed.total_rel_error
+        report["max_rel_error"] = max(errors)
     else:
         report["rank"] = max(m.rank for m in modules.values())
         report["max_rel_error"] = 0.0
-    save_modules(modules, fmt, out, family, {"lora_pipeline.mix": ", ".join(specs)})
+    report["loads_in"] = CONSUMERS[fmt]
+    report["text_encoder_modules"] = {c: len(m) for c, m in text.items()}
+    save_modules(modules, fmt, out, family, {**identity(loras), "lora_pipeline.mix": ", ".join(specs)}, text)
     return report
 
 
@@ -139,6 +204,7 @@ def apply_weighted(unet, family, specs: list[str], model: Path):
     for i, spec in enumerate(specs):
         path, weight = parse_weighted(spec)
         lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
+        lora.refuse_text_modules("`pipeline sample` applies LoRAs to the UNet only, so the grid would not show it")
         attach_lora_file(unet, match_modules(lora, unet, family.kohya_prefix), f"lora{i}")
         attached.append((f"lora{i}", weight, path))
     return attached
@@ -180,6 +246,7 @@ def merge(model: Path, specs: list[str], out: Path, family, single_file_config: 
     with torch.no_grad():
         for path, weight in parsed:
             lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
+            lora.refuse_text_modules("`lora merge` bakes LoRAs into the UNet only, so the merged model would lack them")
             for name, mod in match_modules(lora, unet, family.kohya_prefix).items():
                 w = layers[name].weight
                 w.copy_((w.float() + weight * delta_weight(mod).reshape(w.shape)).to(w.dtype))
@@ -189,6 +256,7 @@ def merge(model: Path, specs: list[str], out: Path, family, single_file_config: 
         shutil.rmtree(tmp)
     tmp.unlink(missing_ok=True)
     family.save_model(components, tmp)
+    _apply_umask(tmp)  # safetensors creates files owner-only; every other output follows the user's umask
     if out.is_dir():
         shutil.rmtree(out)
     elif out.exists():
@@ -200,6 +268,15 @@ def merge(model: Path, specs: list[str], out: Path, family, single_file_config: 
         "out": str(out),
         "modules_changed": changed,
     }
+
+
+def _apply_umask(path: Path) -> None:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def sample(

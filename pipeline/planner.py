@@ -78,6 +78,8 @@ def plan_stage(
     contract.update(own)
     manifest = env.store.load_manifest(stage.name, key)
     damage = damaged(env, manifest) if manifest else []
+    if manifest is None and env.store.manifest_damage(stage.name, key):
+        damage = [f"store: the manifest is damaged ({env.store.manifest_damage(stage.name, key)})"]
     if damage:
         manifest = None  # re-made by this run; what is intact (pool items) is reused
     previous = None
@@ -145,12 +147,14 @@ def _explain_upstream(cause: str, upstream: dict[str, StagePlan | Manifest]) -> 
 
 
 def damaged(env: PlanEnv, manifest: Manifest) -> list[str]:
-    """Causes for a committed artifact whose files were deleted from the store by hand (cheap: stat and log)."""
-    causes = [
-        f"store: output {name} is missing"
-        for name, obj in manifest.outputs.items()
-        if not env.store.object_path(obj["digest"]).exists()
-    ]
+    """Causes for a committed artifact whose files were deleted or changed in the store by hand (stat memo,
+    commit logs: cheap when nothing changed)."""
+    causes = []
+    for name, obj in manifest.outputs.items():
+        if not env.store.object_path(obj["digest"]).exists():
+            causes.append(f"store: output {name} is missing")
+        elif not env.store.object_intact(obj["digest"], memo=True):
+            causes.append(f"store: output {name} is damaged (its bytes do not match its digest)")
     for pool_id, names in manifest.pools.items():
         pool = env.store.pool(pool_id)
         lost = sum(1 for n in names if not pool.has(n))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache.store import Manifest
+from cache.store import Manifest, write_json_atomic
 from pipeline import __version__
 from pipeline.errors import PlanError
 from pipeline.planner import (
@@ -64,7 +65,7 @@ def run_workflow(
         who = f"pid {holder['pid']} ({holder['what']}, since {holder['since']})" if holder else "another process"
         print(f"waiting for the store lock held by {who} ...", file=sys.stderr, flush=True)
 
-    env.store.lock.acquire(f"pipeline run {workflow}", on_wait=waiting)
+    env.store.lock_for(f"pipeline run {workflow}", on_wait=waiting)
     try:
         plans = _plans(env, workflow, stages, only)
         for plan in plans:
@@ -192,23 +193,66 @@ def _run_stage(env: PlanEnv, plan: StagePlan, upstream: dict[str, Manifest], pro
 
 
 def export_outputs(env: PlanEnv, manifest: Manifest | None, dest: Path) -> list[str]:
-    """Copy a manifest's files to the output folder (a folder this tool owns, marked as such)."""
+    """Copy a manifest's files to the output folder. The folder's record (EXPORT_MARKER: relative path -> digest
+    of every file this tool wrote there) decides what may be replaced or removed: a file the pipeline did not
+    write, or one changed since, is never touched, only reported."""
     if manifest is None or not manifest.outputs:
         return []
-    if dest.exists() and not (dest / EXPORT_MARKER).exists():
+    marker = dest / EXPORT_MARKER
+    if dest.exists() and not marker.exists():
         raise PlanError(f"{dest} exists and was not written by lora-pipeline; move it or change runtime.output_dir.")
-    wanted = {dest / name: obj["digest"] for name, obj in manifest.outputs.items()}
-    if dest.exists():  # drop files of an earlier export of this stage that this artifact does not have
-        for path in dest.rglob("*"):
-            if path.is_file() and path.name != EXPORT_MARKER and path not in wanted:
+    wanted = {name: obj["digest"] for name, obj in manifest.outputs.items()}
+    record = _read_export_record(marker)
+    if record is None:  # a marker from before the record: it claimed the stage's own file names
+        record = {n: env.store.memo.digest(dest / n) for n in wanted if (dest / n).is_file()}
+    kept = []
+    for name, digest in sorted(record.items()):  # an earlier export's files that this artifact does not have
+        path = dest / name
+        if name not in wanted and path.is_file():
+            if env.store.memo.digest(path) == digest:
                 path.unlink()
+            else:
+                kept.append(name)
+        record.pop(name) if name not in wanted else None
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / EXPORT_MARKER).touch()
-    for path, digest in wanted.items():
-        if path.exists() and env.store.memo.digest(path) == digest:
-            continue
+    for name, digest in wanted.items():
+        path = dest / name
+        if path.is_file():
+            current = env.store.memo.digest(path)
+            if current == digest:
+                record[name] = digest
+                continue
+            if record.get(name) != current:  # not the file this tool wrote there: leave it alone
+                kept.append(name)
+                continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        shutil.copyfile(env.store.object_path(digest), tmp)
+        shutil.copyfile(env.store.read_object(digest, f"{manifest.stage} output {name}"), tmp)
         os.replace(tmp, path)
-    return [str(p) for p in wanted]
+        record[name] = digest
+    write_json_atomic(marker, {"exported": dict(sorted(record.items()))})
+    foreign = sorted(
+        p.relative_to(dest).as_posix()
+        for p in dest.rglob("*")
+        if p.is_file() and p != marker and p.relative_to(dest).as_posix() not in record and not p.name.startswith(".")
+    )
+    if foreign:
+        print(
+            f"note: {dest} holds files lora-pipeline did not write or that changed since it wrote them; they are "
+            f"left as they are: {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}",
+            file=sys.stderr,
+        )
+    return [str(dest / n) for n in wanted if n not in kept]
+
+
+def _read_export_record(marker: Path) -> dict[str, str] | None:
+    """The export record; None for the empty marker of versions before the record."""
+    try:
+        text = marker.read_text()
+        if not text.strip():
+            return None
+        doc = json.loads(text)
+    except (FileNotFoundError, ValueError):
+        return {}
+    files = doc.get("exported") if isinstance(doc, dict) else None
+    return {k: v for k, v in files.items() if isinstance(v, str)} if isinstance(files, dict) else {}

@@ -51,7 +51,7 @@ class EvalStage(Stage):
         process = family.load_noise_schedule(env.layout, p.prediction_type)
 
         def attach(manifest, adapter):
-            path = store.object_path(manifest.outputs["diffusers/pytorch_lora_weights.safetensors"]["digest"])
+            path = store.read_object(manifest.outputs["diffusers/pytorch_lora_weights.safetensors"]["digest"], adapter)
             lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
             attach_lora_file(unet, match_modules(lora, unet, family.kohya_prefix), adapter)
 

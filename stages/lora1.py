@@ -19,7 +19,7 @@ class Lora1Params(LoraTrainParams):
 
 class Lora1Stage(Stage):
     name = "lora1"
-    IMPL_VERSION = 1
+    IMPL_VERSION = 2  # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version)
     upstream = ("caption", "latents", "text")
     description = "LoRA training on the base model"
 
@@ -78,7 +78,9 @@ class Lora1Stage(Stage):
             log=ctx.log,
         )
         outcome = train_lora(job, DiffusionBatches(data, p.seed, p.batch_size))
-        files = write_lora_outputs(env.family, outcome, p, ctx.work_dir, "lora1")
+        files = write_lora_outputs(
+            env.family, outcome, p, ctx.work_dir, "lora1", env.family.lora_metadata(env.layout, p.prediction_type)
+        )
         tail = outcome.losses[-min(10, len(outcome.losses)) :]
         record = {
             "final_loss": sum(tail) / len(tail),
@@ -126,6 +128,7 @@ class ImportLoraStage(Stage):
         env = ctx.env
         source = self.path(env)
         lora = read_lora_file(source, env.family.kohya_prefix, env.family.lora_component)
+        lora.refuse_text_modules("the teacher applies LoRAs to the UNet only, so its deltas would not be the LoRA's")
         copy = ctx.work_dir / "lora1.safetensors"
         shutil.copyfile(source, copy)
         record = {

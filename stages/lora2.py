@@ -21,7 +21,7 @@ class Lora2Params(LoraTrainParams):
 
 class Lora2Stage(Stage):
     name = "lora2"
-    IMPL_VERSION = 1
+    IMPL_VERSION = 2  # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version)
     upstream = ("caption", "latents", "text", "lora1")
     contract_from = ("caption", "latents")
     description = "LoRA-2 on B, over LoRA-1"
@@ -68,7 +68,7 @@ class Lora2Stage(Stage):
         env, p = ctx.env, ctx.params
         data, captions = load_training_data(ctx.store, ctx.upstream)
         lora1_file = ctx.upstream["lora1"].outputs["diffusers/pytorch_lora_weights.safetensors"]
-        lora1 = ctx.store.object_path(lora1_file["digest"])
+        lora1 = ctx.store.read_object(lora1_file["digest"], "the LoRA-1 file")
         preset = read_lora_file(lora1, env.family.kohya_prefix, env.family.lora_component)
         preview = ctx.runtime.preview
         job = TrainJob(
@@ -89,7 +89,9 @@ class Lora2Stage(Stage):
             preset_mode=p.lora1_mode,
         )
         outcome = train_lora(job, DiffusionBatches(data, p.noise_seed, p.batch_size, p.noise_stream))
-        files = write_lora_outputs(env.family, outcome, p, ctx.work_dir, "lora2")
+        files = write_lora_outputs(
+            env.family, outcome, p, ctx.work_dir, "lora2", env.family.lora_metadata(env.layout, p.prediction_type)
+        )
         tail = outcome.losses[-min(10, len(outcome.losses)) :]
         record = {
             "first_loss": outcome.losses[0] if outcome.losses else None,

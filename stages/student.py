@@ -23,7 +23,7 @@ class StudentParams(LoraTrainParams):
 
 class StudentStage(Stage):
     name = "student"
-    IMPL_VERSION = 1
+    IMPL_VERSION = 2  # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version)
     upstream = ("latents", "schedule", "teacher", "prior")
     contract_from = ("teacher", "prior")
     enforce_contract = True
@@ -100,7 +100,9 @@ class StudentStage(Stage):
         init = None
         if p.init == "teacher":
             obj = ctx.upstream["teacher"].record["lora"]["digest"]
-            init = read_lora_file(store.object_path(obj), env.family.kohya_prefix, env.family.lora_component)
+            init = read_lora_file(
+                store.read_object(obj, "the teacher LoRA"), env.family.kohya_prefix, env.family.lora_component
+            )
         preview = ctx.runtime.preview
         job = TrainJob(
             family=env.family,
@@ -121,7 +123,9 @@ class StudentStage(Stage):
             eval_every=ctx.runtime.fidelity_every,
         )
         outcome = train_lora(job, batches)
-        files = write_lora_outputs(env.family, outcome, p, ctx.work_dir, "student")
+        files = write_lora_outputs(
+            env.family, outcome, p, ctx.work_dir, "student", env.family.lora_metadata(student.layout, p.prediction_type)
+        )
         fid_csv = ctx.work_dir / "fidelity.csv"
         lines = [f"{e['step']},{e['cosine']:.6g},{e['rel_error']:.6g}\n" for e in outcome.evals]
         fid_csv.write_text("step,cosine,rel_error\n" + "".join(lines))

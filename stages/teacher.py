@@ -102,7 +102,11 @@ class TeacherStage(Stage):
             held = " and the held-out set" if "heldout" in todo else ""
             ctx.log(f"teacher: resuming, {steps_left} of {spec.steps} steps{held} to go")
         lora_obj = ctx.upstream["lora1"].outputs["lora1.safetensors"]
-        lora = read_lora_file(store.object_path(lora_obj["digest"]), env.family.kohya_prefix, env.family.lora_component)
+        lora = read_lora_file(
+            store.read_object(lora_obj["digest"], "the teacher LoRA"),
+            env.family.kohya_prefix,
+            env.family.lora_component,
+        )
         # Errors name the file the user gave (transfer.teacher_lora), not its copy in the store.
         lora.path = Path(
             ctx.upstream["lora1"].record.get("imported_from") or f"the lora1 artifact {lora.path.name[:12]}"

@@ -60,19 +60,68 @@ def test_pool_reads_only_committed_arrays_and_checks_digests(tmp_path):
     assert not store.pool("latents/cfg").has("a"), "a damaged array is dropped, so the next run re-makes it"
 
 
-def test_stat_memo_hashes_once_and_notices_changes(tmp_path):
+def _aged(path, seconds: float = 10.0) -> None:
+    """Set mtime back, and let the ctime age too, so the file is past the racy window when it is hashed."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+def test_stat_memo_hashes_once(tmp_path, monkeypatch):
+    import cache.hashing as hashing
+
     f = tmp_path / "weights.bin"
     f.write_bytes(b"v1")
+    monkeypatch.setattr(hashing, "RACY_SECONDS", -1e9)  # any file counts as old enough to memoize
     memo = StatMemo(tmp_path / "memo.json")
     assert memo.digest(f) == sha256_file(f)
     memo.save()
     memo2 = StatMemo(tmp_path / "memo.json")
-    sig = memo2._signature(f)
-    memo2._load()[sig] = "memoized"  # proves the second lookup is served from the memo
+    entry = memo2._load()[str(f.resolve())]
+    entry[1] = "memoized"  # proves the second lookup is served from the memo
     assert memo2.digest(f) == "memoized"
-    time.sleep(0.01)
-    f.write_bytes(b"v2")
-    assert memo2.digest(f) == sha256_file(f)
+
+
+def test_stat_memo_sees_a_same_size_rewrite_with_the_mtime_restored(tmp_path, monkeypatch):
+    """What `cp -p` / `rsync -t` do: new bytes, same size, old mtime. The ctime still moves."""
+    import cache.hashing as hashing
+
+    monkeypatch.setattr(hashing, "RACY_SECONDS", -1e9)
+    f = tmp_path / "001.png"
+    f.write_bytes(b"old pixels")
+    _aged(f)
+    memo = StatMemo(tmp_path / "memo.json")
+    assert memo.digest(f) == sha256_file(f)
+    st = f.stat()
+    time.sleep(0.02)  # beyond the kernel's coarse timestamp tick, so the ctime can differ
+    f.write_bytes(b"new pixels")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert memo.digest(f) == sha256_file(f) != "old"
+
+
+def test_stat_memo_racy_rule_re_hashes_a_file_changed_within_the_tick(tmp_path):
+    """A file changed just before it was hashed may change again with the same stat: it is not memoized."""
+    f = tmp_path / "caption.txt"
+    f.write_bytes(b"a cat")
+    memo = StatMemo(tmp_path / "memo.json")
+    memo.digest(f)
+    assert str(f.resolve()) not in memo._load(), "a file younger than RACY_SECONDS must not be memoized"
+    _aged(f)
+    # the ctime is still fresh (utime sets it to now): still racy
+    memo.digest(f)
+    assert str(f.resolve()) not in memo._load()
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"version": 2, "files": {"x": 3}}', '"text"', ""])
+def test_a_damaged_stat_memo_is_rebuilt(tmp_path, content):
+    (tmp_path / "memo.json").write_text(content)
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"data")
+    memo = StatMemo(tmp_path / "memo.json")
+    assert memo.digest(f) == sha256_file(f)
+    memo._dirty = True
+    memo.save()
+    assert json.loads((tmp_path / "memo.json").read_text())["version"] == 2
 
 
 def test_second_locker_is_told_who_holds_the_lock_and_a_killed_holder_releases_it(tmp_path):

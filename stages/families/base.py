@@ -34,6 +34,7 @@ class ModelFamily(ABC):
     name: str
     default_targets: list[str]
     kohya_prefix: str = "lora_unet_"
+    kohya_text_prefixes: dict[str, str] = {"text_encoder": "lora_te_"}  # component -> kohya prefix of its modules
     pipeline_class: str  # the diffusers pipeline that loads this family's LoRA files
     lora_component: str  # the pipeline attribute that carries the LoRA ("unet", "transformer")
 
@@ -89,5 +90,6 @@ class ModelFamily(ABC):
         """-> callable(prompts, seed, steps, guidance_scale, size) -> list of PIL images."""
 
     @abstractmethod
-    def lora_metadata(self) -> dict[str, str]:
-        """kohya `ss_*` and modelspec fields identifying the base model."""
+    def lora_metadata(self, layout: ModelLayout | None = None, prediction_type: str | None = None) -> dict[str, str]:
+        """kohya `ss_*` and modelspec fields identifying the base model that was trained (family defaults without
+        a layout)."""

@@ -277,13 +277,30 @@ class SD15Family(ModelFamily):
         )
         pipe.save_pretrained(str(out), safe_serialization=True)
 
-    def lora_metadata(self) -> dict[str, str]:
+    def lora_metadata(self, layout: ModelLayout | None = None, prediction_type: str | None = None) -> dict[str, str]:
+        """kohya's identification of the base model (train_network.py: ss_v2, ss_base_model_version = sd_v1 |
+        sd_v2 [+ _v]; sai_model_spec: stable-diffusion-v1 | -v2-512 | -v2-768-v). A1111 hides a LoRA whose
+        ss_base_model_version does not fit the loaded checkpoint, so it must be the trained model's."""
+        v2 = layout is not None and self.is_v2(layout)
+        v = (prediction_type or (self.prediction_type(layout) if layout else "epsilon")) == "v_prediction"
+        arch = "stable-diffusion-v1" if not v2 else ("stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512")
         return {
-            "ss_base_model_version": "sd_v1",
+            "ss_base_model_version": f"sd_{'v2' if v2 else 'v1'}{'_v' if v else ''}",
+            "ss_v2": str(v2),
+            "ss_v_parameterization": str(v),
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": "stable-diffusion-v1/lora",
+            "modelspec.architecture": f"{arch}/lora",
+            "modelspec.prediction_type": "v" if v else "epsilon",
             "modelspec.implementation": "https://github.com/huggingface/diffusers",
         }
+
+    def is_v2(self, layout: ModelLayout) -> bool:
+        """SD 2.x: linear attention projections and a 1024-wide OpenCLIP text encoder (configs, or the file's keys)."""
+        root = self._config_root(layout)
+        if root is not None:
+            cfg = _json(root / "unet" / "config.json")
+            return bool(cfg.get("use_linear_projection")) or cfg.get("cross_attention_dim") == 1024
+        return any(k.startswith("cond_stage_model.model.") for k in read_safetensors_header(layout.path))
 
 
 class ClipText:

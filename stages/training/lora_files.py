@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ConfigError
@@ -76,8 +76,15 @@ def canonicalize_safetensors(path: Path) -> None:
 
 
 def save_kohya(
-    state: dict, rank: int, alpha: float | dict[str, float], path: Path, prefix: str, metadata: dict[str, str]
+    state: dict,
+    rank: int,
+    alpha: float | dict[str, float],
+    path: Path,
+    prefix: str,
+    metadata: dict[str, str],
+    extra: dict | None = None,
 ) -> None:
+    """state: peft-named denoiser LoRA; extra: tensors already in kohya naming (text-encoder modules)."""
     from collections import Counter
 
     from safetensors.torch import save_file
@@ -90,7 +97,7 @@ def save_kohya(
         "modelspec.title": path.stem,
         **metadata,
     }
-    save_file(to_kohya(state, alpha, prefix), str(path), metadata=meta)
+    save_file({**to_kohya(state, alpha, prefix), **(extra or {})}, str(path), metadata=meta)
     canonicalize_safetensors(path)
 
 
@@ -111,11 +118,12 @@ def save_diffusers(state: dict, adapter_config, path: Path, pipeline_class: str,
     canonicalize_safetensors(path)
 
 
-def write_lora_outputs(family, outcome, p, work_dir, name: str) -> dict:
-    """The trained LoRA in the kohya and diffusers formats, and the loss log."""
+def write_lora_outputs(family, outcome, p, work_dir, name: str, base_metadata: dict[str, str]) -> dict:
+    """The trained LoRA in the kohya and diffusers formats, and the loss log. base_metadata identifies the
+    trained model (family.lora_metadata(layout, prediction_type))."""
     state = lora_state_dict(outcome.denoiser)
     kohya = work_dir / f"{name}.safetensors"
-    save_kohya(state, p.rank, p.alpha, kohya, family.kohya_prefix, family.lora_metadata())
+    save_kohya(state, p.rank, p.alpha, kohya, family.kohya_prefix, base_metadata)
     diffusers_file = work_dir / "pytorch_lora_weights.safetensors"
     save_diffusers(state, outcome.adapter_config, diffusers_file, family.pipeline_class, family.lora_component)
     loss_csv = work_dir / "loss.csv"
@@ -147,12 +155,14 @@ class LoraFile:
     """A LoRA file read into one shape whatever its format: module name -> (down, up, alpha).
 
     Names are the model's dotted module paths for diffusers/peft files; for kohya files they stay in the
-    underscored form (`down_blocks_0_..._to_q`) until `match_modules` maps them onto a model."""
+    underscored form (`down_blocks_0_..._to_q`) until `match_modules` maps them onto a model. `modules` are the
+    denoiser's; `text_modules` holds the text encoders' (component -> modules), which only some tools apply."""
 
     path: Path
     format: str  # kohya | diffusers | peft
     modules: dict[str, LoraModule]
     metadata: dict[str, str]
+    text_modules: dict[str, dict[str, LoraModule]] = field(default_factory=dict)
 
     @property
     def ranks(self) -> set[int]:
@@ -162,17 +172,34 @@ class LoraFile:
     def alphas(self) -> set[float]:
         return {m.alpha for m in self.modules.values()}
 
+    def refuse_text_modules(self, why: str) -> None:
+        """ModelError naming the text-encoder modules, for users of the file that apply only the denoiser's."""
+        from pipeline.errors import ModelError
+
+        if self.text_modules:
+            comp, mods = next(iter(self.text_modules.items()))
+            n = sum(len(m) for m in self.text_modules.values())
+            raise ModelError(
+                f"{self.path}: {n} of its LoRA modules are for the text encoder ({comp}, e.g. {next(iter(mods))}); "
+                f"{why}. Write a copy without them with `pipeline lora convert {self.path.name} --to kohya "
+                f"--unet-only --out FILE`."
+            )
+
 
 _SUFFIXES = {
     "kohya": (".lora_down.weight", ".lora_up.weight"),
     "diffusers": (".lora.down.weight", ".lora.up.weight"),
     "peft": (".lora_A.weight", ".lora_B.weight"),
 }
+# Where kohya, A1111 and ComfyUI put text-encoder LoRAs: SD 1.x/2.x `lora_te_`, SDXL `lora_te1_`/`lora_te2_`.
+KOHYA_TEXT_PREFIXES = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 def read_lora_file(path: Path, kohya_prefix: str = "lora_unet_", component: str = "unet") -> LoraFile:
-    """Read a kohya, diffusers or peft-named LoRA .safetensors file; raise ModelError naming what is wrong."""
-    from safetensors import SafetensorError
+    """Read a kohya, diffusers or peft-named LoRA .safetensors file, checking every module (shapes agree,
+    values finite, one alpha); raise ModelError naming the file, the module and what is wrong."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     from pipeline.errors import ModelError
@@ -184,12 +211,10 @@ def read_lora_file(path: Path, kohya_prefix: str = "lora_unet_", component: str 
         raise ModelError(f"{path}: LoRA files are read only in the .safetensors format (pickle files can run code).")
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             metadata = dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelError(f"{path} is not a readable .safetensors file ({e}).") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as e:
+        raise ModelError(f"{path} is not a readable .safetensors file ({str(e)[:200]}).") from None
     fmt = next((f for f, (down, _) in _SUFFIXES.items() if any(k.endswith(down) for k in tensors)), None)
     if fmt is None:
         raise ModelError(
@@ -197,47 +222,116 @@ def read_lora_file(path: Path, kohya_prefix: str = "lora_unet_", component: str 
             f"*.lora_A/lora_B tensors). Is it a full model or another adapter type?"
         )
     down_sfx, up_sfx = _SUFFIXES[fmt]
-    config_alpha, rank_alpha = _metadata_alphas(metadata, component)
-    prefix = kohya_prefix if fmt == "kohya" else f"{component}."
-    modules: dict[str, LoraModule] = {}
+    orphans = [k for k in tensors if k.endswith(up_sfx) and k[: -len(up_sfx)] + down_sfx not in tensors]
+    if orphans:
+        raise ModelError(f"{path}: {orphans[0]} has no matching {down_sfx.lstrip('.')} tensor; the file is incomplete.")
+    alphas = _metadata_alphas(path, metadata)
+    if fmt == "kohya":
+        groups = {kohya_prefix: component, **KOHYA_TEXT_PREFIXES}
+    else:
+        groups = {f"{c}.": c for c in (component, *TEXT_COMPONENTS)}
+    parsed: dict[str, dict[str, LoraModule]] = {}
     other = []
-    for key, down in tensors.items():
+    for key in sorted(tensors):
         if not key.endswith(down_sfx):
             continue
         base = key[: -len(down_sfx)]
-        name = base[len(prefix) :] if base.startswith(prefix) else None
-        if name is None:
+        prefix = next((p for p in groups if base.startswith(p)), None)
+        if prefix is None:
             other.append(key)
             continue
-        up = tensors.get(base + up_sfx)
-        if up is None:
-            raise ModelError(f"{path}: {key} has no matching {base + up_sfx}; the file is incomplete.")
-        alpha_t = tensors.get(base + ".alpha")
-        if alpha_t is not None:
-            alpha = float(alpha_t)
-        else:
-            alpha = rank_alpha.get(name, config_alpha if config_alpha is not None else float(down.shape[0]))
-        modules[name] = LoraModule(down.float(), up.float(), alpha)
-    if not modules:
+        comp, name = groups[prefix], base[len(prefix) :]
+        config_alpha, rank_alpha = alphas.get(comp, (None, {}))
+        default_alpha = rank_alpha.get(name, config_alpha)
+        parsed.setdefault(comp, {})[name] = _module(path, base, tensors, down_sfx, up_sfx, default_alpha)
+    if other and parsed.get(component):
         raise ModelError(
-            f"{path}: no LoRA weights for the {component} (expected keys starting with {prefix!r}; "
-            f"found e.g. {other[:1]}). Is it a LoRA for another model family?"
+            f"{path}: {len(other)} LoRA modules are for no part of a {component} model this tool knows "
+            f"(e.g. {other[0]}); leaving them out would change what the file does. Is it a LoRA for another family?"
         )
-    return LoraFile(path, fmt, modules, metadata)
+    if not parsed.get(component):
+        raise ModelError(
+            f"{path}: no LoRA weights for the {component} (expected keys starting with "
+            f"{kohya_prefix if fmt == 'kohya' else component + '.'!r}; found e.g. {(other or sorted(tensors))[:1]}). "
+            f"Is it a LoRA for another model family?"
+        )
+    modules = parsed.pop(component)
+    return LoraFile(path, fmt, modules, metadata, parsed)
 
 
-def _metadata_alphas(metadata: dict[str, str], component: str) -> tuple[float | None, dict[str, float]]:
-    """lora_alpha and alpha_pattern from the adapter config that diffusers writes into the metadata."""
+def _module(path: Path, base: str, tensors: dict, down_sfx: str, up_sfx: str, default_alpha) -> LoraModule:
+    """One module's factors and alpha, checked: floating point, 2-D or 4-D, ranks that agree, finite values."""
+    import torch
+
+    from pipeline.errors import ModelError
+
+    down, up = tensors[base + down_sfx], tensors.get(base + up_sfx)
+    if up is None:
+        raise ModelError(f"{path}: {base + down_sfx} has no matching {base + up_sfx}; the file is incomplete.")
+
+    def bad(what: str) -> ModelError:
+        return ModelError(
+            f"{path}: the LoRA module {base} {what}. The file is damaged or not a LoRA this tool "
+            f"understands; re-export it, or leave it out."
+        )
+
+    for t, which in ((down, "down"), (up, "up")):
+        if not t.is_floating_point():
+            raise bad(f"has a {which} factor of dtype {t.dtype}, not floating point")
+        if t.ndim not in (2, 4):
+            raise bad(f"has a {t.ndim}-D {which} factor {tuple(t.shape)} (a LoRA factor is 2-D, or 4-D for a conv)")
+    if (
+        down.ndim != up.ndim
+        or down.shape[0] != up.shape[1]
+        or down.shape[0] == 0
+        or (up.ndim == 4 and up.shape[2:] != (1, 1))
+    ):
+        raise bad(
+            f"has factors that do not fit together: down {tuple(down.shape)}, up {tuple(up.shape)} "
+            f"(down is (rank, in…), up is (out, rank…) with the same rank)"
+        )
+    alpha_t = tensors.get(base + ".alpha")
+    if alpha_t is not None:
+        if alpha_t.numel() != 1 or not (alpha_t.is_floating_point() or alpha_t.dtype in (torch.int32, torch.int64)):
+            raise bad(f"has an alpha of shape {tuple(alpha_t.shape)} and dtype {alpha_t.dtype}, not one number")
+        alpha = float(alpha_t.reshape(()))
+    else:
+        alpha = float(default_alpha) if default_alpha is not None else float(down.shape[0])
+    if not (torch.isfinite(down).all() and torch.isfinite(up).all()) or alpha != alpha or abs(alpha) == float("inf"):
+        raise bad("holds NaN or infinite values")
+    return LoraModule(down.float(), up.float(), alpha)
+
+
+def _metadata_alphas(path: Path, metadata: dict[str, str]) -> dict[str, tuple[float | None, dict[str, float]]]:
+    """component -> (lora_alpha, alpha_pattern) from the adapter config that diffusers writes into the metadata."""
+    import math
+
+    from pipeline.errors import ModelError
+
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
-        return None, {}
+        return {}
     try:
         cfg = json.loads(raw)
-    except json.JSONDecodeError:
-        return None, {}
-    alpha = cfg.get(f"{component}.lora_alpha")
-    pattern = cfg.get(f"{component}.alpha_pattern") or {}
-    return (float(alpha) if alpha is not None else None), {k: float(v) for k, v in pattern.items()}
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+        out = {}
+        for comp in {k.split(".", 1)[0] for k in cfg if "." in k}:
+            alpha = cfg.get(f"{comp}.lora_alpha")
+            pattern = cfg.get(f"{comp}.alpha_pattern") or {}
+            if not isinstance(pattern, dict):
+                raise ValueError(f"{comp}.alpha_pattern is not a table")
+            values = {k: float(v) for k, v in pattern.items()}
+            value = float(alpha) if alpha is not None else None
+            if not all(math.isfinite(v) for v in [*values.values(), *([value] if value is not None else [])]):
+                raise ValueError("non-finite alpha")
+            out[comp] = (value, values)
+        return out
+    except (ValueError, TypeError) as e:
+        raise ModelError(
+            f"{path}: its metadata `lora_adapter_metadata` is not a valid adapter config ({e}); the alphas cannot "
+            f"be read. Re-export the file, or remove that metadata entry to use alpha = rank."
+        ) from None
 
 
 def match_modules(lora: LoraFile, denoiser, kohya_prefix: str = "lora_unet_") -> dict[str, LoraModule]:

@@ -84,9 +84,15 @@ def compress(modules: dict[str, LoraModule], rank: int) -> Compressed:
     for name, m in modules.items():
         up = (m.alpha / m.rank) * m.up.double().reshape(m.up.shape[0], -1)  # (out, R)
         down = m.down.double().reshape(m.down.shape[0], -1)  # (R, in)
-        qb, rb = torch.linalg.qr(up)  # up = qb rb
-        qa, ra = torch.linalg.qr(down.T)  # down.T = qa ra
-        u, s, vh = torch.linalg.svd(rb @ ra.T)  # ΔW = qb (rb ra^T) qa^T
+        try:
+            qb, rb = torch.linalg.qr(up)  # up = qb rb
+            qa, ra = torch.linalg.qr(down.T)  # down.T = qa ra
+            u, s, vh = torch.linalg.svd(rb @ ra.T)  # ΔW = qb (rb ra^T) qa^T
+        except torch.linalg.LinAlgError as e:
+            raise ConfigError(
+                f"module {name}: the SVD to rank {rank} did not converge ({e}); its weights are degenerate. "
+                f"Mix without --rank (exact), or leave that file out."
+            ) from None
         k = min(rank, s.shape[0])
         total = float((s**2).sum())
         errors[name] = (float((s[k:] ** 2).sum()) / total) ** 0.5 if total > 0 else 0.0
@@ -108,28 +114,48 @@ def average(loras: list[LoraFile], rank: int | None = None) -> Compressed:
     return compress(exact, rank)
 
 
+IDENTITY_KEYS = (
+    "ss_base_model_version", "ss_v2", "ss_v_parameterization", "modelspec.architecture", "modelspec.prediction_type",
+)  # fmt: skip
+
+
 def save_modules(
-    modules: dict[str, LoraModule], fmt: str, path, family, metadata: dict[str, str] | None = None
+    modules: dict[str, LoraModule],
+    fmt: str,
+    path,
+    family,
+    metadata: dict[str, str] | None = None,
+    text_modules: dict[str, dict[str, LoraModule]] | None = None,
 ) -> None:
-    """Write modules as a kohya or diffusers file for `family`. Diffusers needs dotted module names."""
+    """Write modules as a kohya or diffusers file for `family`. Diffusers needs dotted module names.
+    text_modules (component -> modules, kohya names) are written under the family's kohya text prefixes."""
     from collections import Counter
     from pathlib import Path
 
     from peft import LoraConfig
 
-    from stages.training.lora_files import save_diffusers, save_kohya
+    from stages.training.lora_files import save_diffusers, save_kohya, to_kohya
 
     path = Path(path)
-    state = {}
-    for name, m in modules.items():
-        state[f"{name}.lora_A.weight"] = m.down.contiguous()
-        state[f"{name}.lora_B.weight"] = m.up.contiguous()
+    state = _peft_state(modules)
     alphas = {name: m.alpha for name, m in modules.items()}
     rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
     path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**family.lora_metadata(), **(metadata or {})}
     if fmt == "kohya":
-        save_kohya(state, rank, alphas, path, family.kohya_prefix, {**family.lora_metadata(), **(metadata or {})})
+        extra = {}
+        for comp, mods in (text_modules or {}).items():
+            prefix = family.kohya_text_prefixes.get(comp)
+            if prefix is None:
+                raise ConfigError(f"the {family.name} family has no {comp}; its LoRA modules cannot be written.")
+            extra.update(to_kohya(_peft_state(mods), {n: m.alpha for n, m in mods.items()}, prefix))
+        save_kohya(state, rank, alphas, path, family.kohya_prefix, meta, extra=extra)
         return
+    if text_modules:
+        raise ConfigError(
+            "text-encoder LoRA modules are written in the kohya format only; use --to kohya, or --unet-only to "
+            "leave them out."
+        )
     if any("." not in name for name in modules):
         raise ConfigError(
             "this LoRA came from a kohya file, whose module names lost their dots; pass --model (the model it was "
@@ -144,3 +170,11 @@ def save_modules(
         alpha_pattern={n: a for n, a in alphas.items() if a != alpha},
     )
     save_diffusers(state, config, path, family.pipeline_class, family.lora_component)
+
+
+def _peft_state(modules: dict[str, LoraModule]) -> dict:
+    state = {}
+    for name, m in modules.items():
+        state[f"{name}.lora_A.weight"] = m.down.contiguous()
+        state[f"{name}.lora_B.weight"] = m.up.contiguous()
+    return state

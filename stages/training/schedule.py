@@ -128,6 +128,6 @@ def inputs_digest(x_t, t, captions: list[str]) -> bytes:
 
 def read_schedule(store, manifest) -> tuple[dict, object]:
     """(the schedule document, its ScheduleSpec) from a schedule manifest."""
-    doc = json.loads(store.object_path(manifest.outputs["schedule.json"]["digest"]).read_text())
+    doc = json.loads(store.read_object(manifest.outputs["schedule.json"]["digest"], "schedule.json").read_text())
     spec = doc["spec"]
     return doc, ScheduleSpec(**{**spec, "latent_shape": tuple(spec["latent_shape"])})
