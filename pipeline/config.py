@@ -20,7 +20,9 @@ from pipeline.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinities are refused in every number field: they cannot be hashed into a key, and no setting
+    # means them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -104,6 +106,18 @@ class LoraSettings(Section):
         description="Autocast precision of the forward pass. fp16 needs a CUDA GPU; on a CPU bf16 is slower than no.",
     )
     seed: int = Field(42, description="Seed of the LoRA init, data order, timesteps and noise.")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if v == 0:
+            raise ValueError("must be greater than 0: a learning rate of 0 trains nothing")
+        if v < 0:
+            raise ValueError(
+                "must be greater than 0: a negative learning rate un-learns the data (gradient ascent), which is "
+                "not a training method this version offers"
+            )
+        return v
 
 
 class TrainConfig(LoraSettings):
@@ -251,6 +265,12 @@ class RuntimeConfig(Section):
     log_level: Literal["debug", "info", "warning"] = Field("info", description="Verbosity of messages on stderr.")
     checkpoint_every: int = Field(100, ge=0, description="Save resumable training state every N steps; 0 disables.")
     encode_batch_size: int = Field(8, ge=1, description="Images per VAE / text-encoder forward when caching.")
+    max_image_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="The largest image (width x height) that is decoded; a bigger one is refused by name before it "
+        "is decompressed (decompression bombs). Raise it for huge scans.",
+    )
     teacher_batching: Literal["mixed", "two_pass"] = Field(
         "mixed",
         description="mixed: the teacher's predictions with and without its LoRA come from one batched forward "

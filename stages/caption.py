@@ -50,7 +50,7 @@ class CaptionStage(Stage):
         items, problems = [], []
         for entry in ctx.env.images:
             try:
-                load_image(entry.path)
+                load_image(entry.path, ctx.runtime.max_image_pixels)
             except DataError as e:
                 problems.append(str(e))
                 continue

@@ -39,10 +39,8 @@ def scan_images(root: Path, caption_extensions: list[str], memo: StatMemo) -> li
         raise DataError(f"data.images: {root} is a file, not a folder of images.")
     caption_suffixes = {e.lower() for e in caption_extensions}
     entries, strangers = [], []
-    for path in sorted(root.rglob("*")):
+    for path in _walk(root):
         rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
         suffix = path.suffix.lower()
         if suffix in caption_suffixes:
             continue
@@ -70,15 +68,47 @@ def scan_images(root: Path, caption_extensions: list[str], memo: StatMemo) -> li
     return entries
 
 
-def load_image(path: Path):
-    """Decode an image fully (so truncation is caught here), as RGB. Raises DataError naming the file."""
-    from PIL import Image, UnidentifiedImageError
+DEFAULT_MAX_PIXELS = 100_000_000
 
+
+def _walk(root: Path) -> list[Path]:
+    """Every non-hidden file under root, sorted by relative path, following symlinked sub-folders (so a data set
+    assembled from links trains on all of it); a link back into a folder already being walked is an error."""
+    import os
+
+    files = []
+    for top, dirs, names in os.walk(root, followlinks=True):
+        top_path = Path(top)
+        real = top_path.resolve()
+        if real in [p.resolve() for p in top_path.parents if p == root or root in p.parents]:
+            raise DataError(
+                f"data.images: {top_path} links back to {real}, a folder that contains it, so the folder never "
+                f"ends. Remove or fix that link."
+            )
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [top_path / n for n in names if not n.startswith(".") and (top_path / n).is_file()]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """Decode an image fully (so truncation is caught here), upright (its EXIF orientation applied, as every
+    viewer shows it), as RGB. Raises DataError naming the file; an image over max_pixels is refused from its
+    header, before anything is decompressed."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = None  # the limit is ours (runtime.max_image_pixels), checked below with the file's name
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise DataError(
+                    f"{path}: the image is {w}x{h} = {w * h:,} pixels, over runtime.max_image_pixels = "
+                    f"{max_pixels:,} (a guard against decompression bombs). Shrink the image, remove it, or raise "
+                    f"runtime.max_image_pixels if it is genuine."
+                )
             im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode this image ({e}). Replace or remove the file.") from None
 
 

@@ -22,7 +22,7 @@ class LatentsParams(BaseModel):
 
 class LatentsStage(Stage):
     name = "latents"
-    IMPL_VERSION = 1
+    IMPL_VERSION = 2  # v2: EXIF orientation applied (a portrait phone photo was encoded sideways)
     upstream = ("caption",)
     description = "VAE latents per image"
 
@@ -71,7 +71,12 @@ class LatentsStage(Stage):
 
             def encode(digests: list[str]):
                 pixels = np.stack(
-                    [center_crop_pixels(load_image(root / by_digest[d]["path"]), p.resolution) for d in digests]
+                    [
+                        center_crop_pixels(
+                            load_image(root / by_digest[d]["path"], ctx.runtime.max_image_pixels), p.resolution
+                        )
+                        for d in digests
+                    ]
                 )
                 with torch.no_grad():
                     return env.family.encode_images(vae, torch.from_numpy(pixels)).float().cpu().numpy()

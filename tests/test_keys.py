@@ -100,6 +100,7 @@ RUNTIME = [
     "runtime.log_level='debug'",
     "runtime.checkpoint_every=5",
     "runtime.encode_batch_size=3",
+    "runtime.max_image_pixels=123456789",
     "runtime.preview.every=2",
     "runtime.preview.prompts=['x']",
     "runtime.preview.seed=3",

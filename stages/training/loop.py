@@ -153,10 +153,11 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     scheduler = build_lr_scheduler(optimizer, cfg)
     process = job.family.load_noise_schedule(job.layout, job.prediction_type)
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
-    start, losses, evals = restore_checkpoint(job.work_dir, accelerator.unwrap_model(denoiser), optimizer, scheduler)
+    start, losses, evals, previews = restore_checkpoint(
+        job.work_dir, accelerator.unwrap_model(denoiser), optimizer, scheduler
+    )
     if start:
         job.log(f"{job.stage}: resuming from the checkpoint at step {start}/{cfg.steps}")
-    previews: dict[str, Path] = {}
     render = PreviewRenderer(job, accelerator.unwrap_model(denoiser))
     evaluate = Evaluator(job, accelerator.unwrap_model(denoiser), evals)
     if start == 0:
@@ -183,13 +184,15 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         fault_point(f"{job.stage}.step", done)
         if job.eval_every and done % job.eval_every == 0 and done < cfg.steps:
             evaluate(done)
-        if job.checkpoint_every and done % job.checkpoint_every == 0 and done < cfg.steps:
-            unwrapped = accelerator.unwrap_model(denoiser)
-            save_checkpoint(job.work_dir, done, unwrapped, optimizer, scheduler, losses, evals)
-            fault_point(f"{job.stage}.checkpoint", done)
+        # The preview of a step comes before its checkpoint, which carries every preview so far: a resumed
+        # run ends with the same previews as an uninterrupted one.
         if job.preview and job.preview.every and (done % job.preview.every == 0 or done == cfg.steps):
             previews[f"previews/step{done:06d}.png"] = render(done)
             denoiser.train()
+        if job.checkpoint_every and done % job.checkpoint_every == 0 and done < cfg.steps:
+            unwrapped = accelerator.unwrap_model(denoiser)
+            save_checkpoint(job.work_dir, done, unwrapped, optimizer, scheduler, losses, evals, previews)
+            fault_point(f"{job.stage}.checkpoint", done)
     bar.close()
     evaluate(cfg.steps)
     accelerator.end_training()
@@ -271,7 +274,14 @@ def _checkpoints(work_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    work_dir: Path, step: int, denoiser, optimizer, scheduler, losses: list[float], evals: list[dict] = ()
+    work_dir: Path,
+    step: int,
+    denoiser,
+    optimizer,
+    scheduler,
+    losses: list[float],
+    evals: list[dict] = (),
+    previews: dict[str, Path] | None = None,
 ) -> None:
     """Write the resume state to a temp folder and rename it into place: a kill leaves the old one intact."""
     import torch
@@ -283,8 +293,14 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in trainable_state(denoiser).items()}, str(tmp / "lora.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
-    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses, "evals": list(evals)}))
-    for f in tmp.iterdir():
+    (tmp / "previews").mkdir()
+    for path in (previews or {}).values():
+        shutil.copyfile(path, tmp / "previews" / path.name)
+    names = {name: path.name for name, path in (previews or {}).items()}
+    (tmp / "progress.json").write_text(
+        json.dumps({"step": step, "losses": losses, "evals": list(evals), "previews": names})
+    )
+    for f in [f for f in tmp.iterdir() if f.is_file()] + list((tmp / "previews").iterdir()):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     os.replace(tmp, final)
@@ -298,13 +314,16 @@ def checkpoint_step(work_dir: Path) -> int:
     return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
 
 
-def restore_checkpoint(work_dir: Path, denoiser, optimizer, scheduler) -> tuple[int, list[float], list[dict]]:
+def restore_checkpoint(
+    work_dir: Path, denoiser, optimizer, scheduler
+) -> tuple[int, list[float], list[dict], dict[str, Path]]:
+    """(step, losses, evals, previews) of the last checkpoint, its weights and optimizer state loaded."""
     import torch
     from safetensors.torch import load_file
 
     ckpts = _checkpoints(work_dir)
     if not ckpts:
-        return 0, [], []
+        return 0, [], [], {}
     ckpt = ckpts[-1]
     weights = load_file(str(ckpt / "lora.safetensors"))
     expected = set(trainable_state(denoiser))
@@ -315,7 +334,11 @@ def restore_checkpoint(work_dir: Path, denoiser, optimizer, scheduler) -> tuple[
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     progress = json.loads((ckpt / "progress.json").read_text())
-    return progress["step"], progress["losses"], progress.get("evals", [])
+    previews = {}
+    for name, filename in progress.get("previews", {}).items():
+        shutil.copyfile(ckpt / "previews" / filename, work_dir / filename)
+        previews[name] = work_dir / filename
+    return progress["step"], progress["losses"], progress.get("evals", []), previews
 
 
 # -- previews ---------------------------------------------------------------------------------------------
