@@ -325,6 +325,42 @@ def gc(
     typer.echo(f"{verb} {report['bytes']:,} bytes in {len(report['removed'])} entries")
 
 
+@app.command()
+@user_errors
+def verify(
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    as_json: bool = JsonOpt,
+):
+    """Re-hash every input and store file and name what differs (exit 1 if anything does); damaged store
+    files are dropped, so the next run re-makes them."""
+    from pipeline.verify import verify as run_verify
+
+    env = _env(config, set_)
+    env.store.lock_for("pipeline verify", wait=False)
+    try:
+        report = run_verify(env, progress=not as_json)
+    finally:
+        env.store.lock.release()
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+    else:
+        for d in report["inputs"]["differ"]:
+            typer.echo(f"changed  {d['path']} ({d['field']}): its content is not what the last runs used")
+        for what in ("objects", "arrays"):
+            for path in report[what]["damaged"]:
+                typer.echo(f"damaged  {path}: dropped, the next run re-makes it")
+        for path in report["objects"]["missing"]:
+            typer.echo(f"missing  {path}: the next run re-makes it")
+        for what in ("manifests", "refs"):
+            for d in report[what]["damaged"]:
+                typer.echo(f"damaged  {d['path']} ({d['why']}): the next run rewrites it")
+        counts = ", ".join(f"{report[k]['checked']} {k}" for k in ("inputs", "objects", "arrays", "manifests", "refs"))
+        typer.echo(f"verified {counts}: " + ("all intact" if report["ok"] else "see above; run your workflow again"))
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 lora_app = typer.Typer(
     help="Inspect, convert and combine LoRA files (kohya and diffusers formats).", no_args_is_help=True
 )

@@ -82,6 +82,12 @@ class StatMemo:
                 self._dirty = True
         return digest
 
+    def forget(self, path: Path) -> None:
+        """Drop a file's entry (its memoized digest was found wrong): it is hashed again next time."""
+        with self._lock:
+            if self._load().pop(str(Path(path).resolve()), None) is not None:
+                self._dirty = True
+
     def save(self) -> None:
         """Write the memo back. A store that cannot be written (read-only, full) keeps working without it."""
         if not self._dirty or self._entries is None:

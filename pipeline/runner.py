@@ -211,9 +211,8 @@ def export_outputs(env: PlanEnv, manifest: Manifest | None, dest: Path) -> list[
         if name not in wanted and path.is_file():
             if env.store.memo.digest(path) == digest:
                 path.unlink()
-            else:
-                kept.append(name)
-        record.pop(name) if name not in wanted else None
+        if name not in wanted:
+            record.pop(name)
     dest.mkdir(parents=True, exist_ok=True)
     for name, digest in wanted.items():
         path = dest / name
@@ -222,8 +221,9 @@ def export_outputs(env: PlanEnv, manifest: Manifest | None, dest: Path) -> list[
             if current == digest:
                 record[name] = digest
                 continue
-            if record.get(name) != current:  # not the file this tool wrote there: leave it alone
+            if record.get(name) != current:  # not the file this tool wrote there (or changed since): leave it
                 kept.append(name)
+                record.pop(name, None)
                 continue
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
