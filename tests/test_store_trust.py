@@ -217,4 +217,3 @@ def test_verify_names_an_input_the_memo_vouched_for_and_a_damaged_object(project
     assert clean.exit_code == 1  # the object is gone until the next run re-makes it
     project.run_json()
     assert project.cli("verify", "-c", str(project.config)).exit_code == 0
-
