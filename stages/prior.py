@@ -57,6 +57,7 @@ class PriorStage(Stage):
         import torch
         from tqdm import tqdm
 
+        from cache.faults import fault_point
         from stages.devices import resolve_device
         from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
         from stages.training.schedule import read_schedule, rebuild_inputs, step_rows
@@ -76,13 +77,15 @@ class PriorStage(Stage):
         pool = store.pool(pid)
         names = [f"{s:07d}" for s in range(spec.steps)]
         todo = [s for s in range(spec.steps) if not pool.has(names[s])]
+        if 0 < len(todo) < spec.steps:
+            ctx.log(f"prior: resuming, {len(todo)} of {spec.steps} steps to go")
         if todo:
             device = resolve_device(ctx.runtime.device)
             unet = student.family.load_denoiser(student.layout, device).eval()
             process = env.family.load_noise_schedule(student.layout, p.prediction_type)
             cond, row_of = load_text_table(store, text)
             latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in doc["rows"]})
-            for s in tqdm(todo, desc="prior", unit="step", disable=not ctx.progress, mininterval=0.5):
+            for n, s in enumerate(tqdm(todo, desc="prior", unit="step", disable=not ctx.progress, mininterval=0.5)):
                 rows = step_rows(doc, spec, s)
                 outs = []
                 for start in range(0, len(rows), spec.batch_size):
@@ -93,6 +96,7 @@ class PriorStage(Stage):
                         pred = env.family.predict(unet, x_t.to(device), t.to(device), c.to(device)).float()
                     outs.append(pred.cpu())
                 pool.put(names[s], torch.cat(outs).numpy())
+                fault_point("prior.step", n + 1)
         record["pool"] = pid
         pools[pid] = names
         return StageResult(pools=pools, record=record, summary=f"{len(todo)} steps computed")

@@ -16,6 +16,21 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+# A guard against a hung subprocess, not a speed budget: tests wait for events (a line, a file, an exit), and
+# this only stops one that never comes. Generous on purpose, so a machine under heavy load still passes.
+SUBPROCESS_TIMEOUT = 3600
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """`pipeline ARGS` in a subprocess; a hang fails the test with a message that says it was a time-out."""
+    cmd = [sys.executable, str(REPO / "cli.py"), *args]
+    try:
+        return subprocess.run(
+            cmd, cwd=cwd, capture_output=True, text=True, env=env or os.environ, timeout=SUBPROCESS_TIMEOUT, **kw
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"time-out: `pipeline {' '.join(args)}` ran for over {SUBPROCESS_TIMEOUT} s (a hang?)")
+
 
 SMALL_SETTINGS = {
     "model": {"path": "model"},
@@ -89,10 +104,7 @@ class Project:
         return json.loads(result.stdout)
 
     def subprocess(self, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, str(REPO / "cli.py"), *args]
-        return subprocess.run(
-            cmd, cwd=self.root, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600, **kw
-        )
+        return run_cli(list(args), self.root, env={**os.environ, **(env or {})}, **kw)
 
     def manifests(self, stage: str) -> list[Path]:
         return sorted((self.store / "stages" / stage).glob("*/manifest.json"))

@@ -157,3 +157,80 @@ def test_disk_full_while_committing_is_reported_and_the_next_run_recovers(projec
     assert not project.manifests("caption")
     tmp.unlink()
     assert {s["action"] for s in project.run_json()["stages"]} == {"ran"}
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("lora1.lr=0", "a learning rate of 0 trains nothing"),
+        ("lora1.lr=-1e-4", "un-learns"),
+        ("lora1.lr=nan", "finite number"),
+        ("lora1.lr=inf", "finite number"),
+        ("student.guidance=nan", "finite number"),
+        ("schedule.caption_dropout=-inf", "finite number"),
+    ],
+)
+def test_zero_negative_and_non_finite_numbers_are_validation_errors(project, setting, message):
+    out = _fails(project, "--set", setting, expect=[setting.split("=")[0], message])
+    assert "cannot hash" not in out
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height, with almost no pixel data: what a decompression bomb looks like
+    to a loader that trusts the header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+
+
+def test_a_decompression_bomb_is_refused_by_name_before_decoding(project):
+    _png_header_only(project.root / "images" / "000_red_circle.png", 20000, 20000)
+    _fails(project, expect=["000_red_circle.png", "20000x20000", "runtime.max_image_pixels"])
+
+
+def test_the_image_size_limit_is_a_setting(project):
+    _fails(project, "--set", "runtime.max_image_pixels=1000", expect=["48x48 = 2,304 pixels", "max_image_pixels"])
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A portrait phone photo is stored landscape with Orientation = 6 (rotate 90° clockwise to view)."""
+    import numpy as np
+    from PIL import Image
+
+    from stages.dataset import load_image
+
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)  # 40 wide, 20 high as stored
+    stored[:, :10] = 255  # a white band on the stored left edge
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = np.asarray(load_image(tmp_path / "phone.jpg"))
+    assert upright.shape[:2] == (40, 20), "shown portrait: 20 wide, 40 high"
+    # rotating 90° clockwise moves the stored left edge to the top
+    assert upright[:10].mean() > 200 and upright[-10:].mean() < 50
+
+
+def test_symlinked_sub_folders_are_followed(project, tmp_path):
+    from conftest import make_images
+
+    elsewhere = tmp_path.parent / (tmp_path.name + "-elsewhere")
+    make_images(elsewhere, 2, start=6)
+    (project.root / "images" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    report = project.run_json()
+    assert report["stages"][0]["summary"] == "8 captions"
+    caption = next(project.store.glob("stages/caption/*/manifest.json"))
+    import json
+
+    paths = [i["path"] for i in json.loads(caption.read_text())["record"]["items"]]
+    assert sum(p.startswith("linked/") for p in paths) == 2
+
+
+def test_a_symlink_cycle_in_the_data_folder_is_named(project):
+    (project.root / "images" / "loop").symlink_to(project.root / "images", target_is_directory=True)
+    _fails(project, expect=["loop", "links back to", "Remove or fix that link"])

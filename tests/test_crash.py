@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, make_images
+from conftest import REPO, SUBPROCESS_TIMEOUT, make_images
 
 pytestmark = pytest.mark.slow
 
@@ -46,39 +46,15 @@ def test_kill_during_latents_then_resume(project):
     assert "3/10 images already encoded" in done.stderr
 
 
-def test_kill_during_training_resumes_to_the_same_lora_as_an_uninterrupted_run(project, tmp_path):
-    project.write_config(lora1={"steps": 8, "dropout": 0.1}, runtime={"checkpoint_every": 2})
-    twin_root = tmp_path.parent / (tmp_path.name + "-twin")
-    shutil.copytree(project.root, twin_root)
-
-    killed = _run(project, fault="lora1.step:5")  # checkpoint at step 4, killed after step 5
-    assert killed.returncode == -signal.SIGKILL
-    assert not project.manifests("lora1")
-    assert _status(project)["lora1"]["progress"] == [4, 8]
-    resumed = _run(project)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from the checkpoint at step 4/8" in resumed.stderr
-
-    from conftest import Project
-
-    twin = Project(twin_root, project.settings)
-    straight = _run(twin)
-    assert straight.returncode == 0, straight.stderr
-    lora = [json.loads(r.stdout)["stages"][-1] for r in (resumed, straight)]
-    assert lora[0]["key"] == lora[1]["key"]
-    digests = [
-        json.loads(p.manifests("lora1")[0].read_text())["outputs"]["lora1.safetensors"]["digest"]
-        for p in (project, twin)
-    ]
-    assert digests[0] == digests[1], "a resumed run must write bit-for-bit the LoRA of an uninterrupted one"
-
-
 def test_external_kill_9_during_training(project):
     project.write_config(lora1={"steps": 300}, runtime={"checkpoint_every": 2})
     cmd = [sys.executable, str(REPO / "cli.py"), "run", "lora", "-c", str(project.config), "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(project.store.glob("stages/lora1/*/work/ckpt-*")) and time.time() < deadline:
+    # Wait for the event (the first checkpoint on disk), however long a loaded machine takes to get there.
+    started = time.monotonic()
+    while not list(project.store.glob("stages/lora1/*/work/ckpt-*")):
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() - started < SUBPROCESS_TIMEOUT, "time-out: no checkpoint appeared (a hang?)"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -98,13 +74,14 @@ def test_a_second_run_on_the_same_store_waits_and_says_who_holds_the_lock(projec
             sys.executable,
             "-c",
             "import sys, time; sys.path.insert(0, sys.argv[1]); from cache.store import Store; "
-            "s = Store(sys.argv[2]); s.lock.acquire('pipeline run lora'); print('held', flush=True); time.sleep(120)",
+            "s = Store(sys.argv[2]); s.lock.acquire('pipeline run lora'); print('held', flush=True); sys.stdin.read()",
             str(REPO),
             str(project.store),
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    )
+    )  # holds the lock until killed, however slow the rest of the test is
     assert holder.stdout.readline().strip() == "held"
     cmd = [sys.executable, str(REPO / "cli.py"), "run", "lora", "-c", str(project.config), "--json"]
     second = subprocess.Popen(cmd, cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -114,7 +91,7 @@ def test_a_second_run_on_the_same_store_waits_and_says_who_holds_the_lock(projec
     assert second.poll() is None and not project.manifests("caption"), "the second run must wait, not work"
     holder.kill()
     holder.wait()
-    out, err = second.communicate(timeout=300)
+    out, err = second.communicate(timeout=SUBPROCESS_TIMEOUT)
     assert second.returncode == 0, err
     assert {s["action"] for s in json.loads(out)["stages"]} == {"ran"}
 
@@ -127,7 +104,7 @@ def test_kill_during_teacher_resumes_per_step_to_the_same_deltas(transfer_projec
     def run(root, fault=None):
         env = {**os.environ, **({"LORA_PIPELINE_FAULT": fault} if fault else {})}
         cmd = [sys.executable, str(REPO / "cli.py"), "run", "transfer", "-c", str(root / "pipeline.toml"), "--json"]
-        return subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=600)
+        return subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT)
 
     killed = run(project.root, "teacher.step:3")  # 3 of 6 steps committed, then SIGKILL
     assert killed.returncode == -signal.SIGKILL

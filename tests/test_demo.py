@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def _demo(cwd, workflow, *args):
-    cmd = [sys.executable, str(REPO / "cli.py"), "run", workflow, "--demo", *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ)
+    return run_cli(["run", workflow, "--demo", *args], cwd)
 
 
 def _ran(result) -> list[str]:
@@ -60,25 +56,9 @@ def test_differential_demo_prints_the_eval_and_draws_the_grid(tmp_path):
         assert pair in out
     grid = tmp_path / "pipeline-demo" / "output" / "differential" / "sample-grid.png"
     assert Image.open(grid).size == (3 * 64, 14 + 2 * 64)  # LoRA-2 at 0, 0.5, 1 x two prompts
-    record = json.loads(
-        subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "cli.py"),
-                "eval",
-                "differential",
-                "-c",
-                "pipeline-demo/pipeline.toml",
-                "--json",
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=os.environ,
-            check=True,
-        ).stdout
-    )
+    evaluated = run_cli(["eval", "differential", "-c", "pipeline-demo/pipeline.toml", "--json"], tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    record = json.loads(evaluated.stdout)
     for row in record["pairs"].values():
         assert row["loss_a_lora1"] < row["loss_a_base"] - 0.1  # LoRA-1 learned A
         assert row["loss_b_lora1_lora2"] < row["loss_b_lora1"] - 0.05  # LoRA-2 learned B on top of it

@@ -131,10 +131,11 @@ def test_second_locker_is_told_who_holds_the_lock_and_a_killed_holder_releases_i
             sys.executable,
             "-c",
             "import sys, time; sys.path.insert(0, sys.argv[1]); from cache.store import Store; "
-            "s = Store(sys.argv[2]); s.lock.acquire('pipeline run lora'); print('held', flush=True); time.sleep(60)",
+            "s = Store(sys.argv[2]); s.lock.acquire('pipeline run lora'); print('held', flush=True); sys.stdin.read()",
             os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
             str(tmp_path),
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -1,0 +1,107 @@
+"""The fault-injection suite: kill -9 every stage of `transfer` and `differential` at each fault point, resume,
+and compare the final store with an uninterrupted run's, byte for byte.
+
+LORA_PIPELINE_FAULT=<point>:<n> SIGKILLs the process at the n-th pass of a named point (cache/faults.py), so
+each kill lands at the worst moment deterministically: an array written but not committed (pool.put), a
+step done but not checkpointed (<stage>.step), right after a checkpoint (<stage>.checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import DIFFERENTIAL_SETTINGS, TRANSFER_SETTINGS, Project, make_images, make_pairs, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _settings(base: dict) -> dict:
+    settings = json.loads(json.dumps(base))
+    settings.setdefault("runtime", {})["checkpoint_every"] = 2
+    settings["runtime.preview"] = {"every": 2, "steps": 2}  # previews too: they must survive a kill
+    return settings
+
+
+WORKFLOWS = {
+    "transfer": (
+        _settings(TRANSFER_SETTINGS),
+        [
+            "pool.put:3",  # latents: 2 of 6 committed, the 3rd written but not in the commit log
+            "lora1.step:3",  # a step past the checkpoint at 2
+            "lora1.checkpoint:2",  # right after the checkpoint was renamed into place
+            "teacher.step:2",
+            "prior.step:2",
+            "student.step:5",
+            "student.checkpoint:4",
+        ],
+    ),
+    "differential": (
+        _settings(DIFFERENTIAL_SETTINGS),
+        ["lora1.step:3", "lora2.step:3", "lora2.checkpoint:2"],
+    ),
+}
+
+
+def _make(root: Path, tiny_model: Path, workflow: str) -> Project:
+    shutil.copytree(tiny_model / "model", root / "model")
+    if workflow == "transfer":
+        shutil.copytree(tiny_model / "student", root / "student")
+        make_images(root / "images", 6)
+    else:
+        make_pairs(root / "pairs")
+    return Project(root, json.loads(json.dumps(WORKFLOWS[workflow][0])))
+
+
+def _run(project: Project, workflow: str, fault: str | None = None):
+    env = {"LORA_PIPELINE_FAULT": fault} if fault else {}
+    return project.subprocess("run", workflow, "-c", str(project.config), "--json", "--no-progress", env=env)
+
+
+def fingerprint(store: Path) -> dict[str, dict]:
+    """Every committed artifact: its outputs' digests and the digests of the pool arrays it references."""
+    out = {}
+    for path in sorted(store.glob("stages/*/*/manifest.json")):
+        m = json.loads(path.read_text())
+        arrays = {}
+        for pool_id, names in m["pools"].items():
+            log = store / "pools" / pool_id / "committed.jsonl"
+            digests = {e["name"]: e["digest"] for e in map(json.loads, log.read_text().splitlines())}
+            arrays[pool_id] = {n: digests[n] for n in names}
+        out[f"{m['stage']}/{m['key']}"] = {
+            "outputs": {k: v["digest"] for k, v in m["outputs"].items()},
+            "arrays": arrays,
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model) -> dict[str, dict]:
+    prints = {}
+    for workflow in WORKFLOWS:
+        project = _make(tmp_path_factory.mktemp(f"straight-{workflow}"), tiny_model, workflow)
+        result = _run(project, workflow)
+        assert result.returncode == 0, result.stderr
+        prints[workflow] = fingerprint(project.store)
+    return prints
+
+
+@pytest.mark.parametrize("workflow, fault", [(w, f) for w, (_, faults) in WORKFLOWS.items() for f in faults])
+def test_killed_at_a_fault_point_then_resumed_writes_the_bytes_of_an_uninterrupted_run(
+    tmp_path, tiny_model, uninterrupted, workflow, fault
+):
+    project = _make(tmp_path, tiny_model, workflow)
+    killed = _run(project, workflow, fault)
+    assert killed.returncode == -signal.SIGKILL, f"the fault point {fault} was never reached:\n{killed.stderr}"
+    status = run_cli(["status", workflow, "-c", str(project.config), "--json"], project.root)
+    assert status.returncode == 0, status.stderr
+    states = {s["name"]: s["state"] for s in json.loads(status.stdout)["stages"]}
+    assert set(states.values()) - {"fresh"}, "a killed stage must not look finished"
+    resumed = _run(project, workflow)
+    assert resumed.returncode == 0, resumed.stderr
+    if fault.split(".")[1].split(":")[0] in ("step", "checkpoint") and fault.split(":")[1] != "1":
+        assert "resum" in resumed.stderr, "the second run must continue from the saved progress"
+    assert fingerprint(project.store) == uninterrupted[workflow]
