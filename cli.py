@@ -392,9 +392,7 @@ def lora_info(
         typer.echo(f"{key.replace('_', ' '):11} {report[key]}")
     typer.echo(f"{'targets':11} " + ", ".join(f"{k} ×{v}" for k, v in report["targets"].items()))
     for comp, n in report["text_encoder_modules"].items():
-        typer.echo(
-            f"{'text enc.':11} {n} modules for the {comp} (applied by ComfyUI and A1111; `lora merge` refuses them)"
-        )
+        typer.echo(f"{'text enc.':11} {n} modules for the {comp} (applied by ComfyUI, A1111 and `lora merge`)")
     for k, v in report["metadata"].items():
         typer.echo(f"  {k} = {v}")
 
@@ -466,7 +464,15 @@ def lora_merge(
     from pipeline.lora_tools import merge
 
     report = merge(model, files, out, _family(family), single_file_config, force)
-    typer.echo(json.dumps(report, indent=1) if as_json else f"wrote {out} ({report['modules_changed']} layers changed)")
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    text = report["text_encoder_modules_changed"]
+    typer.echo(
+        f"wrote {out} ({report['modules_changed']} UNet layers"
+        + (f", {text} text-encoder layers" * bool(text))
+        + " changed)"
+    )
 
 
 @app.command()

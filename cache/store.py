@@ -47,7 +47,7 @@ WRITE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 def read_only_error(root: Path, what: str, e: OSError) -> StoreError:
     return StoreError(
         f"the store {root} is read-only ({e.strerror}: {e.filename}); `{what}` needs to write to it. "
-        f"Make it writable, or point runtime.store_dir at a writable folder. `pipeline status` works as it is."
+        f"Make it writable, or point runtime.store at a writable folder. `pipeline status` works as it is."
     )
 
 
@@ -141,9 +141,11 @@ class Store:
             return False
         if self._verified.get(digest) == sig:
             return True
-        if (self.memo.digest(path) if memo else sha256_file(path)) != digest:
+        if memo:
+            return self.memo.digest(path) == digest
+        if sha256_file(path) != digest:
             return False
-        self._verified[digest] = sig
+        self._verified[digest] = sig  # only a full hash vouches for a read for use
         return True
 
     def read_object(self, digest: str, what: str = "") -> Path:

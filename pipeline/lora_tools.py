@@ -41,9 +41,39 @@ def read(path: Path, family, model: Path | None = None, single_file_config: Path
     lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
     if model is None:
         return lora
-    unet = family.load_denoiser(family.layout(model, single_file_config), "cpu")
+    layout = family.layout(model, single_file_config)
+    if lora.text_modules:
+        components = family.load_components(layout)
+        unet = components[family.lora_component]
+        text = {comp: match_text_modules(lora, comp, components) for comp in lora.text_modules}
+    else:
+        unet, text = family.load_denoiser(layout, "cpu"), {}
     modules = match_modules(lora, unet, family.kohya_prefix)
-    return LoraFile(lora.path, lora.format, modules, lora.metadata, lora.text_modules)
+    return LoraFile(lora.path, lora.format, modules, lora.metadata, text)
+
+
+def match_text_modules(lora, comp: str, components: dict) -> dict:
+    """The file's modules for text encoder `comp`, mapped onto its module names with every shape checked."""
+    from stages.training.lora_files import LoraFile, match_modules
+
+    if components.get(comp) is None:
+        raise ModelError(
+            f"{lora.path}: it has LoRA modules for a {comp}, which this model does not have. Was it trained for "
+            f"another model family (SDXL has two text encoders)?"
+        )
+    part = LoraFile(lora.path, lora.format, lora.text_modules[comp], lora.metadata)
+    return match_modules(part, text_encoder_tree(components[comp]), kohya_prefix="")
+
+
+def text_encoder_tree(model):
+    """The text encoder with its modules under their canonical names (`text_model.encoder.layers.0...`), which
+    kohya, A1111, ComfyUI and diffusers files use; transformers 5 dropped the `text_model` level from CLIP's
+    module tree. The weights are the model's own, so changing them changes the model."""
+    import torch
+
+    if any(name == "text_model" for name, _ in model.named_modules()):
+        return model
+    return torch.nn.ModuleDict({"text_model": model})
 
 
 def identity(loras) -> dict[str, str]:
@@ -117,7 +147,7 @@ def convert(path: Path, fmt: str, out: Path, family, model: Path | None, unet_on
             f"{path} is a kohya file: its module names lost their dots, so converting it to the diffusers format "
             f"needs the model it was trained for. Pass --model DIR_OR_FILE."
         )
-    text = _text_modules([lora], fmt, unet_only)
+    text = _text_modules([lora], unet_only)
     meta = {**identity([lora]), "lora_pipeline.converted_from": path.name}
     save_modules(lora.modules, fmt, out, family, meta, text)
     return {
@@ -131,20 +161,14 @@ def convert(path: Path, fmt: str, out: Path, family, model: Path | None, unet_on
     }
 
 
-def _text_modules(loras, fmt: str, unet_only: bool, weights: list[float] | None = None) -> dict:
-    """The text-encoder modules to write: carried as they are (kohya names, kohya output), or none with
-    --unet-only; a mix combines them exactly like the UNet's. Never dropped without being asked."""
+def _text_modules(loras, unet_only: bool, weights: list[float] | None = None) -> dict:
+    """The text-encoder modules to write: carried through (a mix combines them exactly like the UNet's), or
+    none with --unet-only. Never dropped without being asked."""
     from stages.training.lora_files import LoraFile
     from stages.training.lora_ops import combine
 
     if unet_only or not any(lora.text_modules for lora in loras):
         return {}
-    if fmt != "kohya" or any(lora.format != "kohya" for lora in loras):
-        with_text = next(lora for lora in loras if lora.text_modules)
-        with_text.refuse_text_modules(
-            "they are carried through in kohya-to-kohya conversions and mixes only (their diffusers names need the "
-            "text encoder's module paths)"
-        )
     comps = [set(lora.text_modules) for lora in loras]
     if any(c != comps[0] for c in comps):
         raise ConfigError(
@@ -171,7 +195,7 @@ def mix(
         raise ModelError("mixing kohya files into the diffusers format needs --model (see `pipeline lora convert`).")
     weights = [w for _, w in pairs]
     modules = combine(loras, weights)
-    text = _text_modules(loras, fmt, unet_only, weights)
+    text = _text_modules(loras, unet_only, weights)
     report = {"inputs": [{"file": str(p), "weight": w} for p, w in pairs], "to": str(out), "to_format": fmt}
     if rank is not None:
         compressed = compress(modules, rank)
@@ -241,16 +265,20 @@ def merge(model: Path, specs: list[str], out: Path, family, single_file_config: 
     parsed = [parse_weighted(s) for s in specs]
     components = family.load_components(_model_layout(family, model, single_file_config))
     unet = components[family.lora_component]
-    layers = dict(unet.named_modules())
-    changed = 0
+    changed, text_changed = 0, 0
     with torch.no_grad():
         for path, weight in parsed:
             lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
-            lora.refuse_text_modules("`lora merge` bakes LoRAs into the UNet only, so the merged model would lack them")
-            for name, mod in match_modules(lora, unet, family.kohya_prefix).items():
-                w = layers[name].weight
-                w.copy_((w.float() + weight * delta_weight(mod).reshape(w.shape)).to(w.dtype))
-                changed += 1
+            matched = {family.lora_component: match_modules(lora, unet, family.kohya_prefix)}
+            matched.update({comp: match_text_modules(lora, comp, components) for comp in lora.text_modules})
+            for comp, modules in matched.items():
+                tree = unet if comp == family.lora_component else text_encoder_tree(components[comp])
+                layers = dict(tree.named_modules())
+                for name, mod in modules.items():
+                    w = layers[name].weight
+                    w.copy_((w.float() + weight * delta_weight(mod).reshape(w.shape)).to(w.dtype))
+                    changed += comp == family.lora_component
+                    text_changed += comp != family.lora_component
     tmp = out.with_name(f".tmp-{out.name}")  # keeps the suffix, which decides folder vs single file
     if tmp.is_dir():
         shutil.rmtree(tmp)
@@ -267,6 +295,7 @@ def merge(model: Path, specs: list[str], out: Path, family, single_file_config: 
         "loras": [{"file": str(p), "weight": w} for p, w in parsed],
         "out": str(out),
         "modules_changed": changed,
+        "text_encoder_modules_changed": text_changed,
     }
 
 

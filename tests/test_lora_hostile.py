@@ -203,27 +203,86 @@ def test_text_encoder_modules_are_listed_and_carried_through_kohya_mix_and_conve
     assert not any(k.startswith("lora_te_") for k in load_file(str(tmp_path / "u.safetensors")))
 
 
-def test_tools_that_cannot_apply_text_encoder_modules_refuse_them_by_name(project, tmp_path):
+@pytest.fixture
+def lora_with_text_encoder(project, tmp_path) -> Path:
+    """A kohya LoRA for the tiny model on the UNet's to_q and the text encoder's attention, with factors
+    large enough that both show in the outputs."""
     from diffusers import UNet2DConditionModel
 
     from stages.training.lora_files import add_lora, lora_state_dict, save_kohya, to_kohya
 
     unet = UNet2DConditionModel.from_pretrained(str(project.root / "model"), subfolder="unet")
     add_lora(unet, 2, 2.0, 0.0, ["to_q"], 0)
-    te = {"text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 32)}
-    te["text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.randn(32, 2)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    te = {}
+    for layer in range(2):
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):  # what kohya trains (diffusers needs out_proj)
+            base = f"text_model.encoder.layers.{layer}.self_attn.{proj}"
+            te[f"{base}.lora_A.weight"] = torch.randn(2, 32, generator=g) * 0.5
+            te[f"{base}.lora_B.weight"] = torch.randn(32, 2, generator=g) * 0.5
     path = tmp_path / "with_te.safetensors"
     save_kohya(lora_state_dict(unet), 2, 2.0, path, "lora_unet_", {}, extra=to_kohya(te, 2.0, "lora_te_"))
-    name = "text_model_encoder_layers_0_self_attn_q_proj"
-    for args in (
-        ["lora", "merge", str(path), "--model", str(project.root / "model"), "--out", str(tmp_path / "merged")],
-        ["lora", "convert", str(path), "--to", "diffusers", "--model", str(project.root / "model"), "--out",
-         str(tmp_path / "d.safetensors")],
-    ):  # fmt: skip
-        result = cli(*args)
-        assert result.exit_code == 2, result.output
-        assert "text encoder" in result.output and name in result.output and "--unet-only" in result.output
-    project.write_config(transfer={"student_model": "model", "teacher_lora": str(path)})
+    return path
+
+
+def _text_and_unet_outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0], pipe.unet(x, torch.tensor([500]), encoder_hidden_states=c).sample
+
+
+def test_merge_bakes_text_encoder_modules_like_diffusers_applies_them(project, lora_with_text_encoder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "merged"
+    result = cli(
+        "lora", "merge", str(lora_with_text_encoder), "--model", str(project.root / "model"), "--out", str(out)
+    )
+    assert result.exit_code == 0, result.output
+    assert "8 text-encoder layers" in result.output
+    merged = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
+    ref = StableDiffusionPipeline.from_pretrained(str(project.root / "model"), safety_checker=None)
+    base_text, _ = _text_and_unet_outputs(ref)
+    ref.load_lora_weights(str(lora_with_text_encoder.parent), weight_name=lora_with_text_encoder.name)
+    want_text, want_unet = _text_and_unet_outputs(ref)
+    got_text, got_unet = _text_and_unet_outputs(merged)
+    assert (want_text - base_text).abs().max() > 1e-2, "the LoRA must change the text encoder for this to test it"
+    torch.testing.assert_close(got_text, want_text, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_unet, want_unet, atol=1e-4, rtol=1e-4)
+
+
+def test_converting_text_encoder_modules_to_diffusers_keeps_them(project, lora_with_text_encoder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "d.safetensors"
+    args = ["--to", "diffusers", "--out", str(out)]
+    result = cli("lora", "convert", str(lora_with_text_encoder), *args)
+    assert result.exit_code == 2 and "Pass --model" in result.output, "kohya names need the model to get their dots"
+    result = cli("lora", "convert", str(lora_with_text_encoder), *args, "--model", str(project.root / "model"))
+    assert result.exit_code == 0, result.output
+    assert any(k.startswith("text_encoder.") for k in load_file(str(out)))
+    outs = []
+    for lora in (lora_with_text_encoder, out):
+        pipe = StableDiffusionPipeline.from_pretrained(str(project.root / "model"), safety_checker=None)
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        outs.append(_text_and_unet_outputs(pipe))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-5, rtol=1e-5)
+
+
+def test_stages_that_apply_only_the_unet_refuse_text_encoder_modules_by_name(project, lora_with_text_encoder):
+    name = "text_model_encoder_layers_0_self_attn_"
+    result = cli("sample", "--model", str(project.root / "model"), "--lora", str(lora_with_text_encoder), "--prompt",
+                 "x", "--size", "64", "--steps", "1", "--out", str(project.root / "g.png"))  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert name in result.output and "--unet-only" in result.output
+    project.write_config(transfer={"student_model": "model", "teacher_lora": str(lora_with_text_encoder)})
     result = project.cli("run", "transfer")
     assert result.exit_code == 2, result.output
     assert "the teacher applies LoRAs to the UNet only" in result.output and name in result.output

@@ -101,20 +101,22 @@ def save_kohya(
     canonicalize_safetensors(path)
 
 
-def save_diffusers(state: dict, adapter_config, path: Path, pipeline_class: str, component: str) -> None:
-    """Write the diffusers format with adapter metadata via the pipeline class's own save_lora_weights."""
+def save_diffusers(
+    state: dict, adapter_config, path: Path, pipeline_class: str, component: str, extra: dict | None = None
+) -> None:
+    """Write the diffusers format with adapter metadata via the pipeline class's own save_lora_weights.
+    extra: more components' LoRAs, {component: (peft-named state, adapter config)} (the text encoders)."""
     import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    meta = json.loads(json.dumps(adapter_config.to_dict(), default=sorted))  # sets -> sorted lists
-    getattr(diffusers, pipeline_class).save_lora_weights(
-        str(path.parent),
-        weight_name=path.name,
-        **{
-            f"{component}_lora_layers": convert_state_dict_to_diffusers(state),
-            f"{component}_lora_adapter_metadata": meta,
-        },
-    )
+    def meta(config) -> dict:
+        return json.loads(json.dumps(config.to_dict(), default=sorted))  # sets -> sorted lists
+
+    kwargs = {}
+    for comp, (comp_state, config) in {component: (state, adapter_config), **(extra or {})}.items():
+        kwargs[f"{comp}_lora_layers"] = convert_state_dict_to_diffusers(comp_state)
+        kwargs[f"{comp}_lora_adapter_metadata"] = meta(config)
+    getattr(diffusers, pipeline_class).save_lora_weights(str(path.parent), weight_name=path.name, **kwargs)
     canonicalize_safetensors(path)
 
 

@@ -132,8 +132,6 @@ def save_modules(
     from collections import Counter
     from pathlib import Path
 
-    from peft import LoraConfig
-
     from stages.training.lora_files import save_diffusers, save_kohya, to_kohya
 
     path = Path(path)
@@ -151,25 +149,36 @@ def save_modules(
             extra.update(to_kohya(_peft_state(mods), {n: m.alpha for n, m in mods.items()}, prefix))
         save_kohya(state, rank, alphas, path, family.kohya_prefix, meta, extra=extra)
         return
-    if text_modules:
-        raise ConfigError(
-            "text-encoder LoRA modules are written in the kohya format only; use --to kohya, or --unet-only to "
-            "leave them out."
-        )
-    if any("." not in name for name in modules):
+    if any("." not in name for mods in [modules, *(text_modules or {}).values()] for name in mods):
         raise ConfigError(
             "this LoRA came from a kohya file, whose module names lost their dots; pass --model (the model it was "
             "trained for) so they can be matched to the model's modules."
         )
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    config = LoraConfig(
+    # The text encoders' adapter configs name modules without `text_model.`: peft matches target names as
+    # suffixes, so they fit CLIP with that level (transformers 4) and without it (5), where diffusers strips it
+    # from the weights' names but not from the config.
+    extra = {
+        comp: (_peft_state(mods), _adapter_config({n.removeprefix("text_model."): m for n, m in mods.items()}))
+        for comp, mods in (text_modules or {}).items()
+    }
+    save_diffusers(state, _adapter_config(modules), path, family.pipeline_class, family.lora_component, extra)
+
+
+def _adapter_config(modules: dict[str, LoraModule]):
+    """The peft config that reloads these modules exactly: the common rank and alpha, and patterns for the rest."""
+    from collections import Counter
+
+    from peft import LoraConfig
+
+    rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
+    return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         target_modules=sorted(modules),
         rank_pattern={n: m.rank for n, m in modules.items() if m.rank != rank},
-        alpha_pattern={n: a for n, a in alphas.items() if a != alpha},
+        alpha_pattern={n: m.alpha for n, m in modules.items() if m.alpha != alpha},
     )
-    save_diffusers(state, config, path, family.pipeline_class, family.lora_component)
 
 
 def _peft_state(modules: dict[str, LoraModule]) -> dict:
