@@ -68,7 +68,9 @@ def user_errors(fn):
                     err=True,
                 )
                 raise typer.Exit(1) from None
-            raise
+            where = f" ({e.filename})" if e.filename else ""
+            typer.echo(f"error: {e.strerror or e}{where}. Check that path, then run the same command again.", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt as e:
             typer.echo("interrupted: finished items are kept; run the same command again to resume.", err=True)
             raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None

@@ -105,6 +105,11 @@ class Store:
                 f"the store lock {self.lock.path} is a folder, not a file. It was not made by lora-pipeline: "
                 f"remove it (rmdir {self.lock.path}) and run the same command again."
             ) from None
+        except (FileExistsError, NotADirectoryError) as e:
+            raise StoreError(
+                f"the store folder {self.root} cannot be made: {e.filename} is a file, not a folder. Move it away, "
+                f"or point runtime.store at another folder."
+            ) from None
         except OSError as e:
             if e.errno in WRITE_ERRNOS:
                 raise read_only_error(self.root, what, e) from None

@@ -217,3 +217,11 @@ def test_verify_names_an_input_the_memo_vouched_for_and_a_damaged_object(project
     assert clean.exit_code == 1  # the object is gone until the next run re-makes it
     project.run_json()
     assert project.cli("verify", "-c", str(project.config)).exit_code == 0
+
+
+def test_a_store_path_that_is_a_file_is_a_named_error(project):
+    project.store.write_text("not a folder")
+    result = project.cli("run", "lora")
+    assert result.exit_code == 2, result.output
+    assert "is a file, not a folder" in result.output and "Traceback" not in result.output
+    assert project.store.read_text() == "not a folder"
