@@ -60,6 +60,9 @@ def user_errors(fn):
         except (CorruptArray, LockHeld) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
+        except BrokenPipeError:  # `pipeline ... | head`: the reader left; end quietly, like any CLI tool
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            raise typer.Exit(141) from None
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 typer.echo(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO, SUBPROCESS_TIMEOUT, run_cli
 
 pytestmark = pytest.mark.slow
@@ -68,3 +69,24 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_the_next_run_resumes(project):
     assert "interrupted: finished items are kept; run the same command again to resume." in err
     assert "Traceback" not in err
     assert not project.manifests("lora1")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`pipeline lora info FILE | head -1`: the reader has left before the output comes (its end of the pipe is
+    closed before the command starts, so every write fails). No traceback, no error message."""
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "l.safetensors"
+    factors = {
+        "lora_unet_a_to_q.lora_down.weight": torch.ones(2, 4),
+        "lora_unet_a_to_q.lora_up.weight": torch.ones(4, 2),
+    }
+    save_file(factors, str(lora))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    cmd = [sys.executable, str(REPO / "cli.py"), "lora", "info", str(lora)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=SUBPROCESS_TIMEOUT)
+    assert "Traceback" not in err and "error" not in err.lower(), err
