@@ -169,3 +169,19 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def print_verify(report: dict) -> None:
+    """What `pipeline verify` found, one line per difference, then the counts."""
+    for d in report["inputs"]["differ"]:
+        typer.echo(f"changed  {d['path']} ({d['field']}): its content is not what the last runs used")
+    for what in ("objects", "arrays"):
+        for path in report[what]["damaged"]:
+            typer.echo(f"damaged  {path}: dropped, the next run re-makes it")
+    for path in report["objects"]["missing"]:
+        typer.echo(f"missing  {path}: the next run re-makes it")
+    for what in ("manifests", "refs"):
+        for d in report[what]["damaged"]:
+            typer.echo(f"damaged  {d['path']} ({d['why']}): the next run rewrites it")
+    counts = ", ".join(f"{report[k]['checked']} {k}" for k in ("inputs", "objects", "arrays", "manifests", "refs"))
+    typer.echo(f"verified {counts}: " + ("all intact" if report["ok"] else "see above; run your workflow again"))
