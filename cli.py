@@ -15,10 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import typer  # noqa: E402
 
-from cache.arrays import CorruptArray  # noqa: E402
-from cache.locks import LockHeld  # noqa: E402
-from cache.store import StoreError  # noqa: E402
-from pipeline.errors import PipelineError  # noqa: E402
+from core.errors import PipelineError  # noqa: E402
 
 app = typer.Typer(
     help="Staged, content-hashed LoRA training for diffusion models.",
@@ -54,12 +51,9 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (PipelineError, StoreError) as e:
+        except PipelineError as e:
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(getattr(e, "exit_code", 2)) from None
-        except (CorruptArray, LockHeld) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(e.exit_code) from None
         except BrokenPipeError:  # `pipeline ... | head`: the reader left; end quietly, like any CLI tool
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
             raise typer.Exit(141) from None

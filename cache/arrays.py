@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cache.faults import fault_point
+from core.errors import CorruptArray
+from core.faults import fault_point
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,10 +30,6 @@ def array_digest(arr: np.ndarray) -> str:
     h = hashlib.sha256(f"{arr.dtype.str}|{arr.shape}|".encode())
     h.update(arr.tobytes())
     return h.hexdigest()
-
-
-class CorruptArray(RuntimeError):
-    pass
 
 
 class ArrayPool:

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from core.errors import LockHeld
+
 
 class StoreLock:
     def __init__(self, path: Path):
@@ -46,7 +48,7 @@ class StoreLock:
             holder = self.holder()
             if not wait:
                 os.close(fd)
-                raise LockHeld(self.path, holder) from None
+                raise lock_held(self.path, holder) from None
             if on_wait:
                 on_wait(holder)
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -70,8 +72,8 @@ class StoreLock:
         self.release()
 
 
-class LockHeld(RuntimeError):
-    def __init__(self, path: Path, holder: dict | None):
-        who = f"pid {holder['pid']} ({holder['what']}, since {holder['since']})" if holder else "another process"
-        super().__init__(f"the store lock {path} is held by {who}; wait for it to finish")
-        self.holder = holder
+def lock_held(path: Path, holder: dict | None) -> LockHeld:
+    who = f"pid {holder['pid']} ({holder['what']}, since {holder['since']})" if holder else "another process"
+    err = LockHeld(f"the store lock {path} is held by {who}; wait for it to finish")
+    err.holder = holder
+    return err

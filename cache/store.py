@@ -31,15 +31,7 @@ from pathlib import Path
 from cache.arrays import ArrayPool, dir_size
 from cache.hashing import StatMemo, sha256_file, stat_signature
 from cache.locks import StoreLock
-
-
-class StoreError(RuntimeError):
-    """The store cannot be used as it is (damaged refs for gc, read-only, a folder where a file belongs)."""
-
-
-class DamagedObject(StoreError):
-    """A stored object's bytes no longer match its name: it was dropped, and the next run re-makes it."""
-
+from core.errors import DamagedObject, StoreError
 
 WRITE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 
 class Section(BaseModel):

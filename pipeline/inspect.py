@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cache.store import Manifest
-from pipeline.errors import PlanError
+from core.errors import PlanError
 from stages.base import PlanEnv
 
 TIMESTEP_BINS = 10

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from pipeline.errors import ConfigError, ModelError
+from core.errors import ConfigError, ModelError
 
 FORMATS = ("kohya", "diffusers")
 # Which programs load each format (checked against their loaders: kohya's networks/lora.py, ComfyUI's

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from cache.keys import build_preimage, stage_key
 from cache.store import Manifest
-from pipeline.errors import PlanError
+from core.errors import PlanError
 from stages.base import PlanEnv, Stage
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.store import Manifest, write_json_atomic
+from core.errors import PlanError
 from pipeline import __version__
-from pipeline.errors import PlanError
 from pipeline.planner import (
     StagePlan,
     as_node,

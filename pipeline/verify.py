@@ -101,7 +101,8 @@ def _refs(store: Store) -> dict:
 
 
 def _arrays(store: Store) -> dict:
-    from cache.arrays import ArrayPool, CorruptArray
+    from cache.arrays import ArrayPool
+    from core.errors import CorruptArray
 
     damaged, checked = [], 0
     for pool_dir in sorted((store.root / "pools").glob("*/*")):

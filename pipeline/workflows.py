@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import DataError, PlanError
+from core.errors import DataError, PlanError
 from pipeline.planner import Node
 from stages.average import AverageStage
 from stages.base import PlanEnv, Stage

@@ -31,7 +31,7 @@ class ModelRef:
 
     @cached_property
     def layout(self) -> ModelLayout:
-        from pipeline.errors import ModelError
+        from core.errors import ModelError
 
         try:
             return self.family.layout(self.path, self.single_file_config)

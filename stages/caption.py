@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from pipeline.errors import DataError
+from core.errors import DataError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
 from stages.dataset import load_image
 

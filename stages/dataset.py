@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache.hashing import StatMemo
-from pipeline.errors import DataError
+from core.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 
 def resolve_device(name: str):

@@ -110,7 +110,7 @@ class ImportLoraStage(Stage):
         return ImportLoraParams()
 
     def inputs(self, env: PlanEnv) -> dict:
-        from pipeline.errors import ConfigError
+        from core.errors import ConfigError
 
         path = self.path(env)
         if not path.is_file():

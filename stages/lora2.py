@@ -8,7 +8,7 @@ same timesteps and noise as LoRA-1 did at every step, so A and B are learned on 
 from __future__ import annotations
 
 from cache.store import Manifest
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
 from stages.training.params import LoraTrainParams
 

@@ -57,7 +57,7 @@ class PriorStage(Stage):
         import torch
         from tqdm import tqdm
 
-        from cache.faults import fault_point
+        from core.faults import fault_point
         from stages.devices import resolve_device
         from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
         from stages.training.schedule import read_schedule, rebuild_inputs, step_rows

@@ -11,7 +11,7 @@ start, every runtime.fidelity_every steps and at the end.
 from __future__ import annotations
 
 from cache.store import Manifest
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
 from stages.training.params import LoraTrainParams
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from cache.faults import fault_point
 from cache.store import Manifest
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
+from core.faults import fault_point
 from stages.base import PlanEnv, Stage, StageContext, StageResult
 
 

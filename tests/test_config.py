@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import ConfigError
 from pipeline.config import PipelineConfig, load_config, parse_override
-from pipeline.errors import ConfigError
 from pipeline.schema_docs import config_reference_markdown, example_config_toml
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,6 +1,6 @@
 """kill -9 during latents and during training: nothing partial is trusted, and the next run resumes.
 
-LORA_PIPELINE_FAULT places a real SIGKILL at a named point (cache/faults.py), so the kill lands at the
+LORA_PIPELINE_FAULT places a real SIGKILL at a named point (core/faults.py), so the kill lands at the
 worst moment deterministically: an array written but not committed, a step done but not checkpointed.
 """
 

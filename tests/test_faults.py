@@ -1,7 +1,7 @@
 """The fault-injection suite: kill -9 every stage of `transfer` and `differential` at each fault point, resume,
 and compare the final store with an uninterrupted run's, byte for byte.
 
-LORA_PIPELINE_FAULT=<point>:<n> SIGKILLs the process at the n-th pass of a named point (cache/faults.py), so
+LORA_PIPELINE_FAULT=<point>:<n> SIGKILLs the process at the n-th pass of a named point (core/faults.py), so
 each kill lands at the worst moment deterministically: an array written but not committed (pool.put), a
 step done but not checkpointed (<stage>.step), right after a checkpoint (<stage>.checkpoint).
 """

@@ -170,7 +170,7 @@ def test_every_config_field_is_covered_by_this_table():
 
 
 def test_prediction_type_override_changes_lora1_and_breaks_the_transfer_contract(project):
-    from pipeline.errors import PlanError
+    from core.errors import PlanError
 
     base, changed = (
         keys(project, workflow="lora"),

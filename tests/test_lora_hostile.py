@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 from stages.families import get_family
 from stages.training.lora_files import read_lora_file
 from stages.training.lora_ops import delta_weight

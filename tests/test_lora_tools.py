@@ -59,7 +59,7 @@ def test_svd_compression_matches_a_dense_truncated_svd_and_reports_its_error():
 
 
 def test_mixing_loras_with_different_targets_is_refused():
-    from pipeline.errors import ConfigError
+    from core.errors import ConfigError
 
     a, b = random_lora(0), random_lora(1, names=("a.to_q", "a.to_v"))
     with pytest.raises(ConfigError, match="do not have the same LoRA modules"):

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from pipeline.errors import ModelError
+from core.errors import ModelError
 from stages.families.sd15 import SD15Family
 
 

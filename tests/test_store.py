@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from cache.arrays import CorruptArray, array_digest
+from cache.arrays import array_digest
 from cache.hashing import StatMemo, sha256_file
-from cache.locks import LockHeld
 from cache.store import Manifest, Store
+from core.errors import CorruptArray, LockHeld
 
 
 def test_put_object_is_content_addressed_and_deduplicated(tmp_path):

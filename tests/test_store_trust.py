@@ -14,7 +14,8 @@ import pytest
 from conftest import actions
 
 import cache.hashing as hashing
-from cache.store import DamagedObject, Store
+from cache.store import Store
+from core.errors import DamagedObject
 
 
 def _status(project) -> dict[str, dict]:

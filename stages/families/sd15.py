@@ -7,7 +7,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ModelError
+from core.errors import ModelError
 from stages.families.base import ModelFamily, ModelLayout, quiet_libraries
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache.faults import fault_point
-from pipeline.errors import ConfigError, PipelineError
+from core.errors import ConfigError, PipelineError
+from core.faults import fault_point
 from stages.training.lora_files import add_lora, trainable_state
 from stages.training.sampling import batch_indices, derive_seed, generator
 

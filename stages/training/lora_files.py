@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 
 def add_lora(denoiser, rank: int, alpha: float, dropout: float, targets: list[str], seed: int, section: str = "lora1"):
@@ -176,7 +176,7 @@ class LoraFile:
 
     def refuse_text_modules(self, why: str) -> None:
         """ModelError naming the text-encoder modules, for users of the file that apply only the denoiser's."""
-        from pipeline.errors import ModelError
+        from core.errors import ModelError
 
         if self.text_modules:
             comp, mods = next(iter(self.text_modules.items()))
@@ -204,7 +204,7 @@ def read_lora_file(path: Path, kohya_prefix: str = "lora_unet_", component: str 
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from pipeline.errors import ModelError
+    from core.errors import ModelError
 
     path = Path(path)
     if not path.is_file():
@@ -265,7 +265,7 @@ def _module(path: Path, base: str, tensors: dict, down_sfx: str, up_sfx: str, de
     """One module's factors and alpha, checked: floating point, 2-D or 4-D, ranks that agree, finite values."""
     import torch
 
-    from pipeline.errors import ModelError
+    from core.errors import ModelError
 
     down, up = tensors[base + down_sfx], tensors.get(base + up_sfx)
     if up is None:
@@ -308,7 +308,7 @@ def _metadata_alphas(path: Path, metadata: dict[str, str]) -> dict[str, tuple[fl
     """component -> (lora_alpha, alpha_pattern) from the adapter config that diffusers writes into the metadata."""
     import math
 
-    from pipeline.errors import ModelError
+    from core.errors import ModelError
 
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
@@ -340,7 +340,7 @@ def match_modules(lora: LoraFile, denoiser, kohya_prefix: str = "lora_unet_") ->
     """Map the file's modules onto the model's module names and check every shape; ModelError if one does not fit."""
     import torch
 
-    from pipeline.errors import ModelError
+    from core.errors import ModelError
 
     layers = {  # a layer that already carries an adapter is found through its peft wrapper's base_layer
         n.removesuffix(".base_layer"): m
@@ -376,7 +376,7 @@ def load_lora_into(denoiser, modules: dict[str, LoraModule], adapter_name: str =
     """Copy matched LoRA weights into an existing peft adapter of the same modules and ranks."""
     import torch
 
-    from pipeline.errors import ConfigError as _ConfigError
+    from core.errors import ConfigError as _ConfigError
 
     layers = dict(denoiser.named_modules())
     with torch.no_grad():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from stages.training.lora_files import LoraFile, LoraModule
 
 

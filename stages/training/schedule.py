@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 from stages.training.sampling import batch_indices, derive_seed, generator
 
 
