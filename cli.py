@@ -184,7 +184,7 @@ def status(
     holder = env.store.lock.held()
     report = []
     for name in names:
-        plans = plan_workflow(env, get_workflow(name, env.config, env), env.store.read_ref(name))
+        plans = plan_workflow(env, get_workflow(name, env), env.store.read_ref(name))
         if holder is not None and holder.get("what", f"pipeline run {name}") == f"pipeline run {name}":
             _mark_running(plans, holder)
         report.append(

@@ -21,7 +21,7 @@ def find_artifact(env: PlanEnv, workflow: str, stage: str) -> Manifest:
     from pipeline.planner import plan_workflow
     from pipeline.workflows import get_workflow
 
-    stages = get_workflow(workflow, env.config, env)
+    stages = get_workflow(workflow, env)
     if stage not in {s.name for s in stages}:
         names = ", ".join(s.name for s in stages)
         raise PlanError(f"workflow {workflow!r} has no stage {stage!r}; its stages are {names}.")

@@ -25,10 +25,6 @@ class Node:
     export: bool = True  # copy its files to runtime.output_dir (differential keeps LoRA-1s in the store only)
 
 
-def as_node(stage: Stage | Node) -> Node:
-    return stage if isinstance(stage, Node) else Node(stage.name, stage, {u: u for u in stage.upstream})
-
-
 @dataclass
 class StagePlan:
     stage: Stage
@@ -50,15 +46,9 @@ class StagePlan:
         return self.node or self.stage.name
 
 
-def plan_stage(
-    env: PlanEnv,
-    stage: Stage,
-    upstream: dict[str, StagePlan | Manifest],
-    ref: dict[str, str],
-    node: Node | None = None,
-) -> StagePlan:
-    """Plan one stage given the plans (or the manifests, for --only) of its upstream roles."""
-    node = node or as_node(stage)
+def plan_stage(env: PlanEnv, node: Node, upstream: dict[str, StagePlan | Manifest], ref: dict[str, str]) -> StagePlan:
+    """Plan one node given the plans (or the manifests, for --only) of its upstream roles."""
+    stage = node.stage
     params = stage.params(env)
     upstream_keys = {u: p.key for u, p in upstream.items()}
     preimage = build_preimage(
@@ -163,11 +153,11 @@ def damaged(env: PlanEnv, manifest: Manifest) -> list[str]:
     return causes
 
 
-def plan_workflow(env: PlanEnv, stages: list[Stage | Node], ref: dict[str, str]) -> list[StagePlan]:
+def plan_workflow(env: PlanEnv, nodes: list[Node], ref: dict[str, str]) -> list[StagePlan]:
     plans: dict[str, StagePlan] = {}
-    for node in map(as_node, stages):
+    for node in nodes:
         upstream = {role: plans[n] for role, n in node.upstream.items()}
-        plans[node.name] = plan_stage(node.env or env, node.stage, upstream, ref, node)
+        plans[node.name] = plan_stage(node.env or env, node, upstream, ref)
     return list(plans.values())
 
 

@@ -16,7 +16,6 @@ from core.errors import PlanError
 from pipeline import __version__
 from pipeline.planner import (
     StagePlan,
-    as_node,
     contract_diff,
     inherited_contract,
     plan_stage,
@@ -54,7 +53,7 @@ def _git_describe() -> str | None:
 def run_workflow(
     env: PlanEnv, workflow: str, only: str | None = None, dry_run: bool = False, progress: bool = True
 ) -> list[StageRun]:
-    stages = [as_node(s) for s in get_workflow(workflow, env.config, env)]
+    stages = get_workflow(workflow, env)
     if only is not None and only not in {s.name for s in stages}:
         names = ", ".join(s.name for s in stages)
         raise PlanError(f"--only {only}: workflow {workflow!r} has no stage {only!r}; its stages are {names}.")
@@ -105,7 +104,7 @@ def _plans(env: PlanEnv, workflow: str, stages, only: str | None) -> list[StageP
     if target.stage.enforce_contract:
         check_contract(target, upstream, workflow)
     node = next(n for n in stages if n.name == only)
-    return [plan_stage(target.env or env, target.stage, upstream, ref, node)]
+    return [plan_stage(target.env or env, node, upstream, ref)]
 
 
 def check_contract(plan: StagePlan, upstream: dict[str, Manifest], workflow: str) -> None:

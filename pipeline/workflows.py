@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,32 +38,40 @@ STAGES: dict[str, Stage] = {
     )
 }
 
-WORKFLOWS: dict[str, tuple[str, ...]] = {
-    "lora": ("caption", "latents", "text", "lora1"),
-    "transfer": ("caption", "latents", "text", "lora1", "schedule", "teacher", "prior", "student"),
-    # per pair p: caption/latents/text of p.a and p.b, lora1.p (on A), lora2.p (on B over lora1.p); then:
-    "differential": ("average", "eval"),
+
+def chain_nodes(env: PlanEnv, names: tuple[str, ...]) -> list[Node]:
+    """A workflow where every stage appears once under its own name, its upstream roles filled by the stages
+    of the same names; `transfer.teacher_lora` swaps lora1 training for an import of that file."""
+    stages = [STAGES[n] for n in names]
+    if "lora1" in names and env.config.transfer.teacher_lora is not None and "teacher" in names:
+        stages = [ImportLoraStage() if s.name == "lora1" else s for s in stages]
+    return [Node(s.name, s, {u: u for u in s.upstream}) for s in stages]
+
+
+# Every workflow is a DAG of nodes (a stage bound to a name, an env and its upstream nodes), built from the
+# env because some depend on the data on disk (differential: one set of nodes per pair).
+WORKFLOWS: dict[str, Callable[[PlanEnv], list[Node]]] = {
+    "lora": lambda env: chain_nodes(env, ("caption", "latents", "text", "lora1")),
+    "transfer": lambda env: chain_nodes(
+        env, ("caption", "latents", "text", "lora1", "schedule", "teacher", "prior", "student")
+    ),
+    # per pair p: caption/latents/text of p.a and p.b, lora1.p (on A), lora2.p (on B over lora1.p); then
+    # average and eval
+    "differential": lambda env: differential_nodes(env),
 }
 
 
-def get_workflow(name: str, config=None, env: PlanEnv | None = None) -> list[Stage] | list[Node]:
-    """The stages of a workflow; with a config, `transfer.teacher_lora` swaps lora1 training for an import.
-    `differential` has per-pair nodes, so it needs the env (its pairs come from the data on disk)."""
+def get_workflow(name: str, env: PlanEnv) -> list[Node]:
+    """The nodes of a workflow in a valid run order (checked: every node comes after its upstream nodes)."""
     if name not in WORKFLOWS:
         raise PlanError(f"unknown workflow {name!r}. Known workflows: {', '.join(WORKFLOWS)}.")
-    if name == "differential":
-        if env is None:
-            raise PlanError("the differential workflow is planned per pair: pass the env")
-        return differential_nodes(env)
-    stages = [STAGES[s] for s in WORKFLOWS[name]]
-    if name == "transfer" and config is not None and config.transfer.teacher_lora is not None:
-        stages = [ImportLoraStage() if s.name == "lora1" else s for s in stages]
+    nodes = WORKFLOWS[name](env)
     seen: set[str] = set()
-    for stage in stages:  # the listed order must respect every stage's upstream
-        missing = [u for u in stage.upstream if u not in seen]
-        assert not missing, f"workflow {name}: {stage.name} listed before {missing}"
-        seen.add(stage.name)
-    return stages
+    for node in nodes:
+        missing = [u for u in node.upstream.values() if u not in seen]
+        assert not missing, f"workflow {name}: {node.name} listed before {missing}"
+        seen.add(node.name)
+    return nodes
 
 
 # -- differential LoRA: pairs -------------------------------------------------------------------------------

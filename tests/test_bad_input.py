@@ -146,7 +146,8 @@ def test_disk_full_while_committing_is_reported_and_the_next_run_recovers(projec
     from stages.base import PlanEnv
 
     loaded = load_config(project.config)
-    key = plan_workflow(PlanEnv(loaded, Store(loaded.store_dir)), get_workflow("lora"), {})[0].key
+    env = PlanEnv(loaded, Store(loaded.store_dir))
+    key = plan_workflow(env, get_workflow("lora", env), {})[0].key
     stage_dir = project.store / "stages" / "caption" / key
     stage_dir.mkdir(parents=True)
     tmp = stage_dir / f".manifest.json.tmp{os.getpid()}"

@@ -21,7 +21,7 @@ def project(transfer_project):
 def keys(project, *overrides: str, workflow: str = "transfer") -> dict[str, str]:
     loaded = load_config(project.config, list(overrides))
     env = PlanEnv(loaded, Store(loaded.store_dir))
-    return {p.name: p.key for p in plan_workflow(env, get_workflow(workflow, env.config, env), {})}
+    return {p.name: p.key for p in plan_workflow(env, get_workflow(workflow, env), {})}
 
 
 # (override, the first stage whose key must change; every stage downstream of it changes too)
