@@ -84,12 +84,9 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def _env(config: Path, overrides: list[str]):
-    from cache.store import Store
-    from pipeline.config import load_config
-    from stages.base import PlanEnv
+    from pipeline.api import open_project
 
-    loaded = load_config(config, overrides)
-    return PlanEnv(loaded, Store(loaded.store_dir))
+    return open_project(config, overrides)
 
 
 @app.command()
@@ -123,14 +120,13 @@ def run(
 ):
     """Run a workflow: reuse every fresh stage, run the rest, print what happened."""
     from pipeline import reports
-    from pipeline.runner import run_workflow
+    from pipeline.api import run_workflow, workflow_names
 
     if demo:
         from pipeline.demo import ensure_demo
-        from pipeline.workflows import WORKFLOWS
 
-        if workflow not in WORKFLOWS:  # before building anything
-            raise PipelineError(f"unknown workflow {workflow!r}. Known workflows: {', '.join(WORKFLOWS)}.")
+        if workflow not in workflow_names():  # before building anything
+            raise PipelineError(f"unknown workflow {workflow!r}. Known workflows: {', '.join(workflow_names())}.")
         config = ensure_demo()
     env = _env(config, set_)
     runs = run_workflow(env, workflow, only=only, dry_run=dry_run, progress=not no_progress and not as_json)
@@ -154,7 +150,7 @@ def eval_(
 ):
     """Print (and store) the eval table of a differential run; runs what is stale first."""
     from pipeline import reports
-    from pipeline.runner import run_workflow
+    from pipeline.api import run_workflow
 
     if workflow != "differential":
         raise PipelineError(f"eval {workflow!r}: only the differential workflow has an eval stage.")
@@ -176,37 +172,9 @@ def status(
     as_json: bool = JsonOpt,
 ):
     """Show FRESH / STALE / MISSING / PARTIAL per stage, with why, against the current config."""
-    from pipeline.planner import plan_workflow
-    from pipeline.workflows import WORKFLOWS, get_workflow
+    from pipeline import api
 
-    env = _env(config, set_)
-    names = [workflow] if workflow else [w for w in WORKFLOWS if env.store.read_ref(w)] or ["lora"]
-    holder = env.store.lock.held()
-    report = []
-    for name in names:
-        plans = plan_workflow(env, get_workflow(name, env), env.store.read_ref(name))
-        if holder is not None and holder.get("what", f"pipeline run {name}") == f"pipeline run {name}":
-            _mark_running(plans, holder)
-        report.append(
-            {
-                "workflow": name,
-                "stages": [
-                    {
-                        "name": p.name,
-                        "state": p.state,
-                        "key": p.key,
-                        "causes": p.causes,
-                        "progress": list(p.progress) if p.progress else None,
-                        "outputs": {
-                            k: str(env.store.object_path(v["digest"]))
-                            for k, v in (p.manifest.outputs if p.manifest else {}).items()
-                        },
-                    }
-                    for p in plans
-                ],
-            }
-        )
-    env.store.memo.save()
+    report = api.status(_env(config, set_), workflow)
     if as_json:
         typer.echo(json.dumps(report[0] if workflow else {"workflows": report}, indent=1))
         return
@@ -221,19 +189,6 @@ def status(
             state = s["state"].upper() + (f" {s['progress'][0]}/{s['progress'][1]}" if s["progress"] else "")
             table.add_row(s["name"], state, s["key"][:12], "; ".join(s["causes"]))
         Console(width=160).print(table)
-
-
-def _mark_running(plans, holder: dict) -> None:
-    """Another process runs this workflow: its first unfinished stage is RUNNING, not `PARTIAL … interrupted`."""
-    for plan in plans:
-        if plan.state != "fresh":
-            who = (
-                f"pid {holder['pid']} ({holder.get('what')}, since {holder.get('since')})"
-                if holder
-                else "another process"
-            )
-            plan.state, plan.causes = "running", [f"{who} is running it"]
-            return
 
 
 @app.command()
@@ -305,16 +260,9 @@ def gc(
     as_json: bool = JsonOpt,
 ):
     """Remove store entries that no workflow's last run reaches."""
-    from cache.store import Store
-    from pipeline.config import load_config
+    from pipeline.api import collect_garbage
 
-    loaded = load_config(config)
-    store = Store(loaded.store_dir)
-    store.lock_for("pipeline gc", wait=False)
-    try:
-        report = store.gc(dry_run=dry_run)
-    finally:
-        store.lock.release()
+    report = collect_garbage(config, dry_run)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
@@ -333,14 +281,9 @@ def verify(
 ):
     """Re-hash every input and store file and name what differs (exit 1 if anything does); damaged store
     files are dropped, so the next run re-makes them."""
-    from pipeline.verify import verify as run_verify
+    from pipeline import api
 
-    env = _env(config, set_)
-    env.store.lock_for("pipeline verify", wait=False)
-    try:
-        report = run_verify(env, progress=not as_json)
-    finally:
-        env.store.lock.release()
+    report = api.verify(_env(config, set_), progress=not as_json)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:
@@ -361,9 +304,9 @@ UnetOnlyOpt = typer.Option(False, "--unet-only", help="Leave out the text-encode
 
 
 def _family(name: str):
-    from stages.families import get_family
+    from pipeline.api import family
 
-    return get_family(name)
+    return family(name)
 
 
 @lora_app.command("info")

@@ -1,0 +1,108 @@
+"""The orchestrator's API: what the command line (or a notebook) calls. It opens projects, runs and plans
+workflows, reports status, collects garbage and verifies the store; callers never reach into `cache/` or
+`stages/` themselves, so a new family or stage is added below this line and nothing above it changes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.runner import StageRun, run_workflow
+from stages.base import PlanEnv
+
+__all__ = [
+    "StageRun",
+    "collect_garbage",
+    "family",
+    "open_project",
+    "run_workflow",
+    "status",
+    "verify",
+    "workflow_names",
+]
+
+
+def open_project(config: Path, overrides: list[str] = ()) -> PlanEnv:
+    """The project a config file describes: its validated config (with --set overrides) and its store."""
+    from cache.store import Store
+    from pipeline.config import load_config
+
+    loaded = load_config(config, overrides)
+    return PlanEnv(loaded, Store(loaded.store_dir))
+
+
+def workflow_names() -> list[str]:
+    from pipeline.workflows import WORKFLOWS
+
+    return list(WORKFLOWS)
+
+
+def family(name: str):
+    """A model family by its config name (`sd15`), for the LoRA tools."""
+    from stages.families import get_family
+
+    return get_family(name)
+
+
+def status(env: PlanEnv, workflow: str | None = None) -> list[dict]:
+    """Per workflow (the one named, else every one with a run, else lora): each stage's state, key, causes,
+    progress and output files. A stage another process is running right now is RUNNING."""
+    from pipeline.planner import plan_workflow
+    from pipeline.workflows import get_workflow
+
+    names = [workflow] if workflow else [w for w in workflow_names() if env.store.read_ref(w)] or ["lora"]
+    holder = env.store.lock.held()
+    report = []
+    for name in names:
+        plans = plan_workflow(env, get_workflow(name, env), env.store.read_ref(name))
+        if holder is not None and holder.get("what", f"pipeline run {name}") == f"pipeline run {name}":
+            _mark_running(plans, holder)
+        stages = []
+        for p in plans:
+            outputs = p.manifest.outputs if p.manifest else {}
+            stages.append(
+                {
+                    "name": p.name,
+                    "state": p.state,
+                    "key": p.key,
+                    "causes": p.causes,
+                    "progress": list(p.progress) if p.progress else None,
+                    "outputs": {k: str(env.store.object_path(v["digest"])) for k, v in outputs.items()},
+                }
+            )
+        report.append({"workflow": name, "stages": stages})
+    env.store.memo.save()
+    return report
+
+
+def _mark_running(plans, holder: dict) -> None:
+    """Another process runs this workflow: its first unfinished stage is RUNNING, not `PARTIAL … interrupted`."""
+    who = f"pid {holder['pid']} ({holder.get('what')}, since {holder.get('since')})" if holder else "another process"
+    for plan in plans:
+        if plan.state != "fresh":
+            plan.state, plan.causes = "running", [f"{who} is running it"]
+            return
+
+
+def collect_garbage(config: Path, dry_run: bool) -> dict:
+    """`pipeline gc`: remove what no workflow's last run reaches (refuses on refs it cannot read)."""
+    from cache.store import Store
+    from pipeline.config import load_config
+
+    store = Store(load_config(config).store_dir)
+    store.lock_for("pipeline gc", wait=False)
+    try:
+        return store.gc(dry_run=dry_run)
+    finally:
+        store.lock.release()
+
+
+def verify(env: PlanEnv, progress: bool = True) -> dict:
+    """`pipeline verify`: re-hash inputs and the store under the store lock; see pipeline/verify.py."""
+    from pipeline.verify import verify as run_verify
+
+    env.store.lock_for("pipeline verify", wait=False)
+    try:
+        return run_verify(env, progress=progress)
+    finally:
+        env.store.lock.release()
