@@ -72,8 +72,14 @@ class StoreLock:
         self.release()
 
 
+def describe_holder(holder: dict | None) -> str:
+    """`pid 123 (pipeline run lora, since 2026-11-23 12:00:00)`, or `another process` when the lock file is empty."""
+    if not holder:
+        return "another process"
+    return f"pid {holder.get('pid')} ({holder.get('what')}, since {holder.get('since')})"
+
+
 def lock_held(path: Path, holder: dict | None) -> LockHeld:
-    who = f"pid {holder['pid']} ({holder['what']}, since {holder['since']})" if holder else "another process"
-    err = LockHeld(f"the store lock {path} is held by {who}; wait for it to finish")
+    err = LockHeld(f"the store lock {path} is held by {describe_holder(holder)}; wait for it to finish")
     err.holder = holder
     return err

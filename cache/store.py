@@ -210,7 +210,7 @@ class Store:
     def read_ref(self, workflow: str) -> dict[str, str]:
         """The last run's node -> key; a damaged ref counts as none (said once on stderr; the run rewrites it)."""
         try:
-            return self._ref_doc(self.root / "refs" / f"{workflow}.json")["stages"]
+            return self.parse_ref(self.root / "refs" / f"{workflow}.json")["stages"]
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
@@ -225,7 +225,7 @@ class Store:
             return {}
 
     @staticmethod
-    def _ref_doc(path: Path) -> dict:
+    def parse_ref(path: Path) -> dict:
         """A parsed ref; FileNotFoundError when absent, ValueError naming the problem when it is not a ref."""
         try:
             doc = json.loads(path.read_text())
@@ -254,7 +254,7 @@ class Store:
 
     def _read_ref_doc(self, workflow: str) -> dict:
         try:
-            return self._ref_doc(self.root / "refs" / f"{workflow}.json")
+            return self.parse_ref(self.root / "refs" / f"{workflow}.json")
         except (OSError, ValueError):
             return {}
 
@@ -269,7 +269,7 @@ class Store:
         docs = {}
         for path in sorted(refs_dir.glob("*.json")) if refs_dir.is_dir() else []:
             try:
-                docs[path.stem] = self._ref_doc(path)
+                docs[path.stem] = self.parse_ref(path)
             except (OSError, ValueError) as e:
                 raise StoreError(
                     f"the ref {path} cannot be read ({e}). Run `pipeline run {path.stem}` to rewrite it, or move "

@@ -77,7 +77,9 @@ def status(env: PlanEnv, workflow: str | None = None) -> list[dict]:
 
 def _mark_running(plans, holder: dict) -> None:
     """Another process runs this workflow: its first unfinished stage is RUNNING, not `PARTIAL … interrupted`."""
-    who = f"pid {holder['pid']} ({holder.get('what')}, since {holder.get('since')})" if holder else "another process"
+    from cache.locks import describe_holder
+
+    who = describe_holder(holder)
     for plan in plans:
         if plan.state != "fresh":
             plan.state, plan.causes = "running", [f"{who} is running it"]

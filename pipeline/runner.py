@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cache.locks import describe_holder
 from cache.store import Manifest, write_json_atomic
 from core.errors import PlanError
 from pipeline import __version__
@@ -61,8 +62,7 @@ def run_workflow(
         return [_dry(p) for p in _plans(env, workflow, stages, only)]
 
     def waiting(holder):
-        who = f"pid {holder['pid']} ({holder['what']}, since {holder['since']})" if holder else "another process"
-        print(f"waiting for the store lock held by {who} ...", file=sys.stderr, flush=True)
+        print(f"waiting for the store lock held by {describe_holder(holder)} ...", file=sys.stderr, flush=True)
 
     env.store.lock_for(f"pipeline run {workflow}", on_wait=waiting)
     try:

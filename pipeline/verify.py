@@ -94,7 +94,7 @@ def _refs(store: Store) -> dict:
     for path in sorted((store.root / "refs").glob("*.json")) if (store.root / "refs").is_dir() else []:
         checked += 1
         try:
-            store._ref_doc(path)
+            store.parse_ref(path)
         except (OSError, ValueError) as e:
             damaged.append({"path": str(path), "why": str(e)[:200]})
     return {"checked": checked, "damaged": damaged}
