@@ -115,6 +115,11 @@ def run(
     demo: bool = typer.Option(
         False, "--demo", help="Use the built-in demo project in ./pipeline-demo (built on first use)."
     ),
+    family: str = typer.Option(
+        "sd15",
+        "--family",
+        help="With --demo: the demo's model family, sd15, zimage or flux2 (./pipeline-demo-<family> for the last two).",
+    ),
     as_json: bool = JsonOpt,
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ):
@@ -127,7 +132,13 @@ def run(
 
         if workflow not in workflow_names():  # before building anything
             raise PipelineError(f"unknown workflow {workflow!r}. Known workflows: {', '.join(workflow_names())}.")
-        config = ensure_demo()
+        if family not in ("sd15", "zimage", "flux2"):
+            raise PipelineError(f"--family {family!r}: the demo has sd15, zimage and flux2.")
+        config = ensure_demo(family=family)
+    elif family != "sd15":
+        raise PipelineError(
+            "--family picks the demo's model family; it goes with --demo (set model.family in a config)."
+        )
     env = _env(config, set_)
     runs = run_workflow(env, workflow, only=only, dry_run=dry_run, progress=not no_progress and not as_json)
     if as_json:

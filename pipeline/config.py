@@ -51,15 +51,20 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """The base model that is trained and that encodes latents and text."""
 
-    family: Literal["sd15"] = Field(
-        "sd15", description="Model family. Supported: sd15 (Stable Diffusion 1.x/2.x UNet)."
+    family: Literal["auto", "sd15", "zimage", "flux2"] = Field(
+        "auto",
+        description="Model family: sd15 (Stable Diffusion 1.x/2.x), zimage (Z-Image, Z-Image Turbo), flux2 "
+        "(FLUX.2 [klein] Base and distilled). auto: detected from the model folder (model_index.json) or the "
+        "single file's keys. An explicit family that does not fit the model is an error naming both.",
     )
     path: Path = Field(
         Path("models/sd15"),
         description="A diffusers model folder (with model_index.json) or a single-file .safetensors checkpoint.",
     )
-    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
-        "auto", description="What the UNet predicts. auto: read it from the model's scheduler config."
+    prediction_type: Literal["auto", "epsilon", "v_prediction", "flow"] = Field(
+        "auto",
+        description="What the denoiser predicts. auto: read it from the model's scheduler config (flow-matching "
+        "families always predict the flow velocity, flow).",
     )
     single_file_config: Path | None = Field(
         None,
@@ -89,9 +94,11 @@ class LoraSettings(Section):
     rank: int = Field(16, ge=1, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input during training.")
-    targets: list[str] = Field(
-        ["to_q", "to_k", "to_v", "to_out.0"],
-        description="Module names (suffixes) in the UNet that get a LoRA: the attention projections by default.",
+    targets: list[str] | None = Field(
+        None,
+        description="Module names (suffixes) in the denoiser that get a LoRA. Unset: the family's attention "
+        "projections (sd15 and zimage: to_q, to_k, to_v, to_out.0; flux2 adds the text-stream and fused "
+        "single-block projections). See docs/families.md.",
     )
     lr: float = Field(1e-4, description="Learning rate (with prodigy: its multiplier, usually 1.0).")
     optimizer: Literal["adamw", "prodigy"] = Field(
@@ -106,6 +113,11 @@ class LoraSettings(Section):
         description="Autocast precision of the forward pass. fp16 needs a CUDA GPU; on a CPU bf16 is slower than no.",
     )
     seed: int = Field(42, description="Seed of the LoRA init, data order, timesteps and noise.")
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none",
+        description="Per-sample loss weight over the noise level (flow-matching models only): none, sigma_sqrt "
+        "(1/sigma^2) or cosmap, as in SD3's training scripts.",
+    )
 
     @field_validator("lr")
     @classmethod
@@ -120,7 +132,29 @@ class LoraSettings(Section):
         return v
 
 
-class TrainConfig(LoraSettings):
+class TimestepSettings(Section):
+    """How training draws noise levels. Flow-matching models only, except `uniform` (every family's default)."""
+
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = Field(
+        "uniform",
+        description="How the noise level is drawn: uniform; logit_normal (sigmoid of a normal, see logit_mean and "
+        "logit_std); mode (SD3's mode sampling, see mode_scale). DDPM models (sd15) take uniform only.",
+    )
+    logit_mean: float = Field(0.0, description="Mean of the logit-normal sampler.")
+    logit_std: float = Field(1.0, gt=0, description="Standard deviation of the logit-normal sampler.")
+    mode_scale: float = Field(1.29, description="Scale of the mode sampler.")
+    timestep_shift: Literal["auto", "none", "static", "resolution"] = Field(
+        "auto",
+        description="Shift of the sampled noise level (flow matching): static (sigma' = s*sigma/(1+(s-1)*sigma), s "
+        "= shift or the scheduler's), resolution (mu from the image token count, as the diffusers pipelines do), "
+        "none. auto: what the model's scheduler config says (use_dynamic_shifting, shift).",
+    )
+    shift: float | None = Field(
+        None, gt=0, description="The static shift s; unset: the model scheduler config's `shift`."
+    )
+
+
+class TrainConfig(LoraSettings, TimestepSettings):
     """LoRA training on the base model (stage `lora1`; in `transfer`, the teacher LoRA)."""
 
     steps: int = Field(1000, ge=1, description="Number of optimizer steps.")
@@ -130,7 +164,7 @@ class TrainConfig(LoraSettings):
     )
 
 
-class ScheduleConfig(Section):
+class ScheduleConfig(TimestepSettings):
     """The materialized training plan that the teacher and the student of `transfer` share (stage `schedule`).
 
     Every field here is part of the cross-phase contract: changing one re-runs the teacher."""
@@ -144,6 +178,11 @@ class ScheduleConfig(Section):
     )
     heldout: int = Field(
         16, ge=0, description="Held-out (x_t, t, c) samples, not in the schedule, for measuring student fidelity."
+    )
+    guidance_embed: float | None = Field(
+        None,
+        description="For a model with a guidance embedding (a FLUX.2 variant with guidance_embeds): the value the "
+        "teacher passes in every forward. Unset: 4.0 where the model has one. Refused for models without one.",
     )
 
 
@@ -189,6 +228,11 @@ class StudentConfig(LoraSettings):
         "zero",
         description="zero: the student LoRA starts as a zero update. teacher: it starts from the teacher LoRA "
         "(same architecture; rank, alpha and targets must then match it).",
+    )
+    guidance_embed: float | None = Field(
+        None,
+        description="For a student with a guidance embedding: the value it is trained with. Unset: the schedule's "
+        "(schedule.guidance_embed). Refused for models without one.",
     )
     prior: Literal["materialized", "on_the_fly"] = Field(
         "materialized",

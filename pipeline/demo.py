@@ -1,7 +1,9 @@
-"""The built-in demo: a tiny SD 1.5-style model, its "Turbo" sibling and a small generated, captioned image set.
+"""The built-in demo: a tiny model, its "Turbo" sibling and a small generated, captioned image set.
 
-`pipeline run transfer --demo` (or `lora`) builds ./pipeline-demo/ once (deterministically, so its digests
-never change and a second run reuses every stage), then runs the workflow on its pipeline.toml.
+`pipeline run transfer --demo` (or `lora`, `differential`) builds ./pipeline-demo/ once (deterministically, so
+its digests never change and a second run reuses every stage), then runs the workflow on its pipeline.toml.
+`--family zimage` / `--family flux2` do the same with tiny Z-Image / FLUX.2 [klein] Base and Turbo pairs in
+./pipeline-demo-zimage/ and ./pipeline-demo-flux2/.
 """
 
 from __future__ import annotations
@@ -101,12 +103,50 @@ def write_pairs(folder: Path, size: int = 64) -> None:
             (out / "scene.txt").write_text(caption)
 
 
-def demo_config_text() -> str:
-    return example_config_toml(DEMO_SETTINGS)
+# The transformer families: their own models, a lower learning rate for attention-only LoRAs on a DiT, the
+# transfer guidance the seed recommends (2.5 FLUX.2, 3.0 Z-Image Turbo), and flow-matching previews (Turbo: no
+# CFG). Images must be a multiple of 16 pixels (8x VAE, 2x2 patches).
+FAMILY_SETTINGS = {
+    "zimage": {
+        "model": {"path": "models/tiny-zimage", "family": "zimage"},
+        "transfer": {"student_model": "models/tiny-zimage-turbo"},
+        "student": {"rank": 4, "alpha": 8.0, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 5, "guidance": 3.0},
+        "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 0.0, "prompts": ["a red circle"]},
+    },
+    "flux2": {
+        "model": {"path": "models/tiny-flux2", "family": "flux2"},
+        "transfer": {"student_model": "models/tiny-flux2-distilled"},
+        "student": {"rank": 4, "alpha": 8.0, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 5, "guidance": 2.5},
+        "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 1.0, "prompts": ["a red circle"]},
+    },
+}
 
 
-def ensure_demo(root: Path = DEMO_DIR) -> Path:
-    """Build the demo folder if it is not there yet; return its config path."""
+def demo_dir(family: str = "sd15") -> Path:
+    return DEMO_DIR if family == "sd15" else Path(f"pipeline-demo-{family}")
+
+
+def demo_config_text(family: str = "sd15") -> str:
+    return example_config_toml({**DEMO_SETTINGS, **FAMILY_SETTINGS.get(family, {})})
+
+
+def _build(target: Path, what: str, make) -> None:
+    """Build a model folder under a temporary name and rename it into place (a kill leaves no half model)."""
+    if (target / "model_index.json").exists():
+        return
+    print(f"demo: building {what} in {target} (random weights) ...", file=sys.stderr)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    make(tmp)
+    tmp.rename(target)
+
+
+def ensure_demo(root: Path | None = None, family: str = "sd15") -> Path:
+    """Build the demo folder of a family if it is not there yet; return its config path."""
+    root = root or demo_dir(family)
+    if family != "sd15":
+        return _ensure_flow_demo(root, family)
     config = root / "pipeline.toml"
     model = root / "models" / "tiny-sd15"
     if not (model / "model_index.json").exists():
@@ -126,12 +166,32 @@ def ensure_demo(root: Path = DEMO_DIR) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         build_tiny_turbo(model, tmp)
         tmp.rename(turbo)
+    _ensure_data(root)
+    if not config.exists() or "[differential]" not in config.read_text():  # absent, or from an older demo
+        config.write_text(demo_config_text())
+    return config
+
+
+def _ensure_data(root: Path) -> None:
     if not (root / "images").exists():
         print(f"demo: drawing a captioned image set in {root / 'images'} ...", file=sys.stderr)
         write_images(root / "images")
     if not (root / "pairs").exists():
         print(f"demo: drawing blurred (A) / sharp (B) pairs in {root / 'pairs'} ...", file=sys.stderr)
         write_pairs(root / "pairs")
-    if not config.exists() or "[differential]" not in config.read_text():  # absent, or from an older demo
-        config.write_text(demo_config_text())
+
+
+def _ensure_flow_demo(root: Path, family: str) -> Path:
+    from stages.families import tiny_flow
+
+    base = root / FAMILY_SETTINGS[family]["model"]["path"]
+    turbo = root / FAMILY_SETTINGS[family]["transfer"]["student_model"]
+    builders = {"zimage": tiny_flow.build_tiny_zimage, "flux2": tiny_flow.build_tiny_flux2}
+    pretty = {"zimage": "a tiny Z-Image model", "flux2": "a tiny FLUX.2 [klein] Base model"}[family]
+    _build(base, pretty, lambda tmp: builders[family](tmp, seed=0))
+    _build(turbo, "its distilled ('Turbo') sibling", lambda tmp: tiny_flow.build_tiny_flow_turbo(base, tmp))
+    _ensure_data(root)
+    config = root / "pipeline.toml"
+    if not config.exists():
+        config.write_text(demo_config_text(family))
     return config

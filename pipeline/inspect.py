@@ -98,6 +98,7 @@ def teacher_sheet(
     from PIL import Image, ImageDraw
 
     from stages.devices import resolve_device
+    from stages.families.noise import make_process
     from stages.pools import load_latent_table, load_text_table
     from stages.training.schedule import read_schedule, rebuild_inputs, step_rows
 
@@ -109,7 +110,8 @@ def teacher_sheet(
     family, layout = env.family, env.layout
     unet = family.load_denoiser(layout, device).eval()
     vae = family.load_vae(layout, device)
-    process = family.load_noise_schedule(layout, schedule.contract["prediction_type"])
+    process = make_process(schedule.contract["timesteps"], schedule.contract["prediction_type"])
+    guidance = schedule.contract.get("guidance_embed")
     cond, row_of = load_text_table(env.store, teacher.record["text"])
     pool = env.store.pool(teacher.record["pool"])
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,7 @@ def teacher_sheet(
         x_t, t, _ = rebuild_inputs(rows, lat, process, spec.latent_shape)
         c = cond[[row_of[r["caption"]] for r in rows]]
         with torch.no_grad():
-            base = family.predict(unet, x_t.to(device), t.to(device), c.to(device)).float().cpu()
+            base = family.predict(unet, x_t.to(device), t.to(device), c.to(device), guidance=guidance).float().cpu()
             delta = torch.from_numpy(pool.get(f"{step:07d}.c").astype(np.float32))
             x0 = torch.stack([torch.as_tensor(lat[r["latent"]]) for r in rows])
             columns = [x0, process.predict_x0(x_t, base, t), process.predict_x0(x_t, base + delta, t)]

@@ -17,17 +17,65 @@ from pydantic import BaseModel
 from cache.store import Manifest, Store
 from pipeline.config import LoadedConfig
 from stages.dataset import ImageEntry, scan_images
-from stages.families import ModelFamily, ModelLayout, get_family
+from stages.families import ModelFamily, ModelLayout, detect_family, get_family
+
+
+def resolve_family(name: str, path: Path, field: str) -> ModelFamily:
+    """The configured family, or the detected one for "auto"; an explicit family the model does not fit is an
+    error naming both."""
+    from core.errors import ModelError
+
+    found, why = detect_family(path) if path.exists() else (None, "")
+    if name == "auto":
+        if found is None:
+            if not path.exists():
+                raise ModelError(
+                    f"{field}: {path} does not exist. Point it at a diffusers model folder (with model_index.json) "
+                    f"or a single-file .safetensors checkpoint."
+                )
+            raise ModelError(
+                f"{field}: could not tell the model family of {path} ({why}). Set model.family to one of sd15, "
+                f"zimage, flux2 if it is one of them."
+            )
+        return get_family(found)
+    if found is not None and found != name:
+        raise ModelError(
+            f"{field}: model.family = {name!r}, but {path} is a {found} model ({why}). Set model.family = "
+            f'"{found}" (or "auto"), or point {field} at a {name} model.'
+        )
+    return get_family(name)
+
+
+DEFAULT_GUIDANCE_EMBED = 4.0
+
+
+def guidance_embed_for(model: ModelRef, value: float | None, field: str) -> float | None:
+    """The guidance value a model's forwards get: None for models without a guidance embedding (a value set for
+    one is refused by name), the setting or DEFAULT_GUIDANCE_EMBED for models with one."""
+    from core.errors import ConfigError
+
+    if not model.family.has_guidance_embed(model.layout):
+        if value is not None:
+            raise ConfigError(
+                f"{field} = {value:g}, but {model.path} ({model.family.name}) has no guidance embedding: its "
+                f"transformer takes no guidance value. Remove {field}."
+            )
+        return None
+    return value if value is not None else DEFAULT_GUIDANCE_EMBED
 
 
 class ModelRef:
-    """One model on disk as planning sees it: layout, component digests, prediction type, latent space.
+    """One model on disk as planning sees it: family, layout, component digests, prediction type, latent space.
 
     Files and JSON only; computed once per command."""
 
-    def __init__(self, family: ModelFamily, path: Path, single_file_config: Path | None, store: Store, field: str):
-        self.family, self.path, self.single_file_config, self.store = family, path, single_file_config, store
+    def __init__(self, family: str, path: Path, single_file_config: Path | None, store: Store, field: str):
+        self.family_name, self.path, self.single_file_config, self.store = family, path, single_file_config, store
         self.field = field  # the config key that names it, for error messages
+
+    @cached_property
+    def family(self) -> ModelFamily:
+        return resolve_family(self.family_name, self.path, self.field)
 
     @cached_property
     def layout(self) -> ModelLayout:
@@ -56,9 +104,12 @@ class ModelRef:
     def latent_space(self) -> dict:
         return self.family.latent_space(self.layout)
 
-    @cached_property
-    def timesteps(self) -> dict:
-        return self.family.noise_schedule_contract(self.layout)
+    def timesteps(self, settings, section: str, resolution: int) -> dict:
+        """The noise process of this model under a section's timestep settings (lora1, schedule, ...)."""
+        from stages.families.noise import resolve_timesteps
+
+        seq_len = self.family.image_seq_len(self.family.latent_shape(self.layout, resolution))
+        return resolve_timesteps(self.family.noise_schedule_contract(self.layout), settings, seq_len, section)
 
 
 class PlanEnv:
@@ -69,25 +120,44 @@ class PlanEnv:
         self.config = loaded.config
         self.store = store
 
-    @cached_property
+    @property
     def family(self) -> ModelFamily:
-        return get_family(self.config.model.family)
+        return self.model.family
 
     @cached_property
     def model(self) -> ModelRef:
         """The base model (the teacher of `transfer`)."""
         m = self.config.model
         config_dir = self.loaded.resolve(m.single_file_config) if m.single_file_config else None
-        return ModelRef(self.family, self.loaded.resolve(m.path), config_dir, self.store, "model.path")
+        return ModelRef(m.family, self.loaded.resolve(m.path), config_dir, self.store, "model.path")
 
     @cached_property
     def student(self) -> ModelRef:
-        """The student model of `transfer`."""
+        """The student model of `transfer` (its family is detected on its own, so a mismatch is caught)."""
         t = self.config.transfer
         config_dir = self.loaded.resolve(t.student_single_file_config) if t.student_single_file_config else None
         return ModelRef(
-            self.family, self.loaded.resolve(t.student_model), config_dir, self.store, "transfer.student_model"
+            self.config.model.family,
+            self.loaded.resolve(t.student_model),
+            config_dir,
+            self.store,
+            "transfer.student_model",
         )
+
+    def train_fields(self, section, name: str, model: ModelRef | None = None, timestep_settings=None) -> dict:
+        """What every training stage resolves from its section: targets, the noise process, a checked weighting."""
+        from stages.families.noise import check_weighting
+
+        model = model or self.model
+        timesteps = model.timesteps(timestep_settings or section, name, self.config.latents.resolution)
+        return {
+            "targets": self.targets(section.targets),
+            "timesteps": timesteps,
+            "loss_weighting": check_weighting(timesteps, section.loss_weighting, name),
+        }
+
+    def targets(self, section_targets: list[str] | None) -> list[str]:
+        return list(section_targets) if section_targets is not None else list(self.family.default_targets)
 
     def scoped(self, **sections) -> PlanEnv:
         """The same project with some config sections replaced (a pair side's images, its LoRA settings).
@@ -95,7 +165,7 @@ class PlanEnv:
         It shares the store and the models' digests; the scans and params follow the replaced sections."""
         config = self.config.model_copy(update=sections)
         env = PlanEnv(LoadedConfig(config, self.loaded.path), self.store)
-        env.__dict__.update({k: self.__dict__[k] for k in ("family", "model", "student") if k in self.__dict__})
+        env.__dict__.update({k: self.__dict__[k] for k in ("model", "student") if k in self.__dict__})
         return env
 
     @property
@@ -113,8 +183,15 @@ class PlanEnv:
 
     @cached_property
     def prediction_type(self) -> str:
-        p = self.config.model.prediction_type
-        return self.model.auto_prediction_type if p == "auto" else p
+        from core.errors import ConfigError
+
+        p, auto = self.config.model.prediction_type, self.model.auto_prediction_type
+        if p != "auto" and (p == "flow") != (auto == "flow"):
+            raise ConfigError(
+                f'model.prediction_type = "{p}" does not fit {self.model.path}, a {self.family.name} model that '
+                f'predicts {auto}. Use "auto".'
+            )
+        return auto if p == "auto" else p
 
 
 @dataclass

@@ -19,6 +19,7 @@ class EvalParams(BaseModel):
     samples: int
     seed: int = 1234
     prediction_type: str
+    timesteps: dict
 
 
 def pair_names(upstream) -> list[str]:
@@ -33,14 +34,20 @@ class EvalStage(Stage):
     description = "differential eval table"
 
     def params(self, env: PlanEnv) -> EvalParams:
-        return EvalParams(samples=env.config.differential.eval_samples, prediction_type=env.prediction_type)
+        d = env.config.differential
+        return EvalParams(
+            samples=d.eval_samples,
+            prediction_type=env.prediction_type,
+            timesteps=env.model.timesteps(d.lora1, "differential.lora1", env.config.latents.resolution),
+        )
 
     def inputs(self, env: PlanEnv) -> dict:
-        d = env.component_digests
-        return {"model": {"unet": d["unet"], "scheduler": d["scheduler"]}}
+        d, denoiser = env.component_digests, env.family.lora_component
+        return {"model": {denoiser: d[denoiser], "scheduler": d["scheduler"]}}
 
     def run(self, ctx: StageContext) -> StageResult:
         from stages.devices import resolve_device
+        from stages.families.noise import make_process
         from stages.pools import load_training_data
         from stages.training.lora_files import attach_lora_file, match_modules, read_lora_file
 
@@ -48,7 +55,7 @@ class EvalStage(Stage):
         family = env.family
         device = resolve_device(ctx.runtime.device)
         unet = family.load_denoiser(env.layout, device).eval()
-        process = family.load_noise_schedule(env.layout, p.prediction_type)
+        process = make_process(p.timesteps, p.prediction_type)
 
         def attach(manifest, adapter):
             path = store.read_object(manifest.outputs["diffusers/pytorch_lora_weights.safetensors"]["digest"], adapter)
@@ -96,7 +103,7 @@ class Probe:
         g = generator("eval", self.p.seed)
         k = self.p.samples
         idx = torch.arange(n_items).repeat_interleave(k)
-        return idx, torch.randint(0, self.process.num_timesteps, (len(idx),), generator=g), g
+        return idx, self.process.sample_timesteps(len(idx), g), g
 
     def _predict(self, adapters: list[str], x_t, t, cond):
         import torch

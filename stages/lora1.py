@@ -24,11 +24,16 @@ class Lora1Stage(Stage):
     description = "LoRA training on the base model"
 
     def params(self, env: PlanEnv) -> Lora1Params:
-        return Lora1Params(**env.config.lora1.model_dump(), prediction_type=env.prediction_type)
+        c = env.config.lora1
+        return Lora1Params(
+            **c.model_dump(exclude={"targets", "loss_weighting"}),
+            **env.train_fields(c, "lora1"),
+            prediction_type=env.prediction_type,
+        )
 
     def inputs(self, env: PlanEnv) -> dict:
-        d = env.component_digests
-        return {"model": {"unet": d["unet"], "scheduler": d["scheduler"]}}
+        d, denoiser = env.component_digests, env.family.lora_component
+        return {"model": {denoiser: d[denoiser], "scheduler": d["scheduler"]}}
 
     def contract(self, env: PlanEnv, params: Lora1Params) -> dict:
         return {
@@ -36,7 +41,7 @@ class Lora1Stage(Stage):
             "grad_accum": params.grad_accum,
             "steps": params.steps,
             "seed": params.seed,
-            "timesteps": env.model.timesteps,
+            "timesteps": params.timesteps,
             "noise": {"offset": 0.0, "pyramid": False},
             "prediction_type": params.prediction_type,
         }

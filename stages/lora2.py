@@ -35,7 +35,9 @@ class Lora2Stage(Stage):
                 f"differential.lora1.batch_size = {l1.batch_size}, differential.lora2.batch_size = {l2.batch_size}."
             )
         return Lora2Params(
-            **l2.model_dump(),
+            **l2.model_dump(exclude={"targets", "loss_weighting"}),
+            # paired noise replays LoRA-1's draws, so LoRA-1's sampler and shift
+            **env.train_fields(l2, "differential.lora2", timestep_settings=l1 if d.paired_noise else l2),
             prediction_type=env.prediction_type,
             lora1_mode=d.lora1_mode,
             noise_stream="" if d.paired_noise else "lora2",
@@ -43,8 +45,8 @@ class Lora2Stage(Stage):
         )
 
     def inputs(self, env: PlanEnv) -> dict:
-        d = env.component_digests
-        return {"model": {"unet": d["unet"], "scheduler": d["scheduler"]}}
+        d, denoiser = env.component_digests, env.family.lora_component
+        return {"model": {denoiser: d[denoiser], "scheduler": d["scheduler"]}}
 
     def preflight(self, env: PlanEnv, params: Lora2Params) -> None:
         from stages.devices import resolve_device

@@ -46,19 +46,24 @@ def fill_pool(
 
 
 TEXT_POOL_IMPL = 1  # bump when the text embedding code changes what it stores
-TEXT_POOL_PARAMS = {"output": "last_hidden_state"}
+# What each family's text encoder stores per caption (the family's pipeline's choice of hidden states).
+TEXT_POOL_PARAMS = {
+    "sd15": {"output": "last_hidden_state"},
+    "zimage": {"output": "hidden_states[-2]", "chat_template": "thinking", "tokens": "masked", "max_length": 512},
+    "flux2": {"output": "stacked hidden states", "chat_template": "no thinking", "tokens": "all", "max_length": 512},
+}
 
 
-def text_pool_id(text_digest: str) -> str:
+def text_pool_id(text_digest: str, family: str = "sd15") -> str:
     """The pool of caption-string embeddings of one text encoder: every stage that needs a string shares it."""
-    return pool_id("text", TEXT_POOL_IMPL, TEXT_POOL_PARAMS, "text", text_digest)
+    return pool_id("text", TEXT_POOL_IMPL, TEXT_POOL_PARAMS[family], "text", text_digest)
 
 
 def ensure_text_embeddings(store: Store, family, layout, text_digest: str, strings, runtime, progress: bool) -> dict:
     """Encode the strings missing from the text encoder's pool. -> {"pool", "strings": {s: {"array", "digest"}}}."""
     from stages.devices import resolve_device
 
-    pid = text_pool_id(text_digest)
+    pid = text_pool_id(text_digest, family.name)
     pool = store.pool(pid)
     strings = sorted(set(strings))
     names = {s: sha256_text(s) for s in strings}
@@ -67,7 +72,7 @@ def ensure_text_embeddings(store: Store, family, layout, text_digest: str, strin
         encoder = family.load_text_encoder(layout, resolve_device(runtime.device))
 
         def encode(chunk: list[str]):
-            return encoder.encode(chunk).float().cpu().numpy()
+            return encoder.encode(chunk)
 
         fill_pool(pool, todo, names.__getitem__, encode, runtime.encode_batch_size, "text", "caption", progress)
     committed = pool.committed()
@@ -79,14 +84,13 @@ def ensure_text_embeddings(store: Store, family, layout, text_digest: str, strin
 
 
 def load_text_table(store: Store, table: dict):
-    """The embeddings of an ensure_text_embeddings() table: (tensor (U, L, D), {string: row})."""
-    import numpy as np
-    import torch
+    """The embeddings of an ensure_text_embeddings() table: (Conditioning of U rows, {string: row})."""
+    from stages.families.base import Conditioning
 
     pool = store.pool(table["pool"])
     strings = sorted(table["strings"])
     arrays = [pool.get(table["strings"][s]["array"], table["strings"][s]["digest"]) for s in strings]
-    return torch.from_numpy(np.stack(arrays)), {s: i for i, s in enumerate(strings)}
+    return Conditioning.stack(arrays), {s: i for i, s in enumerate(strings)}
 
 
 def load_latent_table(store: Store, latents_record: dict, digests) -> dict:
@@ -101,6 +105,7 @@ def load_training_data(store: Store, upstream: dict):
     import numpy as np
     import torch
 
+    from stages.families.base import Conditioning
     from stages.training.loop import TrainData
 
     items = upstream["caption"].record["items"]
@@ -110,7 +115,7 @@ def load_training_data(store: Store, upstream: dict):
     latents = np.stack([lat_pool.get(lat["items"][i["id"]]["array"], lat["items"][i["id"]]["digest"]) for i in items])
     strings = sorted({i["caption"] for i in items})
     row = {s: n for n, s in enumerate(strings)}
-    cond = np.stack([txt_pool.get(txt["strings"][s]["array"], txt["strings"][s]["digest"]) for s in strings])
+    cond = Conditioning.stack([txt_pool.get(txt["strings"][s]["array"], txt["strings"][s]["digest"]) for s in strings])
     index = [row[i["caption"]] for i in items]
-    data = TrainData(torch.from_numpy(latents), torch.from_numpy(cond), torch.tensor(index, dtype=torch.long))
+    data = TrainData(torch.from_numpy(latents), cond, torch.tensor(index, dtype=torch.long))
     return data, [i["caption"] for i in items]

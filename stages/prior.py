@@ -18,6 +18,7 @@ class PriorParams(BaseModel):
     mode: str
     prediction_type: str
     compute_dtype: str = "fp32"
+    guidance_embed: float | None = None  # the student's, for a student with a guidance embedding
 
 
 class PriorStage(Stage):
@@ -28,18 +29,30 @@ class PriorStage(Stage):
     description = "student prior S(x_t, t, c) per schedule step"
 
     def params(self, env: PlanEnv) -> PriorParams:
-        return PriorParams(mode=env.config.student.prior, prediction_type=env.student.auto_prediction_type)
+        from stages.student import student_guidance
+
+        return PriorParams(
+            mode=env.config.student.prior,
+            prediction_type=env.student.auto_prediction_type,
+            guidance_embed=student_guidance(env),
+        )
 
     def inputs(self, env: PlanEnv) -> dict:
-        d = env.student.component_digests
-        return {"model": {"student unet": d["unet"], "student scheduler": d["scheduler"], "student text": d["text"]}}
+        d, denoiser = env.student.component_digests, env.student.family.lora_component
+        return {
+            "model": {
+                f"student {denoiser}": d[denoiser],
+                "student scheduler": d["scheduler"],
+                "student text": d["text"],
+            }
+        }
 
     def contract(self, env: PlanEnv, params: PriorParams) -> dict:
         # The student's side of the contract: it must equal the teacher's (schedule) values, or planning stops.
         return {
             "latent_space": env.student.latent_space,
             "prediction_type": params.prediction_type,
-            "timesteps": env.student.timesteps,
+            "timesteps": env.student.timesteps(env.config.schedule, "schedule", env.config.latents.resolution),
         }
 
     @staticmethod
@@ -59,6 +72,7 @@ class PriorStage(Stage):
 
         from core.faults import fault_point
         from stages.devices import resolve_device
+        from stages.families.noise import make_process
         from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
         from stages.training.schedule import read_schedule, rebuild_inputs, step_rows
 
@@ -67,7 +81,7 @@ class PriorStage(Stage):
         doc, spec = read_schedule(store, ctx.upstream["schedule"])
         strings = {r["caption"] for r in doc["rows"] + doc["heldout"]}
         text = ensure_text_embeddings(
-            store, env.family, student.layout, student.component_digests["text"], strings, ctx.runtime, ctx.progress
+            store, student.family, student.layout, student.component_digests["text"], strings, ctx.runtime, ctx.progress
         )
         record = {"mode": p.mode, "text": {"pool": text["pool"], "strings": text["strings"]}}
         pools = {text["pool"]: sorted(v["array"] for v in text["strings"].values())}
@@ -82,7 +96,7 @@ class PriorStage(Stage):
         if todo:
             device = resolve_device(ctx.runtime.device)
             unet = student.family.load_denoiser(student.layout, device).eval()
-            process = env.family.load_noise_schedule(student.layout, p.prediction_type)
+            process = make_process(ctx.upstream["schedule"].contract["timesteps"], p.prediction_type)
             cond, row_of = load_text_table(store, text)
             latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in doc["rows"]})
             for n, s in enumerate(tqdm(todo, desc="prior", unit="step", disable=not ctx.progress, mininterval=0.5)):
@@ -93,7 +107,9 @@ class PriorStage(Stage):
                     x_t, t, _ = rebuild_inputs(chunk, latents, process, spec.latent_shape)
                     c = cond[[row_of[r["caption"]] for r in chunk]]
                     with torch.no_grad():
-                        pred = env.family.predict(unet, x_t.to(device), t.to(device), c.to(device)).float()
+                        pred = student.family.predict(
+                            unet, x_t.to(device), t.to(device), c.to(device), guidance=p.guidance_embed
+                        ).float()
                     outs.append(pred.cpu())
                 pool.put(names[s], torch.cat(outs).numpy())
                 fault_point("prior.step", n + 1)

@@ -23,17 +23,25 @@ class ScheduleParams(BaseModel):
     heldout: int
     timesteps: dict
     prediction_type: str
+    guidance_embed: float | None = None
 
 
 class ScheduleStage(Stage):
     name = "schedule"
-    IMPL_VERSION = 1
+    IMPL_VERSION = 2  # v2: timesteps drawn by the noise process (σ per row for flow matching)
     upstream = ("caption", "latents")
     description = "materialized schedule: item, caption, timestep and noise per step and slot"
 
     def params(self, env: PlanEnv) -> ScheduleParams:
+        from stages.base import guidance_embed_for
+
         s = env.config.schedule
-        return ScheduleParams(**s.model_dump(), timesteps=env.model.timesteps, prediction_type=env.prediction_type)
+        return ScheduleParams(
+            **s.model_dump(include=set(ScheduleParams.model_fields) - {"timesteps", "guidance_embed"}),
+            timesteps=env.model.timesteps(s, "schedule", env.config.latents.resolution),
+            prediction_type=env.prediction_type,
+            guidance_embed=guidance_embed_for(env.model, s.guidance_embed, "schedule.guidance_embed"),
+        )
 
     def contract(self, env: PlanEnv, params: ScheduleParams) -> dict:
         return {
@@ -46,12 +54,13 @@ class ScheduleStage(Stage):
             "timesteps": params.timesteps,
             "noise": {"offset": 0.0, "pyramid": False, "storage": "cpu-seed+sha256"},
             "prediction_type": params.prediction_type,
-            "guidance_embed": None,  # sd15 has no guidance embedding; families with one put its value here
+            "guidance_embed": params.guidance_embed,  # the teacher's; None for models without a guidance embedding
         }
 
     def run(self, ctx: StageContext) -> StageResult:
         import torch
 
+        from stages.families.noise import make_process
         from stages.training.schedule import ScheduleSpec, build_schedule
 
         p: ScheduleParams = ctx.params
@@ -66,7 +75,7 @@ class ScheduleStage(Stage):
             num_timesteps=p.timesteps["num_train_timesteps"],
             latent_shape=tuple(ctx.upstream["latents"].record["shape"]),
         )
-        schedule = build_schedule(spec, items)
+        schedule = build_schedule(spec, items, make_process(p.timesteps, p.prediction_type))
         path = ctx.work_dir / "schedule.json"
         doc = {"spec": spec.__dict__, "torch": torch.__version__, **schedule}
         path.write_text(json.dumps(doc, separators=(",", ":"), sort_keys=True))

@@ -19,6 +19,19 @@ from stages.training.params import LoraTrainParams
 class StudentParams(LoraTrainParams):
     guidance: float
     init: str
+    guidance_embed: float | None = None
+
+
+def student_guidance(env: PlanEnv) -> float | None:
+    """student.guidance_embed, else schedule.guidance_embed, for a student with a guidance embedding."""
+    from stages.base import guidance_embed_for
+
+    s = env.config.student
+    if s.guidance_embed is not None:
+        return guidance_embed_for(env.student, s.guidance_embed, "student.guidance_embed")
+    if not env.student.family.has_guidance_embed(env.student.layout):
+        return None
+    return guidance_embed_for(env.student, env.config.schedule.guidance_embed, "schedule.guidance_embed")
 
 
 class StudentStage(Stage):
@@ -37,18 +50,20 @@ class StudentStage(Stage):
                 f"student.steps = {steps} is more than schedule.steps = {sched.steps}: the teacher records deltas "
                 f"for {sched.steps} steps. Lower student.steps, or raise schedule.steps (which re-runs the teacher)."
             )
-        fields = s.model_dump(exclude={"steps", "prior"})
+        fields = s.model_dump(exclude={"steps", "prior", "targets", "guidance_embed", "loss_weighting"})
         return StudentParams(
             **fields,
+            **env.train_fields(s, "student", model=env.student, timestep_settings=sched),
             steps=steps,
             batch_size=sched.batch_size,
             grad_accum=sched.grad_accum,
             prediction_type=env.student.auto_prediction_type,
+            guidance_embed=student_guidance(env),
         )
 
     def inputs(self, env: PlanEnv) -> dict:
-        d = env.student.component_digests
-        return {"model": {"student unet": d["unet"], "student scheduler": d["scheduler"]}}
+        d, denoiser = env.student.component_digests, env.student.family.lora_component
+        return {"model": {f"student {denoiser}": d[denoiser], "student scheduler": d["scheduler"]}}
 
     def preflight(self, env: PlanEnv, params: StudentParams) -> None:
         from stages.devices import resolve_device
@@ -82,9 +97,11 @@ class StudentStage(Stage):
             store, ctx.upstream["latents"].record, {r["latent"] for r in doc["heldout"]}
         )
         device = resolve_device(ctx.runtime.device)
-        batches = TransferBatches(env.family, doc, spec, latents, cond, row_of, store, teacher, prior, p.guidance)
+        batches = TransferBatches(
+            student.family, doc, spec, latents, cond, row_of, store, teacher, prior, p.guidance, p.guidance_embed
+        )
         fidelity = Fidelity(
-            env.family,
+            student.family,
             student,
             p,
             doc["heldout"],
@@ -101,11 +118,11 @@ class StudentStage(Stage):
         if p.init == "teacher":
             obj = ctx.upstream["teacher"].record["lora"]["digest"]
             init = read_lora_file(
-                store.read_object(obj, "the teacher LoRA"), env.family.kohya_prefix, env.family.lora_component
+                store.read_object(obj, "the teacher LoRA"), student.family.kohya_prefix, student.family.lora_component
             )
         preview = ctx.runtime.preview
         job = TrainJob(
-            family=env.family,
+            family=student.family,
             layout=student.layout,
             prediction_type=p.prediction_type,
             params=p,
@@ -124,7 +141,12 @@ class StudentStage(Stage):
         )
         outcome = train_lora(job, batches)
         files = write_lora_outputs(
-            env.family, outcome, p, ctx.work_dir, "student", env.family.lora_metadata(student.layout, p.prediction_type)
+            student.family,
+            outcome,
+            p,
+            ctx.work_dir,
+            "student",
+            student.family.lora_metadata(student.layout, p.prediction_type),
         )
         fid_csv = ctx.work_dir / "fidelity.csv"
         lines = [f"{e['step']},{e['cosine']:.6g},{e['rel_error']:.6g}\n" for e in outcome.evals]
@@ -161,10 +183,10 @@ def check_teacher_init(env: PlanEnv, p: StudentParams) -> None:
     else:
         l1 = env.config.lora1
         rank, alpha, source = l1.rank, l1.alpha, "lora1"
-        if sorted(l1.targets) != sorted(p.targets):
+        if sorted(env.targets(l1.targets)) != sorted(p.targets):
             raise ConfigError(
                 f'student.init = "teacher" needs the teacher LoRA\'s targets: student.targets = {p.targets} but '
-                f'lora1.targets = {l1.targets}. Set them equal, or use student.init = "zero".'
+                f'lora1.targets = {env.targets(l1.targets)}. Set them equal, or use student.init = "zero".'
             )
     if (rank, alpha) != (p.rank, p.alpha):
         raise ConfigError(
@@ -201,8 +223,10 @@ class TeacherDeltas:
 class TransferBatches:
     """Student micro-batches replayed from the schedule: x_t, t and conditioning rebuilt bit-identically."""
 
-    def __init__(self, family, doc, spec, latents, cond, row_of, store, teacher: Manifest, prior: Manifest, g):
-        self.family, self.doc, self.spec = family, doc, spec
+    def __init__(
+        self, family, doc, spec, latents, cond, row_of, store, teacher: Manifest, prior: Manifest, g, guidance=None
+    ):
+        self.family, self.doc, self.spec, self.guidance = family, doc, spec, guidance
         self.latents, self.cond, self.row_of, self.g = latents, cond, row_of, g
         self.deltas = TeacherDeltas(store, teacher)
         self.prior_pool = store.pool(prior.record["pool"]) if prior.record["mode"] == "materialized" else None
@@ -255,7 +279,7 @@ class TransferBatches:
         else:
             model = getattr(denoiser, "module", denoiser)
             device = next(model.parameters()).device
-            prior = predict_base(self.family, model, x_t.to(device), t.to(device), cond.to(device)).cpu()
+            prior = predict_base(self.family, model, x_t.to(device), t.to(device), cond.to(device), self.guidance).cpu()
         return x_t, t, cond, prior + self.deltas.target_delta(f"{step:07d}", rows, self.g)
 
 
@@ -266,7 +290,10 @@ class Fidelity:
         self.family, self.rows, self.latents, self.cond, self.row_of = family, rows, latents, cond, row_of
         self.g, self.spec, self.device, self.batching = p.guidance, spec, device, batching
         self.deltas = TeacherDeltas(store, teacher) if rows else None
-        self.process = family.load_noise_schedule(student.layout, p.prediction_type) if rows else None
+        from stages.families.noise import make_process
+
+        self.process = make_process(p.timesteps, p.prediction_type) if rows else None
+        self.guidance = p.guidance_embed
 
     def __call__(self, denoiser) -> dict:
         import torch
@@ -281,7 +308,7 @@ class Fidelity:
             x_t, t, _ = rebuild_inputs(chunk, self.latents, self.process, self.spec.latent_shape)
             cond = self.cond[[self.row_of[r["caption"]] for r in chunk]]
             x_t, t, cond = x_t.to(self.device), t.to(self.device), cond.to(self.device)
-            base, with_lora = predict_both(self.family, denoiser, "default", x_t, t, cond, self.batching)
+            base, with_lora = predict_both(self.family, denoiser, "default", x_t, t, cond, self.batching, self.guidance)
             learned.append((with_lora - base).cpu().flatten(1))
             wanted.append(self.deltas.target_delta("heldout", slice(start, start + len(chunk)), self.g).flatten(1))
         learned, wanted = torch.cat(learned).double(), torch.cat(wanted).double()

@@ -58,8 +58,8 @@ class TeacherStage(Stage):
         )
 
     def inputs(self, env: PlanEnv) -> dict:
-        d = env.component_digests
-        return {"model": {"unet": d["unet"], "scheduler": d["scheduler"], "text": d["text"]}}
+        d, denoiser = env.component_digests, env.family.lora_component
+        return {"model": {denoiser: d[denoiser], "scheduler": d["scheduler"], "text": d["text"]}}
 
     def contract(self, env: PlanEnv, params: TeacherParams) -> dict:
         return {"delta": {"mode": params.delta_mode, "dtype": params.delta_dtype}}
@@ -81,6 +81,7 @@ class TeacherStage(Stage):
         from tqdm import tqdm
 
         from stages.devices import resolve_device
+        from stages.families.noise import make_process
         from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
         from stages.training.lora_files import attach_lora_file, match_modules, read_lora_file
         from stages.training.schedule import read_schedule, step_rows
@@ -122,7 +123,7 @@ class TeacherStage(Stage):
             delta = DeltaComputer(
                 env.family,
                 unet,
-                env.family.load_noise_schedule(env.layout, p.prediction_type),
+                make_process(ctx.upstream["schedule"].contract["timesteps"], p.prediction_type),
                 latents,
                 cond,
                 row_of,
@@ -130,6 +131,7 @@ class TeacherStage(Stage):
                 p,
                 ctx.runtime.teacher_batching,
                 device,
+                ctx.upstream["schedule"].contract.get("guidance_embed"),
             )
             for n, part in enumerate(
                 tqdm(todo, desc="teacher", unit="step", disable=not ctx.progress, mininterval=0.5)
@@ -158,8 +160,8 @@ class TeacherStage(Stage):
 class DeltaComputer:
     """Δc (and Δu) of a list of schedule rows, one micro-batch at a time, in fp32; cast for storage."""
 
-    def __init__(self, family, unet, process, latents, cond, row_of, spec, params, batching, device):
-        self.family, self.unet, self.process = family, unet, process
+    def __init__(self, family, unet, process, latents, cond, row_of, spec, params, batching, device, guidance=None):
+        self.family, self.unet, self.process, self.guidance = family, unet, process, guidance
         self.latents, self.cond, self.row_of = latents, cond, row_of
         self.spec, self.p, self.batching, self.device = spec, params, batching, device
 
@@ -183,7 +185,9 @@ class DeltaComputer:
                     seen.update(inputs_digest(x_t, t, captions))
                 cond = self.cond[[self.row_of[c] for c in captions]].to(self.device)
                 x, tt = x_t.to(self.device), t.to(self.device)
-                base, with_lora = predict_both(self.family, self.unet, "teacher", x, tt, cond, self.batching)
+                base, with_lora = predict_both(
+                    self.family, self.unet, "teacher", x, tt, cond, self.batching, self.guidance
+                )
                 out[kind].append((with_lora - base).cpu())
         dtype = np.float16 if self.p.delta_dtype == "fp16" else np.float32
         arrays = {"inputs": np.frombuffer(seen.digest(), dtype=np.uint8).copy()}

@@ -31,7 +31,7 @@ class TextStage(Stage):
         return {"model": {"text": env.component_digests["text"]}}
 
     def pool_id(self, env: PlanEnv, params: TextParams) -> str:
-        return text_pool_id(env.component_digests["text"])
+        return text_pool_id(env.component_digests["text"], env.family.name)
 
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
         caption = upstream.get("caption")

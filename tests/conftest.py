@@ -60,6 +60,36 @@ def tiny_model(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_flow_models(tmp_path_factory) -> Path:
+    """Tiny Z-Image and FLUX.2 [klein] models: <family>/ (diffusers folder), <family>.safetensors (the transformer
+    as the single file users download), <family>-turbo/ (the distilled sibling), and flux2-guidance/ (a FLUX.2
+    variant whose transformer has a guidance embedding)."""
+    from stages.families.tiny_flow import build_tiny_flow_turbo, build_tiny_flux2, build_tiny_zimage
+
+    root = tmp_path_factory.mktemp("tiny-flow")
+    build_tiny_zimage(root / "zimage", seed=0, single_file=root / "zimage.safetensors")
+    build_tiny_flow_turbo(root / "zimage", root / "zimage-turbo")
+    build_tiny_flux2(root / "flux2", seed=0, single_file=root / "flux2.safetensors")
+    build_tiny_flow_turbo(root / "flux2", root / "flux2-turbo")
+    build_tiny_flux2(root / "flux2-guidance", seed=5, guidance_embeds=True)
+    return root
+
+
+def train_params(family, layout, cfg, latent_shape):
+    """What a training stage hashes and trains with: the config plus the resolved targets and noise process."""
+    from stages.families.noise import resolve_timesteps
+    from stages.training.params import LoraTrainParams
+
+    seq = family.image_seq_len(latent_shape)
+    return LoraTrainParams(
+        **cfg.model_dump(exclude={"targets"}),
+        targets=cfg.targets or family.default_targets,
+        prediction_type=family.prediction_type(layout),
+        timesteps=resolve_timesteps(family.noise_schedule_contract(layout), cfg, seq, "lora1"),
+    )
+
+
 def toml_config(settings: dict) -> str:
     from pipeline.schema_docs import toml_value
 

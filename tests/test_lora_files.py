@@ -7,19 +7,22 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from pipeline.config import TrainConfig
+from stages.families import Conditioning
 from stages.families.sd15 import SD15Family
 from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
 from stages.training.lora_files import lora_state_dict, save_diffusers, save_kohya
+from tests.conftest import train_params
 
 
 def _train(tiny_model, tmp_path, rank=4, alpha=8.0):
     family = SD15Family()
     layout = family.layout(tiny_model / "model", None)
-    params = TrainConfig(rank=rank, alpha=alpha, lr=5e-3, steps=5, batch_size=2)
-    g = torch.Generator().manual_seed(0)
-    data = TrainData(
-        torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([0, 1, 0, 1])
+    params = train_params(
+        family, layout, TrainConfig(rank=rank, alpha=alpha, lr=5e-3, steps=5, batch_size=2), (4, 4, 4)
     )
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning(torch.randn(2, 77, 32, generator=g), torch.ones(2, 77, dtype=torch.bool))
+    data = TrainData(torch.randn(4, 4, 4, 4, generator=g), cond, torch.tensor([0, 1, 0, 1]))
     job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), tmp_path, progress=False)
     return family, train_lora(job, DiffusionBatches(data, job.params.seed, job.params.batch_size))
 

@@ -8,12 +8,15 @@ import shutil
 import torch
 from diffusers import DDPMScheduler
 
-from stages.families.sd15 import DDPMProcess, SD15Family
+from stages.families.noise import DDPMProcess
+from stages.families.sd15 import SD15Family
+
+DDPM = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
 def test_v_prediction_target_is_the_velocity():
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    process = DDPMProcess(sched.config, "v_prediction")
+    sched = DDPMScheduler(**DDPM)
+    process = DDPMProcess(DDPM, "v_prediction")
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
     t = torch.tensor([0, 500, 999])
@@ -21,7 +24,7 @@ def test_v_prediction_target_is_the_velocity():
     ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(process.noisy_input(x0, noise, t), ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
     torch.testing.assert_close(process.target(x0, noise, t), ab.sqrt() * noise - (1 - ab).sqrt() * x0)
-    assert torch.equal(DDPMProcess(sched.config, "epsilon").target(x0, noise, t), noise)
+    assert torch.equal(DDPMProcess(DDPM, "epsilon").target(x0, noise, t), noise)
 
 
 def test_prediction_type_is_read_from_the_scheduler_config(tiny_model, tmp_path):

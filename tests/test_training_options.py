@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from stages.families.sd15 import SD15Family
+from stages.families import Conditioning, get_family
 from stages.training.loop import DiffusionBatches, TrainData, TrainJob, build_lr_scheduler, train_lora
 from stages.training.lora_files import lora_state_dict
+from tests.conftest import train_params
 
 OPTIONS = [
     {},
@@ -26,18 +27,52 @@ OPTIONS = [
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 def test_option_trains(tiny_model, tmp_path, options):
-    family = SD15Family()
+    family = get_family("sd15")
+    layout = family.layout(tiny_model / "model", None)
     cfg = TrainConfig(**{"rank": 4, "alpha": 4.0, "lr": 1e-2, "steps": 4, "batch_size": 2, **options})
     g = torch.Generator().manual_seed(0)
-    latents, cond = torch.randn(4, 4, 4, 4, generator=g), torch.randn(2, 77, 32, generator=g)
+    latents = torch.randn(4, 4, 4, 4, generator=g)
+    cond = Conditioning(torch.randn(2, 77, 32, generator=g), torch.ones(2, 77, dtype=torch.bool))
     data = TrainData(latents, cond, torch.tensor([0, 1, 0, 1]))
-    job = TrainJob(
-        family, family.layout(tiny_model / "model", None), "epsilon", cfg, torch.device("cpu"), tmp_path, progress=False
-    )
+    params = train_params(family, layout, cfg, (4, 4, 4))
+    job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), tmp_path, progress=False)
     outcome = train_lora(job, DiffusionBatches(data, job.params.seed, job.params.batch_size))
     assert len(outcome.losses) == 4 and all(math.isfinite(v) for v in outcome.losses)
     lora_b = [v for k, v in lora_state_dict(outcome.denoiser).items() if "lora_B" in k]
     assert max(v.abs().max().item() for v in lora_b) > 0, "lora_B starts at zero; training must move it"
+
+
+FLOW_OPTIONS = [
+    ("zimage", {}),
+    ("zimage", {"timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 0.8}),
+    ("zimage", {"timestep_sampling": "mode", "timestep_shift": "none", "loss_weighting": "cosmap"}),
+    ("flux2", {"timestep_shift": "static", "shift": 2.0, "loss_weighting": "sigma_sqrt"}),
+    ("flux2", {"timestep_shift": "resolution", "grad_accum": 2}),
+]
+
+
+@pytest.mark.parametrize(
+    "family_name,options",
+    FLOW_OPTIONS,
+    ids=lambda o: o if isinstance(o, str) else ",".join(f"{k}={v}" for k, v in o.items()) or "defaults",
+)
+def test_flow_option_trains(tiny_flow_models, tmp_path, family_name, options):
+    """The flow-matching samplers, shifts and loss weightings train the real transformers."""
+    family = get_family(family_name)
+    layout = family.layout(tiny_flow_models / family_name, None)
+    cfg = TrainConfig(**{"rank": 4, "alpha": 4.0, "lr": 1e-2, "steps": 3, "batch_size": 2, **options})
+    shape = family.latent_shape(layout, 32)
+    encoder = family.load_text_encoder(layout, "cpu")
+    cond = Conditioning.stack(encoder.encode(["a red circle", "a blue square on a white background"]))
+    data = TrainData(
+        torch.randn(4, *shape, generator=torch.Generator().manual_seed(0)), cond, torch.tensor([0, 1, 0, 1])
+    )
+    params = train_params(family, layout, cfg, shape)
+    job = TrainJob(family, layout, "flow", params, torch.device("cpu"), tmp_path, progress=False)
+    outcome = train_lora(job, DiffusionBatches(data, params.seed, params.batch_size))
+    assert len(outcome.losses) == 3 and all(math.isfinite(v) for v in outcome.losses)
+    lora_b = [v for k, v in lora_state_dict(outcome.denoiser).items() if "lora_B" in k]
+    assert max(v.abs().max().item() for v in lora_b) > 0
 
 
 def test_warmup_then_cosine_schedule_values():

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import actions
 
@@ -75,6 +76,7 @@ def test_student_replays_bit_identical_inputs_for_every_step(transfer_project):
     schedule alone (another process, the same CPU noise seeds) and matches all of them, or training stops."""
     from cache.store import Manifest, Store
     from stages.families import get_family
+    from stages.families.noise import make_process
     from stages.pools import load_latent_table, load_text_table
     from stages.student import TransferBatches
     from stages.training.schedule import ScheduleMismatch, read_schedule
@@ -86,8 +88,7 @@ def test_student_replays_bit_identical_inputs_for_every_step(transfer_project):
     doc, spec = read_schedule(store, m["schedule"])
     assert len(doc["rows"]) == 5 * 2 * 2 and any(r["caption"] == "" for r in doc["rows"])  # dropout materialized
     family = get_family("sd15")
-    layout = family.layout(transfer_project.root / "student", None)
-    process = family.load_noise_schedule(layout, "epsilon")
+    process = make_process(m["schedule"].contract["timesteps"], "epsilon")
     cond, row_of = load_text_table(store, m["prior"].record["text"])
     latents = load_latent_table(store, m["latents"].record, {r["latent"] for r in doc["rows"]})
     batches = TransferBatches(family, doc, spec, latents, cond, row_of, store, m["teacher"], m["prior"], 1.0)
@@ -97,7 +98,7 @@ def test_student_replays_bit_identical_inputs_for_every_step(transfer_project):
     # The conditioning: the same strings give the same embeddings on both sides (one text encoder here).
     t_cond, t_row = load_text_table(store, m["teacher"].record["text"])
     for caption, row in row_of.items():
-        assert np.array_equal(cond[row].numpy(), t_cond[t_row[caption]].numpy())
+        assert np.array_equal(cond[row].embeds.numpy(), t_cond[t_row[caption]].embeds.numpy())
     # A changed schedule row is caught: one timestep moved by one.
     doc["rows"][5]["t"] += 1
     with pytest.raises(ScheduleMismatch, match="step 2"):
@@ -112,6 +113,9 @@ def test_noise_is_checked_against_its_digest():
     class Identity:
         def noisy_input(self, x0, noise, t):
             return x0 + noise
+
+        def as_tensor(self, values):
+            return torch.tensor(values)
 
     row = {"k": 0, "slot": 0, "latent": "a", "t": 5, "noise_seed": 123, "noise_digest": ""}
     row["noise_digest"] = noise_digest(slot_noise(123, (4, 2, 2)))
@@ -237,6 +241,7 @@ def test_mixed_adapter_batch_gives_the_two_pass_predictions():
     import torch
 
     from stages.families import get_family
+    from stages.families.base import Conditioning
     from stages.families.tiny import tiny_unet
     from stages.training.adapters import predict_both
     from stages.training.lora_files import add_lora
@@ -249,7 +254,8 @@ def test_mixed_adapter_batch_gives_the_two_pass_predictions():
                 p.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
     unet.eval()
     g = torch.Generator().manual_seed(0)
-    x, cond = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 77, 32, generator=g)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    cond = Conditioning(torch.randn(3, 77, 32, generator=g), torch.ones(3, 77, dtype=torch.bool))
     t = torch.tensor([10, 500, 990])
     family = get_family("sd15")
     base_m, lora_m = predict_both(family, unet, "default", x, t, cond, "mixed")

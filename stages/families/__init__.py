@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from stages.families.base import ModelFamily, ModelLayout
+from pathlib import Path
+
+from stages.families.base import Conditioning, ModelFamily, ModelLayout
+
+FAMILIES = ("sd15", "zimage", "flux2")
+# model_index.json `_class_name` -> family
+PIPELINES = {
+    "StableDiffusionPipeline": "sd15",
+    "ZImagePipeline": "zimage",
+    "Flux2KleinPipeline": "flux2",
+    "Flux2Pipeline": "flux2",
+}
+# transformer/ or unet/ config `_class_name` -> family (folders without a model_index.json)
+DENOISERS = {"UNet2DConditionModel": "sd15", "ZImageTransformer2DModel": "zimage", "Flux2Transformer2DModel": "flux2"}
 
 
 def get_family(name: str) -> ModelFamily:
@@ -10,7 +23,57 @@ def get_family(name: str) -> ModelFamily:
         from stages.families.sd15 import SD15Family
 
         return SD15Family()
+    if name == "zimage":
+        from stages.families.zimage import ZImageFamily
+
+        return ZImageFamily()
+    if name == "flux2":
+        from stages.families.flux2 import Flux2Family
+
+        return Flux2Family()
     raise KeyError(name)  # the config schema only admits known families
 
 
-__all__ = ["ModelFamily", "ModelLayout", "get_family"]
+def detect_family(path: Path) -> tuple[str | None, str]:
+    """(family, what it was read from) for a model folder or single file; (None, why) when nothing fits.
+
+    Files and JSON only: model_index.json's pipeline class, a denoiser config's class, or the tensor names of
+    a single .safetensors file."""
+    import json
+
+    from core.errors import ModelError
+    from stages.families.sd15 import read_safetensors_header
+
+    def class_of(p: Path) -> str | None:
+        try:
+            return json.loads(p.read_text()).get("_class_name")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+
+    if path.is_dir():
+        cls = class_of(path / "model_index.json")
+        if cls in PIPELINES:
+            return PIPELINES[cls], f"model_index.json names {cls}"
+        for sub in ("transformer", "unet"):
+            sub_cls = class_of(path / sub / "config.json")
+            if sub_cls in DENOISERS:
+                return DENOISERS[sub_cls], f"{sub}/config.json names {sub_cls}"
+        return None, f"model_index.json names {cls or 'nothing'}" if (path / "model_index.json").exists() else (
+            "it has no model_index.json"
+        )
+    if path.is_file() and path.suffix == ".safetensors":
+        try:
+            keys = {k.removeprefix("model.diffusion_model.") for k in read_safetensors_header(path)}
+        except ModelError:
+            return None, "it is not a readable .safetensors file"
+        if any(k.startswith("input_blocks.") for k in keys):
+            return "sd15", "its tensors are a Stable Diffusion UNet's (model.diffusion_model.input_blocks.*)"
+        if "layers.0.adaLN_modulation.0.weight" in keys:
+            return "zimage", "its tensors are a Z-Image transformer's (layers.*.adaLN_modulation)"
+        if "single_stream_modulation.lin.weight" in keys or any(k.startswith("double_blocks.") for k in keys):
+            return "flux2", "its tensors are a FLUX.2 transformer's (double_blocks.*, single_stream_modulation)"
+        return None, "its tensor names match no supported family"
+    return None, "it is not a folder or a .safetensors file"
+
+
+__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "ModelLayout", "detect_family", "get_family"]

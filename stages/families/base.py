@@ -21,6 +21,52 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+@dataclass
+class Conditioning:
+    """A batch of text conditionings: token embeddings (B, L, D) and their attention mask (B, L).
+
+    The text pool stores one (L_i, D) array per caption string: the tokens the family's transformer attends
+    to. SD and FLUX.2 store the whole padded sequence (their pipelines pass it unmasked); Z-Image stores
+    only the tokens its pipeline keeps (`embeds[mask]`), so a batch pads to its longest and masks the rest.
+    """
+
+    embeds: object
+    mask: object
+
+    @classmethod
+    def stack(cls, arrays: list) -> Conditioning:
+        """Pad (L_i, D) arrays to the longest; the mask marks the real tokens."""
+        import numpy as np
+        import torch
+
+        longest = max(a.shape[0] for a in arrays)
+        embeds = np.zeros((len(arrays), longest, arrays[0].shape[1]), dtype=np.float32)
+        mask = np.zeros((len(arrays), longest), dtype=bool)
+        for i, a in enumerate(arrays):
+            embeds[i, : a.shape[0]] = a
+            mask[i, : a.shape[0]] = True
+        return cls(torch.from_numpy(embeds), torch.from_numpy(mask))
+
+    def __getitem__(self, index) -> Conditioning:
+        return Conditioning(self.embeds[index], self.mask[index])
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def to(self, device) -> Conditioning:
+        return Conditioning(self.embeds.to(device), self.mask.to(device))
+
+    def doubled(self) -> Conditioning:
+        """The batch twice over (for one forward of base and adapter rows)."""
+        import torch
+
+        return Conditioning(torch.cat([self.embeds, self.embeds]), torch.cat([self.mask, self.mask]))
+
+    def rows(self) -> list:
+        """Each row's real tokens, (L_i, D) (what a masked transformer like Z-Image's takes)."""
+        return [e[m] for e, m in zip(self.embeds, self.mask, strict=True)]
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     """Where a model's components live: a diffusers folder, or a single file plus a config folder."""
@@ -56,7 +102,15 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def noise_schedule_contract(self, layout: ModelLayout) -> dict[str, Any]:
-        """The training noise process and timestep range, from config files (the schedule's `timesteps`)."""
+        """The training noise process from config files: the base that resolve_timesteps() completes."""
+
+    def latent_shape(self, layout: ModelLayout, resolution: int) -> tuple[int, ...]:
+        """(C, h, w) of one cached latent of a square image of this many pixels."""
+        return (self.latent_space(layout)["latent_channels"], resolution // 8, resolution // 8)
+
+    def image_seq_len(self, latent_shape: tuple[int, ...]) -> int:
+        """Tokens of one image in the denoiser (the resolution-dependent shift reads it)."""
+        return latent_shape[1] * latent_shape[2]
 
     # -- heavy: torch ----------------------------------------------------------------------------------
     @abstractmethod
@@ -72,18 +126,19 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def load_text_encoder(self, layout: ModelLayout, device):
-        """-> an object with .encode(list[str]) -> tensor (B, L, D)."""
+        """-> an object with .encode(list[str]) -> one float32 (L_i, D) array per caption."""
 
     @abstractmethod
     def load_denoiser(self, layout: ModelLayout, device): ...
 
-    @abstractmethod
-    def load_noise_schedule(self, layout: ModelLayout, prediction_type: str):
-        """-> an object with sample_timesteps(n, generator), noisy_input(x0, noise, t), target(x0, noise, t),
-        predict_x0(x_t, prediction, t)."""
+    def has_guidance_embed(self, layout: ModelLayout) -> bool:
+        """Whether the denoiser takes a guidance value (FLUX.2 variants with guidance_embeds)."""
+        return False
 
     @abstractmethod
-    def predict(self, denoiser, x_t, t, cond): ...
+    def predict(self, denoiser, x_t, t, cond: Conditioning, guidance: float | None = None):
+        """The denoiser's prediction in the process's convention (ε/v for DDPM; v = ε − x0 for flow), with t
+        in the process's units (integer timesteps; σ) and cond a Conditioning batch."""
 
     @abstractmethod
     def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str):

@@ -129,6 +129,7 @@ class SD15Family(ModelFamily):
         return {
             "scaling_factor": cfg.get("scaling_factor", 0.18215),
             "shift_factor": cfg.get("shift_factor") or 0.0,
+            "family": self.name,
             "latent_channels": cfg.get("latent_channels", 4),
             # The architecture, without the bookkeeping keys that differ between two saves of one VAE.
             "vae_config": {k: v for k, v in sorted(cfg.items()) if not k.startswith("_")},
@@ -137,9 +138,11 @@ class SD15Family(ModelFamily):
     def noise_schedule_contract(self, layout: ModelLayout) -> dict[str, Any]:
         root = self._config_root(layout)
         cfg = _json(root / "scheduler" / "scheduler_config.json") if root else {}
+        extra = {"rescale_betas_zero_snr": True} if cfg.get("rescale_betas_zero_snr") else {}
         return {
             "process": "ddpm",
             "sampler": "uniform",
+            **extra,
             "num_train_timesteps": cfg.get("num_train_timesteps", 1000),
             "beta_schedule": cfg.get("beta_schedule", "scaled_linear"),
             "beta_start": cfg.get("beta_start", 0.00085),
@@ -214,12 +217,8 @@ class SD15Family(ModelFamily):
         unet.requires_grad_(False)
         return unet
 
-    def load_noise_schedule(self, layout: ModelLayout, prediction_type: str):
-        (scheduler,) = self._load(layout, "scheduler")
-        return DDPMProcess(scheduler.config, prediction_type)
-
-    def predict(self, denoiser, x_t, t, cond):
-        return denoiser(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+    def predict(self, denoiser, x_t, t, cond, guidance=None):
+        return denoiser(x_t, t, encoder_hidden_states=cond.embeds.to(x_t.dtype), return_dict=False)[0]
 
     def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -309,9 +308,6 @@ class ClipText:
     def __init__(self, tokenizer, model, device):
         self.tokenizer, self.model, self.device = tokenizer, model, device
 
-    def digest_fields(self) -> dict:
-        return {"max_length": self.tokenizer.model_max_length}
-
     def encode(self, captions: list[str]):
         import torch
 
@@ -323,35 +319,4 @@ class ClipText:
             return_tensors="pt",
         ).input_ids.to(self.device)
         with torch.no_grad():
-            return self.model(ids)[0]
-
-
-class DDPMProcess:
-    """The DDPM forward process and training target, from the model's own scheduler config."""
-
-    def __init__(self, scheduler_config, prediction_type: str):
-        from diffusers import DDPMScheduler
-
-        self.scheduler = DDPMScheduler.from_config(scheduler_config, prediction_type=prediction_type)
-        self.prediction_type = prediction_type
-        self.num_timesteps = self.scheduler.config.num_train_timesteps
-
-    def sample_timesteps(self, n: int, generator):
-        import torch
-
-        return torch.randint(0, self.num_timesteps, (n,), generator=generator)
-
-    def noisy_input(self, x0, noise, t):
-        return self.scheduler.add_noise(x0, noise, t)
-
-    def target(self, x0, noise, t):
-        if self.prediction_type == "epsilon":
-            return noise
-        return self.scheduler.get_velocity(x0, noise, t)
-
-    def predict_x0(self, x_t, pred, t):
-        """The clean latent a prediction implies (what a one-step sampler would return)."""
-        ab = self.scheduler.alphas_cumprod.to(x_t.device)[t].float().view(-1, *([1] * (x_t.ndim - 1)))
-        if self.prediction_type == "epsilon":
-            return (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
-        return ab.sqrt() * x_t - (1 - ab).sqrt() * pred
+            return list(self.model(ids)[0].float().cpu().numpy())

@@ -41,7 +41,7 @@ def adapters_disabled(denoiser):
         denoiser.enable_adapters()
 
 
-def predict_both(family, denoiser, adapter: str, x_t, t, cond, batching: str = "mixed"):
+def predict_both(family, denoiser, adapter: str, x_t, t, cond, batching: str = "mixed", guidance=None):
     """(prediction without the adapter, prediction with it), in fp32, without gradients.
 
     mixed: one forward on the doubled batch; two_pass: two forwards. The caller puts the model in eval mode."""
@@ -51,17 +51,19 @@ def predict_both(family, denoiser, adapter: str, x_t, t, cond, batching: str = "
         if batching == "mixed":
             n = x_t.shape[0]
             with mixed_adapter_batch(denoiser, [BASE] * n + [adapter] * n):
-                both = family.predict(denoiser, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]))
+                both = family.predict(
+                    denoiser, torch.cat([x_t, x_t]), torch.cat([t, t]), cond.doubled(), guidance=guidance
+                )
             both = both.float()
             return both[:n], both[n:]
         with adapters_disabled(denoiser):
-            base = family.predict(denoiser, x_t, t, cond).float()
-        return base, family.predict(denoiser, x_t, t, cond).float()
+            base = family.predict(denoiser, x_t, t, cond, guidance=guidance).float()
+        return base, family.predict(denoiser, x_t, t, cond, guidance=guidance).float()
 
 
-def predict_base(family, denoiser, x_t, t, cond):
+def predict_base(family, denoiser, x_t, t, cond, guidance=None):
     """The model's own prediction with every adapter off, in fp32, without gradients."""
     import torch
 
     with torch.no_grad(), adapters_disabled(denoiser):
-        return family.predict(denoiser, x_t, t, cond).float()
+        return family.predict(denoiser, x_t, t, cond, guidance=guidance).float()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from core.errors import ConfigError, PipelineError
 from core.faults import fault_point
+from stages.families.noise import loss_weights, make_process
 from stages.training.lora_files import add_lora, trainable_state
 from stages.training.sampling import batch_indices, derive_seed, generator
 
@@ -27,7 +28,7 @@ class TrainingDiverged(PipelineError):
 @dataclass
 class TrainData:
     latents: object  # (N, C, h, w) float32 tensor
-    cond: object  # (U, L, D) float32 tensor: unique conditionings
+    cond: object  # Conditioning of U rows: the unique captions' embeddings and masks
     cond_index: object  # (N,) long tensor: item -> row of cond
 
 
@@ -141,8 +142,9 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     denoiser = job.family.load_denoiser(job.layout, accelerator.device)
     if job.preset_lora is not None:
         apply_preset(denoiser, job.preset_lora, job.preset_mode, job.family.kohya_prefix)
+    targets = cfg.targets if cfg.targets is not None else job.family.default_targets
     adapter_config = add_lora(
-        denoiser, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, derive_seed("lora-init", cfg.seed), job.stage
+        denoiser, cfg.rank, cfg.alpha, cfg.dropout, targets, derive_seed("lora-init", cfg.seed), job.stage
     )
     if job.preset_lora is not None and job.preset_mode == "adapter":
         freeze_preset(denoiser)
@@ -151,7 +153,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     lora_params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = build_optimizer(lora_params, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg)
-    process = job.family.load_noise_schedule(job.layout, job.prediction_type)
+    process = make_process(cfg.timesteps, job.prediction_type)
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     start, losses, evals, previews = restore_checkpoint(
         job.work_dir, accelerator.unwrap_model(denoiser), optimizer, scheduler
@@ -240,8 +242,13 @@ def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lo
         if cfg.dropout > 0:
             torch.manual_seed(derive_seed("dropout", cfg.seed, k))
         with accelerator.autocast():
-            pred = job.family.predict(denoiser, x_t, t, cond)
-        loss = F.mse_loss(pred.float(), target.float())
+            pred = job.family.predict(denoiser, x_t, t, cond, guidance=getattr(cfg, "guidance_embed", None))
+        weights = loss_weights(process, t, getattr(cfg, "loss_weighting", "none"))
+        if weights is None:
+            loss = F.mse_loss(pred.float(), target.float())
+        else:  # per-sample weights over the noise level, normalized so that their mean is 1
+            per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+            loss = (per_sample * weights.to(per_sample.device)).sum() / weights.sum()
         accelerator.backward(loss / cfg.grad_accum)
         total += loss.detach()
     if cfg.max_grad_norm > 0:

@@ -101,6 +101,35 @@ def save_kohya(
     canonicalize_safetensors(path)
 
 
+COMFY_PREFIX = "diffusion_model."
+
+
+def save_comfy(state: dict, alpha: float | dict[str, float], path: Path, metadata: dict[str, str]) -> None:
+    """The single-file format shared for the transformer families (ComfyUI, ai-toolkit, musubi-tuner's converted
+    files): `diffusion_model.<diffusers module>.lora_A/lora_B.weight` and `.alpha`. ComfyUI's key map
+    (comfy/lora.py: model_lora_keys_unet, Lumina2 via z_image_to_diffusers) accepts exactly these names, and
+    diffusers' load_lora_weights converts them (lora_conversion_utils)."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = {}
+    for key, value in state.items():
+        module, which = key.rsplit(".lora_", 1)
+        out[f"{COMFY_PREFIX}{module}.lora_{which}"] = value
+        a = alpha[module] if isinstance(alpha, dict) else alpha
+        out[f"{COMFY_PREFIX}{module}.alpha"] = torch.tensor(float(a))
+    save_file(out, str(path), metadata=metadata)
+    canonicalize_safetensors(path)
+
+
+def save_single_file_lora(family, state: dict, rank: int, alpha, path: Path, metadata: dict[str, str]) -> None:
+    """The single-file format users share for `family`: kohya for SD, the ComfyUI format for transformers."""
+    if getattr(family, "single_file_lora", "kohya") == "comfy":
+        save_comfy(*family.comfy_lora(state, alpha), path, metadata)
+    else:
+        save_kohya(state, rank, alpha, path, family.kohya_prefix, metadata)
+
+
 def save_diffusers(
     state: dict, adapter_config, path: Path, pipeline_class: str, component: str, extra: dict | None = None
 ) -> None:
@@ -125,7 +154,7 @@ def write_lora_outputs(family, outcome, p, work_dir, name: str, base_metadata: d
     trained model (family.lora_metadata(layout, prediction_type))."""
     state = lora_state_dict(outcome.denoiser)
     kohya = work_dir / f"{name}.safetensors"
-    save_kohya(state, p.rank, p.alpha, kohya, family.kohya_prefix, base_metadata)
+    save_single_file_lora(family, state, p.rank, p.alpha, kohya, base_metadata)
     diffusers_file = work_dir / "pytorch_lora_weights.safetensors"
     save_diffusers(state, outcome.adapter_config, diffusers_file, family.pipeline_class, family.lora_component)
     loss_csv = work_dir / "loss.csv"
@@ -232,6 +261,8 @@ def read_lora_file(path: Path, kohya_prefix: str = "lora_unet_", component: str 
         groups = {kohya_prefix: component, **KOHYA_TEXT_PREFIXES}
     else:
         groups = {f"{c}.": c for c in (component, *TEXT_COMPONENTS)}
+        if component == "transformer":
+            groups[COMFY_PREFIX] = component  # the ComfyUI/ai-toolkit single-file naming
     parsed: dict[str, dict[str, LoraModule]] = {}
     other = []
     for key in sorted(tensors):
@@ -258,6 +289,10 @@ def read_lora_file(path: Path, kohya_prefix: str = "lora_unet_", component: str 
             f"Is it a LoRA for another model family?"
         )
     modules = parsed.pop(component)
+    if component == "transformer" and any(n.startswith(("double_blocks.", "single_blocks.")) for n in modules):
+        from stages.families.flux2 import split_original_modules  # FLUX.2's original names, fused qkv
+
+        modules = split_original_modules(modules)
     return LoraFile(path, fmt, modules, metadata, parsed)
 
 

@@ -140,6 +140,15 @@ def save_modules(
     rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**family.lora_metadata(), **(metadata or {})}
+    if fmt == "kohya" and getattr(family, "single_file_lora", "kohya") == "comfy":
+        if text_modules:
+            raise ConfigError(f"the {family.name} family's LoRA files carry no text-encoder modules.")
+        if any("." not in name for name in modules):
+            raise ConfigError("this LoRA came from a kohya file; pass --model so its module names can be matched.")
+        from stages.training.lora_files import save_single_file_lora
+
+        save_single_file_lora(family, state, rank, alphas, path, meta)
+        return
     if fmt == "kohya":
         extra = {}
         for comp, mods in (text_modules or {}).items():

@@ -22,3 +22,5 @@ class LoraTrainParams(BaseModel):
     mixed_precision: str
     seed: int
     prediction_type: str
+    timesteps: dict  # the resolved noise process: sampler, shift, scheduler values (noise.resolve_timesteps)
+    loss_weighting: str

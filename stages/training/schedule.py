@@ -1,7 +1,8 @@
 """The materialized schedule of delta transfer: for every micro-step and batch slot, what the teacher and the
 student both see.
 
-A row says which item (latent) and caption string a slot uses, its flip and crop, its timestep, and the
+A row says which item (latent) and caption string a slot uses, its flip and crop, its timestep (an integer
+for DDPM, σ as a float32 value for flow matching, so both phases see the same σ bit for bit), and the
 seed that regenerates its noise on the CPU, with the digest of that noise. Any phase rebuilds x_t, t and
 the conditioning from a row alone and checks the noise against the digest, so the two phases cannot
 drift apart silently (a torch upgrade that changed randn would be caught, not trained on).
@@ -53,11 +54,12 @@ def slot_noise(seed: int, shape: tuple[int, ...]):
     return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed))
 
 
-def _row(spec: ScheduleSpec, stream: str, k: int, slot: int, item: dict) -> dict:
+def _row(spec: ScheduleSpec, stream: str, k: int, slot: int, item: dict, process) -> dict:
     import torch
 
     g = generator(stream, "slot", spec.seed, k, slot)
-    t = int(torch.randint(0, spec.num_timesteps, (1,), generator=g))
+    drawn = process.sample_timesteps(1, g)
+    t = float(drawn[0]) if drawn.is_floating_point() else int(drawn[0])
     dropped = spec.caption_dropout > 0 and float(torch.rand(1, generator=g)) < spec.caption_dropout
     seed = derive_seed(stream, "noise", spec.seed, k, slot)
     return {
@@ -74,16 +76,16 @@ def _row(spec: ScheduleSpec, stream: str, k: int, slot: int, item: dict) -> dict
     }
 
 
-def build_schedule(spec: ScheduleSpec, items: list[dict]) -> dict:
+def build_schedule(spec: ScheduleSpec, items: list[dict], process) -> dict:
     """Rows for every (micro-step, slot) in order, plus `heldout` rows drawn from a separate stream."""
     rows = []
     for k in range(spec.micro_steps):
         for slot, i in enumerate(batch_indices(spec.seed, k, spec.batch_size, len(items))):
-            rows.append(_row(spec, "schedule", k, slot, items[i]))
+            rows.append(_row(spec, "schedule", k, slot, items[i], process))
     heldout = []
     for j in range(spec.heldout):
         item = items[int(derive_seed("heldout", "item", spec.seed, j) % len(items))]
-        heldout.append(_row(spec, "heldout", j, 0, item))
+        heldout.append(_row(spec, "heldout", j, 0, item, process))
     return {"rows": rows, "heldout": heldout}
 
 
@@ -109,19 +111,19 @@ def rebuild_inputs(rows: list[dict], latents: dict, process, shape: tuple[int, .
         noises.append(noise)
     x0 = torch.stack([torch.as_tensor(latents[row["latent"]]) for row in rows])
     noise = torch.stack(noises)
-    t = torch.tensor([row["t"] for row in rows], dtype=torch.long)
+    t = process.as_tensor([row["t"] for row in rows])
     return process.noisy_input(x0, noise, t), t, noise
 
 
 def inputs_digest(x_t, t, captions: list[str]) -> bytes:
-    """sha256 of what one forward saw: x_t as float32 bytes, t as int64, the caption strings as UTF-8.
+    """sha256 of what one forward saw: x_t as float32 bytes, t as int64 (σ as float32), the captions as UTF-8.
 
     The teacher stores one per step (over its micro-batches in order); the student recomputes and compares."""
     import numpy as np
 
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(x_t.detach().cpu().numpy(), dtype="<f4").tobytes())
-    h.update(np.ascontiguousarray(t.detach().cpu().numpy(), dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(t.detach().cpu().numpy(), dtype="<f4" if t.is_floating_point() else "<i8").tobytes())
     h.update("\x00".join(captions).encode())
     return h.digest()
 

@@ -1,0 +1,238 @@
+"""Tiny Z-Image and FLUX.2 [klein] models with random weights, saved in the real formats.
+
+The architectures are the real diffusers classes in miniature (a few hundred thousand parameters), with a
+tiny Qwen3 text encoder and an offline byte-level BPE tokenizer that carries Qwen3's chat template, so every
+code path — chat template, hidden-state selection, masking, packing, position ids — is the real one.
+A "Turbo"/distilled sibling is the same folder with every transformer weight moved by seeded noise.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from stages.families.tiny import CORPUS_WORDS
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# Qwen3's chat template, reduced to what captions need: user turns and the generation prompt, with the empty
+# thinking block that enable_thinking=False adds.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def build_qwen_tokenizer(max_length: int = 512):
+    """A Qwen2-style byte-level BPE tokenizer over a small fixed vocabulary, built without training (the
+    tokenizers trainer orders ties by hash, so it would not be reproducible)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for t in alphabet:
+        vocab.setdefault(t, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in sorted(set(CORPUS_WORDS.split())):
+        for form in (word, "Ġ" + word):
+            pieces = list(form)
+            while len(pieces) > 1:
+                pair = (pieces[0], pieces[1])
+                if pair not in merges:
+                    merges.append(pair)
+                    vocab.setdefault(pair[0] + pair[1], len(vocab))
+                pieces = [pair[0] + pair[1], *pieces[2:]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL)
+    return Qwen2TokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        model_max_length=max_length,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_qwen3(vocab_size: int, seed: int, layers: int, causal_lm: bool, hidden: int = 32):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=causal_lm,
+    )
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
+
+
+def _vae_kwargs(latent_channels: int) -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def build_tiny_zimage(out_dir: Path, seed: int = 0, single_file: Path | None = None) -> Path:
+    """A tiny ZImagePipeline folder (and optionally the transformer as an original-layout single file)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    from stages.families.base import quiet_libraries
+    from stages.families.tiny import TINY_VAE_SCALING
+
+    quiet_libraries()
+    tokenizer = build_qwen_tokenizer()
+    text_encoder = tiny_qwen3(len(tokenizer), seed, layers=2, causal_lm=False)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**_vae_kwargs(16), scaling_factor=TINY_VAE_SCALING, shift_factor=0.05)
+    torch.manual_seed(seed + 2)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,
+        axes_dims=[4, 6, 6],
+        axes_lens=[64, 32, 32],
+    )
+    _scale_up(transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    pipe = ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    if single_file is not None:
+        _save_single_file("zimage", transformer, Path(single_file))
+    return out_dir
+
+
+def build_tiny_flux2(out_dir: Path, seed: int = 0, single_file: Path | None = None, guidance_embeds: bool = False):
+    """A tiny Flux2KleinPipeline folder (guidance_embeds=True: a variant whose transformer takes a guidance value)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+
+    from stages.families.base import quiet_libraries
+
+    quiet_libraries()
+    tokenizer = build_qwen_tokenizer()
+    text_encoder = tiny_qwen3(len(tokenizer), seed, layers=4, causal_lm=True)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLFlux2(**_vae_kwargs(32))
+    # The batch-norm statistics the latents are normalized with: a random encoder's latents have std ~0.2, so
+    # without them the tiny latents would drown in unit noise.
+    g = torch.Generator("cpu").manual_seed(seed + 3)
+    vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g) * 0.02)
+    vae.bn.running_var.fill_(0.04)
+    torch.manual_seed(seed + 2)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 32,
+        timestep_guidance_channels=64,
+        mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+    _scale_up(transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+    )
+    pipe = Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=False,
+    )
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    if single_file is not None:
+        _save_single_file("flux2", transformer, Path(single_file))
+    return out_dir
+
+
+def _scale_up(model) -> None:
+    """diffusers zero-initializes the output layers and modulations of these DiTs, so a fresh model predicts 0
+    whatever its input: a LoRA would have nothing to change. Random weights everywhere make it a function."""
+    import torch
+
+    g = torch.Generator("cpu").manual_seed(1234)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.ndim >= 1 and float(param.abs().max()) == 0.0:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.02)
+
+
+def _save_single_file(family_name: str, transformer, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from stages.families import get_family
+
+    state = get_family(family_name).to_single_file(transformer.state_dict())
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def build_tiny_flow_turbo(base_dir: Path, out_dir: Path, seed: int = 1, scale: float = 0.05) -> Path:
+    """The distilled sibling of a tiny flow model: the same folder, every transformer weight moved by
+    scale x (its tensor's std) of seeded Gaussian noise; FLUX.2 [klein]'s model_index says is_distilled."""
+    import json
+
+    import diffusers
+    import torch
+
+    from stages.families.base import quiet_libraries
+
+    quiet_libraries()
+    shutil.copytree(base_dir, out_dir)
+    cls_name = json.loads((Path(base_dir) / "transformer" / "config.json").read_text())["_class_name"]
+    model = getattr(diffusers, cls_name).from_pretrained(str(base_dir), subfolder="transformer", use_safetensors=True)
+    g = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.numel() > 1:
+                param.add_(torch.randn(param.shape, generator=g) * param.std() * scale)
+    shutil.rmtree(out_dir / "transformer")
+    model.save_pretrained(str(out_dir / "transformer"), safe_serialization=True)
+    index = out_dir / "model_index.json"
+    data = json.loads(index.read_text())
+    if "is_distilled" in data:
+        data["is_distilled"] = True
+        index.write_text(json.dumps(data, indent=2, sort_keys=True))
+    return out_dir
