@@ -148,7 +148,7 @@ def run(
         return
     reports.print_runs(runs, dry_run)
     if demo and not dry_run:
-        reports.demo_epilogue(workflow, runs, config, set_)
+        reports.demo_epilogue(workflow, runs, config, set_, family)
 
 
 @app.command("eval")
@@ -309,15 +309,19 @@ lora_app = typer.Typer(
     help="Inspect, convert and combine LoRA files (kohya and diffusers formats).", no_args_is_help=True
 )
 app.add_typer(lora_app, name="lora")
-FamilyOpt = typer.Option("sd15", "--family", help="Model family of the LoRA files.")
+FamilyOpt = typer.Option(
+    "auto", "--family", help="Model family: sd15, zimage or flux2; auto: from --model, else from the LoRA file."
+)
 ModelOpt = typer.Option(None, "--model", help="The model the LoRA was trained for (maps kohya names exactly).")
 UnetOnlyOpt = typer.Option(False, "--unet-only", help="Leave out the text-encoder modules (lora_te_*) on purpose.")
 
 
-def _family(name: str):
+def _family(name: str, model: Path | None = None, files=()):
     from pipeline.api import family
 
-    return family(name)
+    return family(
+        name, model, [Path(str(f).rsplit(":", 1)[0]) if not Path(str(f)).exists() else Path(f) for f in files]
+    )
 
 
 @lora_app.command("info")
@@ -328,7 +332,7 @@ def lora_info(
     """Format, family, rank, alpha, targets and metadata of a LoRA file."""
     from pipeline.lora_tools import info
 
-    report = info(file, _family(family))
+    report = info(file, _family(family, None, [file]))
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
@@ -359,11 +363,13 @@ def lora_convert(
 
     check_format(to)
     check_out(out, force)
-    report = convert(file, to, out, _family(family), model, unet_only)
+    report = convert(file, to, out, _family(family, model, [file]), model, unet_only)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
-    typer.echo(f"wrote {out} ({to} format, {report['modules']} modules): loads in {report['loads_in']}")
+    typer.echo(
+        f"wrote {out} ({report['to_format']} format, {report['modules']} modules): loads in {report['loads_in']}"
+    )
 
 
 @lora_app.command("mix")
@@ -384,7 +390,7 @@ def lora_mix(
 
     check_format(to)
     check_out(out, force)
-    report = mix(files, out, to, _family(family), model, rank, unet_only)
+    report = mix(files, out, to, _family(family, model, files), model, rank, unet_only)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
@@ -407,13 +413,13 @@ def lora_merge(
     """Bake LoRAs into a copy of a model (W += w·ΔW in fp32)."""
     from pipeline.lora_tools import merge
 
-    report = merge(model, files, out, _family(family), single_file_config, force)
+    report = merge(model, files, out, _family(family, model, files), single_file_config, force)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
     text = report["text_encoder_modules_changed"]
     typer.echo(
-        f"wrote {out} ({report['modules_changed']} UNet layers"
+        f"wrote {out} ({report['modules_changed']} {report.get('denoiser', 'UNet')} layers"
         + (f", {text} text-encoder layers" * bool(text))
         + " changed)"
     )
@@ -450,7 +456,7 @@ def sample(
     for spec in lora:
         parse_weighted(spec)  # a bad weight fails before any model loads
     report = render_grid(
-        model, lora, prompt, seed, out, steps, guidance, size, scales, _family(family), single_file_config
+        model, lora, prompt, seed, out, steps, guidance, size, scales, _family(family, model, lora), single_file_config
     )
     typer.echo(json.dumps(report, indent=1) if as_json else f"wrote {out} ({len(prompt)} x {len(scales)} images)")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.errors import PipelineError
 from pipeline.runner import StageRun, run_workflow
 from stages.base import PlanEnv
 
@@ -37,11 +38,25 @@ def workflow_names() -> list[str]:
     return list(WORKFLOWS)
 
 
-def family(name: str):
-    """A model family by its config name (`sd15`), for the LoRA tools."""
-    from stages.families import get_family
+def family(name: str, model: Path | None = None, loras: list[Path] = ()):
+    """A model family by its config name (`sd15`), for the LoRA tools; "auto": detected from the model, else from
+    the first LoRA file that says (its metadata or module names), else sd15."""
+    from stages.families import detect_family, detect_lora_family, get_family
 
-    return get_family(name)
+    if name != "auto":
+        return get_family(name)
+    if model is not None:
+        found, why = detect_family(Path(model))
+        if found is None:
+            raise PipelineError(f"--model {model}: could not tell its model family ({why}); pass --family.")
+        return get_family(found)
+    for path in loras:
+        found = detect_lora_family(Path(path))
+        if found:
+            return get_family(found)
+    # Nothing says otherwise: SD, the family whose kohya files carry no identification. A file that is not a LoRA
+    # at all, or one for another family, is then named by the reader (its keys do not fit).
+    return get_family("sd15")
 
 
 def status(env: PlanEnv, workflow: str | None = None) -> list[dict]:

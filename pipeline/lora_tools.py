@@ -8,13 +8,15 @@ from pathlib import Path
 
 from core.errors import ConfigError, ModelError
 
-FORMATS = ("kohya", "diffusers")
+FORMATS = ("kohya", "comfy", "diffusers")  # kohya and comfy: the family's single-file format (kohya for SD)
 # Which programs load each format (checked against their loaders: kohya's networks/lora.py, ComfyUI's
 # comfy/lora.py, A1111's extensions-builtin/Lora, diffusers' load_lora_weights).
 CONSUMERS = {
     "kohya": "ComfyUI, A1111/Forge, kohya's sd-scripts and diffusers' load_lora_weights",
     "diffusers": "diffusers' load_lora_weights only (ComfyUI and A1111 apply none of its keys)",
     "peft": "peft and diffusers (ComfyUI and A1111 apply none of its keys)",
+    "comfy": "ComfyUI and diffusers' load_lora_weights (the naming of ai-toolkit files and musubi-tuner's ComfyUI "
+    "exports)",
 }
 
 
@@ -125,9 +127,16 @@ def info(path: Path, family) -> dict:
     }
 
 
+def written_format(fmt: str, family) -> str:
+    """The format `--to fmt` writes for a family: kohya and comfy both mean its single-file format."""
+    if fmt == "diffusers":
+        return fmt
+    return getattr(family, "single_file_lora", "kohya")
+
+
 def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
-        raise ConfigError(f"--to {fmt!r}: choose kohya or diffusers")
+        raise ConfigError(f"--to {fmt!r}: choose kohya, comfy or diffusers")
     return fmt
 
 
@@ -154,8 +163,8 @@ def convert(path: Path, fmt: str, out: Path, family, model: Path | None, unet_on
         "from": str(path),
         "from_format": lora.format,
         "to": str(out),
-        "to_format": fmt,
-        "loads_in": CONSUMERS[fmt],
+        "to_format": written_format(fmt, family),
+        "loads_in": CONSUMERS[written_format(fmt, family)],
         "modules": len(lora.modules) + sum(len(m) for m in text.values()),
         "text_encoder_modules": {c: len(m) for c, m in text.items()},
     }
@@ -210,7 +219,7 @@ def mix(
     else:
         report["rank"] = max(m.rank for m in modules.values())
         report["max_rel_error"] = 0.0
-    report["loads_in"] = CONSUMERS[fmt]
+    report["loads_in"] = CONSUMERS[written_format(fmt, family)]
     report["text_encoder_modules"] = {c: len(m) for c, m in text.items()}
     save_modules(modules, fmt, out, family, {**identity(loras), "lora_pipeline.mix": ", ".join(specs)}, text)
     return report
@@ -295,6 +304,7 @@ def merge(model: Path, specs: list[str], out: Path, family, single_file_config: 
         "loras": [{"file": str(p), "weight": w} for p, w in parsed],
         "out": str(out),
         "modules_changed": changed,
+        "denoiser": "UNet" if family.lora_component == "unet" else "transformer",
         "text_encoder_modules_changed": text_changed,
     }
 

@@ -34,27 +34,28 @@ def short(path: str) -> str:
         return path
 
 
-def demo_epilogue(workflow: str, runs, config: Path, overrides: list[str]) -> None:
+def demo_epilogue(workflow: str, runs, config: Path, overrides: list[str], family: str = "sd15") -> None:
+    demo = "--demo" if family == "sd15" else f"--demo --family {family}"
     if workflow == "differential":
-        return _differential_epilogue(runs, config, overrides)
+        return _differential_epilogue(runs, config, overrides, demo)
     outputs = [o for r in runs for o in r.outputs]
     final = "student" if workflow == "transfer" else "lora1"
     lora = next((o for o in outputs if o.endswith(f"{final}.safetensors")), None)
     previews = sorted({str(Path(o).parent) for o in outputs if "/previews/" in o})
-    typer.echo(f"\nLoRA (kohya format): {short(lora) if lora else 'none'}")
+    typer.echo(f"\nLoRA (single-file format, for ComfyUI and A1111): {short(lora) if lora else 'none'}")
     typer.echo(f"Previews: {', '.join(short(p) for p in previews) or 'none'}")
     if workflow == "transfer":
         student = next(r for r in runs if r.name == "student")
         typer.echo(f"Student: {student.summary or 'reused (see pipeline status transfer)'}")
         typer.echo(
-            f"Try: pipeline run transfer --demo --set student.lr=1e-3   (re-runs the student only)\n"
+            f"Try: pipeline run transfer {demo} --set student.lr=1e-3   (re-runs the student only)\n"
             f"     pipeline inspect teacher -c {config} --out teacher-sheet"
         )
     else:
-        typer.echo(f"Try: pipeline status lora -c {config}   or   pipeline run lora --demo --set lora1.lr=5e-4")
+        typer.echo(f"Try: pipeline status lora -c {config}   or   pipeline run lora {demo} --set lora1.lr=5e-4")
 
 
-def _differential_epilogue(runs, config: Path, overrides: list[str]) -> None:
+def _differential_epilogue(runs, config: Path, overrides: list[str], demo: str = "--demo") -> None:
     """The eval table, and a grid of base vs base + the averaged LoRA-2 at weights 0, 0.5 and 1."""
     from cache.store import Store
     from pipeline.config import load_config
@@ -69,10 +70,10 @@ def _differential_epilogue(runs, config: Path, overrides: list[str]) -> None:
     prompts = sorted({i["caption"] for i in _eval_captions(env)})[:2]
     model = env.loaded.resolve(env.config.model.path)
     render_grid(model, [average], prompts, 0, grid, 10, 7.5, env.config.latents.resolution, [0, 0.5, 1], env.family)
-    typer.echo(f"\nLoRA-2 (average of the pairs, kohya format): {short(average)}")
+    typer.echo(f"\nLoRA-2 (average of the pairs, single-file format): {short(average)}")
     typer.echo(f"Sample grid (rows: prompts; columns: LoRA-2 at 0, 0.5, 1): {short(str(grid))}")
     typer.echo(
-        f"Try: pipeline eval differential -c {config}   or   pipeline run differential --demo "
+        f"Try: pipeline eval differential -c {config}   or   pipeline run differential {demo} "
         f"--set differential.paired_noise=true"
     )
 

@@ -102,7 +102,8 @@ class TeacherStage(Stage):
         if todo and steps_left < spec.steps:
             held = " and the held-out set" if "heldout" in todo else ""
             ctx.log(f"teacher: resuming, {steps_left} of {spec.steps} steps{held} to go")
-        lora_obj = ctx.upstream["lora1"].outputs["lora1.safetensors"]
+        outputs = ctx.upstream["lora1"].outputs  # the diffusers file when trained here: exact module names and ranks
+        lora_obj = outputs.get("diffusers/pytorch_lora_weights.safetensors") or outputs["lora1.safetensors"]
         lora = read_lora_file(
             store.read_object(lora_obj["digest"], "the teacher LoRA"),
             env.family.kohya_prefix,

@@ -22,7 +22,10 @@ def _ran(result) -> list[str]:
 def test_transfer_demo_runs_reports_fidelity_then_reruns_only_the_student(tmp_path):
     first = _demo(tmp_path, "transfer")
     assert first.returncode == 0, first.stderr
-    assert "LoRA (kohya format): pipeline-demo/output/transfer/student/student.safetensors" in first.stdout
+    assert (
+        "LoRA (single-file format, for ComfyUI and A1111): pipeline-demo/output/transfer/student/student.safetensors"
+        in first.stdout
+    )
     assert "fidelity cos" in first.stdout
     out = tmp_path / "pipeline-demo" / "output" / "transfer"
     assert (out / "student" / "diffusers" / "pytorch_lora_weights.safetensors").exists()

@@ -135,6 +135,71 @@ DIFFERENTIAL = [
 ]
 
 
+# The flow-matching settings, on a Z-Image transfer project whose samplers are logit-normal (so their mean and std
+# are read). (override, the stages whose keys change)
+FLOW_BASE = ("lora1.timestep_sampling='logit_normal'", "schedule.timestep_sampling='logit_normal'")
+FLOW_FIELDS = [
+    ("timestep_sampling", "'mode'"), ("logit_mean", 0.3), ("logit_std", 0.7), ("timestep_shift", "'none'"),
+    ("shift", 2.0), ("loss_weighting", "'cosmap'"),
+]  # fmt: skip
+FLOW = [
+    *[(f"lora1.{k}={v}", DOWNSTREAM["lora1"]) for k, v in FLOW_FIELDS],
+    ("lora1.mode_scale=1.5", set()),  # read by the mode sampler only
+    *[(f"schedule.{k}={v}", DOWNSTREAM["schedule"]) for k, v in FLOW_FIELDS if k != "loss_weighting"],
+    ("schedule.mode_scale=1.5", set()),
+    ("student.loss_weighting='sigma_sqrt'", {"student"}),
+]
+FLOW_DIFFERENTIAL = [
+    *[(f"differential.lora1.{k}={v}", per_pair("lora1", "lora2") | {"average", "eval"}) for k, v in FLOW_FIELDS],
+    ("differential.lora1.mode_scale=1.5", set()),
+    *[(f"differential.lora2.{k}={v}", per_pair("lora2") | {"average", "eval"}) for k, v in FLOW_FIELDS],
+    ("differential.lora2.mode_scale=1.5", set()),
+]
+
+
+@pytest.fixture
+def zimage_project(tmp_path, tiny_flow_models):
+    import json
+    import shutil
+
+    from conftest import TRANSFER_SETTINGS, Project, make_images, make_pairs
+
+    shutil.copytree(tiny_flow_models / "zimage", tmp_path / "model")
+    shutil.copytree(tiny_flow_models / "zimage-turbo", tmp_path / "student")
+    make_images(tmp_path / "images", 4)
+    make_pairs(tmp_path / "pairs")
+    settings = json.loads(json.dumps(TRANSFER_SETTINGS))
+    for section in ("lora1", "schedule", "differential.lora1", "differential.lora2"):
+        settings.setdefault(section, {})["timestep_sampling"] = "logit_normal"
+    return Project(tmp_path, settings)
+
+
+@pytest.mark.parametrize("override, changed", FLOW, ids=[o for o, _ in FLOW])
+def test_flow_setting_changes_exactly_its_stages(zimage_project, override, changed):
+    base, new = keys(zimage_project), keys(zimage_project, override)
+    assert {s for s in base if base[s] != new[s]} == changed
+
+
+@pytest.mark.parametrize("override, changed", FLOW_DIFFERENTIAL, ids=[o for o, _ in FLOW_DIFFERENTIAL])
+def test_flow_differential_setting_changes_exactly_its_nodes(zimage_project, override, changed):
+    base = keys(zimage_project, workflow="differential")
+    new = keys(zimage_project, override, workflow="differential")
+    assert {n for n in base if base[n] != new[n]} == changed
+
+
+def test_flow_settings_are_refused_by_name_on_a_ddpm_model(project):
+    from core.errors import ConfigError
+
+    for override, field in [
+        ("lora1.timestep_sampling='logit_normal'", "lora1.timestep_sampling"),
+        ("schedule.timestep_shift='static'", "schedule.timestep_shift"),
+        ("lora1.loss_weighting='cosmap'", "lora1.loss_weighting"),
+        ("student.loss_weighting='sigma_sqrt'", "student.loss_weighting"),
+    ]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            keys(project, override)
+
+
 @pytest.mark.parametrize("override, changed", DIFFERENTIAL, ids=[o for o, _ in DIFFERENTIAL])
 def test_differential_setting_changes_exactly_its_nodes(differential_project, override, changed):
     if override == "differential.paired_noise=true":
@@ -147,7 +212,8 @@ def test_differential_setting_changes_exactly_its_nodes(differential_project, ov
 def test_every_config_field_is_covered_by_this_table():
     from pipeline.config import PipelineConfig
 
-    covered = {o.split("=")[0] for o, _ in SEMANTIC + DIFFERENTIAL} | {o.split("=")[0] for o in RUNTIME}
+    tables = SEMANTIC + DIFFERENTIAL + FLOW + FLOW_DIFFERENTIAL
+    covered = {o.split("=")[0] for o, _ in tables} | {o.split("=")[0] for o in RUNTIME}
     fields = set()
     for section, model in PipelineConfig.model_fields.items():
         for name, field in model.annotation.model_fields.items():
@@ -166,6 +232,9 @@ def test_every_config_field_is_covered_by_this_table():
         "transfer.teacher_lora",
         "differential.pairs_dir",  # the pairs are data: tests/test_differential.py adds one
         "differential.pairs",
+        # a model with a guidance embedding: tests/test_flow_families.py::test_guidance_embed_is_the_schedule_s_...
+        "schedule.guidance_embed",
+        "student.guidance_embed",
     }
 
 

@@ -150,7 +150,7 @@ def assert_same_unet(model_dir, file_a, file_b):
     [
         (["mix", "x.safetensors:abc", "--out", "o.safetensors"], "the weight 'abc' is not a number"),
         (["mix", "missing.safetensors", "--out", "o.safetensors"], "missing.safetensors does not exist"),
-        (["convert", "a.safetensors", "--to", "onnx", "--out", "o.safetensors"], "choose kohya or diffusers"),
+        (["convert", "a.safetensors", "--to", "onnx", "--out", "o.safetensors"], "choose kohya, comfy or diffusers"),
         (["info", "model/unet/diffusion_pytorch_model.safetensors"], "holds no LoRA weights"),
     ],
 )

@@ -76,4 +76,51 @@ def detect_family(path: Path) -> tuple[str | None, str]:
     return None, "it is not a folder or a .safetensors file"
 
 
-__all__ = ["FAMILIES", "Conditioning", "ModelFamily", "ModelLayout", "detect_family", "get_family"]
+def detect_lora_family(path: Path) -> str | None:
+    """The family a LoRA file is for, from its metadata (ss_base_model_version) or its module names; None when
+    the file does not say."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if n < 100_000_000 else {}
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        return None
+    meta = header.pop("__metadata__", {}) or {}
+    base = str(meta.get("ss_base_model_version", ""))
+    if base in ("zimage", "flux2"):
+        return base
+    if base.startswith("sd_"):
+        return "sd15"
+    names = [k.removeprefix("diffusion_model.").removeprefix("transformer.") for k in header]
+    if any(
+        k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block", "unet.", "lora_te"))
+        for k in names
+    ):
+        return "sd15"
+    if any(
+        k.startswith(("noise_refiner.", "context_refiner.", "lora_unet_layers_", "lora_unet_noise_refiner"))
+        or (k.startswith("layers.") and ".attention." in k)
+        for k in names
+    ):
+        return "zimage"
+    if any(
+        k.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks.", "lora_unet_double_blocks"))
+        or (k.startswith("transformer_blocks.") and ".attn." in k)
+        for k in names
+    ):
+        return "flux2"
+    return None
+
+
+__all__ = [
+    "detect_lora_family",
+    "FAMILIES",
+    "Conditioning",
+    "ModelFamily",
+    "ModelLayout",
+    "detect_family",
+    "get_family",
+]

@@ -192,16 +192,21 @@ class Flux2Family(FlowFamily):
             out[f"{new}.{param}"] = value
         return out
 
-    def comfy_lora(self, state: dict, alpha) -> tuple[dict, dict]:
+    def comfy_lora(self, state: dict, alpha) -> tuple[dict, None]:
         """The trained LoRA in the original module names that ComfyUI maps for FLUX.2 (`diffusion_model.<original
         module>`, comfy/lora.py's generic key map) and diffusers converts (_convert_non_diffusers_flux2_lora_to_
-        diffusers). A q/k/v trio of a double block becomes one LoRA on the fused qkv: down = [A_q; A_k; A_v],
-        up = blockdiag(B_q, B_k, B_v), alpha x 3 (rank 3r, the same ΔW exactly)."""
+        diffusers, which takes no alpha keys: the alpha/rank scale is baked into lora_B, as ai-toolkit files have
+        it; ComfyUI reads a missing alpha as alpha = rank, the same thing). A q/k/v trio of a double block becomes
+        one LoRA on the fused qkv: down = [A_q; A_k; A_v], up = blockdiag(s_q B_q, s_k B_k, s_v B_v) (rank 3r,
+        the same ΔW exactly)."""
         import torch
 
         modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
-        alphas = {m: float(alpha[m] if isinstance(alpha, dict) else alpha) for m in modules}
-        out, out_alpha, trios = {}, {}, {}
+        scale = {
+            m: float(alpha[m] if isinstance(alpha, dict) else alpha) / state[f"{m}.lora_A.weight"].shape[0]
+            for m in modules
+        }
+        out, trios = {}, {}
         for m in modules:
             fused = fused_parts(m)
             if fused is not None:
@@ -210,27 +215,19 @@ class Flux2Family(FlowFamily):
             new = original_module(m)
             if new is None:
                 raise KeyError(f"no original FLUX.2 name for the LoRA module {m}")
-            out[f"{new}.lora_A.weight"], out[f"{new}.lora_B.weight"] = (
-                state[f"{m}.lora_A.weight"],
-                state[f"{m}.lora_B.weight"],
-            )
-            out_alpha[new] = alphas[m]
+            out[f"{new}.lora_A.weight"] = state[f"{m}.lora_A.weight"]
+            out[f"{new}.lora_B.weight"] = state[f"{m}.lora_B.weight"] * scale[m]
         for target, parts in trios.items():
             some = next(iter(parts.values()))
             down, up = state[f"{some}.lora_A.weight"], state[f"{some}.lora_B.weight"]
             r, d_in, d_out = down.shape[0], down.shape[1], up.shape[0]
-            scales = {i: alphas[m] / r for i, m in parts.items()}
-            base = max(scales.values())
             fused_down = torch.zeros(3 * r, d_in)
             fused_up = torch.zeros(3 * d_out, 3 * r)
             for i, m in parts.items():
                 fused_down[i * r : (i + 1) * r] = state[f"{m}.lora_A.weight"]
-                fused_up[i * d_out : (i + 1) * d_out, i * r : (i + 1) * r] = state[f"{m}.lora_B.weight"] * (
-                    scales[i] / base
-                )
+                fused_up[i * d_out : (i + 1) * d_out, i * r : (i + 1) * r] = state[f"{m}.lora_B.weight"] * scale[m]
             out[f"{target}.lora_A.weight"], out[f"{target}.lora_B.weight"] = fused_down, fused_up
-            out_alpha[target] = base * 3 * r
-        return out, out_alpha
+        return out, None
 
 
 def split_original_modules(modules: dict) -> dict:
@@ -250,9 +247,28 @@ def split_original_modules(modules: dict) -> dict:
             block = "transformer_blocks" if parts[0] == "double_blocks" else "single_transformer_blocks"
             inner = ".".join(parts[2:])
             if parts[0] == "double_blocks" and inner in fused_inv:
-                n = mod.up.shape[0] // 3
+                n, r = mod.up.shape[0] // 3, mod.rank
+                # A block-diagonal up factor (how this tool and ai-toolkit fuse q, k, v) splits back into three
+                # LoRAs of a third of the rank; any other splits exactly at the full rank, sharing the down factor.
+                k = r // 3 if r % 3 == 0 else 0
+                diagonal = k and all(
+                    not mod.up[i * n : (i + 1) * n, j * k : (j + 1) * k].any()
+                    for i in range(3)
+                    for j in range(3)
+                    if i != j
+                )
                 for i, sub in enumerate(fused_inv[inner]):
-                    out[f"{block}.{parts[1]}.{sub}"] = LoraModule(mod.down, mod.up[i * n : (i + 1) * n], mod.alpha)
+                    rows = mod.up[i * n : (i + 1) * n]
+                    if diagonal:
+                        scale = k / r  # keep alpha/rank: the same ΔW at a third of the rank
+                        part = LoraModule(
+                            mod.down[i * k : (i + 1) * k].clone(),
+                            rows[:, i * k : (i + 1) * k].clone(),
+                            mod.alpha * scale,
+                        )
+                    else:
+                        part = LoraModule(mod.down.clone(), rows.clone(), mod.alpha)
+                    out[f"{block}.{parts[1]}.{sub}"] = part
                 continue
             if inner in inverse:
                 out[f"{block}.{parts[1]}.{inverse[inner]}"] = mod

@@ -104,10 +104,10 @@ def save_kohya(
 COMFY_PREFIX = "diffusion_model."
 
 
-def save_comfy(state: dict, alpha: float | dict[str, float], path: Path, metadata: dict[str, str]) -> None:
+def save_comfy(state: dict, alpha: float | dict[str, float] | None, path: Path, metadata: dict[str, str]) -> None:
     """The single-file format shared for the transformer families (ComfyUI, ai-toolkit, musubi-tuner's converted
-    files): `diffusion_model.<diffusers module>.lora_A/lora_B.weight` and `.alpha`. ComfyUI's key map
-    (comfy/lora.py: model_lora_keys_unet, Lumina2 via z_image_to_diffusers) accepts exactly these names, and
+    files): `diffusion_model.<module>.lora_A/lora_B.weight` and `.alpha` (alpha None: no alpha keys, the scale is
+    already in lora_B). ComfyUI's key map (comfy/lora.py: model_lora_keys_unet) accepts these names, and
     diffusers' load_lora_weights converts them (lora_conversion_utils)."""
     import torch
     from safetensors.torch import save_file
@@ -115,9 +115,10 @@ def save_comfy(state: dict, alpha: float | dict[str, float], path: Path, metadat
     out = {}
     for key, value in state.items():
         module, which = key.rsplit(".lora_", 1)
-        out[f"{COMFY_PREFIX}{module}.lora_{which}"] = value
-        a = alpha[module] if isinstance(alpha, dict) else alpha
-        out[f"{COMFY_PREFIX}{module}.alpha"] = torch.tensor(float(a))
+        out[f"{COMFY_PREFIX}{module}.lora_{which}"] = value.contiguous()
+        if alpha is not None:
+            a = alpha[module] if isinstance(alpha, dict) else alpha
+            out[f"{COMFY_PREFIX}{module}.alpha"] = torch.tensor(float(a))
     save_file(out, str(path), metadata=metadata)
     canonicalize_safetensors(path)
 
@@ -143,7 +144,11 @@ def save_diffusers(
 
     kwargs = {}
     for comp, (comp_state, config) in {component: (state, adapter_config), **(extra or {})}.items():
-        kwargs[f"{comp}_lora_layers"] = convert_state_dict_to_diffusers(comp_state)
+        # The UNet pipelines keep diffusers' own LoRA naming; transformer pipelines save peft's names as they are
+        # (what their save_lora_weights writes from get_peft_model_state_dict).
+        kwargs[f"{comp}_lora_layers"] = (
+            comp_state if comp == "transformer" else convert_state_dict_to_diffusers(comp_state)
+        )
         kwargs[f"{comp}_lora_adapter_metadata"] = meta(config)
     getattr(diffusers, pipeline_class).save_lora_weights(str(path.parent), weight_name=path.name, **kwargs)
     canonicalize_safetensors(path)
@@ -289,6 +294,8 @@ def read_lora_file(path: Path, kohya_prefix: str = "lora_unet_", component: str 
             f"Is it a LoRA for another model family?"
         )
     modules = parsed.pop(component)
+    if fmt == "peft" and any(k.startswith(COMFY_PREFIX) for k in tensors):
+        fmt = "comfy"
     if component == "transformer" and any(n.startswith(("double_blocks.", "single_blocks.")) for n in modules):
         from stages.families.flux2 import split_original_modules  # FLUX.2's original names, fused qkv
 

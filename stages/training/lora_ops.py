@@ -140,7 +140,9 @@ def save_modules(
     rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**family.lora_metadata(), **(metadata or {})}
-    if fmt == "kohya" and getattr(family, "single_file_lora", "kohya") == "comfy":
+    if fmt == "comfy" and getattr(family, "single_file_lora", "kohya") == "kohya":
+        fmt = "kohya"  # SD's single-file format, the one ComfyUI loads for it
+    if fmt in ("kohya", "comfy") and getattr(family, "single_file_lora", "kohya") == "comfy":
         if text_modules:
             raise ConfigError(f"the {family.name} family's LoRA files carry no text-encoder modules.")
         if any("." not in name for name in modules):
