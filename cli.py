@@ -154,19 +154,27 @@ def run(
 @app.command("eval")
 @user_errors
 def eval_(
-    workflow: str = typer.Argument("differential", help="The workflow to evaluate: differential."),
+    workflow: str = typer.Argument("differential", help="The workflow to evaluate: differential or transfer."),
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     as_json: bool = JsonOpt,
 ):
-    """Print (and store) the eval table of a differential run; runs what is stale first."""
+    """Print the eval table of a differential run, or the student's fidelity of a transfer run (fit on the
+    training images and fidelity on the held-out ones); runs what is stale first."""
     from pipeline import reports
     from pipeline.api import run_workflow
 
-    if workflow != "differential":
-        raise PipelineError(f"eval {workflow!r}: only the differential workflow has an eval stage.")
+    if workflow not in ("differential", "transfer"):
+        raise PipelineError(f"eval {workflow!r}: choose differential or transfer.")
     env = _env(config, set_)
-    run_workflow(env, workflow, progress=not as_json)
+    runs = run_workflow(env, workflow, progress=not as_json)
+    if workflow == "transfer":
+        fidelity = reports.transfer_fidelity(env, runs)
+        if as_json:
+            typer.echo(json.dumps(fidelity, indent=1))
+        else:
+            reports.print_transfer_fidelity(fidelity)
+        return
     record = reports.eval_record(env)
     if as_json:
         typer.echo(json.dumps(record, indent=1))

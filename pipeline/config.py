@@ -177,7 +177,17 @@ class ScheduleConfig(TimestepSettings):
         0.0, ge=0, le=1, description="Probability that a slot's caption is replaced by the empty caption."
     )
     heldout: int = Field(
-        16, ge=0, description="Held-out (x_t, t, c) samples, not in the schedule, for measuring student fidelity."
+        16,
+        ge=0,
+        description="Samples (x_t, t, c) not in the schedule on which student fidelity is measured: this many on "
+        "the held-out images, and as many new draws on the training images (the fit).",
+    )
+    heldout_images: int = Field(
+        2,
+        ge=0,
+        description="Images (with their captions) left out of the schedule, chosen by a seeded hash of their "
+        "content: the student never trains on them, so its fidelity there measures transfer, not fit. 0: "
+        "fidelity on training images only.",
     )
     guidance_embed: float | None = Field(
         None,

@@ -36,12 +36,21 @@ def find_artifact(env: PlanEnv, workflow: str, stage: str) -> Manifest:
     return last
 
 
+def _t(row: dict, num_timesteps: int) -> float:
+    """A row's timestep on the 0..T scale: DDPM rows hold the integer t, flow-matching rows σ in [0, 1] (σ·T)."""
+    return row["t"] * num_timesteps if isinstance(row["t"], float) else row["t"]
+
+
 def _bins(rows: list[dict], num_timesteps: int) -> list[dict]:
     width = num_timesteps / TIMESTEP_BINS
     out = []
     for b in range(TIMESTEP_BINS):
         lo, hi = round(b * width), round((b + 1) * width)
-        inside = [r for r in rows if lo <= r["t"] < hi]
+        inside = [
+            r
+            for r in rows
+            if lo <= _t(r, num_timesteps) < hi or (b == TIMESTEP_BINS - 1 and _t(r, num_timesteps) >= hi)
+        ]
         out.append(
             {
                 "t": f"{lo}-{hi - 1}",
@@ -171,7 +180,7 @@ def schedule_report(env: PlanEnv, schedule: Manifest, steps: list[int]) -> dict:
     doc, spec = read_schedule(env.store, schedule)
     rows = doc["rows"]
     width = spec.num_timesteps / TIMESTEP_BINS
-    hist = Counter(min(TIMESTEP_BINS - 1, int(r["t"] // width)) for r in rows)
+    hist = Counter(min(TIMESTEP_BINS - 1, int(_t(r, spec.num_timesteps) // width)) for r in rows)
     shown = {}
     for s in steps:
         if not 0 <= s < spec.steps:

@@ -94,6 +94,35 @@ def _eval_captions(env) -> list[dict]:
     return out
 
 
+def transfer_fidelity(env, runs) -> dict:
+    """The student's fidelity record of a transfer run: the curve, the held-out images, the final values."""
+    run = next(r for r in runs if r.name == "student")
+    return env.store.load_manifest("student", run.key).record["fidelity"]
+
+
+def print_transfer_fidelity(fidelity: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    held = fidelity.get("heldout_images") or []
+    title = "student fidelity: the learned delta S_L − S against g·Δ of the teacher"
+    table = Table(title=title, show_edge=False, pad_edge=False, title_justify="left")
+    columns = [("step", "step")]
+    if held:
+        columns += [("fit_cosine", "fit cos (train images)"), ("fit_rel_error", "fit rel.err")]
+    label = "held-out images" if held else "held-out draws"
+    columns += [("cosine", f"cos ({label})"), ("rel_error", "rel.err")]
+    for _, name in columns:
+        table.add_column(name, justify="right")
+    for row in fidelity["curve"]:
+        table.add_row(*(str(row[k]) if k == "step" else f"{row[k]:.4f}" for k, _ in columns))
+    Console(width=160).print(table)
+    if held:
+        typer.echo(f"held-out images (never in the schedule): {', '.join(held)}")
+    else:
+        typer.echo("schedule.heldout_images = 0: every figure is measured on the training images (fit only).")
+
+
 def print_eval(record: dict) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -79,7 +79,7 @@ class PriorStage(Stage):
         env, p, store = ctx.env, ctx.params, ctx.store
         student = env.student
         doc, spec = read_schedule(store, ctx.upstream["schedule"])
-        strings = {r["caption"] for r in doc["rows"] + doc["heldout"]}
+        strings = {r["caption"] for r in doc["rows"] + doc["heldout"] + doc.get("fit", [])}
         text = ensure_text_embeddings(
             store, student.family, student.layout, student.component_digests["text"], strings, ctx.runtime, ctx.progress
         )

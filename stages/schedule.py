@@ -21,6 +21,7 @@ class ScheduleParams(BaseModel):
     seed: int
     caption_dropout: float
     heldout: int
+    heldout_images: int
     timesteps: dict
     prediction_type: str
     guidance_embed: float | None = None
@@ -33,9 +34,15 @@ class ScheduleStage(Stage):
     description = "materialized schedule: item, caption, timestep and noise per step and slot"
 
     def params(self, env: PlanEnv) -> ScheduleParams:
+        from core.errors import ConfigError
         from stages.base import guidance_embed_for
 
         s = env.config.schedule
+        if s.heldout_images and s.heldout_images >= len(env.images):
+            raise ConfigError(
+                f"schedule.heldout_images = {s.heldout_images}, but the data set has {len(env.images)} images: at "
+                f"least one must stay for training. Lower it (0: measure fidelity on the training images only)."
+            )
         return ScheduleParams(
             **s.model_dump(include=set(ScheduleParams.model_fields) - {"timesteps", "guidance_embed"}),
             timesteps=env.model.timesteps(s, "schedule", env.config.latents.resolution),
@@ -51,6 +58,7 @@ class ScheduleStage(Stage):
             "seed": params.seed,
             "caption_dropout": params.caption_dropout,
             "heldout": params.heldout,
+            "heldout_images": params.heldout_images,
             "timesteps": params.timesteps,
             "noise": {"offset": 0.0, "pyramid": False, "storage": "cpu-seed+sha256"},
             "prediction_type": params.prediction_type,
@@ -72,6 +80,7 @@ class ScheduleStage(Stage):
             seed=p.seed,
             caption_dropout=p.caption_dropout,
             heldout=p.heldout,
+            heldout_images=p.heldout_images,
             num_timesteps=p.timesteps["num_train_timesteps"],
             latent_shape=tuple(ctx.upstream["latents"].record["shape"]),
         )
@@ -79,10 +88,11 @@ class ScheduleStage(Stage):
         path = ctx.work_dir / "schedule.json"
         doc = {"spec": spec.__dict__, "torch": torch.__version__, **schedule}
         path.write_text(json.dumps(doc, separators=(",", ":"), sort_keys=True))
-        strings = sorted({r["caption"] for r in schedule["rows"] + schedule["heldout"]})
+        strings = sorted({r["caption"] for r in schedule["rows"] + schedule["heldout"] + schedule["fit"]})
         record = {"spec": spec.__dict__, "rows": len(schedule["rows"]), "strings": strings, "torch": torch.__version__}
         return StageResult(
             files={"schedule.json": path},
             record=record,
-            summary=f"{p.steps} steps x {p.grad_accum * p.batch_size} slots, {p.heldout} held out",
+            summary=f"{p.steps} steps x {p.grad_accum * p.batch_size} slots, {p.heldout} held-out samples"
+            + (f" on {len(schedule['heldout_items'])} held-out images" if schedule["heldout_items"] else ""),
         )

@@ -93,8 +93,9 @@ class StudentStage(Stage):
         teacher, prior = ctx.upstream["teacher"], ctx.upstream["prior"]
         cond, row_of = load_text_table(store, prior.record["text"])
         latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in doc["rows"]})
+        sets = {"heldout": doc["heldout"], "fit": doc.get("fit", [])}
         heldout_latents = load_latent_table(
-            store, ctx.upstream["latents"].record, {r["latent"] for r in doc["heldout"]}
+            store, ctx.upstream["latents"].record, {r["latent"] for rows in sets.values() for r in rows}
         )
         device = resolve_device(ctx.runtime.device)
         batches = TransferBatches(
@@ -104,7 +105,7 @@ class StudentStage(Stage):
             student.family,
             student,
             p,
-            doc["heldout"],
+            sets,
             heldout_latents,
             cond,
             row_of,
@@ -149,8 +150,9 @@ class StudentStage(Stage):
             student.family.lora_metadata(student.layout, p.prediction_type),
         )
         fid_csv = ctx.work_dir / "fidelity.csv"
-        lines = [f"{e['step']},{e['cosine']:.6g},{e['rel_error']:.6g}\n" for e in outcome.evals]
-        fid_csv.write_text("step,cosine,rel_error\n" + "".join(lines))
+        columns = ["cosine", "rel_error"] + (["fit_cosine", "fit_rel_error"] if sets["fit"] else [])
+        lines = [",".join([str(e["step"])] + [f"{e[c]:.6g}" for c in columns]) + "\n" for e in outcome.evals]
+        fid_csv.write_text(",".join(["step", *columns]) + "\n" + "".join(lines))
         files["fidelity.csv"] = fid_csv
         tail = outcome.losses[-min(10, len(outcome.losses)) :]
         final = outcome.evals[-1] if outcome.evals else None
@@ -161,12 +163,23 @@ class StudentStage(Stage):
             "guidance": p.guidance,
             "init": p.init,
             "steps": p.steps,
-            "fidelity": {"final": final, "curve": outcome.evals, "heldout": len(fidelity.rows)},
+            "fidelity": {
+                "final": final,
+                "curve": outcome.evals,
+                "heldout": len(fidelity.rows),
+                "heldout_images": doc.get("heldout_items", []),
+            },
         }
         summary = f"loss {record['final_loss']:.4g}"
-        if final:
+        if final and "fit_cosine" in final:
+            summary += (
+                f", fit on training images cos {final['fit_cosine']:.3f} rel.err {final['fit_rel_error']:.3f}"
+                f", fidelity on held-out images cos {final['cosine']:.3f} rel.err {final['rel_error']:.3f}"
+            )
+        elif final:
             summary += f", fidelity cos {final['cosine']:.3f} rel.err {final['rel_error']:.3f}"
-        ctx.log(f"student: {summary} (held-out rows: {len(fidelity.rows)}; fidelity.csv has the curve)")
+        where = f"{len(doc.get('heldout_items', []))} held-out images" if sets["fit"] else "the training images"
+        ctx.log(f"student: {summary} ({len(fidelity.rows)} samples on {where}; fidelity.csv has the curve)")
         return StageResult(files=files, record=record, summary=summary)
 
 
@@ -284,33 +297,42 @@ class TransferBatches:
 
 
 class Fidelity:
-    """On held-out rows: how well the student's learned delta S_L − S matches the teacher's g·Δ."""
+    """How well the student's learned delta S_L − S matches the teacher's g·Δ: on the held-out rows (cosine,
+    rel_error; on held-out images when the schedule holds some out) and on the fit rows, new draws on the
+    training images (fit_cosine, fit_rel_error)."""
 
-    def __init__(self, family, student, p, rows, latents, cond, row_of, store, teacher, spec, device, batching):
-        self.family, self.rows, self.latents, self.cond, self.row_of = family, rows, latents, cond, row_of
+    def __init__(self, family, student, p, sets, latents, cond, row_of, store, teacher, spec, device, batching):
+        self.family, self.sets, self.latents, self.cond, self.row_of = family, sets, latents, cond, row_of
+        self.rows = sets["heldout"]
         self.g, self.spec, self.device, self.batching = p.guidance, spec, device, batching
-        self.deltas = TeacherDeltas(store, teacher) if rows else None
+        self.deltas = TeacherDeltas(store, teacher) if self.rows else None
         from stages.families.noise import make_process
 
-        self.process = make_process(p.timesteps, p.prediction_type) if rows else None
+        self.process = make_process(p.timesteps, p.prediction_type) if self.rows else None
         self.guidance = p.guidance_embed
 
     def __call__(self, denoiser) -> dict:
+        out = self.measure(denoiser, "heldout")
+        if self.sets.get("fit"):
+            out.update({f"fit_{k}": v for k, v in self.measure(denoiser, "fit").items()})
+        return out
+
+    def measure(self, denoiser, part: str) -> dict:
         import torch
 
         from stages.training.adapters import predict_both
         from stages.training.schedule import rebuild_inputs
 
         learned, wanted = [], []
-        b = self.spec.batch_size
-        for start in range(0, len(self.rows), b):
-            chunk = self.rows[start : start + b]
+        b, rows = self.spec.batch_size, self.sets[part]
+        for start in range(0, len(rows), b):
+            chunk = rows[start : start + b]
             x_t, t, _ = rebuild_inputs(chunk, self.latents, self.process, self.spec.latent_shape)
             cond = self.cond[[self.row_of[r["caption"]] for r in chunk]]
             x_t, t, cond = x_t.to(self.device), t.to(self.device), cond.to(self.device)
             base, with_lora = predict_both(self.family, denoiser, "default", x_t, t, cond, self.batching, self.guidance)
             learned.append((with_lora - base).cpu().flatten(1))
-            wanted.append(self.deltas.target_delta("heldout", slice(start, start + len(chunk)), self.g).flatten(1))
+            wanted.append(self.deltas.target_delta(part, slice(start, start + len(chunk)), self.g).flatten(1))
         learned, wanted = torch.cat(learned).double(), torch.cat(wanted).double()
         norms = learned.norm(dim=1) * wanted.norm(dim=1)
         cos = torch.where(norms > 0, (learned * wanted).sum(1) / norms.clamp_min(1e-300), torch.zeros_like(norms))

@@ -32,13 +32,17 @@ class TeacherError(PipelineError):
     pass
 
 
-def array_names(steps: int, mode: str, heldout: int) -> list[str]:
-    """Per step (and for the held-out set): `inputs` (a digest of the x_t, t and conditioning the teacher saw),
-    `c` (Δc) and, in cfg mode, `u` (Δu). `inputs` is written first and the deltas last, so a step counts as
+EXTRA_PARTS = ("heldout", "fit")  # the rows fidelity is measured on: held-out images, and new draws on training ones
+
+
+def array_names(steps: int, mode: str, heldout: int, fit: bool = False) -> list[str]:
+    """Per step (and for the held-out and fit sets): `inputs` (a digest of the x_t, t and conditioning the teacher
+    saw), `c` (Δc) and, in cfg mode, `u` (Δu). `inputs` is written first and the deltas last, so a step counts as
     done when its last array is committed."""
     kinds = ("inputs", "c", "u") if mode == "cfg" else ("inputs", "c")
     names = [f"{s:07d}.{k}" for s in range(steps) for k in kinds]
-    return names + ([f"heldout.{k}" for k in kinds] if heldout else [])
+    names += [f"heldout.{k}" for k in kinds] if heldout else []
+    return names + ([f"fit.{k}" for k in kinds] if heldout and fit else [])
 
 
 class TeacherStage(Stage):
@@ -72,7 +76,7 @@ class TeacherStage(Stage):
         if not env.store.has_work(self.name, key):
             return None
         s = env.config.schedule
-        names = array_names(s.steps, env.config.transfer.delta_mode, s.heldout)
+        names = array_names(s.steps, env.config.transfer.delta_mode, s.heldout, s.heldout_images > 0)
         pool = env.store.pool(self.pool_id(key))
         return sum(pool.has(n) for n in names), len(names)
 
@@ -88,7 +92,7 @@ class TeacherStage(Stage):
 
         env, p, store = ctx.env, ctx.params, ctx.store
         doc, spec = read_schedule(store, ctx.upstream["schedule"])
-        strings = {r["caption"] for r in doc["rows"] + doc["heldout"]}
+        strings = {r["caption"] for r in doc["rows"] + doc["heldout"] + doc.get("fit", [])}
         if p.delta_mode == "cfg":
             strings.add(p.uncond_caption)
         text = ensure_text_embeddings(
@@ -96,11 +100,11 @@ class TeacherStage(Stage):
         )
         pid = self.pool_id(ctx.key)
         pool = store.pool(pid)
-        names = array_names(spec.steps, p.delta_mode, spec.heldout)
+        names = array_names(spec.steps, p.delta_mode, spec.heldout, bool(doc.get("fit")))
         todo = sorted({n.split(".")[0] for n in names if not pool.has(n)})
-        steps_left = sum(1 for part in todo if part != "heldout")
+        steps_left = sum(1 for part in todo if part not in EXTRA_PARTS)
         if todo and steps_left < spec.steps:
-            held = " and the held-out set" if "heldout" in todo else ""
+            held = " and the held-out sets" if set(EXTRA_PARTS) & set(todo) else ""
             ctx.log(f"teacher: resuming, {steps_left} of {spec.steps} steps{held} to go")
         outputs = ctx.upstream["lora1"].outputs  # the diffusers file when trained here: exact module names and ranks
         lora_obj = outputs.get("diffusers/pytorch_lora_weights.safetensors") or outputs["lora1.safetensors"]
@@ -119,7 +123,7 @@ class TeacherStage(Stage):
             attach_lora_file(unet, match_modules(lora, unet, env.family.kohya_prefix), "teacher")
             unet.eval()  # dropout off in the UNet and in every LoRA layer
             cond, row_of = load_text_table(store, text)
-            rows = doc["rows"] + doc["heldout"]
+            rows = doc["rows"] + doc["heldout"] + doc.get("fit", [])
             latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in rows})
             delta = DeltaComputer(
                 env.family,
@@ -137,7 +141,7 @@ class TeacherStage(Stage):
             for n, part in enumerate(
                 tqdm(todo, desc="teacher", unit="step", disable=not ctx.progress, mininterval=0.5)
             ):
-                chunk = doc["heldout"] if part == "heldout" else step_rows(doc, spec, int(part))
+                chunk = doc[part] if part in EXTRA_PARTS else step_rows(doc, spec, int(part))
                 for kind, arr in delta(chunk, part).items():
                     pool.put(f"{part}.{kind}", arr)
                 fault_point("teacher.step", n + 1)
@@ -220,7 +224,7 @@ def delta_stats(pool, names: list[str], doc: dict, spec) -> dict:
         arr = pool.get(name).astype(np.float32)
         nonfinite += int((~np.isfinite(arr)).sum())
         part, kind = name.split(".")
-        if kind != "c" or part == "heldout":
+        if kind != "c" or part in EXTRA_PARTS:
             continue
         step_rows = doc["rows"][int(part) * spec.rows_per_step : (int(part) + 1) * spec.rows_per_step]
         flat = np.abs(arr.reshape(arr.shape[0], -1))

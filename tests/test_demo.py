@@ -66,3 +66,21 @@ def test_differential_demo_prints_the_eval_and_draws_the_grid(tmp_path):
         assert row["loss_a_lora1"] < row["loss_a_base"] - 0.1  # LoRA-1 learned A
         assert row["loss_b_lora1_lora2"] < row["loss_b_lora1"] - 0.05  # LoRA-2 learned B on top of it
         assert row["direction_lora2_over_lora1"] > 0.05  # and that move points from A towards B
+
+
+@pytest.mark.parametrize("family", ["zimage", "flux2"])
+def test_flow_family_demos_run_every_workflow(tmp_path, family):
+    """`--demo --family zimage|flux2`: tiny Base/Turbo pairs built once, the transfer chain with fit and fidelity
+    printed, then the lora and differential workflows on the same project."""
+    first = _demo(tmp_path, "transfer", "--family", family)
+    assert first.returncode == 0, first.stderr
+    assert "fit on training images cos" in first.stdout and "fidelity on held-out images cos" in first.stdout
+    assert f"--demo --family {family}" in first.stdout
+    out = tmp_path / f"pipeline-demo-{family}" / "output" / "transfer"
+    assert (out / "student" / "student.safetensors").exists()
+    assert sorted(p.name for p in (out / "lora1" / "previews").iterdir()) == ["step000060.png", "step000120.png"]
+    assert _ran(_demo(tmp_path, "transfer", "--family", family, "--json", "--set", "student.lr=1e-3")) == ["student"]
+    assert _ran(_demo(tmp_path, "lora", "--family", family, "--json")) == []
+    diff = _demo(tmp_path, "differential", "--family", family)
+    assert diff.returncode == 0, diff.stderr
+    assert "differential eval (held-out noise)" in diff.stdout

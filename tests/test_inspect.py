@@ -21,11 +21,12 @@ def test_inspect_before_any_run_names_the_command_that_makes_the_artifact(transf
 
 
 def test_inspect_teacher_schedule_and_latents(transfer_project, tmp_path):
-    # 6 steps x 2 slots, 4 held-out rows; latents at 32 px are (4, 4, 4).
+    # 6 steps x 2 slots on 4 of the 6 images (2 held out), 4 rows on the held-out images and 4 more on the training
+    # images (the fit set: one array each); latents at 32 px are (4, 4, 4).
     assert transfer_project.cli("run", "transfer", "--no-progress").exit_code == 0
     teacher = inspect(transfer_project, "teacher", "--out", str(tmp_path / "sheets"), "--step", "2")
     delta = teacher["arrays"]["delta_cond"]
-    assert delta["arrays"] == 6 + 1 and delta["shape"] == [2, 4, 4, 4] and delta["dtype"] == "float16"
+    assert delta["arrays"] == 6 + 2 and delta["shape"] == [2, 4, 4, 4] and delta["dtype"] == "float16"
     assert delta["nonfinite"] == 0 and delta["bytes"] > 0
     assert sum(b["rows"] for b in teacher["bins"]) == 12  # every scheduled row lands in one timestep bin
     assert all(b["max_abs"] >= b["mean_abs"] > 0 for b in teacher["bins"] if b["rows"])
@@ -37,7 +38,7 @@ def test_inspect_teacher_schedule_and_latents(transfer_project, tmp_path):
     schedule = inspect(transfer_project, "schedule", "--step", "5")
     assert schedule["rows"] == 12 and schedule["heldout"] == 4
     assert sum(b["rows"] for b in schedule["timesteps"]) == 12 == sum(schedule["items"].values())
-    assert [r["k"] for r in schedule["steps"]["5"]] == [5, 5] and len(schedule["items"]) == 6
+    assert [r["k"] for r in schedule["steps"]["5"]] == [5, 5] and len(schedule["items"]) == 4
 
     latents = inspect(transfer_project, "latents", "--out", str(tmp_path / "sheets"))
     assert latents["items"] == 6 and latents["shape"] == [4, 4, 4] and latents["nonfinite"] == 0

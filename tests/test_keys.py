@@ -56,6 +56,7 @@ SEMANTIC = [
         for k, v in [("steps", 7), ("batch_size", 1), ("grad_accum", 2), ("seed", 7), ("caption_dropout", 0.1)]
     ],
     ("schedule.heldout=2", "schedule"),
+    ("schedule.heldout_images=1", "schedule"),
     ("transfer.delta_mode='cfg'", "teacher"),
     ("transfer.delta_dtype='fp32'", "teacher"),
     ("transfer.uncond_caption='blank'", "none"),  # only read in cfg mode, so in cond mode it re-runs nothing

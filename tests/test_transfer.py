@@ -270,3 +270,28 @@ def test_a_missing_student_model_names_its_config_key(transfer_project):
     assert result.exit_code == 2
     assert "transfer.student_model:" in result.output and "turbo does not exist" in result.output
     assert transfer_project.cli("run", "lora").exit_code == 0  # the lora workflow never looks at the student
+
+
+def test_held_out_images_never_enter_the_schedule_and_fidelity_reports_both(transfer_project):
+    """schedule.heldout_images leaves images out of every training row; fidelity is measured on them and, as the
+    fit, on new draws of the training images; both are in the record and fidelity.csv."""
+    from cache.store import Manifest, Store
+    from stages.training.schedule import read_schedule
+
+    transfer_project.write_config(schedule={"heldout_images": 2, "heldout": 4})
+    keys = keys_of(run(transfer_project))
+    store = Store(transfer_project.store)
+    doc, _ = read_schedule(store, Manifest.from_json(manifest(transfer_project, "schedule", keys["schedule"])))
+    held = set(doc["heldout_items"])
+    assert len(held) == 2
+    assert not held & {r["item"] for r in doc["rows"]}
+    assert {r["item"] for r in doc["heldout"]} <= held and not held & {r["item"] for r in doc["fit"]}
+    rec = manifest(transfer_project, "student", keys["student"])
+    final = rec["record"]["fidelity"]["final"]
+    assert {"cosine", "rel_error", "fit_cosine", "fit_rel_error"} <= set(final)
+    assert sorted(rec["record"]["fidelity"]["heldout_images"]) == sorted(held)
+    # The split depends on the images' content and the seed: the same again, another with another seed.
+    again, _ = read_schedule(store, Manifest.from_json(manifest(transfer_project, "schedule", keys["schedule"])))
+    assert again["heldout_items"] == doc["heldout_items"]
+    result = transfer_project.cli("run", "transfer", "--dry-run", "--set", "schedule.heldout_images=6")
+    assert result.exit_code == 2 and "schedule.heldout_images = 6" in result.output and "6 images" in result.output

@@ -32,6 +32,7 @@ class ScheduleSpec:
     heldout: int
     num_timesteps: int
     latent_shape: tuple[int, ...]  # of one item, (C, h, w)
+    heldout_images: int = 0
 
     @property
     def micro_steps(self) -> int:
@@ -76,17 +77,38 @@ def _row(spec: ScheduleSpec, stream: str, k: int, slot: int, item: dict, process
     }
 
 
+def split_items(items: list[dict], n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training items, held-out items): the held-out ones are the first n by a seeded hash of each item's digest,
+    so the split depends on the images, not on their order or names; the rest keep their order."""
+    if n_heldout <= 0:
+        return items, []
+    ranked = sorted(items, key=lambda it: derive_seed("heldout-image", seed, it["digest"]))
+    held = {id(it) for it in ranked[:n_heldout]}
+    return [it for it in items if id(it) not in held], [it for it in items if id(it) in held]
+
+
 def build_schedule(spec: ScheduleSpec, items: list[dict], process) -> dict:
-    """Rows for every (micro-step, slot) in order, plus `heldout` rows drawn from a separate stream."""
+    """Rows for every (micro-step, slot) in order over the training items; `heldout` rows on the held-out images
+    (or, with none held out, new draws on the training items); `fit` rows, new draws on the training items."""
+    train, held = split_items(items, spec.heldout_images, spec.seed)
     rows = []
     for k in range(spec.micro_steps):
-        for slot, i in enumerate(batch_indices(spec.seed, k, spec.batch_size, len(items))):
-            rows.append(_row(spec, "schedule", k, slot, items[i], process))
-    heldout = []
-    for j in range(spec.heldout):
-        item = items[int(derive_seed("heldout", "item", spec.seed, j) % len(items))]
-        heldout.append(_row(spec, "heldout", j, 0, item, process))
-    return {"rows": rows, "heldout": heldout}
+        for slot, i in enumerate(batch_indices(spec.seed, k, spec.batch_size, len(train))):
+            rows.append(_row(spec, "schedule", k, slot, train[i], process))
+
+    def extra(stream: str, pool: list[dict]) -> list[dict]:
+        out = []
+        for j in range(spec.heldout):
+            item = pool[int(derive_seed(stream, "item", spec.seed, j) % len(pool))]
+            out.append(_row(spec, stream, j, 0, item, process))
+        return out
+
+    return {
+        "rows": rows,
+        "heldout": extra("heldout", held or train),
+        "fit": extra("fit", train) if held else [],
+        "heldout_items": [it["id"] for it in held],
+    }
 
 
 def step_rows(schedule: dict, spec: ScheduleSpec, step: int) -> list[dict]:
