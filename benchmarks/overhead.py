@@ -26,9 +26,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from pipeline.config import TrainConfig  # noqa: E402
+from stages.families import Conditioning  # noqa: E402
 from stages.families.sd15 import SD15Family  # noqa: E402
 from stages.families.tiny import build_tiny_sd15, tiny_unet  # noqa: E402
 from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora  # noqa: E402
+from stages.training.params import train_params  # noqa: E402
 
 WARMUP = 5
 MODELS = {
@@ -52,9 +54,8 @@ def build_model(root: Path, unet_kwargs: dict) -> Path:
 
 def make_data(size: int, width: int, n: int = 16) -> TrainData:
     g = torch.Generator().manual_seed(0)
-    return TrainData(
-        torch.randn(n, 4, size, size, generator=g), torch.randn(n, 77, width, generator=g), torch.arange(n)
-    )
+    cond = Conditioning(torch.randn(n, 77, width, generator=g), torch.ones(n, 77, dtype=torch.bool))
+    return TrainData(torch.randn(n, 4, size, size, generator=g), cond, torch.arange(n))
 
 
 def median_step(times: list[float]) -> float:
@@ -63,7 +64,9 @@ def median_step(times: list[float]) -> float:
 
 def stage_loop(model: Path, data: TrainData, cfg: TrainConfig, work: Path) -> float:
     family = SD15Family()
-    job = TrainJob(family, family.layout(model, None), "epsilon", cfg, torch.device("cpu"), work, progress=True)
+    layout = family.layout(model, None)
+    params = train_params(family, layout, cfg, tuple(data.latents.shape[1:]))
+    job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), work, progress=True)
     with open(os.devnull, "w") as devnull:  # keep the real progress bar's cost, not its output
         stderr, sys.stderr = sys.stderr, devnull
         try:
@@ -82,7 +85,12 @@ def bare_loop(model: Path, data: TrainData, cfg: TrainConfig) -> float:
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     unet.requires_grad_(False)
     unet.add_adapter(
-        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, init_lora_weights="gaussian")
+        LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            target_modules=cfg.targets or SD15Family.default_targets,
+            init_lora_weights="gaussian",
+        )
     )
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -93,7 +101,7 @@ def bare_loop(model: Path, data: TrainData, cfg: TrainConfig) -> float:
     times = [time.perf_counter()]
     for _ in range(cfg.steps):
         idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
-        x0, cond = data.latents[idx], data.cond[data.cond_index[idx]]
+        x0, cond = data.latents[idx], data.cond[data.cond_index[idx]].embeds
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (cfg.batch_size,), generator=g)
         pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample

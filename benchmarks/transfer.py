@@ -7,10 +7,12 @@
 3. a student-only re-run (new learning rate): the upstream stages' work (must be zero) and the wall time;
 4. teacher storage per sample-step, fp16 and fp32.
 
-It builds a project on the "small" UNet of benchmarks/overhead.py (cross-attention 32; latents 32x32), runs
-`pipeline run transfer` once, then times the loops on the artifacts that run made.
+It builds a project on the "small" UNet of benchmarks/overhead.py (cross-attention 32; latents 32x32), or with
+--family zimage|flux2 on a small Z-Image- or FLUX.2-shaped transformer (~6.6M parameters, 256 image tokens), runs
+`pipeline run transfer` once, then times the loops on the artifacts that run made. For the flow families it also
+times 5. a lora1 step vs a bare PyTorch loop (diffusers transformer + peft LoRA + AdamW, flow-matching noise).
 
-    .venv/bin/python benchmarks/transfer.py [--steps 30] [--repeats 3]
+    .venv/bin/python benchmarks/transfer.py [--family sd15|zimage|flux2] [--steps 30] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -41,22 +43,31 @@ from cache.store import Manifest, Store  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runner import run_workflow  # noqa: E402
 from stages.base import PlanEnv  # noqa: E402
+from stages.families.noise import make_process  # noqa: E402
 from stages.families.tiny import build_tiny_turbo  # noqa: E402
 from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora  # noqa: E402
 
 
-def make_project(root: Path, steps: int) -> Path:
+def make_project(root: Path, steps: int, family: str = "sd15") -> Path:
     from pipeline.demo import write_images
     from tests.conftest import toml_config
 
-    build_model(root / "model", SMALL)
-    build_tiny_turbo(root / "model", root / "student")
+    if family == "sd15":
+        build_model(root / "model", SMALL)
+        build_tiny_turbo(root / "model", root / "student")
+    else:
+        from stages.families import tiny_flow
+
+        {"zimage": tiny_flow.build_tiny_zimage, "flux2": tiny_flow.build_tiny_flux2}[family](
+            root / "model", size="small"
+        )
+        tiny_flow.build_tiny_flow_turbo(root / "model", root / "student")
     write_images(root / "images", count=8, size=256)
     settings = {
         "model": {"path": "model"},
         "latents": {"resolution": 256},
         "lora1": {"rank": 4, "alpha": 4.0, "steps": 10, "batch_size": 2},
-        "schedule": {"steps": steps, "batch_size": 2, "heldout": 0},
+        "schedule": {"steps": steps, "batch_size": 2, "heldout": 0, "heldout_images": 0},
         "transfer": {"student_model": "student"},
         "student": {"rank": 4, "alpha": 4.0, "lr": 1e-4},
         "runtime": {"checkpoint_every": 0},
@@ -94,7 +105,8 @@ def student_step(env: PlanEnv, m: dict[str, Manifest], work: Path, prior: str) -
     prior_m = m["prior"] if prior == "materialized" else Manifest("prior", "", {}, record={"mode": "on_the_fly"})
     batches = TransferBatches(env.family, doc, spec, latents, cond, row_of, env.store, m["teacher"], prior_m, 1.0)
     cfg = m["student"].preimage["params"]
-    job = TrainJob(env.family, env.student.layout, "epsilon", SimpleNamespace(**cfg), torch.device("cpu"), work)
+    pt = cfg["prediction_type"]
+    job = TrainJob(env.family, env.student.layout, pt, SimpleNamespace(**cfg), torch.device("cpu"), work)
     return median_step(quiet(train_lora, job, batches).step_times)
 
 
@@ -107,10 +119,53 @@ def lora1_step(env: PlanEnv, m: dict[str, Manifest], work: Path) -> float:
     lat = load_latent_table(env.store, m["latents"].record, [v["array"] for v in m["latents"].record["items"].values()])
     cond, _ = load_text_table(env.store, m["prior"].record["text"])
     latents = torch.from_numpy(np.stack(list(lat.values())))
-    data = TrainData(latents, cond, torch.arange(latents.shape[0]) % cond.shape[0])
+    data = TrainData(latents, cond, torch.arange(latents.shape[0]) % len(cond))
     cfg = m["student"].preimage["params"]
-    job = TrainJob(env.family, env.student.layout, "epsilon", SimpleNamespace(**cfg), torch.device("cpu"), work)
+    pt = cfg["prediction_type"]
+    job = TrainJob(env.family, env.student.layout, pt, SimpleNamespace(**cfg), torch.device("cpu"), work)
     return median_step(quiet(train_lora, job, DiffusionBatches(data, cfg["seed"], cfg["batch_size"])).step_times)
+
+
+def bare_step(env: PlanEnv, m: dict[str, Manifest], steps: int) -> float:
+    """A bare PyTorch loop on the same transformer, LoRA, batch and optimizer: diffusers' class + peft + AdamW,
+    flow-matching noise at uniform sigma, the family's model call; no accelerate, progress bar or seeds per step."""
+    import diffusers
+    import numpy as np
+    import torch.nn.functional as F
+    from peft import LoraConfig
+
+    from stages.pools import load_latent_table, load_text_table
+
+    fam, cfg = env.family, m["student"].preimage["params"]
+    lat = load_latent_table(env.store, m["latents"].record, [v["array"] for v in m["latents"].record["items"].values()])
+    cond, _ = load_text_table(env.store, m["prior"].record["text"])
+    latents = torch.from_numpy(np.stack(list(lat.values())))
+    model = getattr(diffusers, fam.transformer_class).from_pretrained(
+        str(env.student.path), subfolder="transformer", use_safetensors=True
+    )
+    model.requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], target_modules=cfg["targets"], init_lora_weights="gaussian")
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    times = [time.perf_counter()]
+    for _ in range(steps):
+        idx = torch.randint(0, latents.shape[0], (cfg["batch_size"],), generator=g)
+        x0, c = latents[idx], cond[idx % len(cond)]
+        noise = torch.randn(x0.shape, generator=g)
+        sigma = torch.rand(x0.shape[0], generator=g)
+        s = sigma.view(-1, 1, 1, 1)
+        pred = fam.predict(model, (1 - s) * x0 + s * noise, sigma, c)
+        loss = F.mse_loss(pred, noise - x0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter())
+    return median_step(times)
 
 
 def teacher_step(env: PlanEnv, m: dict[str, Manifest], batching: str) -> tuple[float, float]:
@@ -122,10 +177,12 @@ def teacher_step(env: PlanEnv, m: dict[str, Manifest], batching: str) -> tuple[f
 
     doc, spec = read_schedule(env.store, m["schedule"])
     unet = env.family.load_denoiser(env.layout, torch.device("cpu"))
-    lora = read_lora_file(env.store.object_path(m["teacher"].record["lora"]["digest"]))
-    attach_lora_file(unet, match_modules(lora, unet), "teacher")
+    lora = read_lora_file(
+        env.store.object_path(m["teacher"].record["lora"]["digest"]), env.family.kohya_prefix, env.family.lora_component
+    )
+    attach_lora_file(unet, match_modules(lora, unet, env.family.kohya_prefix), "teacher")
     unet.eval()
-    process = env.family.load_noise_schedule(env.layout, "epsilon")
+    process = make_process(m["schedule"].contract["timesteps"], m["schedule"].contract["prediction_type"])
     cond, row_of = load_text_table(env.store, m["teacher"].record["text"])
     latents = load_latent_table(env.store, m["latents"].record, {r["latent"] for r in doc["rows"]})
     params = SimpleNamespace(**m["teacher"].preimage["params"])
@@ -141,7 +198,7 @@ def teacher_step(env: PlanEnv, m: dict[str, Manifest], batching: str) -> tuple[f
         c = cond[[row_of[r["caption"]] for r in rows]]
         t2 = time.perf_counter()
         with torch.no_grad():
-            env.family.predict(plain, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([c, c]))
+            env.family.predict(plain, torch.cat([x_t, x_t]), torch.cat([t, t]), c.doubled())
         t3 = time.perf_counter()
         ours.append(t1 - t0)
         bare.append(t3 - t2)
@@ -152,22 +209,29 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--family", default="sd15", choices=["sd15", "zimage", "flux2"])
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, small UNet, batch 2, rank 4, fp32, CPU")
+    what = "small UNet" if args.family == "sd15" else f"small {args.family} transformer"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {what}, batch 2, rank 4, fp32, CPU")
     tmp = Path(tempfile.mkdtemp(prefix="lp-bench-transfer-"))
     try:
-        config = make_project(tmp, args.steps)
+        config = make_project(tmp, args.steps, args.family)
         env = env_for(config)
         t = time.perf_counter()
         runs = quiet(run_workflow, env, "transfer", None, False, False)
         print(f"first `pipeline run transfer` ({args.steps} steps): {time.perf_counter() - t:.1f} s")
         m = artifacts(env, runs)
 
-        student, fly, plain = [], [], []
-        for r in range(args.repeats):  # interleaved, so drift on a shared machine hits all three
+        student, fly, plain, bare = [], [], [], []
+        for r in range(args.repeats):  # interleaved, so drift on a shared machine hits all of them
             student.append(student_step(env, m, tmp / f"s{r}", "materialized"))
             plain.append(lora1_step(env, m, tmp / f"l{r}"))
             fly.append(student_step(env, m, tmp / f"f{r}", "on_the_fly"))
+            if args.family != "sd15":
+                bare.append(bare_step(env, m, args.steps))
+        if bare:
+            p, b = statistics.median(plain), statistics.median(bare)
+            print(f"lora1 step: {p * 1e3:.1f} ms; bare PyTorch LoRA loop: {b * 1e3:.1f} ms (ratio {p / b:.3f})")
         s, p, f = statistics.median(student), statistics.median(plain), statistics.median(fly)
         print(
             f"student step, materialized prior: {s * 1e3:.1f} ms; plain lora1 step: {p * 1e3:.1f} ms "
@@ -204,7 +268,8 @@ def main() -> None:
             rs = quiet(run_workflow, e, "transfer", None, False, False)
             a = artifacts(e, rs)
             rep = teacher_report(e, a["teacher"], a["schedule"])
-            raw = 4 * 32 * 32 * (2 if dtype == "fp16" else 4)
+            shape = m["latents"].record["shape"]
+            raw = int(torch.tensor(shape).prod()) * (2 if dtype == "fp16" else 4)
             print(
                 f"teacher storage, {dtype}: {rep['bytes_per_sample_step']:,.0f} bytes per sample-step "
                 f"(raw array {raw:,} bytes; delta + input digest, zarr-compressed)"

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from stages.training.params import train_params  # noqa: F401  (tests import it from here)
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -74,20 +76,6 @@ def tiny_flow_models(tmp_path_factory) -> Path:
     build_tiny_flow_turbo(root / "flux2", root / "flux2-turbo")
     build_tiny_flux2(root / "flux2-guidance", seed=5, guidance_embeds=True)
     return root
-
-
-def train_params(family, layout, cfg, latent_shape):
-    """What a training stage hashes and trains with: the config plus the resolved targets and noise process."""
-    from stages.families.noise import resolve_timesteps
-    from stages.training.params import LoraTrainParams
-
-    seq = family.image_seq_len(latent_shape)
-    return LoraTrainParams(
-        **cfg.model_dump(exclude={"targets"}),
-        targets=cfg.targets or family.default_targets,
-        prediction_type=family.prediction_type(layout),
-        timesteps=resolve_timesteps(family.noise_schedule_contract(layout), cfg, seq, "lora1"),
-    )
 
 
 def toml_config(settings: dict) -> str:

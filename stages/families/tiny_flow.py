@@ -94,7 +94,7 @@ def _vae_kwargs(latent_channels: int) -> dict:
     )
 
 
-def build_tiny_zimage(out_dir: Path, seed: int = 0, single_file: Path | None = None) -> Path:
+def build_tiny_zimage(out_dir: Path, seed: int = 0, single_file: Path | None = None, size: str = "tiny") -> Path:
     """A tiny ZImagePipeline folder (and optionally the transformer as an original-layout single file)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
@@ -108,18 +108,19 @@ def build_tiny_zimage(out_dir: Path, seed: int = 0, single_file: Path | None = N
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**_vae_kwargs(16), scaling_factor=TINY_VAE_SCALING, shift_factor=0.05)
     torch.manual_seed(seed + 2)
+    shape = {
+        "tiny": {"dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "axes_dims": [4, 6, 6]},
+        # benchmarks/transfer.py: the largest that trains in a fraction of a second a step on 2 cores
+        "small": {"dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "axes_dims": [16, 24, 24]},
+    }[size]
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,),
         all_f_patch_size=(1,),
         in_channels=16,
-        dim=32,
-        n_layers=2,
         n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
         cap_feat_dim=32,
-        axes_dims=[4, 6, 6],
-        axes_lens=[64, 32, 32],
+        axes_lens=[64, 64, 64],
+        **shape,
     )
     _scale_up(transformer)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
@@ -133,7 +134,9 @@ def build_tiny_zimage(out_dir: Path, seed: int = 0, single_file: Path | None = N
     return out_dir
 
 
-def build_tiny_flux2(out_dir: Path, seed: int = 0, single_file: Path | None = None, guidance_embeds: bool = False):
+def build_tiny_flux2(
+    out_dir: Path, seed: int = 0, single_file: Path | None = None, guidance_embeds: bool = False, size: str = "tiny"
+):
     """A tiny Flux2KleinPipeline folder (guidance_embeds=True: a variant whose transformer takes a guidance value)."""
     import torch
     from diffusers import (
@@ -156,18 +159,19 @@ def build_tiny_flux2(out_dir: Path, seed: int = 0, single_file: Path | None = No
     vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=g) * 0.02)
     vae.bn.running_var.fill_(0.04)
     torch.manual_seed(seed + 2)
+    shape = {
+        "tiny": {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2},
+        "small": {"num_layers": 2, "num_single_layers": 4, "attention_head_dim": 64, "num_attention_heads": 4},
+    }[size]
     transformer = Flux2Transformer2DModel(
         patch_size=1,
         in_channels=128,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
         joint_attention_dim=3 * 32,
         timestep_guidance_channels=64,
         mlp_ratio=2.0,
-        axes_dims_rope=(4, 4, 4, 4),
+        axes_dims_rope=(shape["attention_head_dim"] // 4,) * 4,
         guidance_embeds=guidance_embeds,
+        **shape,
     )
     _scale_up(transformer)
     scheduler = FlowMatchEulerDiscreteScheduler(

@@ -24,3 +24,20 @@ class LoraTrainParams(BaseModel):
     prediction_type: str
     timesteps: dict  # the resolved noise process: sampler, shift, scheduler values (noise.resolve_timesteps)
     loss_weighting: str
+
+
+def train_params(family, layout, cfg, latent_shape: tuple[int, ...], section: str = "lora1") -> LoraTrainParams:
+    """A training section's params outside a pipeline (benchmarks, tests): its fields plus the family's default
+    targets, prediction type and resolved noise process, as the lora1 stage would hash them."""
+    from stages.families.noise import check_weighting, resolve_timesteps
+
+    timesteps = resolve_timesteps(
+        family.noise_schedule_contract(layout), cfg, family.image_seq_len(latent_shape), section
+    )
+    return LoraTrainParams(
+        **cfg.model_dump(include=set(LoraTrainParams.model_fields) - {"targets", "timesteps", "prediction_type"}),
+        targets=cfg.targets or family.default_targets,
+        prediction_type=family.prediction_type(layout),
+        timesteps=timesteps,
+        loss_weighting=check_weighting(timesteps, cfg.loss_weighting, section),
+    )
