@@ -147,7 +147,7 @@ def run(
         )
         return
     reports.print_runs(runs, dry_run)
-    if demo and not dry_run:
+    if demo and not dry_run and not only:  # the epilogue reads the whole workflow's outputs
         reports.demo_epilogue(workflow, runs, config, set_, family)
 
 

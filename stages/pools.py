@@ -59,6 +59,18 @@ def text_pool_id(text_digest: str, family: str = "sd15") -> str:
     return pool_id("text", TEXT_POOL_IMPL, TEXT_POOL_PARAMS[family], "text", text_digest)
 
 
+def release(encoder) -> None:
+    """Drop a text encoder's weights now (not when the garbage collector gets to it) and the CUDA cache."""
+    import gc
+
+    import torch
+
+    encoder.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def ensure_text_embeddings(store: Store, family, layout, text_digest: str, strings, runtime, progress: bool) -> dict:
     """Encode the strings missing from the text encoder's pool. -> {"pool", "strings": {s: {"array", "digest"}}}."""
     from stages.devices import resolve_device
@@ -75,6 +87,8 @@ def ensure_text_embeddings(store: Store, family, layout, text_digest: str, strin
             return encoder.encode(chunk)
 
         fill_pool(pool, todo, names.__getitem__, encode, runtime.encode_batch_size, "text", "caption", progress)
+        release(encoder)  # a Qwen3 encoder is 4-8B parameters at real size: gone before any transformer loads
+        del encode, encoder
     committed = pool.committed()
     return {
         "pool": pid,
