@@ -35,7 +35,9 @@ def train_params(family, layout, cfg, latent_shape: tuple[int, ...], section: st
         family.noise_schedule_contract(layout), cfg, family.image_seq_len(latent_shape), section
     )
     return LoraTrainParams(
-        **cfg.model_dump(include=set(LoraTrainParams.model_fields) - {"targets", "timesteps", "prediction_type"}),
+        **cfg.model_dump(
+            include=set(LoraTrainParams.model_fields) - {"targets", "timesteps", "prediction_type", "loss_weighting"}
+        ),
         targets=cfg.targets or family.default_targets,
         prediction_type=family.prediction_type(layout),
         timesteps=timesteps,
