@@ -21,6 +21,31 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def pipeline_renderer(pipe, **call_kwargs):
+    """render(prompts, seed, steps, guidance_scale, size) -> PIL images, through a diffusers pipeline, one
+    prompt at a time from the same seeded noise."""
+
+    def render(prompts: list[str], seed: int, steps: int, guidance_scale: float, size: int):
+        import torch
+
+        images = []
+        for prompt in prompts:
+            out = pipe(
+                prompt=prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                height=size,
+                width=size,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="pil",
+                **call_kwargs,
+            )
+            images.append(out.images[0])
+        return images
+
+    return render
+
+
 @dataclass
 class Conditioning:
     """A batch of text conditionings: token embeddings (B, L, D) and their attention mask (B, L).

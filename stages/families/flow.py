@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ModelError
-from stages.families.base import Conditioning, ModelFamily, ModelLayout, quiet_libraries
+from stages.families.base import Conditioning, ModelFamily, ModelLayout, pipeline_renderer, quiet_libraries
 from stages.families.sd15 import PICKLE_SUFFIXES, _json, read_safetensors_header
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -223,26 +223,7 @@ class FlowFamily(ModelFamily):
         )
         pipe.set_progress_bar_config(disable=True)
 
-        def render(prompts: list[str], seed: int, steps: int, guidance_scale: float, size: int):
-            import torch
-
-            images = []
-            for prompt in prompts:
-                generator = torch.Generator("cpu").manual_seed(seed)
-                out = pipe(
-                    prompt=prompt,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    height=size,
-                    width=size,
-                    generator=generator,
-                    output_type="pil",
-                    **self.call_extra(model),
-                )
-                images.append(out.images[0])
-            return images
-
-        return render
+        return pipeline_renderer(pipe, **self.call_extra(model))
 
     def pipeline_extra(self, layout: ModelLayout) -> dict:
         return {}

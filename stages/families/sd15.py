@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ModelError
-from stages.families.base import ModelFamily, ModelLayout, quiet_libraries
+from stages.families.base import ModelFamily, ModelLayout, pipeline_renderer, quiet_libraries
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("unet", "vae", "text_encoder")
@@ -238,25 +238,7 @@ class SD15Family(ModelFamily):
         )
         pipe.set_progress_bar_config(disable=True)
 
-        def render(prompts: list[str], seed: int, steps: int, guidance_scale: float, size: int):
-            import torch
-
-            images = []
-            for prompt in prompts:
-                generator = torch.Generator("cpu").manual_seed(seed)
-                out = pipe(
-                    prompt,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    height=size,
-                    width=size,
-                    generator=generator,
-                    output_type="pil",
-                )
-                images.append(out.images[0])
-            return images
-
-        return render
+        return pipeline_renderer(pipe)
 
     def load_components(self, layout: ModelLayout) -> dict:
         """Every component, for tools that rewrite a whole model (`pipeline lora merge`)."""

@@ -163,13 +163,23 @@ def build_tiny_sd15(
     return out_dir
 
 
+def perturb(model, seed: int, scale: float) -> None:
+    """Move every weight tensor of a model by scale x (its std) of seeded Gaussian noise, in name order."""
+    import torch
+
+    g = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.numel() > 1:
+                param.add_(torch.randn(param.shape, generator=g) * param.std() * scale)
+
+
 def build_tiny_turbo(base_dir: Path, out_dir: Path, seed: int = 1, scale: float = 0.05) -> Path:
     """A "Turbo" sibling of a tiny model: the same VAE, text encoder and scheduler files, and a UNet whose
     every weight is moved by scale x (its tensor's std) of seeded Gaussian noise. Delta transfer needs just
     this: another denoiser in the same latent space."""
     import shutil
 
-    import torch
     from diffusers import UNet2DConditionModel
 
     from stages.families.base import quiet_libraries
@@ -177,11 +187,7 @@ def build_tiny_turbo(base_dir: Path, out_dir: Path, seed: int = 1, scale: float 
     quiet_libraries()
     shutil.copytree(base_dir, out_dir)
     unet = UNet2DConditionModel.from_pretrained(str(base_dir), subfolder="unet", use_safetensors=True)
-    g = torch.Generator("cpu").manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(unet.named_parameters()):
-            if param.numel() > 1:
-                param.add_(torch.randn(param.shape, generator=g) * param.std() * scale)
+    perturb(unet, seed, scale)
     shutil.rmtree(out_dir / "unet")
     unet.save_pretrained(str(out_dir / "unet"), safe_serialization=True)
     return out_dir

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from stages.families.tiny import CORPUS_WORDS
+from stages.families.tiny import CORPUS_WORDS, perturb
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 # Qwen3's chat template, reduced to what captions need: user turns and the generation prompt, with the empty
@@ -219,7 +219,6 @@ def build_tiny_flow_turbo(base_dir: Path, out_dir: Path, seed: int = 1, scale: f
     import json
 
     import diffusers
-    import torch
 
     from stages.families.base import quiet_libraries
 
@@ -227,11 +226,7 @@ def build_tiny_flow_turbo(base_dir: Path, out_dir: Path, seed: int = 1, scale: f
     shutil.copytree(base_dir, out_dir)
     cls_name = json.loads((Path(base_dir) / "transformer" / "config.json").read_text())["_class_name"]
     model = getattr(diffusers, cls_name).from_pretrained(str(base_dir), subfolder="transformer", use_safetensors=True)
-    g = torch.Generator("cpu").manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.numel() > 1:
-                param.add_(torch.randn(param.shape, generator=g) * param.std() * scale)
+    perturb(model, seed, scale)
     shutil.rmtree(out_dir / "transformer")
     model.save_pretrained(str(out_dir / "transformer"), safe_serialization=True)
     index = out_dir / "model_index.json"
