@@ -111,10 +111,11 @@ def test_kill_during_teacher_resumes_per_step_to_the_same_deltas(transfer_projec
     assert not project.manifests("teacher")
     status = json.loads(project.subprocess("status", "transfer", "-c", str(project.config), "--json").stdout)
     teacher = next(s for s in status["stages"] if s["name"] == "teacher")
-    assert teacher["state"] == "partial" and teacher["progress"] == [6, 14]  # (inputs, c) x 3 steps of 6, + held-out
+    # (inputs, c) x 3 steps of 6, + the held-out and fit sets
+    assert teacher["state"] == "partial" and teacher["progress"] == [6, 16]
     resumed = run(project.root)
     assert resumed.returncode == 0, resumed.stderr
-    assert "teacher: resuming, 3 of 6 steps and the held-out set to go" in resumed.stderr
+    assert "teacher: resuming, 3 of 6 steps and the held-out sets to go" in resumed.stderr
     clean = run(twin_root)
     assert clean.returncode == 0, clean.stderr
     a = {s["name"]: s["key"] for s in json.loads(resumed.stdout)["stages"]}

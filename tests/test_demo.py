@@ -26,7 +26,7 @@ def test_transfer_demo_runs_reports_fidelity_then_reruns_only_the_student(tmp_pa
         "LoRA (single-file format, for ComfyUI and A1111): pipeline-demo/output/transfer/student/student.safetensors"
         in first.stdout
     )
-    assert "fidelity cos" in first.stdout
+    assert "fidelity on held-out images cos" in first.stdout and "fit on training images cos" in first.stdout
     out = tmp_path / "pipeline-demo" / "output" / "transfer"
     assert (out / "student" / "diffusers" / "pytorch_lora_weights.safetensors").exists()
     assert sorted(p.name for p in (out / "lora1" / "previews").iterdir()) == ["step000060.png", "step000120.png"]
