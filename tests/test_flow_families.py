@@ -369,3 +369,24 @@ def test_lora_tools_work_on_both_families(tiny_flow_models, tmp_path, family):
         tiny_flow_models / family, [str(single)], ["a red circle"], 0, tmp_path / "g.png", 2, 0.0, 32, [0, 1], fam, None
     )
     assert (tmp_path / "g.png").exists() and grid
+
+
+def test_bad_family_and_eval_arguments_are_named(tmp_path, monkeypatch):
+    """--family outside the demo, an unknown demo family, and an unknown eval workflow: exit 2, no traceback,
+    and nothing built."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    cases = [
+        (["run", "lora", "--demo", "--family", "sdxl"], "--family 'sdxl': the demo has sd15, zimage and flux2"),
+        (["run", "lora", "--family", "zimage"], "it goes with --demo (set model.family in a config)"),
+        (["eval", "nonsense", "-c", "pipeline.toml"], "eval 'nonsense': choose differential or transfer"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+    assert not any(tmp_path.iterdir())

@@ -21,6 +21,33 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def check_diffusers_folder(path: Path, components, weighted, field: str, pretty: str) -> None:
+    """A diffusers folder has every component folder, and each weighted one a config.json and .safetensors
+    weights (pickle files are never loaded); ModelError naming the config field and what is missing."""
+    from core.errors import ModelError
+
+    missing = [c for c in components if not (path / c).is_dir()]
+    if missing:
+        raise ModelError(
+            f"{field}: {path} is missing {', '.join(c + '/' for c in missing)}. A diffusers {pretty} folder "
+            f"has {', '.join(c + '/' for c in components)} (as written by save_pretrained)."
+        )
+    for comp in weighted:
+        folder = path / comp
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"{field}: {folder}/config.json is missing; the {comp} component is incomplete.")
+        if not list(folder.glob("*.safetensors")):
+            found = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            hint = f" (found {', '.join(found)}: pickle files are not loaded, for safety)" if found else ""
+            raise ModelError(
+                f"{field}: {folder}/ has no .safetensors weights{hint}. Re-save the model with "
+                f"save_pretrained(..., safe_serialization=True)."
+            )
+
+
 def pipeline_renderer(pipe, **call_kwargs):
     """render(prompts, seed, steps, guidance_scale, size) -> PIL images, through a diffusers pipeline, one
     prompt at a time from the same seeded noise."""

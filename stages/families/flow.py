@@ -13,8 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ModelError
-from stages.families.base import Conditioning, ModelFamily, ModelLayout, pipeline_renderer, quiet_libraries
-from stages.families.sd15 import PICKLE_SUFFIXES, _json, read_safetensors_header
+from stages.families.base import (
+    PICKLE_SUFFIXES,
+    Conditioning,
+    ModelFamily,
+    ModelLayout,
+    check_diffusers_folder,
+    pipeline_renderer,
+    quiet_libraries,
+)
+from stages.families.sd15 import _json, read_safetensors_header
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("transformer", "vae", "text_encoder")
@@ -49,20 +57,7 @@ class FlowFamily(ModelFamily):
         return ModelLayout(path=path, single_file=False)
 
     def _check_folder(self, path: Path, field: str) -> None:
-        missing = [c for c in COMPONENTS if not (path / c).is_dir()]
-        if missing:
-            raise ModelError(
-                f"{field}: {path} is missing {', '.join(c + '/' for c in missing)}. A diffusers {self.pretty} folder "
-                f"has {', '.join(c + '/' for c in COMPONENTS)} (as written by save_pretrained)."
-            )
-        for comp in WEIGHTED:
-            folder = path / comp
-            if not (folder / "config.json").is_file():
-                raise ModelError(f"{field}: {folder}/config.json is missing; the {comp} component is incomplete.")
-            if not list(folder.glob("*.safetensors")):
-                found = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-                hint = f" (found {', '.join(found)}: pickle files are not loaded, for safety)" if found else ""
-                raise ModelError(f"{field}: {folder}/ has no .safetensors weights{hint}.")
+        check_diffusers_folder(path, COMPONENTS, WEIGHTED, field, self.pretty)
 
     def _single_file_layout(self, path: Path, config_dir: Path | None) -> ModelLayout:
         if path.suffix in PICKLE_SUFFIXES:

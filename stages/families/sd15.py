@@ -8,11 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import ModelError
-from stages.families.base import ModelFamily, ModelLayout, pipeline_renderer, quiet_libraries
+from stages.families.base import (
+    PICKLE_SUFFIXES,
+    ModelFamily,
+    ModelLayout,
+    check_diffusers_folder,
+    pipeline_renderer,
+    quiet_libraries,
+)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("unet", "vae", "text_encoder")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -51,23 +57,7 @@ class SD15Family(ModelFamily):
             )
         if path.is_file():
             return self._single_file_layout(path, single_file_config)
-        missing = [c for c in COMPONENTS if not (path / c).is_dir()]
-        if missing:
-            raise ModelError(
-                f"model.path: {path} is missing {', '.join(c + '/' for c in missing)}. A diffusers Stable Diffusion "
-                f"folder has {', '.join(c + '/' for c in COMPONENTS)} (as written by save_pretrained)."
-            )
-        for comp in WEIGHTED:
-            folder = path / comp
-            if not (folder / "config.json").is_file():
-                raise ModelError(f"model.path: {folder}/config.json is missing; the {comp} component is incomplete.")
-            if not list(folder.glob("*.safetensors")):
-                found = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-                hint = f" (found {', '.join(found)}: pickle files are not loaded, for safety)" if found else ""
-                raise ModelError(
-                    f"model.path: {folder}/ has no .safetensors weights{hint}. Re-save the model with "
-                    f"save_pretrained(..., safe_serialization=True)."
-                )
+        check_diffusers_folder(path, COMPONENTS, WEIGHTED, "model.path", "Stable Diffusion")
         return ModelLayout(path=path, single_file=False)
 
     def _single_file_layout(self, path: Path, config_dir: Path | None) -> ModelLayout:
