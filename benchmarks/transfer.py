@@ -172,22 +172,22 @@ def teacher_step(env: PlanEnv, m: dict[str, Manifest], batching: str) -> tuple[f
     """(median seconds of a teacher step, of one batched double forward of the same rows) on the teacher UNet."""
     from stages.pools import load_latent_table, load_text_table
     from stages.teacher import DeltaComputer
-    from stages.training.lora_files import attach_lora_file, match_modules, read_lora_file
+    from stages.training.adapters import FixedLora
+    from stages.training.lora_files import match_modules, read_lora_file
     from stages.training.schedule import read_schedule, rebuild_inputs, step_rows
 
     doc, spec = read_schedule(env.store, m["schedule"])
-    unet = env.family.load_denoiser(env.layout, torch.device("cpu"))
+    unet = env.family.load_denoiser(env.layout, torch.device("cpu")).eval()
     lora = read_lora_file(
         env.store.object_path(m["teacher"].record["lora"]["digest"]), env.family.kohya_prefix, env.family.lora_component
     )
-    attach_lora_file(unet, match_modules(lora, unet, env.family.kohya_prefix), "teacher")
-    unet.eval()
+    teacher = FixedLora(unet, match_modules(lora, unet, env.family.kohya_prefix), "cpu")
     process = make_process(m["schedule"].contract["timesteps"], m["schedule"].contract["prediction_type"])
     cond, row_of = load_text_table(env.store, m["teacher"].record["text"])
     latents = load_latent_table(env.store, m["latents"].record, {r["latent"] for r in doc["rows"]})
     params = SimpleNamespace(**m["teacher"].preimage["params"])
     plain = env.family.load_denoiser(env.layout, torch.device("cpu")).eval()  # the baseline: no peft at all
-    delta = DeltaComputer(env.family, unet, process, latents, cond, row_of, spec, params, batching, "cpu")
+    delta = DeltaComputer(env.family, teacher, process, latents, cond, row_of, spec, params, batching, "cpu")
     ours, bare = [], []
     for s in range(spec.steps):
         rows = step_rows(doc, spec, s)

@@ -327,8 +327,9 @@ class RuntimeConfig(Section):
     )
     teacher_batching: Literal["mixed", "two_pass"] = Field(
         "mixed",
-        description="mixed: the teacher's predictions with and without its LoRA come from one batched forward "
-        "(peft mixed-adapter batches); two_pass: two forwards. Same numbers up to float rounding.",
+        description="mixed: the teacher's predictions with and without its LoRA (and the student's, for "
+        "fidelity) come from one batched forward, the LoRA applied to half of the rows; two_pass: two forwards. "
+        "Same numbers up to float rounding.",
     )
     fidelity_every: int = Field(
         0,

@@ -87,7 +87,8 @@ class TeacherStage(Stage):
         from stages.devices import resolve_device
         from stages.families.noise import make_process
         from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
-        from stages.training.lora_files import attach_lora_file, match_modules, read_lora_file
+        from stages.training.adapters import FixedLora
+        from stages.training.lora_files import match_modules, read_lora_file
         from stages.training.schedule import read_schedule, step_rows
 
         env, p, store = ctx.env, ctx.params, ctx.store
@@ -119,15 +120,14 @@ class TeacherStage(Stage):
         )
         if todo:
             device = resolve_device(ctx.runtime.device)
-            unet = env.family.load_denoiser(env.layout, device)
-            attach_lora_file(unet, match_modules(lora, unet, env.family.kohya_prefix), "teacher")
-            unet.eval()  # dropout off in the UNet and in every LoRA layer
+            denoiser = env.family.load_denoiser(env.layout, device).eval()
+            teacher = FixedLora(denoiser, match_modules(lora, denoiser, env.family.kohya_prefix), device)
             cond, row_of = load_text_table(store, text)
             rows = doc["rows"] + doc["heldout"] + doc.get("fit", [])
             latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in rows})
             delta = DeltaComputer(
                 env.family,
-                unet,
+                teacher,
                 make_process(ctx.upstream["schedule"].contract["timesteps"], p.prediction_type),
                 latents,
                 cond,
@@ -165,8 +165,8 @@ class TeacherStage(Stage):
 class DeltaComputer:
     """Δc (and Δu) of a list of schedule rows, one micro-batch at a time, in fp32; cast for storage."""
 
-    def __init__(self, family, unet, process, latents, cond, row_of, spec, params, batching, device, guidance=None):
-        self.family, self.unet, self.process, self.guidance = family, unet, process, guidance
+    def __init__(self, family, lora, process, latents, cond, row_of, spec, params, batching, device, guidance=None):
+        self.family, self.lora, self.process, self.guidance = family, lora, process, guidance
         self.latents, self.cond, self.row_of = latents, cond, row_of
         self.spec, self.p, self.batching, self.device = spec, params, batching, device
 
@@ -174,7 +174,6 @@ class DeltaComputer:
         import numpy as np
         import torch
 
-        from stages.training.adapters import predict_both
         from stages.training.schedule import inputs_digest, rebuild_inputs
 
         kinds = ("c", "u") if self.p.delta_mode == "cfg" else ("c",)
@@ -190,9 +189,7 @@ class DeltaComputer:
                     seen.update(inputs_digest(x_t, t, captions))
                 cond = self.cond[[self.row_of[c] for c in captions]].to(self.device)
                 x, tt = x_t.to(self.device), t.to(self.device)
-                base, with_lora = predict_both(
-                    self.family, self.unet, "teacher", x, tt, cond, self.batching, self.guidance
-                )
+                base, with_lora = self.lora.predict_both(self.family, x, tt, cond, self.batching, self.guidance)
                 out[kind].append((with_lora - base).cpu())
         dtype = np.float16 if self.p.delta_dtype == "fp16" else np.float32
         arrays = {"inputs": np.frombuffer(seen.digest(), dtype=np.uint8).copy()}

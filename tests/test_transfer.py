@@ -265,6 +265,45 @@ def test_mixed_adapter_batch_gives_the_two_pass_predictions():
     assert (lora_m - base_m).abs().mean() > 1e-3  # the adapter really moved the prediction
 
 
+def test_the_teachers_hooked_lora_equals_the_peft_adapter():
+    """FixedLora (the teacher's peft-free mixed batch) gives peft's predictions, for linear and conv LoRAs and
+    both batchings: base rows untouched, adapted rows with up(down(x))·alpha/rank."""
+    import torch
+
+    from stages.families import get_family
+    from stages.families.base import Conditioning
+    from stages.families.tiny import tiny_unet
+    from stages.training.adapters import FixedLora, predict_both
+    from stages.training.lora_files import LoraModule, attach_lora_file
+
+    g = torch.Generator().manual_seed(3)
+    plain = tiny_unet().eval()
+    layers = dict(plain.named_modules())
+    names = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.resnets.0.conv1", "conv_in"]
+    names += ["up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0"]
+    modules = {}
+    for i, name in enumerate(names):
+        w = layers[name].weight
+        r = 2 + i  # ranks and alphas differ per module
+        down = torch.randn(r, *w.shape[1:], generator=g) * 0.3
+        up = torch.randn(w.shape[0], r, *([1, 1] if w.dim() == 4 else []), generator=g) * 0.3
+        modules[name] = LoraModule(down, up, float(r + 1))
+    adapted = tiny_unet().eval()
+    attach_lora_file(adapted, modules, "teacher")
+    hooked = FixedLora(plain, modules, "cpu")
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    cond = Conditioning(torch.randn(3, 77, 32, generator=g), torch.ones(3, 77, dtype=torch.bool))
+    t = torch.tensor([10, 500, 990])
+    family = get_family("sd15")
+    want_base, want_lora = predict_both(family, adapted, "teacher", x, t, cond, "two_pass")
+    for batching in ("mixed", "two_pass"):
+        base, with_lora = hooked.predict_both(family, x, t, cond, batching)
+        torch.testing.assert_close(base, want_base, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(with_lora, want_lora, atol=1e-5, rtol=1e-5)
+    assert (want_lora - want_base).abs().mean() > 1e-3
+    assert not plain._forward_hooks and all(not m._forward_hooks for m in plain.modules())  # hooks removed
+
+
 def test_a_missing_student_model_names_its_config_key(transfer_project):
     result = transfer_project.cli("run", "transfer", "--set", "transfer.student_model='turbo'")
     assert result.exit_code == 2
