@@ -25,6 +25,8 @@ STAGES = ("caption", "latents", "text", "lora1", "schedule", "teacher", "prior",
 # Real configs: Z-Image's transformer is diffusers' ZImageTransformer2DModel defaults (dim 3840, 30 layers);
 # FLUX.2 [klein] 4B: 5 double and 20 single blocks of 24 x 128 heads, Qwen3-4B text (3 x 2560 wide);
 # both text encoders are Qwen3-4B (36 layers, 2560 wide); VAEs: 16 (Z-Image) and 32 (FLUX.2) latent channels.
+# FLUX.2 [dev]: diffusers' Flux2Transformer2DModel defaults (8 double + 48 single blocks of 48 x 128 heads, guidance
+# embedding) and transformers' Mistral3Config defaults (Mistral Small 3.1 24B: 40 layers, 5120 wide, Pixtral tower).
 QWEN3_4B = dict(
     vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
     num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
@@ -32,9 +34,10 @@ QWEN3_4B = dict(
 
 
 def real_counts(family: str) -> dict[str, int]:
+    """family: zimage, flux2 ([klein] 4B) or flux2-dev."""
     import diffusers
     from accelerate import init_empty_weights
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen3Config, Qwen3Model
 
     def count(model) -> int:
         return sum(p.numel() for p in model.parameters())
@@ -49,13 +52,19 @@ def real_counts(family: str) -> dict[str, int]:
                 up_block_types=("UpDecoderBlock2D",) * 4,
                 **vae_kwargs,
             )
+        elif family == "flux2-dev":
+            transformer = diffusers.Flux2Transformer2DModel()
+            vae = diffusers.AutoencoderKLFlux2()
         else:
             transformer = diffusers.Flux2Transformer2DModel(
                 num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
                 joint_attention_dim=3 * 2560, guidance_embeds=False,
             )  # fmt: skip
             vae = diffusers.AutoencoderKLFlux2()
-        text = Qwen3Model(Qwen3Config(**QWEN3_4B))
+        if family == "flux2-dev":
+            text = Mistral3ForConditionalGeneration(Mistral3Config())
+        else:
+            text = Qwen3Model(Qwen3Config(**QWEN3_4B))
     return {"transformer": count(transformer), "text encoder": count(text), "vae": count(vae)}
 
 
@@ -88,16 +97,17 @@ def main() -> None:
     print("  " + ", ".join(f"{s} {v:.0f}" for s, v in peaks.items()))
     if args.family == "sd15":
         return
-    counts = real_counts(args.family)
-    gib = {k: v * 2 / 2**30 for k, v in counts.items()}  # bf16
-    print(f"real size ({args.family}), parameters and bf16 weights:")
-    for k, v in counts.items():
-        print(f"  {k}: {v / 1e9:.2f} B parameters, {gib[k]:.1f} GiB")
-    print(
-        f"  weights a stage holds: text {gib['text encoder']:.1f} GiB; latents {gib['vae']:.2f} GiB; "
-        f"lora1/teacher/prior/student {gib['transformer']:.1f} GiB; an all-in-one trainer (text encoder + "
-        f"transformer resident) {gib['text encoder'] + gib['transformer']:.1f} GiB"
-    )
+    for model in [args.family] + (["flux2-dev"] if args.family == "flux2" else []):
+        counts = real_counts(model)
+        gib = {k: v * 2 / 2**30 for k, v in counts.items()}  # bf16
+        print(f"real size ({model}), parameters and bf16 weights:")
+        for k, v in counts.items():
+            print(f"  {k}: {v / 1e9:.2f} B parameters, {gib[k]:.1f} GiB")
+        print(
+            f"  weights a stage holds: text {gib['text encoder']:.1f} GiB; latents {gib['vae']:.2f} GiB; "
+            f"lora1/teacher/prior/student {gib['transformer']:.1f} GiB; an all-in-one trainer (text encoder + "
+            f"transformer resident) {gib['text encoder'] + gib['transformer']:.1f} GiB"
+        )
 
 
 if __name__ == "__main__":

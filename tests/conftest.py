@@ -65,8 +65,8 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_flow_models(tmp_path_factory) -> Path:
     """Tiny Z-Image and FLUX.2 [klein] models: <family>/ (diffusers folder), <family>.safetensors (the transformer
-    as the single file users download), <family>-turbo/ (the distilled sibling), and flux2-guidance/ (a FLUX.2
-    variant whose transformer has a guidance embedding)."""
+    as the single file users download), <family>-turbo/ (the distilled sibling); and flux2-dev/ with its sibling
+    flux2-dev-turbo/ (FLUX.2 [dev]: Flux2Pipeline, a Mistral3 text encoder, a guidance embedding)."""
     from stages.families.tiny_flow import build_tiny_flow_turbo, build_tiny_flux2, build_tiny_zimage
 
     root = tmp_path_factory.mktemp("tiny-flow")
@@ -74,7 +74,8 @@ def tiny_flow_models(tmp_path_factory) -> Path:
     build_tiny_flow_turbo(root / "zimage", root / "zimage-turbo")
     build_tiny_flux2(root / "flux2", seed=0, single_file=root / "flux2.safetensors")
     build_tiny_flow_turbo(root / "flux2", root / "flux2-turbo")
-    build_tiny_flux2(root / "flux2-guidance", seed=5, guidance_embeds=True)
+    build_tiny_flux2(root / "flux2-dev", seed=5, variant="dev")
+    build_tiny_flow_turbo(root / "flux2-dev", root / "flux2-dev-turbo")
     return root
 
 

@@ -1,5 +1,6 @@
-"""Z-Image and FLUX.2 [klein]: detection, single-file loading, the workflows, the transfer identity, the
-cross-family refusals, guidance embeddings and the LoRA files other programs load."""
+"""Z-Image and FLUX.2 ([klein], and [dev] where it differs): detection, text encoding, single-file loading, the
+workflows, the transfer identity, the cross-family refusals, guidance embeddings and the LoRA files other programs
+load."""
 
 from __future__ import annotations
 
@@ -16,9 +17,15 @@ from conftest import Project, make_images, make_pairs, train_params
 from stages.families import Conditioning, detect_family, get_family
 
 FAMILIES = ("zimage", "flux2")
+MODELS = ("zimage", "flux2", "flux2-dev")  # the tiny model folders: FLUX.2 [dev] is the flux2 family too
+
+
+def family_of(folder: str) -> str:
+    return folder.split("-")[0]
 
 
 def flow_project(tmp_path, models, family: str, **sections) -> Project:
+    """A project on the tiny model folder `family` (zimage, flux2, flux2-dev) with its distilled sibling."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     shutil.copytree(models / family, tmp_path / "model")
     shutil.copytree(models / f"{family}-turbo", tmp_path / "student")
@@ -49,6 +56,7 @@ def record(project, report: dict, stage: str) -> dict:
 def test_the_family_is_detected_from_folders_and_single_files(tiny_flow_models, tiny_model):
     assert detect_family(tiny_flow_models / "zimage")[0] == "zimage"
     assert detect_family(tiny_flow_models / "flux2")[0] == "flux2"
+    assert detect_family(tiny_flow_models / "flux2-dev") == ("flux2", "model_index.json names Flux2Pipeline")
     assert detect_family(tiny_flow_models / "zimage.safetensors")[0] == "zimage"
     assert detect_family(tiny_flow_models / "flux2.safetensors")[0] == "flux2"
     assert detect_family(tiny_model / "model")[0] == "sd15"
@@ -61,6 +69,32 @@ def test_an_explicit_family_that_does_not_fit_is_named(tmp_path, tiny_flow_model
     assert result.exit_code == 2
     assert "model.family = 'flux2'" in result.output and "is a zimage model" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("folder", MODELS)
+def test_captions_are_encoded_exactly_as_the_family_pipeline_encodes_them(tiny_flow_models, folder):
+    """The text stage's embeddings equal the model's own diffusers pipeline's encode_prompt (chat template, system
+    message, hidden-state layers, masking, padding): ZImagePipeline, Flux2KleinPipeline, Flux2Pipeline."""
+    import diffusers
+
+    fam = get_family(family_of(folder))
+    layout = fam.layout(tiny_flow_models / folder, None)
+    captions = ["a red circle", "a big blue square on a green field", ""]
+    ours = fam.load_text_encoder(layout, "cpu").encode(captions)
+    parts = fam.load_components(layout)
+    pipeline = fam.model_pipeline_class(type(parts["text_encoder"]).__name__)
+    assert pipeline == {"zimage": "ZImagePipeline", "flux2": "Flux2KleinPipeline", "flux2-dev": "Flux2Pipeline"}[folder]
+    pipe = getattr(diffusers, pipeline)(**parts)
+    with torch.no_grad():
+        if fam.name == "zimage":
+            theirs, _ = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
+        else:
+            layers = fam.text_layers(parts["text_encoder"])
+            theirs, _ = pipe.encode_prompt(captions, device="cpu", text_encoder_out_layers=layers)
+    assert len(ours) == len(theirs) == 3
+    for mine, want in zip(ours, theirs, strict=True):
+        assert torch.equal(torch.from_numpy(mine), want.float())
+    assert ours[0].shape != ours[1].shape if fam.name == "zimage" else ours[0].shape == (512, 3 * 32)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -183,11 +217,9 @@ def test_a_teacher_lora_of_another_family_is_refused(tmp_path, tiny_flow_models,
 
 
 def test_guidance_embed_is_the_schedule_s_and_refused_for_models_without_one(tmp_path, tiny_flow_models):
-    project = flow_project(tmp_path / "g", tiny_flow_models, "flux2")
-    shutil.rmtree(project.root / "model")
-    shutil.copytree(tiny_flow_models / "flux2-guidance", project.root / "model")
-    shutil.rmtree(project.root / "student")
-    shutil.copytree(tiny_flow_models / "flux2-guidance", project.root / "student")
+    """FLUX.2 [dev] (Flux2Pipeline: Mistral3 text encoder, guidance embedding): the guidance value is a contract
+    field with the pipeline's default, the student's may differ, and the whole transfer chain runs on it."""
+    project = flow_project(tmp_path / "g", tiny_flow_models, "flux2-dev")
     from cache.store import Store
     from pipeline.config import load_config
     from pipeline.planner import plan_workflow
@@ -215,6 +247,10 @@ def test_guidance_embed_is_the_schedule_s_and_refused_for_models_without_one(tmp
     with torch.no_grad():
         a, b = (fam.predict(model, x, torch.tensor([0.5]), cond, guidance=g) for g in (1.0, 4.0))
     assert (a - b).abs().max() > 1e-4
+    report = run(project, "--set", "student.guidance_embed=2.5")
+    assert {s["action"] for s in report["stages"]} == {"ran"}
+    assert record(project, report, "teacher")["contract"]["guidance_embed"] == 4.0
+    assert record(project, report, "text")["record"]["strings"]  # encoded by the Mistral3 encoder
     # A model without a guidance embedding refuses the setting by name.
     plain = flow_project(tmp_path / "p", tiny_flow_models, "zimage", schedule={"guidance_embed": 3.0})
     result = plain.cli("run", "transfer", "--dry-run")
@@ -228,12 +264,12 @@ def test_guidance_embed_is_the_schedule_s_and_refused_for_models_without_one(tmp
 # -- LoRA files for other programs --------------------------------------------------------------------------
 
 
-def _train(tiny_flow_models, tmp_path, family: str):
+def _train(tiny_flow_models, tmp_path, folder: str):
     from pipeline.config import TrainConfig
     from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
 
-    fam = get_family(family)
-    layout = fam.layout(tiny_flow_models / family, None)
+    fam = get_family(family_of(folder))
+    layout = fam.layout(tiny_flow_models / folder, None)
     shape = fam.latent_shape(layout, 32)
     cond = Conditioning.stack(fam.load_text_encoder(layout, "cpu").encode(["a red circle", "a blue square"]))
     data = TrainData(
@@ -244,18 +280,20 @@ def _train(tiny_flow_models, tmp_path, family: str):
     return fam, layout, params, train_lora(job, DiffusionBatches(data, params.seed, params.batch_size)), (shape, cond)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("folder", MODELS)
 def test_lora_files_load_in_the_diffusers_pipeline_and_reproduce_the_trained_transformer(
-    tiny_flow_models, tmp_path, family
+    tiny_flow_models, tmp_path, folder
 ):
-    """Both files, the diffusers format and the single-file (ComfyUI) one, go through the family pipeline's own
-    load_lora_weights without a warning and give the trained transformer's predictions to 1e-5."""
+    """Both files, the diffusers format and the single-file (ComfyUI) one, go through the model's own pipeline's
+    load_lora_weights (ZImagePipeline, Flux2KleinPipeline, Flux2Pipeline) without a warning and give the trained
+    transformer's predictions to 1e-5."""
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
     from stages.training.lora_files import write_lora_outputs
 
-    fam, layout, params, outcome, (shape, cond) = _train(tiny_flow_models, tmp_path, family)
+    fam, layout, params, outcome, (shape, cond) = _train(tiny_flow_models, tmp_path, folder)
+    pipeline = fam.model_pipeline_class(fam.text_encoder_class(layout))
     files = write_lora_outputs(fam, outcome, params, tmp_path, "lora1", fam.lora_metadata(layout))
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([0.3, 0.8])
@@ -265,7 +303,7 @@ def test_lora_files_load_in_the_diffusers_pipeline_and_reproduce_the_trained_tra
         base = fam.predict(fam.load_denoiser(layout, "cpu"), x, t, cond)
     assert (want - base).abs().max() > 1e-3  # the LoRA does something
     for name in ("diffusers/pytorch_lora_weights.safetensors", "lora1.safetensors"):
-        pipe = getattr(diffusers, fam.pipeline_class).from_pretrained(str(tiny_flow_models / family))
+        pipe = getattr(diffusers, pipeline).from_pretrained(str(tiny_flow_models / folder))
         logs = io.StringIO()
         handler = logging.StreamHandler(logs)
         diffusers_logging.get_logger("diffusers").addHandler(handler)
@@ -338,19 +376,20 @@ def test_every_key_of_the_single_file_lora_maps_through_comfyui_s_rule(tiny_flow
             assert f"{m}.alpha" not in tensors  # the scale is in lora_B (diffusers' FLUX.2 converter takes no alpha)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_lora_tools_work_on_both_families(tiny_flow_models, tmp_path, family):
+@pytest.mark.parametrize("folder", MODELS)
+def test_lora_tools_work_on_both_families(tiny_flow_models, tmp_path, folder):
     from pipeline.api import family as tool_family
     from pipeline.lora_tools import convert, info, merge, mix, sample
     from stages.training.lora_files import write_lora_outputs
 
-    fam, layout, params, outcome, _ = _train(tiny_flow_models, tmp_path, family)
+    family = family_of(folder)
+    fam, layout, params, outcome, _ = _train(tiny_flow_models, tmp_path, folder)
     files = write_lora_outputs(fam, outcome, params, tmp_path, "lora1", fam.lora_metadata(layout))
     single = files["lora1.safetensors"]
     assert tool_family("auto", None, [single]).name == family
     report = info(single, fam)
     assert report["format"] == "comfy" and report["family"] == family
-    back = convert(single, "diffusers", tmp_path / "d.safetensors", fam, tiny_flow_models / family)
+    back = convert(single, "diffusers", tmp_path / "d.safetensors", fam, tiny_flow_models / folder)
     assert back["to_format"] == "diffusers"
     assert (
         mix(
@@ -363,10 +402,17 @@ def test_lora_tools_work_on_both_families(tiny_flow_models, tmp_path, family):
         )["rank"]
         == 8
     )
-    merged = merge(tiny_flow_models / family, [str(single)], tmp_path / "merged", fam, None, False)
+    merged = merge(tiny_flow_models / folder, [str(single)], tmp_path / "merged", fam, None, False)
     assert merged["modules_changed"] == len(outcome.adapter_config.target_modules) or merged["modules_changed"] > 0
+    index = json.loads((tmp_path / "merged" / "model_index.json").read_text())
+    assert (
+        index["_class_name"] == json.loads((tiny_flow_models / folder / "model_index.json").read_text())["_class_name"]
+    )
+    if folder == "flux2":  # a merge into the distilled [klein] stays distilled (the pipeline's is_distilled)
+        merge(tiny_flow_models / "flux2-turbo", [str(single)], tmp_path / "merged-turbo", fam, None, False)
+        assert json.loads((tmp_path / "merged-turbo" / "model_index.json").read_text())["is_distilled"] is True
     grid = sample(
-        tiny_flow_models / family, [str(single)], ["a red circle"], 0, tmp_path / "g.png", 2, 0.0, 32, [0, 1], fam, None
+        tiny_flow_models / folder, [str(single)], ["a red circle"], 0, tmp_path / "g.png", 2, 0.0, 32, [0, 1], fam, None
     )
     assert (tmp_path / "g.png").exists() and grid
 

@@ -26,7 +26,6 @@ from stages.families.sd15 import _json, read_safetensors_header
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHTED = ("transformer", "vae", "text_encoder")
-TEXT_ENCODER_CLASSES = ("Qwen3Model", "Qwen3ForCausalLM")
 SCHEDULER_KEYS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 
 
@@ -39,6 +38,7 @@ class FlowFamily(ModelFamily):
     vae_class: str
     pretty: str  # the family as people write it, for messages
     max_text_tokens = 512  # the pipelines' max_sequence_length
+    text_encoder_classes: tuple[str, ...] = ("Qwen3Model", "Qwen3ForCausalLM")
 
     # -- cheap -------------------------------------------------------------------------------------------
     def is_single_file(self, header: dict) -> bool:
@@ -163,22 +163,37 @@ class FlowFamily(ModelFamily):
 
         return self._from_pretrained(layout, "scheduler", FlowMatchEulerDiscreteScheduler)
 
+    def text_encoder_class(self, layout: ModelLayout) -> str:
+        """The text encoder's class (config.json `architectures`); ModelError for one this family cannot use."""
+        root = self._root(layout)
+        arch = (_json(root / "text_encoder" / "config.json").get("architectures") or ["?"])[0]
+        if arch not in self.text_encoder_classes:
+            raise ModelError(
+                f"{root}/text_encoder is a {arch}; the {self.pretty} family expects "
+                f"{' or '.join(self.text_encoder_classes)}."
+            )
+        return arch
+
+    def model_pipeline_class(self, text_encoder_class: str) -> str:
+        """The diffusers pipeline of a model of this family with that text encoder (previews, merged models)."""
+        return self.pipeline_class
+
     def _text_parts(self, layout: ModelLayout, device):
         import transformers
 
-        root = self._root(layout)
-        arch = (_json(root / "text_encoder" / "config.json").get("architectures") or ["?"])[0]
-        if arch not in TEXT_ENCODER_CLASSES:
-            raise ModelError(
-                f"{root}/text_encoder is a {arch}; the {self.pretty} family expects a Qwen3 text encoder "
-                f"({' or '.join(TEXT_ENCODER_CLASSES)})."
-            )
+        arch = self.text_encoder_class(layout)
         model = self._from_pretrained(layout, "text_encoder", getattr(transformers, arch)).to(device).eval()
         model.requires_grad_(False)
         tokenizer = self._from_pretrained(layout, "tokenizer", transformers.AutoTokenizer)
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ModelError(
+                f"{self._root(layout)}/tokenizer has no chat template (chat_template.jinja or tokenizer_config.json); "
+                f"the {self.pretty} pipeline formats every caption with it. Re-download the tokenizer folder."
+            )
         return model, tokenizer
 
     def load_components(self, layout: ModelLayout) -> dict:
+        """Every component and the pipeline's own settings, as the model's diffusers pipeline takes them."""
         model, tokenizer = self._text_parts(layout, "cpu")
         return {
             "transformer": self.load_denoiser(layout, "cpu"),
@@ -186,6 +201,7 @@ class FlowFamily(ModelFamily):
             "text_encoder": model,
             "tokenizer": tokenizer,
             "scheduler": self.load_scheduler(layout),
+            **self.pipeline_extra(layout),
         }
 
     def save_model(self, components: dict, out: Path) -> None:
@@ -197,7 +213,8 @@ class FlowFamily(ModelFamily):
             state = self.to_single_file(components["transformer"].state_dict())
             save_file({k: v.contiguous() for k, v in state.items()}, str(out))
             return
-        getattr(diffusers, self.pipeline_class)(**components).save_pretrained(str(out), safe_serialization=True)
+        pipeline = self.model_pipeline_class(type(components["text_encoder"]).__name__)
+        getattr(diffusers, pipeline)(**components).save_pretrained(str(out), safe_serialization=True)
 
     def to_single_file(self, state: dict) -> dict:
         """The diffusers transformer state dict in the original single-file layout (the inverse of diffusers'
@@ -208,7 +225,7 @@ class FlowFamily(ModelFamily):
         import diffusers
 
         model, tokenizer = self._text_parts(layout, device)
-        pipe = getattr(diffusers, self.pipeline_class)(
+        pipe = getattr(diffusers, self.model_pipeline_class(type(model).__name__))(
             transformer=denoiser,
             vae=self.load_vae(layout, device),
             text_encoder=model,

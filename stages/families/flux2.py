@@ -1,14 +1,17 @@
-"""FLUX.2 [klein] Base and distilled (Black Forest Labs): an MMDiT with double- and single-stream blocks over a
-32-channel VAE, Qwen3 text conditioning and flow matching.
+"""FLUX.2 (Black Forest Labs): [klein] Base and distilled, and [dev]. An MMDiT with double- and single-stream
+blocks over a 32-channel VAE, flow matching; [klein] is conditioned by Qwen3, [dev] by Mistral Small 3.1.
 
-Facts read from diffusers' Flux2KleinPipeline, Flux2Transformer2DModel and AutoencoderKLFlux2:
-- text: the Qwen3 chat template with enable_thinking=False, padded to 512 tokens, the hidden states of
+Facts read from diffusers' Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel and AutoencoderKLFlux2:
+- text ([klein]): the Qwen3 chat template with enable_thinking=False, padded to 512 tokens, the hidden states of
   layers (9, 18, 27) of the 36-layer encoder concatenated per token; the whole padded sequence is passed,
   unmasked. For another depth d we take (d/4, d/2, 3d/4), which is (9, 18, 27) at d = 36;
+- text ([dev], Flux2Pipeline): Mistral3ForConditionalGeneration's language model behind its chat template with
+  the pipeline's system message, padded to 512 tokens, layers (10, 20, 30) of 40 — (d/4, d/2, 3d/4) again —
+  stacked the same way. We call the pipeline's own `_get_mistral_3_small_prompt_embeds`;
 - latents: the VAE posterior's mode, 2×2-patchified to 128 channels and normalized by the VAE's batch-norm
   running statistics; the transformer sees them packed as (B, h·w, 128) tokens with (t, h, w, l) position ids;
 - the transformer takes t = σ and predicts v = ε − x0; [klein] has no guidance embedding (guidance=None),
-  variants with `guidance_embeds` take the guidance value;
+  [dev] has one (`guidance_embeds`, the pipeline's default guidance 4.0) and takes the guidance value;
 - single blocks fuse q, k, v and the MLP input in one projection (attn.to_qkv_mlp_proj).
 """
 
@@ -83,13 +86,20 @@ def fused_parts(name: str) -> tuple[str, int, str] | None:
     return None
 
 
+MISTRAL = "Mistral3ForConditionalGeneration"  # FLUX.2 [dev]'s text encoder
+
+
 class Flux2Family(FlowFamily):
     name = "flux2"
     pretty = "FLUX.2"
-    pipeline_class = "Flux2KleinPipeline"
+    pipeline_class = "Flux2KleinPipeline"  # writes the LoRA files; Flux2Pipeline's loader is the same mixin
     transformer_class = "Flux2Transformer2DModel"
     vae_class = "AutoencoderKLFlux2"
     default_targets = DOUBLE + SINGLE
+    text_encoder_classes = (*FlowFamily.text_encoder_classes, MISTRAL)
+
+    def model_pipeline_class(self, text_encoder_class: str) -> str:
+        return "Flux2Pipeline" if text_encoder_class == MISTRAL else "Flux2KleinPipeline"
 
     def is_single_file(self, header: dict) -> bool:
         keys = {k.removeprefix("model.diffusion_model.") for k in header}
@@ -108,11 +118,14 @@ class Flux2Family(FlowFamily):
         return bool(self.transformer_config(layout).get("guidance_embeds", False))
 
     def pipeline_extra(self, layout: ModelLayout) -> dict:
+        if self.text_encoder_class(layout) == MISTRAL:
+            return {}  # Flux2Pipeline has no is_distilled
         return {"is_distilled": bool(read_model_index(self._root(layout)).get("is_distilled", False))}
 
     @staticmethod
     def text_layers(text_encoder) -> tuple[int, int, int]:
-        d = text_encoder.config.num_hidden_layers
+        config = getattr(text_encoder.config, "text_config", None) or text_encoder.config  # Mistral3: text_config
+        d = config.num_hidden_layers
         return (d // 4, d // 2, 3 * d // 4)
 
     def call_extra(self, text_encoder) -> dict:
@@ -143,6 +156,8 @@ class Flux2Family(FlowFamily):
     def load_text_encoder(self, layout: ModelLayout, device):
         model, tokenizer = self._text_parts(layout, device)
         layers = self.text_layers(model)
+        if type(model).__name__ == MISTRAL:
+            return MistralText(tokenizer, model, device, self.max_text_tokens, layers)
         return QwenText(tokenizer, model, device, self.max_text_tokens, layers, thinking=False, masked=False)
 
     def predict(self, denoiser, x_t, t, cond: Conditioning, guidance=None):
@@ -228,6 +243,32 @@ class Flux2Family(FlowFamily):
                 fused_up[i * d_out : (i + 1) * d_out, i * r : (i + 1) * r] = state[f"{m}.lora_B.weight"] * scale[m]
             out[f"{target}.lora_A.weight"], out[f"{target}.lora_B.weight"] = fused_down, fused_up
         return out, None
+
+
+class MistralText:
+    """FLUX.2 [dev]'s frozen Mistral3 text encoder, run by Flux2Pipeline's own prompt-embedding function (its
+    system message and chat format, 512 tokens, the stacked layers). encode() -> one float32 (512, 3·D) array per
+    caption: the whole padded sequence, as the pipeline passes it."""
+
+    def __init__(self, tokenizer, model, device, max_length: int, layers):
+        self.tokenizer, self.model, self.device = tokenizer, model, device
+        self.max_length, self.layers = max_length, tuple(layers)
+
+    def encode(self, captions: list[str]):
+        import torch
+        from diffusers import Flux2Pipeline
+
+        with torch.no_grad():
+            embeds = Flux2Pipeline._get_mistral_3_small_prompt_embeds(
+                self.model,
+                self.tokenizer,
+                list(captions),
+                dtype=torch.float32,
+                device=self.device,
+                max_sequence_length=self.max_length,
+                hidden_states_layers=self.layers,
+            )
+        return [row.cpu().numpy() for row in embeds]
 
 
 def split_original_modules(modules: dict) -> dict:

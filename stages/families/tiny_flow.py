@@ -1,8 +1,9 @@
-"""Tiny Z-Image and FLUX.2 [klein] models with random weights, saved in the real formats.
+"""Tiny Z-Image, FLUX.2 [klein] and FLUX.2 [dev] models with random weights, saved in the real formats.
 
 The architectures are the real diffusers classes in miniature (a few hundred thousand parameters), with a
-tiny Qwen3 text encoder and an offline byte-level BPE tokenizer that carries Qwen3's chat template, so every
-code path — chat template, hidden-state selection, masking, packing, position ids — is the real one.
+tiny Qwen3 text encoder (FLUX.2 [dev]: a tiny Mistral3ForConditionalGeneration) and an offline byte-level BPE
+tokenizer that carries the model's chat template, so every code path — chat template, hidden-state selection,
+masking, packing, position ids — is the real one.
 A "Turbo"/distilled sibling is the same folder with every transformer weight moved by seeded noise.
 """
 
@@ -26,15 +27,40 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_qwen_tokenizer(max_length: int = 512):
-    """A Qwen2-style byte-level BPE tokenizer over a small fixed vocabulary, built without training (the
-    tokenizers trainer orders ties by hash, so it would not be reproducible)."""
+# Mistral Small 3.1's special tokens and chat format ("<s>[SYSTEM_PROMPT]…[/SYSTEM_PROMPT][INST]…[/INST]"), reduced
+# to what FLUX.2 [dev]'s pipeline sends: a system message and a user turn, each a list of text parts.
+MISTRAL_SPECIAL = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+]
+MISTRAL_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}[SYSTEM_PROMPT]"
+    "{%- for part in message['content'] %}{{- part['text'] }}{%- endfor %}[/SYSTEM_PROMPT]"
+    "{%- elif message['role'] == 'user' %}[INST]"
+    "{%- for part in message['content'] %}{%- if part['type'] == 'text' %}{{- part['text'] }}{%- else %}[IMG]"
+    "{%- endif %}{%- endfor %}[/INST]"
+    "{%- endif %}{%- endfor %}"
+)
+
+
+def _byte_level_bpe(first: list[str]):
+    """A byte-level BPE model over CORPUS_WORDS, its vocabulary starting with `first`, built without training
+    (the tokenizers trainer orders ties by hash, so it would not be reproducible)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Qwen2TokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab: dict[str, int] = {}
-    for t in alphabet:
+    for t in first + alphabet:
         vocab.setdefault(t, len(vocab))
     merges: list[tuple[str, str]] = []
     for word in sorted(set(CORPUS_WORDS.split())):
@@ -49,6 +75,14 @@ def build_qwen_tokenizer(max_length: int = 512):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def build_qwen_tokenizer(max_length: int = 512):
+    """A Qwen2-style byte-level BPE tokenizer over a small fixed vocabulary."""
+    from transformers import Qwen2TokenizerFast
+
+    tok = _byte_level_bpe([])
     tok.add_special_tokens(SPECIAL)
     return Qwen2TokenizerFast(
         tokenizer_object=tok,
@@ -59,6 +93,59 @@ def build_qwen_tokenizer(max_length: int = 512):
         model_max_length=max_length,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def build_mistral_tokenizer(max_length: int = 512):
+    """A Mistral-style byte-level BPE tokenizer with Mistral Small 3.1's special tokens and chat format. The real
+    FLUX.2 [dev] folder holds a PixtralProcessor there; its tokenizer files load the same way (AutoTokenizer)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _byte_level_bpe(MISTRAL_SPECIAL)
+    tok.add_special_tokens(MISTRAL_SPECIAL)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+        chat_template=MISTRAL_TEMPLATE,
+    )
+
+
+def tiny_mistral3(vocab_size: int, image_token: int, seed: int, layers: int = 4, hidden: int = 32):
+    """Mistral3ForConditionalGeneration in miniature: a tiny Pixtral vision tower (unused for text) and a
+    Mistral language model whose hidden states FLUX.2 [dev] stacks."""
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    torch.manual_seed(seed)
+    config = Mistral3Config(
+        vision_config=PixtralVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=8,
+            image_size=64,
+            patch_size=16,
+        ),
+        text_config=MistralConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=hidden // 4,
+            max_position_embeddings=1024,
+        ),
+        image_token_index=image_token,
+        spatial_merge_size=1,
+        vision_feature_layer=-1,
+        multimodal_projector_bias=False,
+    )
+    return Mistral3ForConditionalGeneration(config)
 
 
 def tiny_qwen3(vocab_size: int, seed: int, layers: int, causal_lm: bool, hidden: int = 32):
@@ -135,22 +222,31 @@ def build_tiny_zimage(out_dir: Path, seed: int = 0, single_file: Path | None = N
 
 
 def build_tiny_flux2(
-    out_dir: Path, seed: int = 0, single_file: Path | None = None, guidance_embeds: bool = False, size: str = "tiny"
+    out_dir: Path,
+    seed: int = 0,
+    single_file: Path | None = None,
+    guidance_embeds: bool | None = None,
+    size: str = "tiny",
+    variant: str = "klein",
 ):
-    """A tiny Flux2KleinPipeline folder (guidance_embeds=True: a variant whose transformer takes a guidance value)."""
+    """A tiny Flux2KleinPipeline folder, or with variant="dev" a Flux2Pipeline one (FLUX.2 [dev]: the same
+    transformer class with a guidance embedding, a Mistral3 text encoder). guidance_embeds overrides the
+    variant's (klein: none)."""
+    import diffusers
     import torch
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
     from stages.families.base import quiet_libraries
 
     quiet_libraries()
-    tokenizer = build_qwen_tokenizer()
-    text_encoder = tiny_qwen3(len(tokenizer), seed, layers=4, causal_lm=True)
+    if variant == "dev":
+        tokenizer = build_mistral_tokenizer()
+        text_encoder = tiny_mistral3(len(tokenizer), tokenizer.convert_tokens_to_ids("[IMG]"), seed)
+    else:
+        tokenizer = build_qwen_tokenizer()
+        text_encoder = tiny_qwen3(len(tokenizer), seed, layers=4, causal_lm=True)
+    if guidance_embeds is None:
+        guidance_embeds = variant == "dev"
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLFlux2(**_vae_kwargs(32))
     # The batch-norm statistics the latents are normalized with: a random encoder's latents have std ~0.2, so
@@ -177,14 +273,11 @@ def build_tiny_flux2(
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
     )
-    pipe = Flux2KleinPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-        is_distilled=False,
-    )
+    parts = dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    if variant == "dev":
+        pipe = diffusers.Flux2Pipeline(**parts)
+    else:
+        pipe = diffusers.Flux2KleinPipeline(**parts, is_distilled=False)
     out_dir = Path(out_dir)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     if single_file is not None:
