@@ -118,6 +118,29 @@ class LoraSettings(Section):
         description="Per-sample loss weight over the noise level (flow-matching models only): none, sigma_sqrt "
         "(1/sigma^2) or cosmap, as in SD3's training scripts.",
     )
+    loss: Literal["l2", "l1", "huber", "smooth_l1"] = Field(
+        "l2",
+        description="Loss between prediction and target: l2 (MSE), l1, huber (2c(sqrt(d^2+c^2)-c)) or smooth_l1 "
+        "(2(sqrt(d^2+c^2)-c)), with c from huber_schedule. See docs/training.md.",
+    )
+    huber_schedule: Literal["constant", "exponential", "snr"] = Field(
+        "snr",
+        description="How huber/smooth_l1's c moves with the noise level: constant (huber_c*huber_scale), exponential "
+        "(huber_scale*huber_c^(t/T); flow: ^sigma) or snr (((1-huber_c)/(1+sqrt(1/SNR))^2+huber_c)*huber_scale).",
+    )
+    huber_c: float = Field(0.1, gt=0, le=1, description="The huber/smooth_l1 parameter c (kohya's huber_c).")
+    huber_scale: float = Field(1.0, gt=0, description="Scale of c in every huber_schedule (kohya's huber_scale).")
+    min_snr_gamma: float | None = Field(
+        None,
+        gt=0,
+        description="Min-SNR weighting (DDPM models): per-sample weight min(SNR, gamma)/SNR for epsilon, "
+        "min(SNR, gamma)/(SNR+1) for v-prediction; 5 is the paper's value. Unset: off.",
+    )
+    debiased_estimation: bool = Field(
+        False,
+        description="Debiased estimation (DDPM models): per-sample weight 1/sqrt(SNR) for epsilon, 1/(SNR+1) for "
+        "v-prediction, SNR capped at 1000.",
+    )
 
     @field_validator("lr")
     @classmethod
@@ -154,7 +177,42 @@ class TimestepSettings(Section):
     )
 
 
-class TrainConfig(LoraSettings, TimestepSettings):
+class NoiseSettings(Section):
+    """How training noise is drawn. In `transfer` the noise is materialized by the schedule, so these are
+    `[schedule]` settings there (part of the contract), not the student's."""
+
+    noise_offset: float = Field(
+        0.0, ge=0, description="Add offset*N(0,1) per sample and channel to the noise (kohya's noise_offset); 0: off."
+    )
+    adaptive_noise_scale: float | None = Field(
+        None,
+        description="With noise_offset: the offset becomes max(0, noise_offset + this*|mean of the latent|) per "
+        "sample and channel. Unset: off.",
+    )
+    multires_noise_iterations: int = Field(
+        0, ge=0, description="Pyramid (multi-resolution) noise: levels added to the noise; 0: off. About 6 to 10."
+    )
+    multires_noise_discount: float = Field(
+        0.3, gt=0, le=1, description="Weight of pyramid level i is discount^i; the sum is renormalized per sample."
+    )
+    ip_noise_gamma: float = Field(
+        0.0,
+        ge=0,
+        description="Input perturbation: x_t is built from noise + gamma*N(0,1), the target from the noise; 0: off.",
+    )
+    min_timestep: int | None = Field(
+        None, ge=0, description="Lowest training timestep (of the scheduler's T, usually 1000); flow: sigma >= this/T."
+    )
+    max_timestep: int | None = Field(
+        None, ge=1, description="Highest training timestep, exclusive (DDPM); flow: sigma <= this/T. Unset: T."
+    )
+    zero_terminal_snr: bool = Field(
+        False,
+        description="Rescale the DDPM betas to zero terminal SNR (use with v-prediction). DDPM models only.",
+    )
+
+
+class TrainConfig(LoraSettings, TimestepSettings, NoiseSettings):
     """LoRA training on the base model (stage `lora1`; in `transfer`, the teacher LoRA)."""
 
     steps: int = Field(1000, ge=1, description="Number of optimizer steps.")
@@ -164,7 +222,7 @@ class TrainConfig(LoraSettings, TimestepSettings):
     )
 
 
-class ScheduleConfig(TimestepSettings):
+class ScheduleConfig(TimestepSettings, NoiseSettings):
     """The materialized training plan that the teacher and the student of `transfer` share (stage `schedule`).
 
     Every field here is part of the cross-phase contract: changing one re-runs the teacher."""
@@ -429,6 +487,8 @@ ALIASES = {
     "resolution": "resolution",
     "transfer_guidance": "guidance",
     "lora_base_model": "teacher_lora",
+    "loss_type": "loss",
+    "debiased_estimation_loss": "debiased_estimation",
 }
 
 
@@ -454,6 +514,12 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         loc = tuple(e["loc"])
         dotted = ".".join(map(str, loc))
         if e["type"] == "extra_forbidden":
+            if loc[0] == "student" and len(loc) == 2 and loc[1] in NoiseSettings.model_fields:
+                lines.append(
+                    f"`{dotted}` in {source}: the student of `transfer` trains on the noise the schedule materialized, "
+                    f"so that both phases see the same x_t; set `schedule.{loc[1]}` instead (it re-runs the teacher)."
+                )
+                continue
             hint = _closest(PipelineConfig, loc)
             fix = f"did you mean `{hint}`?" if hint else "see `pipeline init` or docs/config.md for the valid keys"
             lines.append(f"unknown key `{dotted}` in {source}: {fix}")

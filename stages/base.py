@@ -147,13 +147,16 @@ class PlanEnv:
     def train_fields(self, section, name: str, model: ModelRef | None = None, timestep_settings=None) -> dict:
         """What every training stage resolves from its section: targets, the noise process, a checked weighting."""
         from stages.families.noise import check_weighting
+        from stages.training.losses import resolve_loss
 
         model = model or self.model
         timesteps = model.timesteps(timestep_settings or section, name, self.config.latents.resolution)
+        prediction_type = self.prediction_type if model is self.model else model.auto_prediction_type
         return {
             "targets": self.targets(section.targets),
             "timesteps": timesteps,
             "loss_weighting": check_weighting(timesteps, section.loss_weighting, name),
+            "loss": resolve_loss(section, timesteps, prediction_type, name),
         }
 
     def targets(self, section_targets: list[str] | None) -> list[str]:

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from cache.store import Manifest
 from stages.base import PlanEnv, Stage, StageContext, StageResult
-from stages.training.params import LoraTrainParams
+from stages.training.params import LoraTrainParams, noise_contract, section_fields
 
 
 class Lora1Params(LoraTrainParams):
@@ -26,7 +26,7 @@ class Lora1Stage(Stage):
     def params(self, env: PlanEnv) -> Lora1Params:
         c = env.config.lora1
         return Lora1Params(
-            **c.model_dump(exclude={"targets", "loss_weighting"}),
+            **section_fields(c, Lora1Params),
             **env.train_fields(c, "lora1"),
             prediction_type=env.prediction_type,
         )
@@ -42,7 +42,7 @@ class Lora1Stage(Stage):
             "steps": params.steps,
             "seed": params.seed,
             "timesteps": params.timesteps,
-            "noise": {"offset": 0.0, "pyramid": False},
+            "noise": noise_contract(params.timesteps),
             "prediction_type": params.prediction_type,
         }
 

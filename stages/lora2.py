@@ -10,7 +10,7 @@ from __future__ import annotations
 from cache.store import Manifest
 from core.errors import ConfigError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
-from stages.training.params import LoraTrainParams
+from stages.training.params import LoraTrainParams, section_fields
 
 
 class Lora2Params(LoraTrainParams):
@@ -35,7 +35,7 @@ class Lora2Stage(Stage):
                 f"differential.lora1.batch_size = {l1.batch_size}, differential.lora2.batch_size = {l2.batch_size}."
             )
         return Lora2Params(
-            **l2.model_dump(exclude={"targets", "loss_weighting"}),
+            **section_fields(l2, Lora2Params),
             # paired noise replays LoRA-1's draws, so LoRA-1's sampler and shift
             **env.train_fields(l2, "differential.lora2", timestep_settings=l1 if d.paired_noise else l2),
             prediction_type=env.prediction_type,

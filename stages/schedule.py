@@ -12,6 +12,7 @@ import json
 from pydantic import BaseModel
 
 from stages.base import PlanEnv, Stage, StageContext, StageResult
+from stages.training.params import noise_contract
 
 
 class ScheduleParams(BaseModel):
@@ -60,7 +61,7 @@ class ScheduleStage(Stage):
             "heldout": params.heldout,
             "heldout_images": params.heldout_images,
             "timesteps": params.timesteps,
-            "noise": {"offset": 0.0, "pyramid": False, "storage": "cpu-seed+sha256"},
+            "noise": {**noise_contract(params.timesteps), "storage": "cpu-seed+sha256"},
             "prediction_type": params.prediction_type,
             "guidance_embed": params.guidance_embed,  # the teacher's; None for models without a guidance embedding
         }

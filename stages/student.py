@@ -13,7 +13,7 @@ from __future__ import annotations
 from cache.store import Manifest
 from core.errors import ConfigError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
-from stages.training.params import LoraTrainParams
+from stages.training.params import LoraTrainParams, section_fields
 
 
 class StudentParams(LoraTrainParams):
@@ -50,7 +50,7 @@ class StudentStage(Stage):
                 f"student.steps = {steps} is more than schedule.steps = {sched.steps}: the teacher records deltas "
                 f"for {sched.steps} steps. Lower student.steps, or raise schedule.steps (which re-runs the teacher)."
             )
-        fields = s.model_dump(exclude={"steps", "prior", "targets", "guidance_embed", "loss_weighting"})
+        fields = section_fields(s, StudentParams, exclude={"steps", "guidance_embed", "batch_size", "grad_accum"})
         return StudentParams(
             **fields,
             **env.train_fields(s, "student", model=env.student, timestep_settings=sched),

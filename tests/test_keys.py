@@ -6,6 +6,7 @@ import pytest
 
 from cache.keys import canonical_json
 from cache.store import Store
+from core.errors import ConfigError
 from pipeline.config import load_config
 from pipeline.planner import plan_workflow
 from pipeline.workflows import get_workflow
@@ -119,6 +120,37 @@ TRAIN_FIELDS = [
 ]  # fmt: skip
 PAIRS = ("red-circle", "yellow-square")
 
+# The training-method options (docs/training.md) on the DDPM project. Each changes its stages' keys; an option only
+# read with another one (huber_* with a huber loss, the discount with pyramid noise, the adaptive scale with an
+# offset) changes nothing alone and its stages' keys once that one is on. (override, stages, what it needs)
+NOISE_FIELDS = [
+    ("noise_offset", 0.05), ("multires_noise_iterations", 3), ("ip_noise_gamma", 0.1), ("min_timestep", 100),
+    ("max_timestep", 900), ("zero_terminal_snr", "true"),
+]  # fmt: skip
+LOSS_FIELDS = [("loss", "'l1'"), ("min_snr_gamma", 5.0), ("debiased_estimation", "true")]
+NEEDS = {
+    "adaptive_noise_scale": ("noise_offset=0.05", 0.01),
+    "multires_noise_discount": ("multires_noise_iterations=3", 0.5),
+    "huber_schedule": ("loss='huber'", "'constant'"),
+    "huber_c": ("loss='huber'", 0.2),
+    "huber_scale": ("loss='huber'", 2.0),
+}
+OPTIONS = [
+    *[(f"lora1.{k}={v}", DOWNSTREAM["lora1"], None) for k, v in NOISE_FIELDS + LOSS_FIELDS],
+    *[(f"schedule.{k}={v}", DOWNSTREAM["schedule"], None) for k, v in NOISE_FIELDS],
+    *[(f"student.{k}={v}", {"student"}, None) for k, v in LOSS_FIELDS],
+    *[
+        (f"{section}.{k}={v}", stages, f"{section}.{base}")
+        for section, stages, names in [
+            ("lora1", DOWNSTREAM["lora1"], NEEDS),
+            ("schedule", DOWNSTREAM["schedule"], ["adaptive_noise_scale", "multires_noise_discount"]),
+            ("student", {"student"}, ["huber_schedule", "huber_c", "huber_scale"]),
+        ]
+        for k in names
+        for base, v in [NEEDS[k]]
+    ],
+]
+
 
 def per_pair(*stages: str) -> set[str]:
     return {f"{s}.{p}" for s in stages for p in PAIRS}
@@ -132,6 +164,18 @@ DIFFERENTIAL = [
     ("differential.paired_noise=true", per_pair("lora2") | {"average", "eval"}),
     ("differential.average_rank=2", {"average", "eval"}),
     ("differential.eval_samples=3", {"eval"}),
+    *[
+        (f"differential.{side}.{k}={v}", per_pair(*stages) | {"average", "eval"})
+        for side, stages in [("lora1", ("lora1", "lora2")), ("lora2", ("lora2",))]
+        for k, v in NOISE_FIELDS + LOSS_FIELDS
+    ],
+    # read only with another option on (NEEDS): alone they change nothing (the adaptive scale alone is refused)
+    *[
+        (f"differential.{side}.{k}={v}", set())
+        for side in ("lora1", "lora2")
+        for k, (_, v) in NEEDS.items()
+        if k != "adaptive_noise_scale"
+    ],
     ("lora1.lr=1e-2", set()),  # the lora workflow's [lora1] is not differential's LoRA-1
 ]
 
@@ -210,10 +254,34 @@ def test_differential_setting_changes_exactly_its_nodes(differential_project, ov
     assert {n for n in base if base[n] != new[n]} == changed
 
 
+@pytest.mark.parametrize("override, changed, needs", OPTIONS, ids=[o for o, _, _ in OPTIONS])
+def test_training_option_changes_exactly_its_stages(project, override, changed, needs):
+    if needs is None:
+        base, new = keys(project), keys(project, override)
+    else:
+        if "adaptive_noise_scale" in override:  # scales the offset: refused without one
+            with pytest.raises(ConfigError, match=r"adaptive_noise_scale.*noise_offset"):
+                keys(project, override)
+        else:
+            assert keys(project, override) == keys(project)  # not read without `needs`
+        base, new = keys(project, needs), keys(project, needs, override)
+    assert {s for s in base if base[s] != new[s]} == changed
+
+
+@pytest.mark.parametrize("side", ["lora1", "lora2"])
+def test_differential_adaptive_noise_scale_changes_its_side(differential_project, side):
+    stages = per_pair("lora1", "lora2") if side == "lora1" else per_pair("lora2")
+    needs = f"differential.{side}.noise_offset=0.05"
+    base = keys(differential_project, needs, workflow="differential")
+    new = keys(differential_project, needs, f"differential.{side}.adaptive_noise_scale=0.01", workflow="differential")
+    assert {n for n in base if base[n] != new[n]} == stages | {"average", "eval"}
+
+
 def test_every_config_field_is_covered_by_this_table():
     from pipeline.config import PipelineConfig
 
-    tables = SEMANTIC + DIFFERENTIAL + FLOW + FLOW_DIFFERENTIAL
+    tables = SEMANTIC + DIFFERENTIAL + FLOW + FLOW_DIFFERENTIAL + [(o, c) for o, c, _ in OPTIONS]
+    tables += [(f"differential.{side}.adaptive_noise_scale", None) for side in ("lora1", "lora2")]  # tested above
     covered = {o.split("=")[0] for o, _ in tables} | {o.split("=")[0] for o in RUNTIME}
     fields = set()
     for section, model in PipelineConfig.model_fields.items():

@@ -22,6 +22,10 @@ OPTIONS = [
     {"dropout": 0.2},
     {"max_grad_norm": 0.0},
     {"weight_decay": 0.0, "batch_size": 3},
+    {"loss": "huber", "huber_schedule": "snr", "min_snr_gamma": 5.0},
+    {"loss": "smooth_l1", "huber_schedule": "exponential", "debiased_estimation": True},
+    {"loss": "l1", "noise_offset": 0.1, "adaptive_noise_scale": 0.05, "ip_noise_gamma": 0.1},
+    {"multires_noise_iterations": 3, "min_timestep": 100, "max_timestep": 900, "zero_terminal_snr": True},
 ]
 
 
@@ -48,6 +52,8 @@ FLOW_OPTIONS = [
     ("zimage", {"timestep_sampling": "mode", "timestep_shift": "none", "loss_weighting": "cosmap"}),
     ("flux2", {"timestep_shift": "static", "shift": 2.0, "loss_weighting": "sigma_sqrt"}),
     ("flux2", {"timestep_shift": "resolution", "grad_accum": 2}),
+    ("zimage", {"loss": "huber", "huber_schedule": "snr", "noise_offset": 0.1, "multires_noise_iterations": 2}),
+    ("flux2", {"loss": "smooth_l1", "huber_schedule": "exponential", "ip_noise_gamma": 0.1, "min_timestep": 200}),
 ]
 
 

@@ -32,10 +32,57 @@ def calculate_mu(seq_len: int, cfg: dict) -> float:
     return seq_len * m + (base_shift - m * base_len)
 
 
+def resolve_noise(base: dict[str, Any], settings, section: str) -> dict[str, Any]:
+    """The noise options of a section (NoiseSettings) that are on, checked against the process: {} when all are
+    off, so a default config keeps the keys it had before they existed."""
+    get = lambda name, default: getattr(settings, name, default)  # noqa: E731  (ScheduleConfig, TrainConfig, tests)
+    flow = base["process"] == "flow"
+    out: dict[str, Any] = {}
+    noise: dict[str, Any] = {}
+    offset, adaptive = get("noise_offset", 0.0), get("adaptive_noise_scale", None)
+    if adaptive is not None and not offset:
+        raise ConfigError(
+            f"{section}.adaptive_noise_scale scales {section}.noise_offset by the latent's mean, but noise_offset is "
+            f"0. Set {section}.noise_offset too (kohya's default is 0.0357), or leave adaptive_noise_scale unset."
+        )
+    if offset:
+        noise["offset"] = float(offset)
+        if adaptive is not None:
+            noise["adaptive_scale"] = float(adaptive)
+    if get("multires_noise_iterations", 0):
+        noise["multires"] = {
+            "iterations": int(get("multires_noise_iterations", 0)),
+            "discount": float(get("multires_noise_discount", 0.3)),
+        }
+    if get("ip_noise_gamma", 0.0):
+        noise["ip_gamma"] = float(get("ip_noise_gamma", 0.0))
+    if noise:
+        out["noise"] = noise
+    lo, hi = get("min_timestep", None), get("max_timestep", None)
+    if lo is not None or hi is not None:
+        total = base.get("num_train_timesteps", 1000)
+        lo, hi = lo or 0, total if hi is None else hi
+        if not 0 <= lo < hi <= total:
+            raise ConfigError(
+                f"{section}.min_timestep / max_timestep = {lo} / {hi}: need 0 <= min < max <= {total} (the model's "
+                f"num_train_timesteps)."
+            )
+        out["timestep_range"] = [int(lo), int(hi)]
+    if get("zero_terminal_snr", False):
+        if flow:
+            raise ConfigError(
+                f"{section}.zero_terminal_snr rescales a DDPM beta schedule; this model is trained by flow matching, "
+                f"whose sigma already reaches 1 (pure noise). Leave it off."
+            )
+        out["rescale_betas_zero_snr"] = True
+    return out
+
+
 def resolve_timesteps(base: dict[str, Any], settings, seq_len: int, section: str) -> dict[str, Any]:
-    """The family's process (from its scheduler config) plus the user's sampler and shift, with every `auto`
-    resolved. `settings` has timestep_sampling, logit_mean, logit_std, mode_scale, timestep_shift, shift."""
-    out = dict(base)
+    """The family's process (from its scheduler config) plus the user's sampler, shift and noise options, with every
+    `auto` resolved. `settings` has timestep_sampling, logit_mean, logit_std, mode_scale, timestep_shift, shift
+    (and the NoiseSettings fields, where the section has them)."""
+    out = {**base, **resolve_noise(base, settings, section)}
     sampler, shift_kind = settings.timestep_sampling, settings.timestep_shift
     if base["process"] == "ddpm":
         if sampler != "uniform":
@@ -119,11 +166,16 @@ class DDPMProcess:
         )
         self.prediction_type = prediction_type
         self.num_timesteps = self.scheduler.config.num_train_timesteps
+        self.range = tuple(timesteps.get("timestep_range", (0, self.num_timesteps)))
+        self.noise_options = timesteps.get("noise", {})
 
     def sample_timesteps(self, n: int, generator):
         import torch
 
-        return torch.randint(0, self.num_timesteps, (n,), generator=generator)
+        return torch.randint(self.range[0], self.range[1], (n,), generator=generator)
+
+    def training_noise(self, x0, noise, generator):
+        return training_noise(self.noise_options, x0, noise, generator)
 
     def as_tensor(self, values: list):
         import torch
@@ -160,6 +212,11 @@ class FlowMatchProcess:
         self.sampler = timesteps["sampler"]
         self.shift = timesteps["shift"]
         self.num_timesteps = timesteps.get("num_train_timesteps", 1000)
+        self.range = timesteps.get("timestep_range")
+        self.noise_options = timesteps.get("noise", {})
+
+    def training_noise(self, x0, noise, generator):
+        return training_noise(self.noise_options, x0, noise, generator)
 
     def _shifted(self, u):
         import torch
@@ -184,7 +241,11 @@ class FlowMatchProcess:
             u = torch.rand(n, generator=generator)
             if name == "mode":
                 u = 1 - u - self.sampler["scale"] * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-        return self._shifted(u.clamp(0.0, 1.0)).to(torch.float32)
+        sigma = self._shifted(u.clamp(0.0, 1.0))
+        if self.range is not None:  # [min_timestep, max_timestep) of T, as a range of σ
+            lo, hi = self.range[0] / self.num_timesteps, self.range[1] / self.num_timesteps
+            sigma = lo + (hi - lo) * sigma
+        return sigma.to(torch.float32)
 
     def as_tensor(self, values: list):
         import torch
@@ -207,3 +268,49 @@ class FlowMatchProcess:
 
     def predict_x0(self, x_t, pred, t):
         return x_t - self._col(t, x_t) * pred
+
+
+def pyramid_noise(noise, iterations: int, discount: float, generator):
+    """Multi-resolution (pyramid) noise: noise plus `iterations` levels of upsampled coarser noise, level i at a
+    random scale factor r_i in [2, 4) per level and weight discount^i, then renormalized to unit std per sample.
+    kohya draws r from Python's unseeded `random` and divides by the whole batch's std; here both come from the
+    micro-step's generator and each sample is normalized on its own, so a resumed run draws the same noise."""
+    import torch
+    import torch.nn.functional as F
+
+    b, c, h, w = noise.shape
+    out = noise.clone()
+    for i in range(iterations):
+        r = float(torch.rand(1, generator=generator)) * 2 + 2
+        hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
+        coarse = torch.randn((b, c, hn, wn), generator=generator)
+        out = out + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * discount**i
+        if hn == 1 or wn == 1:
+            break
+    return out / out.flatten(1).std(dim=1).view(b, 1, 1, 1)
+
+
+def training_noise(options: dict, x0, noise, generator):
+    """(the noise the target is built from, the noise x_t is built from) for one micro-batch: kohya's order —
+    noise offset (adaptive: offset + scale·|mean of the latent| per sample and channel, floored at 0), then pyramid
+    noise, then input perturbation (ip_noise_gamma, input only). Extra draws come from `generator` after the base
+    noise and the timesteps, so a run with every option off draws exactly what it drew before they existed."""
+    if not options:
+        return noise, noise
+    import torch
+
+    b, c = noise.shape[:2]
+    if "offset" in options:
+        offset = torch.full((b, c, 1, 1), options["offset"])
+        if "adaptive_scale" in options:
+            mean = x0.float().mean(dim=tuple(range(2, x0.ndim)), keepdim=True).abs().view(b, c, 1, 1)
+            offset = (offset + options["adaptive_scale"] * mean).clamp_min(0.0)
+        shape = (b, c) + (1,) * (noise.ndim - 2)
+        noise = noise + offset.view(shape) * torch.randn(shape, generator=generator)
+    if "multires" in options:
+        m = options["multires"]
+        noise = pyramid_noise(noise, m["iterations"], m["discount"], generator)
+    noise_in = noise
+    if "ip_gamma" in options:
+        noise_in = noise + options["ip_gamma"] * torch.randn(noise.shape, generator=generator)
+    return noise, noise_in

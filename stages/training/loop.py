@@ -16,8 +16,9 @@ from pathlib import Path
 
 from core.errors import ConfigError, PipelineError
 from core.faults import fault_point
-from stages.families.noise import loss_weights, make_process
+from stages.families.noise import make_process
 from stages.training.lora_files import add_lora, trainable_state
+from stages.training.losses import training_loss
 from stages.training.sampling import batch_indices, derive_seed, generator
 
 
@@ -51,7 +52,10 @@ class DiffusionBatches:
         g = generator("noise", self.seed, k) if not self.stream else generator("noise", self.stream, self.seed, k)
         noise = torch.randn(x0.shape, generator=g)
         t = process.sample_timesteps(x0.shape[0], g)
-        return process.noisy_input(x0, noise, t), t, cond, process.target(x0, noise, t)
+        noise_in = noise
+        if getattr(process, "noise_options", None):  # offset, pyramid, input perturbation
+            noise, noise_in = process.training_noise(x0, noise, g)
+        return process.noisy_input(x0, noise_in, t), t, cond, process.target(x0, noise, t)
 
 
 @dataclass
@@ -231,7 +235,6 @@ def freeze_preset(denoiser) -> None:
 def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lora_params) -> float:
     """One optimizer step over grad_accum micro-batches; every draw derives from (seed, micro-step)."""
     import torch
-    import torch.nn.functional as F
 
     cfg = job.params
     device = accelerator.device
@@ -243,12 +246,9 @@ def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lo
             torch.manual_seed(derive_seed("dropout", cfg.seed, k))
         with accelerator.autocast():
             pred = job.family.predict(denoiser, x_t, t, cond, guidance=getattr(cfg, "guidance_embed", None))
-        weights = loss_weights(process, t, getattr(cfg, "loss_weighting", "none"))
-        if weights is None:
-            loss = F.mse_loss(pred.float(), target.float())
-        else:  # per-sample weights over the noise level, normalized so that their mean is 1
-            per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-            loss = (per_sample * weights.to(per_sample.device)).sum() / weights.sum()
+        loss = training_loss(
+            pred, target, t, process, getattr(cfg, "loss", None), getattr(cfg, "loss_weighting", "none")
+        )
         accelerator.backward(loss / cfg.grad_accum)
         total += loss.detach()
     if cfg.max_grad_norm > 0:

@@ -22,24 +22,42 @@ class LoraTrainParams(BaseModel):
     mixed_precision: str
     seed: int
     prediction_type: str
-    timesteps: dict  # the resolved noise process: sampler, shift, scheduler values (noise.resolve_timesteps)
+    timesteps: dict  # the resolved noise process: sampler, shift, scheduler values, noise options
     loss_weighting: str
+    loss: dict  # the resolved loss: type, huber schedule, SNR weightings (losses.resolve_loss)
 
 
 def train_params(family, layout, cfg, latent_shape: tuple[int, ...], section: str = "lora1") -> LoraTrainParams:
     """A training section's params outside a pipeline (benchmarks, tests): its fields plus the family's default
     targets, prediction type and resolved noise process, as the lora1 stage would hash them."""
     from stages.families.noise import check_weighting, resolve_timesteps
+    from stages.training.losses import resolve_loss
 
     timesteps = resolve_timesteps(
         family.noise_schedule_contract(layout), cfg, family.image_seq_len(latent_shape), section
     )
+    prediction_type = family.prediction_type(layout)
     return LoraTrainParams(
-        **cfg.model_dump(
-            include=set(LoraTrainParams.model_fields) - {"targets", "timesteps", "prediction_type", "loss_weighting"}
-        ),
+        **cfg.model_dump(include=set(LoraTrainParams.model_fields) - set(RESOLVED)),
         targets=cfg.targets or family.default_targets,
-        prediction_type=family.prediction_type(layout),
+        prediction_type=prediction_type,
         timesteps=timesteps,
         loss_weighting=check_weighting(timesteps, cfg.loss_weighting, section),
+        loss=resolve_loss(cfg, timesteps, prediction_type, section),
     )
+
+
+# LoraTrainParams fields that are resolved (against the model), not copied from the section
+RESOLVED = ("targets", "timesteps", "prediction_type", "loss_weighting", "loss")
+
+
+def section_fields(section, params_cls, exclude: set[str] = frozenset()) -> dict:
+    """The fields a params class copies from its config section as they are (not the resolved ones)."""
+    names = set(params_cls.model_fields) - set(RESOLVED) - set(exclude)
+    return section.model_dump(include=names & set(type(section).model_fields))
+
+
+def noise_contract(timesteps: dict) -> dict:
+    """The contract's summary of the noise options (the options themselves are in `timesteps`)."""
+    options = timesteps.get("noise", {})
+    return {"offset": options.get("offset", 0.0), "pyramid": "multires" in options}

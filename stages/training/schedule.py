@@ -134,7 +134,15 @@ def rebuild_inputs(rows: list[dict], latents: dict, process, shape: tuple[int, .
     x0 = torch.stack([torch.as_tensor(latents[row["latent"]]) for row in rows])
     noise = torch.stack(noises)
     t = process.as_tensor([row["t"] for row in rows])
-    return process.noisy_input(x0, noise, t), t, noise
+    noise_in = noise
+    # the schedule's noise options, per row from the row's own seed: both phases agree
+    if getattr(process, "noise_options", None):
+        pairs = [
+            process.training_noise(x0[i : i + 1], noise[i : i + 1], generator("noise-options", row["noise_seed"]))
+            for i, row in enumerate(rows)
+        ]
+        noise, noise_in = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    return process.noisy_input(x0, noise_in, t), t, noise
 
 
 def inputs_digest(x_t, t, captions: list[str]) -> bytes:
