@@ -130,16 +130,7 @@ def tiny_mistral3(vocab_size: int, image_token: int, seed: int, layers: int = 4,
             image_size=64,
             patch_size=16,
         ),
-        text_config=MistralConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=hidden // 4,
-            max_position_embeddings=1024,
-        ),
+        text_config=MistralConfig(**_tiny_decoder(vocab_size, hidden, layers)),
         image_token_index=image_token,
         spatial_merge_size=1,
         vision_feature_layer=-1,
@@ -153,7 +144,13 @@ def tiny_qwen3(vocab_size: int, seed: int, layers: int, causal_lm: bool, hidden:
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     torch.manual_seed(seed)
-    config = Qwen3Config(
+    config = Qwen3Config(**_tiny_decoder(vocab_size, hidden, layers), tie_word_embeddings=causal_lm)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
+
+
+def _tiny_decoder(vocab_size: int, hidden: int, layers: int) -> dict:
+    """The shape of the tiny decoder-only language models (Qwen3, Mistral): 4 heads over 2 KV heads."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -162,9 +159,7 @@ def tiny_qwen3(vocab_size: int, seed: int, layers: int, causal_lm: bool, hidden:
         num_key_value_heads=2,
         head_dim=hidden // 4,
         max_position_embeddings=1024,
-        tie_word_embeddings=causal_lm,
     )
-    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
 
 
 def _vae_kwargs(latent_channels: int) -> dict:
