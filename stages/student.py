@@ -50,7 +50,7 @@ class StudentStage(Stage):
                 f"student.steps = {steps} is more than schedule.steps = {sched.steps}: the teacher records deltas "
                 f"for {sched.steps} steps. Lower student.steps, or raise schedule.steps (which re-runs the teacher)."
             )
-        fields = section_fields(s, StudentParams, exclude={"steps", "guidance_embed", "batch_size", "grad_accum"})
+        fields = section_fields(s, StudentParams, exclude={"steps", "guidance_embed"})
         return StudentParams(
             **fields,
             **env.train_fields(s, "student", model=env.student, timestep_settings=sched),

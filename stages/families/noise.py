@@ -167,15 +167,12 @@ class DDPMProcess:
         self.prediction_type = prediction_type
         self.num_timesteps = self.scheduler.config.num_train_timesteps
         self.range = tuple(timesteps.get("timestep_range", (0, self.num_timesteps)))
-        self.noise_options = timesteps.get("noise", {})
+        self.noise_options = timesteps.get("noise", {})  # training_noise() applies them
 
     def sample_timesteps(self, n: int, generator):
         import torch
 
         return torch.randint(self.range[0], self.range[1], (n,), generator=generator)
-
-    def training_noise(self, x0, noise, generator):
-        return training_noise(self.noise_options, x0, noise, generator)
 
     def as_tensor(self, values: list):
         import torch
@@ -213,10 +210,7 @@ class FlowMatchProcess:
         self.shift = timesteps["shift"]
         self.num_timesteps = timesteps.get("num_train_timesteps", 1000)
         self.range = timesteps.get("timestep_range")
-        self.noise_options = timesteps.get("noise", {})
-
-    def training_noise(self, x0, noise, generator):
-        return training_noise(self.noise_options, x0, noise, generator)
+        self.noise_options = timesteps.get("noise", {})  # training_noise() applies them
 
     def _shifted(self, u):
         import torch

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from core.errors import ConfigError, PipelineError
 from core.faults import fault_point
-from stages.families.noise import make_process
+from stages.families.noise import make_process, training_noise
 from stages.training.lora_files import add_lora, trainable_state
 from stages.training.losses import training_loss
 from stages.training.sampling import batch_indices, derive_seed, generator
@@ -52,9 +52,7 @@ class DiffusionBatches:
         g = generator("noise", self.seed, k) if not self.stream else generator("noise", self.stream, self.seed, k)
         noise = torch.randn(x0.shape, generator=g)
         t = process.sample_timesteps(x0.shape[0], g)
-        noise_in = noise
-        if getattr(process, "noise_options", None):  # offset, pyramid, input perturbation
-            noise, noise_in = process.training_noise(x0, noise, g)
+        noise, noise_in = training_noise(getattr(process, "noise_options", {}), x0, noise, g)
         return process.noisy_input(x0, noise_in, t), t, cond, process.target(x0, noise, t)
 
 

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 
 from core.errors import PipelineError
+from stages.families.noise import training_noise
 from stages.training.sampling import batch_indices, derive_seed, generator
 
 
@@ -134,11 +135,10 @@ def rebuild_inputs(rows: list[dict], latents: dict, process, shape: tuple[int, .
     x0 = torch.stack([torch.as_tensor(latents[row["latent"]]) for row in rows])
     noise = torch.stack(noises)
     t = process.as_tensor([row["t"] for row in rows])
-    noise_in = noise
-    # the schedule's noise options, per row from the row's own seed: both phases agree
-    if getattr(process, "noise_options", None):
+    noise_in, options = noise, getattr(process, "noise_options", {})
+    if options:  # the schedule's noise options, per row from the row's own seed: both phases agree
         pairs = [
-            process.training_noise(x0[i : i + 1], noise[i : i + 1], generator("noise-options", row["noise_seed"]))
+            training_noise(options, x0[i : i + 1], noise[i : i + 1], generator("noise-options", row["noise_seed"]))
             for i, row in enumerate(rows)
         ]
         noise, noise_in = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
