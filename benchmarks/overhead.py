@@ -62,11 +62,13 @@ def median_step(times: list[float]) -> float:
     return statistics.median(b - a for a, b in zip(times[WARMUP:-1], times[WARMUP + 1 :], strict=True))
 
 
-def stage_loop(model: Path, data: TrainData, cfg: TrainConfig, work: Path) -> float:
+def stage_loop(model: Path, data: TrainData, cfg: TrainConfig, work: Path, gradient_checkpointing=False) -> float:
     family = SD15Family()
     layout = family.layout(model, None)
     params = train_params(family, layout, cfg, tuple(data.latents.shape[1:]))
-    job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), work, progress=True)
+    job = TrainJob(
+        family, layout, "epsilon", params, torch.device("cpu"), work, gradient_checkpointing=gradient_checkpointing
+    )
     with open(os.devnull, "w") as devnull:  # keep the real progress bar's cost, not its output
         stderr, sys.stderr = sys.stderr, devnull
         try:

@@ -100,13 +100,88 @@ class LoraSettings(Section):
         "projections (sd15 and zimage: to_q, to_k, to_v, to_out.0; flux2 adds the text-stream and fused "
         "single-block projections). See docs/families.md.",
     )
-    lr: float = Field(1e-4, description="Learning rate (with prodigy: its multiplier, usually 1.0).")
-    optimizer: Literal["adamw", "prodigy"] = Field(
-        "adamw", description="Optimizer: adamw (torch) or prodigy (prodigyopt)."
+    lr: float = Field(
+        1e-4,
+        description="Learning rate (with prodigy: its multiplier, usually 1.0). Negative: gradient ascent, which "
+        "un-learns the data (adamw only).",
+    )
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor", "lion"] = Field(
+        "adamw",
+        description="Optimizer: adamw (torch; fused kernel where the device has one), adamw8bit (bitsandbytes, the "
+        "`bnb` extra), prodigy (prodigyopt), adafactor (transformers' Adafactor: fixed lr, or relative_step = true "
+        "in optimizer_args), lion (lion-pytorch, the `lion` extra).",
+    )
+    optimizer_args: dict[str, bool | int | float | str | list[float]] = Field(
+        {},
+        description="More constructor arguments of the optimizer, checked against its signature, e.g. {betas = "
+        "[0.9, 0.99], eps = 1e-6}. lr and weight_decay are set by their own fields.",
     )
     weight_decay: float = Field(1e-2, ge=0, description="Decoupled weight decay.")
-    lr_scheduler: Literal["constant", "cosine"] = Field("constant", description="Learning-rate schedule after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 over this many optimizer steps.")
+    lr_scheduler: Literal[
+        "constant",
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "cosine_with_min_lr",
+        "inverse_sqrt",
+        "warmup_stable_decay",
+    ] = Field(
+        "constant",
+        description="Learning-rate schedule after warmup; the formulas are in docs/training.md.",
+    )
+    warmup_steps: int | str = Field(
+        0,
+        description='Linear warmup over this many optimizer steps, or a fraction of the steps as "10%".',
+    )
+    decay_steps: int | str = Field(
+        "20%",
+        description='warmup_stable_decay: the final steps over which the lr decays (steps, or "20%" of them).',
+    )
+    lr_scheduler_num_cycles: int = Field(1, ge=1, description="cosine_with_restarts: the number of cosine cycles.")
+    lr_scheduler_power: float = Field(1.0, gt=0, description="polynomial: the power of the decay (1: linear).")
+    lr_scheduler_min_lr_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="The lr at the end of the decay, as a fraction of lr (polynomial, cosine_with_min_lr, "
+        "warmup_stable_decay).",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: the up (B) matrices learn at lr*ratio (the paper suggests 16). Not with prodigy.",
+    )
+    block_lr: dict[str, float] = Field(
+        {},
+        description='Learning-rate multipliers by block of the denoiser, e.g. {"down_blocks.0-1" = 0.5, '
+        '"mid_block" = 0, "transformer_blocks.10-19" = 2}: a top-level module, with an index or a range for a '
+        "block list. 0: that block's LoRA is not trained; negative: it un-learns (adamw only). Blocks not named "
+        "keep 1. See docs/training.md for each family's block names.",
+    )
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999) and save "
+        "it as <name>-ema.safetensors beside the raw LoRA. Unset: off.",
+    )
+    ema_warmup: bool = Field(
+        True, description="EMA warmup: the decay of update n is min(ema_decay, (1+n)/(10+n)), as in diffusers."
+    )
+    ema_every: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
+    fused_backward: bool = Field(
+        False,
+        description="Step the optimizer inside the backward pass, each group as soon as its gradients are ready, "
+        "and free them: less gradient memory. Needs grad_accum = 1 and max_grad_norm = 0 (the global norm is not "
+        "known before the steps).",
+    )
+    optimizer_groups: int = Field(
+        0,
+        ge=0,
+        description="With fused_backward: split the LoRA parameters into this many optimizers (kohya's "
+        "fused_optimizer_groups); 0: one per parameter.",
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this value; 0 disables clipping.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no",
@@ -146,12 +221,29 @@ class LoraSettings(Section):
     @classmethod
     def _lr(cls, v: float) -> float:
         if v == 0:
-            raise ValueError("must be greater than 0: a learning rate of 0 trains nothing")
-        if v < 0:
-            raise ValueError(
-                "must be greater than 0: a negative learning rate un-learns the data (gradient ascent), which is "
-                "not a training method this version offers"
-            )
+            raise ValueError("must not be 0: a learning rate of 0 trains nothing")
+        return v
+
+    @field_validator("warmup_steps", "decay_steps")
+    @classmethod
+    def _steps_or_fraction(cls, v: int | str) -> int | str:
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError("must be 0 or more steps")
+            return v
+        if not re.fullmatch(r"\d+(\.\d+)?%", v) or float(v[:-1]) > 100:
+            raise ValueError('must be a number of steps or a percentage of the steps such as "10%"')
+        return v
+
+    @field_validator("block_lr")
+    @classmethod
+    def _blocks(cls, v: dict[str, float]) -> dict[str, float]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z_]\w*(\.\d+(-\d+)?)?", name):
+                raise ValueError(
+                    f"{name!r} is not a block: write a module name, with an index or range for a block list, as "
+                    f'"mid_block", "down_blocks.1" or "transformer_blocks.0-9"'
+                )
         return v
 
 
@@ -364,6 +456,9 @@ class PreviewConfig(Section):
     seed: int = Field(0, description="Seed of each preview's initial noise (the same for every preview).")
     steps: int = Field(20, ge=1, description="Sampling steps per preview.")
     guidance_scale: float = Field(7.5, description="Classifier-free guidance scale of previews.")
+    ema: bool = Field(
+        False, description="Render previews with the EMA of the LoRA weights (needs the section's ema_decay)."
+    )
 
 
 class RuntimeConfig(Section):
@@ -376,6 +471,11 @@ class RuntimeConfig(Section):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     log_level: Literal["debug", "info", "warning"] = Field("info", description="Verbosity of messages on stderr.")
     checkpoint_every: int = Field(100, ge=0, description="Save resumable training state every N steps; 0 disables.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute the denoiser's activations in the backward pass instead of keeping them: less memory, "
+        "about a third more compute per step. The trained LoRA is the same.",
+    )
     encode_batch_size: int = Field(8, ge=1, description="Images per VAE / text-encoder forward when caching.")
     max_image_pixels: int = Field(
         100_000_000,
@@ -489,6 +589,11 @@ ALIASES = {
     "lora_base_model": "teacher_lora",
     "loss_type": "loss",
     "debiased_estimation_loss": "debiased_estimation",
+    "lr_warmup": "warmup_steps",
+    "lr_decay_steps": "decay_steps",
+    "fused_backward_pass": "fused_backward",
+    "fused_optimizer_groups": "optimizer_groups",
+    "loraplus_unet_lr_ratio": "loraplus_lr_ratio",
 }
 
 

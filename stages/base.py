@@ -144,10 +144,20 @@ class PlanEnv:
             "transfer.student_model",
         )
 
-    def train_fields(self, section, name: str, model: ModelRef | None = None, timestep_settings=None) -> dict:
-        """What every training stage resolves from its section: targets, the noise process, a checked weighting."""
+    def train_fields(
+        self,
+        section,
+        name: str,
+        model: ModelRef | None = None,
+        timestep_settings=None,
+        steps: int | None = None,
+        grad_accum: int | None = None,
+    ) -> dict:
+        """What every training stage resolves from its section: targets, the noise process, a checked weighting,
+        the loss, and the optimizer side (its arguments, the lr schedule in steps, EMA, fused backward)."""
         from stages.families.noise import check_weighting
         from stages.training.losses import resolve_loss
+        from stages.training.optim import resolve_optim
 
         model = model or self.model
         timesteps = model.timesteps(timestep_settings or section, name, self.config.latents.resolution)
@@ -157,6 +167,7 @@ class PlanEnv:
             "timesteps": timesteps,
             "loss_weighting": check_weighting(timesteps, section.loss_weighting, name),
             "loss": resolve_loss(section, timesteps, prediction_type, name),
+            **resolve_optim(section, steps or section.steps, grad_accum or section.grad_accum, name),
         }
 
     def targets(self, section_targets: list[str] | None) -> list[str]:

@@ -80,6 +80,7 @@ class Lora1Stage(Stage):
             preview_prompts=preview.prompts or captions[:1],
             preview_size=env.config.latents.resolution,
             progress=ctx.progress,
+            gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
         )
         outcome = train_lora(job, DiffusionBatches(data, p.seed, p.batch_size))

@@ -85,6 +85,7 @@ class Lora2Stage(Stage):
             preview_prompts=preview.prompts or captions[:1],
             preview_size=env.config.latents.resolution,
             progress=ctx.progress,
+            gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
             stage="lora2",
             preset_lora=preset,

@@ -53,7 +53,9 @@ class StudentStage(Stage):
         fields = section_fields(s, StudentParams, exclude={"steps", "guidance_embed"})
         return StudentParams(
             **fields,
-            **env.train_fields(s, "student", model=env.student, timestep_settings=sched),
+            **env.train_fields(
+                s, "student", model=env.student, timestep_settings=sched, steps=steps, grad_accum=sched.grad_accum
+            ),
             steps=steps,
             batch_size=sched.batch_size,
             grad_accum=sched.grad_accum,
@@ -134,6 +136,7 @@ class StudentStage(Stage):
             preview_prompts=preview.prompts or [r["caption"] for r in doc["rows"][:1]],
             preview_size=env.config.latents.resolution,
             progress=ctx.progress,
+            gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
             stage="student",
             init_lora=init,

@@ -122,6 +122,16 @@ def test_targets_that_match_nothing(project):
     )
 
 
+def test_a_block_that_the_model_does_not_have(project):
+    _fails(
+        project,
+        "--set",
+        'lora1.block_lr={"down_blocks.7" = 0.5}',
+        expect=["lora1.block_lr: 'down_blocks.7' names no block", "down_blocks.0, up_blocks.1, mid_block"],
+        committed=("caption", "latents", "text"),
+    )
+
+
 def test_fp16_on_cpu_is_refused_with_the_alternatives(project):
     _fails(project, "--set", "lora1.mixed_precision=fp16", expect=["fp16", "CUDA", "bf16"])
 
@@ -164,7 +174,6 @@ def test_disk_full_while_committing_is_reported_and_the_next_run_recovers(projec
     "setting, message",
     [
         ("lora1.lr=0", "a learning rate of 0 trains nothing"),
-        ("lora1.lr=-1e-4", "un-learns"),
         ("lora1.lr=nan", "finite number"),
         ("lora1.lr=inf", "finite number"),
         ("student.guidance=nan", "finite number"),
@@ -174,6 +183,13 @@ def test_disk_full_while_committing_is_reported_and_the_next_run_recovers(projec
 def test_zero_negative_and_non_finite_numbers_are_validation_errors(project, setting, message):
     out = _fails(project, "--set", setting, expect=[setting.split("=")[0], message])
     assert "cannot hash" not in out
+
+
+def test_a_negative_learning_rate_is_refused_by_an_optimizer_that_cannot_ascend(project):
+    _fails(
+        project, "--set", "lora1.optimizer='prodigy'", "--set", "lora1.lr=-1",
+        expect=["lora1.lr = -1 trains by gradient ascent", "prodigy has no such mode", "lora1.optimizer = 'adamw'"],
+    )  # fmt: skip
 
 
 def _png_header_only(path, width: int, height: int) -> None:

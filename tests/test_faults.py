@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import DIFFERENTIAL_SETTINGS, TRANSFER_SETTINGS, Project, make_images, make_pairs, run_cli
+from conftest import DIFFERENTIAL_SETTINGS, SMALL_SETTINGS, TRANSFER_SETTINGS, Project, make_images, make_pairs, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,28 @@ def _settings(base: dict) -> dict:
     return settings
 
 
+# Every training method of docs/training.md on at once (the fused backward pass excludes grad_accum > 1 and
+# clipping by design; tests/test_optim.py checks those with the unfused loop).
+EVERYTHING = {
+    "rank": 4, "alpha": 8.0, "lr": 1e-3, "steps": 6, "batch_size": 2, "dropout": 0.1,
+    "loss": "huber", "huber_schedule": "snr", "min_snr_gamma": 5.0, "noise_offset": 0.05, "adaptive_noise_scale": 0.01,
+    "multires_noise_iterations": 2, "ip_noise_gamma": 0.05, "min_timestep": 50, "max_timestep": 950,
+    "optimizer": "adamw", "optimizer_args": {"betas": [0.9, 0.99]}, "lr_scheduler": "cosine_with_restarts",
+    "lr_scheduler_num_cycles": 2, "warmup_steps": "20%", "loraplus_lr_ratio": 4.0,
+    "block_lr": {"down_blocks.0": 0.5, "up_blocks.1": -0.5, "mid_block": 0}, "ema_decay": 0.9,
+    "fused_backward": True, "optimizer_groups": 3, "max_grad_norm": 0.0,
+}  # fmt: skip
+
 WORKFLOWS = {
+    "lora": (
+        {
+            **_settings(SMALL_SETTINGS),
+            "lora1": EVERYTHING,
+            "runtime": {"checkpoint_every": 2, "gradient_checkpointing": True},
+            "runtime.preview": {"every": 2, "steps": 2, "ema": True},
+        },
+        ["lora1.step:3", "lora1.checkpoint:4"],
+    ),
     "transfer": (
         _settings(TRANSFER_SETTINGS),
         [
@@ -50,6 +71,7 @@ def _make(root: Path, tiny_model: Path, workflow: str) -> Project:
     shutil.copytree(tiny_model / "model", root / "model")
     if workflow == "transfer":
         shutil.copytree(tiny_model / "student", root / "student")
+    if workflow in ("transfer", "lora"):
         make_images(root / "images", 6)
     else:
         make_pairs(root / "pairs")

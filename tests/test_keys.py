@@ -110,6 +110,8 @@ RUNTIME = [
     "runtime.preview.guidance_scale=1.0",
     "runtime.teacher_batching='two_pass'",
     "runtime.fidelity_every=2",
+    "runtime.gradient_checkpointing=true",
+    "runtime.preview.ema=true",
 ]
 
 
@@ -128,23 +130,41 @@ NOISE_FIELDS = [
     ("max_timestep", 900), ("zero_terminal_snr", "true"),
 ]  # fmt: skip
 LOSS_FIELDS = [("loss", "'l1'"), ("min_snr_gamma", 5.0), ("debiased_estimation", "true")]
+# the optimizer side (docs/training.md): warmup as a fraction (50% of 6 steps is 3), optimizer arguments, LoRA+,
+# block-wise rates, EMA, the fused backward pass
+OPTIM_FIELDS = [
+    ("optimizer_args", "{eps = 1e-6}"), ("warmup_steps", "'50%'"), ("loraplus_lr_ratio", 4.0),
+    ("block_lr", '{"mid_block" = 2.0}'), ("ema_decay", 0.99), ("optimizer", "'lion'"), ("optimizer", "'adafactor'"),
+]  # fmt: skip
 NEEDS = {
     "adaptive_noise_scale": ("noise_offset=0.05", 0.01),
     "multires_noise_discount": ("multires_noise_iterations=3", 0.5),
     "huber_schedule": ("loss='huber'", "'constant'"),
     "huber_c": ("loss='huber'", 0.2),
     "huber_scale": ("loss='huber'", 2.0),
+    "decay_steps": ("lr_scheduler='warmup_stable_decay'", "'50%'"),
+    "lr_scheduler_num_cycles": ("lr_scheduler='cosine_with_restarts'", 3),
+    "lr_scheduler_power": ("lr_scheduler='polynomial'", 2.0),
+    "lr_scheduler_min_lr_ratio": ("lr_scheduler='cosine_with_min_lr'", 0.1),
+    "ema_warmup": ("ema_decay=0.99", "false"),
+    "ema_every": ("ema_decay=0.99", 2),
+    "fused_backward": ("max_grad_norm=0.0", "true"),
 }
+
+OPTIM_NEEDS = [k for k in NEEDS if k not in ("adaptive_noise_scale", "multires_noise_discount")]
 OPTIONS = [
-    *[(f"lora1.{k}={v}", DOWNSTREAM["lora1"], None) for k, v in NOISE_FIELDS + LOSS_FIELDS],
+    *[(f"lora1.{k}={v}", DOWNSTREAM["lora1"], None) for k, v in NOISE_FIELDS + LOSS_FIELDS + OPTIM_FIELDS],
     *[(f"schedule.{k}={v}", DOWNSTREAM["schedule"], None) for k, v in NOISE_FIELDS],
-    *[(f"student.{k}={v}", {"student"}, None) for k, v in LOSS_FIELDS],
+    *[(f"student.{k}={v}", {"student"}, None) for k, v in LOSS_FIELDS + OPTIM_FIELDS],
+    # optimizer_groups splits the fused backward pass's optimizer: refused without it (tests/test_optim.py)
+    ("lora1.optimizer_groups=2", DOWNSTREAM["lora1"], "lora1.max_grad_norm=0.0;lora1.fused_backward=true"),
+    ("student.optimizer_groups=2", {"student"}, "student.max_grad_norm=0.0;student.fused_backward=true"),
     *[
         (f"{section}.{k}={v}", stages, f"{section}.{base}")
         for section, stages, names in [
             ("lora1", DOWNSTREAM["lora1"], NEEDS),
             ("schedule", DOWNSTREAM["schedule"], ["adaptive_noise_scale", "multires_noise_discount"]),
-            ("student", {"student"}, ["huber_schedule", "huber_c", "huber_scale"]),
+            ("student", {"student"}, ["huber_schedule", "huber_c", "huber_scale", *OPTIM_NEEDS]),
         ]
         for k in names
         for base, v in [NEEDS[k]]
@@ -167,14 +187,15 @@ DIFFERENTIAL = [
     *[
         (f"differential.{side}.{k}={v}", per_pair(*stages) | {"average", "eval"})
         for side, stages in [("lora1", ("lora1", "lora2")), ("lora2", ("lora2",))]
-        for k, v in NOISE_FIELDS + LOSS_FIELDS
+        for k, v in NOISE_FIELDS + LOSS_FIELDS + OPTIM_FIELDS
     ],
-    # read only with another option on (NEEDS): alone they change nothing (the adaptive scale alone is refused)
+    # read only with another option on (NEEDS): alone they change nothing (the adaptive scale and the fused backward
+    # pass alone are refused; tested above)
     *[
         (f"differential.{side}.{k}={v}", set())
         for side in ("lora1", "lora2")
         for k, (_, v) in NEEDS.items()
-        if k != "adaptive_noise_scale"
+        if k not in ("adaptive_noise_scale", "fused_backward")
     ],
     ("lora1.lr=1e-2", set()),  # the lora workflow's [lora1] is not differential's LoRA-1
 ]
@@ -259,21 +280,33 @@ def test_training_option_changes_exactly_its_stages(project, override, changed, 
     if needs is None:
         base, new = keys(project), keys(project, override)
     else:
+        needs = needs.split(";")
         if "adaptive_noise_scale" in override:  # scales the offset: refused without one
             with pytest.raises(ConfigError, match=r"adaptive_noise_scale.*noise_offset"):
                 keys(project, override)
+        elif "fused_backward" in override or "optimizer_groups" in override:  # refused with clipping / alone
+            with pytest.raises(ConfigError, match=r"fused_backward"):
+                keys(project, override)
         else:
             assert keys(project, override) == keys(project)  # not read without `needs`
-        base, new = keys(project, needs), keys(project, needs, override)
+        base, new = keys(project, *needs), keys(project, *needs, override)
     assert {s for s in base if base[s] != new[s]} == changed
 
 
 @pytest.mark.parametrize("side", ["lora1", "lora2"])
-def test_differential_adaptive_noise_scale_changes_its_side(differential_project, side):
+@pytest.mark.parametrize(
+    "needs, override",
+    [
+        (["noise_offset=0.05"], "adaptive_noise_scale=0.01"),
+        (["max_grad_norm=0.0"], "fused_backward=true"),
+        (["max_grad_norm=0.0", "fused_backward=true"], "optimizer_groups=2"),
+    ],
+)
+def test_differential_options_refused_alone_change_their_side(differential_project, side, needs, override):
     stages = per_pair("lora1", "lora2") if side == "lora1" else per_pair("lora2")
-    needs = f"differential.{side}.noise_offset=0.05"
-    base = keys(differential_project, needs, workflow="differential")
-    new = keys(differential_project, needs, f"differential.{side}.adaptive_noise_scale=0.01", workflow="differential")
+    needs = [f"differential.{side}.{n}" for n in needs]
+    base = keys(differential_project, *needs, workflow="differential")
+    new = keys(differential_project, *needs, f"differential.{side}.{override}", workflow="differential")
     assert {n for n in base if base[n] != new[n]} == stages | {"average", "eval"}
 
 
@@ -281,7 +314,11 @@ def test_every_config_field_is_covered_by_this_table():
     from pipeline.config import PipelineConfig
 
     tables = SEMANTIC + DIFFERENTIAL + FLOW + FLOW_DIFFERENTIAL + [(o, c) for o, c, _ in OPTIONS]
-    tables += [(f"differential.{side}.adaptive_noise_scale", None) for side in ("lora1", "lora2")]  # tested above
+    tables += [
+        (f"differential.{side}.{k}", None)
+        for side in ("lora1", "lora2")
+        for k in ("adaptive_noise_scale", "fused_backward", "optimizer_groups")
+    ]  # tested above
     covered = {o.split("=")[0] for o, _ in tables} | {o.split("=")[0] for o in RUNTIME}
     fields = set()
     for section, model in PipelineConfig.model_fields.items():

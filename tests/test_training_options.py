@@ -9,8 +9,9 @@ import torch
 
 from pipeline.config import TrainConfig
 from stages.families import Conditioning, get_family
-from stages.training.loop import DiffusionBatches, TrainData, TrainJob, build_lr_scheduler, train_lora
+from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
 from stages.training.lora_files import lora_state_dict
+from stages.training.optim import LrSchedule, resolve_lr_schedule
 from tests.conftest import train_params
 
 OPTIONS = [
@@ -26,6 +27,17 @@ OPTIONS = [
     {"loss": "smooth_l1", "huber_schedule": "exponential", "debiased_estimation": True},
     {"loss": "l1", "noise_offset": 0.1, "adaptive_noise_scale": 0.05, "ip_noise_gamma": 0.1},
     {"multires_noise_iterations": 3, "min_timestep": 100, "max_timestep": 900, "zero_terminal_snr": True},
+    {"optimizer": "adafactor", "lr": 1e-2, "optimizer_args": {"scale_parameter": True}},
+    {"optimizer": "adafactor", "optimizer_args": {"relative_step": True, "warmup_init": True}},
+    {"optimizer": "lion", "lr": 1e-3, "optimizer_args": {"betas": [0.95, 0.98]}},
+    {"optimizer_args": {"betas": [0.8, 0.99], "eps": 1e-6, "fused": False}},
+    {"lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 2, "warmup_steps": "25%"},
+    {"lr_scheduler": "warmup_stable_decay", "decay_steps": "50%", "lr_scheduler_min_lr_ratio": 0.1},
+    {"loraplus_lr_ratio": 16.0, "block_lr": {"down_blocks.0": 0.5, "mid_block": 0, "up_blocks.1": -1.0}},
+    {"lr": -1e-2},
+    {"ema_decay": 0.9, "ema_every": 2},
+    {"fused_backward": True, "max_grad_norm": 0.0},
+    {"fused_backward": True, "optimizer_groups": 3, "max_grad_norm": 0.0, "optimizer": "adafactor"},
 ]
 
 
@@ -84,7 +96,7 @@ def test_flow_option_trains(tiny_flow_models, tmp_path, family_name, options):
 def test_warmup_then_cosine_schedule_values():
     cfg = TrainConfig(lr=1.0, steps=10, warmup_steps=4, lr_scheduler="cosine")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = build_lr_scheduler(opt, cfg)
+    sched = LrSchedule(opt, resolve_lr_schedule(cfg, cfg.steps, "lora1"), cfg.steps)
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])

@@ -5,6 +5,7 @@ It never branches on a model family: the family supplies loading, the noise proc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from core.faults import fault_point
 from stages.families.noise import make_process, training_noise
 from stages.training.lora_files import add_lora, trainable_state
 from stages.training.losses import training_loss
+from stages.training.optim import FusedOptimizer, LoraEMA, LrSchedule, build_optimizer, param_groups
 from stages.training.sampling import batch_indices, derive_seed, generator
 
 
@@ -76,6 +78,7 @@ class TrainJob:
     preset_mode: str = "adapter"  # adapter: a frozen runtime adapter; merged: added to the weights in fp32
     evaluate: Callable | None = None  # (denoiser) -> dict of metrics, run at step 0, every eval_every and at the end
     eval_every: int = 0
+    gradient_checkpointing: bool = False  # runtime.gradient_checkpointing: same LoRA, less activation memory
 
 
 @dataclass
@@ -87,6 +90,8 @@ class TrainOutcome:
     resumed_from: int
     step_times: list[float]  # perf_counter() at the end of each step (benchmarks/overhead.py reads these)
     evals: list[dict] = field(default_factory=list)  # {"step": n, **metrics}
+    ema_state: dict | None = None  # the EMA of the LoRA in peft naming (lora_state_dict), when ema_decay is set
+    lrs: list[dict[str, float]] = field(default_factory=list)  # per step of this run: {group name: lr it stepped with}
 
 
 def check_precision(mixed_precision: str, device) -> None:
@@ -107,37 +112,11 @@ def make_accelerator(mixed_precision: str, device):
     return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
 
 
-def build_optimizer(params: list, cfg):
-    import torch
-
-    if cfg.optimizer == "prodigy":
-        from prodigyopt import Prodigy
-
-        return Prodigy(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def build_lr_scheduler(optimizer, cfg):
-    import math
-
-    import torch
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.lr_scheduler == "cosine":
-            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def train_lora(job: TrainJob, batches) -> TrainOutcome:
     """Train a LoRA on job.family's denoiser against batches.micro_batch(k, denoiser, process) targets."""
     from tqdm import tqdm
 
-    from stages.training.lora_files import load_lora_into, match_modules
+    from stages.training.lora_files import load_lora_into, lora_state_dict, match_modules
 
     cfg = job.params
     accelerator = make_accelerator(cfg.mixed_precision, job.device)
@@ -152,17 +131,27 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         freeze_preset(denoiser)
     if job.init_lora is not None:
         load_lora_into(denoiser, match_modules(job.init_lora, denoiser, job.family.kohya_prefix))
-    lora_params = [p for p in denoiser.parameters() if p.requires_grad]
-    optimizer = build_optimizer(lora_params, cfg)
-    scheduler = build_lr_scheduler(optimizer, cfg)
+    groups = param_groups(denoiser, cfg, job.stage)
+    lora_params = [p for g in groups for p in g["params"]]
+    if cfg.fused_backward:
+        optimizer = FusedOptimizer(groups, cfg, accelerator.device, cfg.fused_backward["groups"])
+    else:
+        optimizer = build_optimizer(groups, cfg, accelerator.device)
+    scheduler = LrSchedule(optimizer, cfg.lr_schedule, cfg.steps)
+    ema = LoraEMA(denoiser, cfg.ema) if cfg.ema else None
+    if job.gradient_checkpointing:
+        enable_gradient_checkpointing(denoiser)
     process = make_process(cfg.timesteps, job.prediction_type)
-    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    if cfg.fused_backward:  # accelerate's optimizer wrapper steps in step(); the fused one steps in backward
+        denoiser = accelerator.prepare(denoiser)
+    else:
+        denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     start, losses, evals, previews = restore_checkpoint(
-        job.work_dir, accelerator.unwrap_model(denoiser), optimizer, scheduler
+        job.work_dir, accelerator.unwrap_model(denoiser), optimizer, scheduler, ema
     )
     if start:
         job.log(f"{job.stage}: resuming from the checkpoint at step {start}/{cfg.steps}")
-    render = PreviewRenderer(job, accelerator.unwrap_model(denoiser))
+    render = PreviewRenderer(job, accelerator.unwrap_model(denoiser), ema)
     evaluate = Evaluator(job, accelerator.unwrap_model(denoiser), evals)
     if start == 0:
         evaluate(0)
@@ -170,7 +159,9 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     bar = tqdm(total=cfg.steps, initial=start, desc=job.stage, unit="step", disable=not job.progress, mininterval=0.5)
     smoothed = None
     step_times = [time.perf_counter()]
+    lrs = []
     for step in range(start, cfg.steps):
+        lrs.append({g["name"]: g["lr"] for g in optimizer.param_groups})
         loss = train_step(step, job, batches, accelerator, denoiser, process, optimizer, lora_params)
         if not math.isfinite(loss):
             bar.close()
@@ -179,6 +170,8 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
                 f"or set {job.stage}.max_grad_norm if it is 0; the last checkpoint stays for a re-run."
             )
         scheduler.step()
+        if ema is not None:
+            ema.update(step + 1)
         losses.append(loss)
         smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
         bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
@@ -195,13 +188,29 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
             denoiser.train()
         if job.checkpoint_every and done % job.checkpoint_every == 0 and done < cfg.steps:
             unwrapped = accelerator.unwrap_model(denoiser)
-            save_checkpoint(job.work_dir, done, unwrapped, optimizer, scheduler, losses, evals, previews)
+            save_checkpoint(job.work_dir, done, unwrapped, optimizer, scheduler, losses, evals, previews, ema)
             fault_point(f"{job.stage}.checkpoint", done)
     bar.close()
     evaluate(cfg.steps)
     accelerator.end_training()
     unwrapped = accelerator.unwrap_model(denoiser)
-    return TrainOutcome(unwrapped, adapter_config, losses, previews, start, step_times, evals)
+    if isinstance(optimizer, FusedOptimizer):
+        optimizer.remove_hooks()
+    ema_state = None
+    if ema is not None:
+        with ema.applied():
+            ema_state = {k: v.clone() for k, v in lora_state_dict(unwrapped).items()}  # not views of the raw weights
+    return TrainOutcome(unwrapped, adapter_config, losses, previews, start, step_times, evals, ema_state, lrs)
+
+
+def enable_gradient_checkpointing(denoiser) -> None:
+    try:
+        denoiser.enable_gradient_checkpointing()
+    except ValueError:
+        raise ConfigError(
+            f"runtime.gradient_checkpointing: {type(denoiser).__name__} has no gradient checkpointing in diffusers; "
+            f"set it to false for this model."
+        ) from None
 
 
 def apply_preset(denoiser, lora, mode: str, kohya_prefix: str) -> None:
@@ -287,6 +296,7 @@ def save_checkpoint(
     losses: list[float],
     evals: list[dict] = (),
     previews: dict[str, Path] | None = None,
+    ema=None,
 ) -> None:
     """Write the resume state to a temp folder and rename it into place: a kill leaves the old one intact."""
     import torch
@@ -297,7 +307,10 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in trainable_state(denoiser).items()}, str(tmp / "lora.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    torch.save(state, tmp / "state.pt")
     (tmp / "previews").mkdir()
     for path in (previews or {}).values():
         shutil.copyfile(path, tmp / "previews" / path.name)
@@ -320,7 +333,7 @@ def checkpoint_step(work_dir: Path) -> int:
 
 
 def restore_checkpoint(
-    work_dir: Path, denoiser, optimizer, scheduler
+    work_dir: Path, denoiser, optimizer, scheduler, ema=None
 ) -> tuple[int, list[float], list[dict], dict[str, Path]]:
     """(step, losses, evals, previews) of the last checkpoint, its weights and optimizer state loaded."""
     import torch
@@ -338,6 +351,8 @@ def restore_checkpoint(
     state = torch.load(ckpt / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     progress = json.loads((ckpt / "progress.json").read_text())
     previews = {}
     for name, filename in progress.get("previews", {}).items():
@@ -352,8 +367,9 @@ def restore_checkpoint(
 class PreviewRenderer:
     """Renders the preview prompts at fixed seeds into one PNG strip; builds its pipeline on first use."""
 
-    def __init__(self, job: TrainJob, denoiser):
+    def __init__(self, job: TrainJob, denoiser, ema=None):
         self.job, self.denoiser, self._render = job, denoiser, None
+        self.ema = ema if job.preview is not None and job.preview.ema else None
 
     def __call__(self, step: int) -> Path:
         from PIL import Image
@@ -364,7 +380,8 @@ class PreviewRenderer:
                 job.layout, self.denoiser, self.denoiser.device, job.prediction_type
             )
         self.denoiser.eval()
-        images = self._render(job.preview_prompts, pv.seed, pv.steps, pv.guidance_scale, job.preview_size)
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+            images = self._render(job.preview_prompts, pv.seed, pv.steps, pv.guidance_scale, job.preview_size)
         strip = Image.new("RGB", (job.preview_size * len(images), job.preview_size))
         for i, im in enumerate(images):
             strip.paste(im, (i * job.preview_size, 0))

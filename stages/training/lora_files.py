@@ -164,12 +164,18 @@ def write_lora_outputs(family, outcome, p, work_dir, name: str, base_metadata: d
     save_diffusers(state, outcome.adapter_config, diffusers_file, family.pipeline_class, family.lora_component)
     loss_csv = work_dir / "loss.csv"
     loss_csv.write_text("step,loss\n" + "".join(f"{i + 1},{v:.6g}\n" for i, v in enumerate(outcome.losses)))
-    return {
+    files = {
         f"{name}.safetensors": kohya,
         "diffusers/pytorch_lora_weights.safetensors": diffusers_file,
         "loss.csv": loss_csv,
         **outcome.previews,
     }
+    if outcome.ema_state is not None:  # the EMA of the weights, in the same single-file format as the raw LoRA
+        ema = work_dir / f"{name}-ema.safetensors"
+        ema_metadata = {**base_metadata, "lora_pipeline.ema_decay": str(p.ema["decay"])}
+        save_single_file_lora(family, outcome.ema_state, p.rank, p.alpha, ema, ema_metadata)
+        files[f"{name}-ema.safetensors"] = ema
+    return files
 
 
 # -- reading LoRA files ---------------------------------------------------------------------------------------

@@ -12,9 +12,13 @@ class LoraTrainParams(BaseModel):
     targets: list[str]
     lr: float
     optimizer: str
+    optimizer_args: dict  # checked against the optimizer's constructor, with adafactor's defaults filled in
     weight_decay: float
-    lr_scheduler: str
-    warmup_steps: int
+    lr_schedule: dict  # type, warmup in steps, and what that type reads (optim.resolve_lr_schedule)
+    loraplus_lr_ratio: float | None = None
+    block_lr: dict = {}
+    ema: dict | None = None  # decay, warmup, every
+    fused_backward: dict | None = None  # {"groups": n} when on
     steps: int
     batch_size: int
     grad_accum: int
@@ -32,6 +36,7 @@ def train_params(family, layout, cfg, latent_shape: tuple[int, ...], section: st
     targets, prediction type and resolved noise process, as the lora1 stage would hash them."""
     from stages.families.noise import check_weighting, resolve_timesteps
     from stages.training.losses import resolve_loss
+    from stages.training.optim import resolve_optim
 
     timesteps = resolve_timesteps(
         family.noise_schedule_contract(layout), cfg, family.image_seq_len(latent_shape), section
@@ -44,11 +49,22 @@ def train_params(family, layout, cfg, latent_shape: tuple[int, ...], section: st
         timesteps=timesteps,
         loss_weighting=check_weighting(timesteps, cfg.loss_weighting, section),
         loss=resolve_loss(cfg, timesteps, prediction_type, section),
+        **resolve_optim(cfg, cfg.steps, cfg.grad_accum, section),
     )
 
 
 # LoraTrainParams fields that are resolved (against the model), not copied from the section
-RESOLVED = ("targets", "timesteps", "prediction_type", "loss_weighting", "loss")
+RESOLVED = (
+    "targets",
+    "timesteps",
+    "prediction_type",
+    "loss_weighting",
+    "loss",
+    "optimizer_args",
+    "lr_schedule",
+    "ema",
+    "fused_backward",
+)
 
 
 def section_fields(section, params_cls, exclude: set[str] = frozenset()) -> dict:
