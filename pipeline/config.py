@@ -39,6 +39,11 @@ class DataConfig(Section):
     )
     caption_prefix: str = Field("", description="Text put before every caption, e.g. a trigger word and ', '.")
     caption_suffix: str = Field("", description="Text put after every caption.")
+    alpha_mask: bool = Field(
+        False,
+        description="Weight the training loss by each image's alpha channel (area-averaged to latent size; the "
+        "loss is the mean over the mask). Images without alpha train everywhere. See docs/training.md.",
+    )
 
     @field_validator("caption_extensions")
     @classmethod
@@ -94,6 +99,11 @@ class LoraSettings(Section):
     rank: int = Field(16, ge=1, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    rslora: bool = Field(
+        False,
+        description="Rank-stabilized LoRA: the update is scaled by alpha/sqrt(rank) instead of alpha/rank. The files "
+        "store alpha*sqrt(rank) as their alpha, so every program that loads them applies the same scale.",
+    )
     targets: list[str] | None = Field(
         None,
         description="Module names (suffixes) in the denoiser that get a LoRA. Unset: the family's attention "

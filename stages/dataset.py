@@ -112,9 +112,8 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
         raise DataError(f"{path}: cannot decode this image ({e}). Replace or remove the file.") from None
 
 
-def center_crop_pixels(image, resolution: int):
-    """Resize the short side to `resolution` (bicubic), centre-crop to a square, map to [-1, 1] CHW float32."""
-    import numpy as np
+def _resize_crop(image, resolution: int):
+    """Resize the short side to `resolution` (bicubic) and centre-crop to a square."""
     from PIL import Image
 
     w, h = image.size
@@ -122,6 +121,46 @@ def center_crop_pixels(image, resolution: int):
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     image = image.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def center_crop_pixels(image, resolution: int):
+    """Resize the short side to `resolution` (bicubic), centre-crop to a square, map to [-1, 1] CHW float32."""
+    import numpy as np
+
+    arr = np.asarray(_resize_crop(image, resolution), dtype=np.float32) / 127.5 - 1.0
     return arr.transpose(2, 0, 1)
+
+
+def load_alpha(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The image's alpha channel as an 'L' image (upright, like load_image), or None when it has none (an RGB
+    photo, a palette image without a transparent colour)."""
+    from PIL import Image, ImageOps
+
+    load_image(path, max_pixels)  # the same checks and errors as the pixels
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+            return im.convert("RGBA").getchannel("A")
+    return None
+
+
+def alpha_mask(path: Path, resolution: int, latent_hw: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The loss mask of an image at latent size: its alpha channel resized and cropped as the pixels are, then
+    area-averaged down to latent_hw, in [0, 1] as a (1, h, w) float32 array. No alpha channel: all ones."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    alpha = load_alpha(path, max_pixels)
+    if alpha is None:
+        return np.ones((1, *latent_hw), dtype=np.float32)
+    full = torch.from_numpy(np.asarray(_resize_crop(alpha, resolution), dtype=np.float32) / 255.0)
+    mask = F.adaptive_avg_pool2d(full[None, None], latent_hw)[0].numpy()
+    if float(mask.max()) <= 0:
+        raise DataError(
+            f"{path}: its alpha channel is 0 everywhere in the cropped square, so data.alpha_mask would train "
+            f"nothing of it. Remove the image, fix its transparency, or turn data.alpha_mask off."
+        )
+    return mask

@@ -18,6 +18,16 @@ class LatentsParams(BaseModel):
     resolution: int
     crop: str = "center"
     resample: str = "bicubic"
+    alpha_mask: bool = False  # also store each image's alpha channel at latent size (the loss mask)
+
+
+MASK_POOL_IMPL = 1
+
+
+def mask_pool_id(params: LatentsParams, latent_hw: tuple[int, int]) -> str:
+    """Masks depend on the crop and the latent size only, not on the VAE's weights."""
+    spec = {"resolution": params.resolution, "crop": params.crop, "resample": params.resample}
+    return pool_id("masks", MASK_POOL_IMPL, spec, "latent_hw", f"{latent_hw[0]}x{latent_hw[1]}")
 
 
 class LatentsStage(Stage):
@@ -27,7 +37,7 @@ class LatentsStage(Stage):
     description = "VAE latents per image"
 
     def params(self, env: PlanEnv) -> LatentsParams:
-        return LatentsParams(resolution=env.config.latents.resolution)
+        return LatentsParams(resolution=env.config.latents.resolution, alpha_mask=env.config.data.alpha_mask)
 
     def inputs(self, env: PlanEnv) -> dict:
         return {"model": {"vae": env.component_digests["vae"]}}
@@ -41,7 +51,9 @@ class LatentsStage(Stage):
         }
 
     def pool_id(self, env: PlanEnv, params: LatentsParams) -> str:
-        return pool_id("latents", self.IMPL_VERSION, params.model_dump(), "vae", env.component_digests["vae"])
+        # the latent arrays do not depend on alpha_mask: turning it on re-uses every encoded latent
+        latent_params = params.model_dump(exclude={"alpha_mask"})
+        return pool_id("latents", self.IMPL_VERSION, latent_params, "vae", env.component_digests["vae"])
 
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
         caption = upstream.get("caption")
@@ -88,8 +100,32 @@ class LatentsStage(Stage):
             "items": {i["id"]: {"array": i["digest"], "digest": entries[i["digest"]]["digest"]} for i in items},
             "shape": entries[items[0]["digest"]]["shape"],
         }
+        pools = {pid: sorted(by_digest)}
+        if p.alpha_mask:
+            record["masks"] = self.fill_masks(ctx, by_digest, tuple(record["shape"][-2:]))
+            pools[record["masks"]["pool"]] = sorted(by_digest)
         return StageResult(
-            pools={pid: sorted(by_digest)},
+            pools=pools,
             record=record,
             summary=f"{len(todo)} encoded, {len(by_digest) - len(todo)} reused",
         )
+
+    def fill_masks(self, ctx: StageContext, by_digest: dict, latent_hw: tuple[int, int]) -> dict:
+        """data.alpha_mask: each image's alpha at latent size in a pool of its own; the record maps digests to it."""
+        import numpy as np
+
+        from stages.dataset import alpha_mask
+
+        env, p = ctx.env, ctx.params
+        mpid = mask_pool_id(p, latent_hw)
+        pool = env.store.pool(mpid)
+        root = env.loaded.resolve(env.config.data.images)
+        todo = [d for d in by_digest if not pool.has(d)]
+
+        def masks(digests: list[str]):
+            paths = [root / by_digest[d]["path"] for d in digests]
+            return np.stack([alpha_mask(f, p.resolution, latent_hw, ctx.runtime.max_image_pixels) for f in paths])
+
+        fill_pool(pool, todo, str, masks, ctx.runtime.encode_batch_size, "masks", "img", ctx.progress)
+        committed = pool.committed()
+        return {"pool": mpid, "items": {d: committed[d]["digest"] for d in sorted(by_digest)}}

@@ -132,4 +132,14 @@ def load_training_data(store: Store, upstream: dict):
     cond = Conditioning.stack([txt_pool.get(txt["strings"][s]["array"], txt["strings"][s]["digest"]) for s in strings])
     index = [row[i["caption"]] for i in items]
     data = TrainData(torch.from_numpy(latents), cond, torch.tensor(index, dtype=torch.long))
+    if "masks" in lat:  # data.alpha_mask
+        masks = load_mask_table(store, lat, [lat["items"][i["id"]]["array"] for i in items])
+        data.masks = torch.from_numpy(np.stack([masks[lat["items"][i["id"]]["array"]] for i in items]))
     return data, [i["caption"] for i in items]
+
+
+def load_mask_table(store: Store, latents_record: dict, digests) -> dict:
+    """{image digest: (1, h, w) loss mask} of a latents artifact made with data.alpha_mask."""
+    masks = latents_record["masks"]
+    pool = store.pool(masks["pool"])
+    return {d: pool.get(d, masks["items"][d]) for d in sorted(set(digests))}

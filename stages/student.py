@@ -10,6 +10,8 @@ start, every runtime.fidelity_every steps and at the end.
 
 from __future__ import annotations
 
+import math
+
 from cache.store import Manifest
 from core.errors import ConfigError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
@@ -84,7 +86,7 @@ class StudentStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from stages.devices import resolve_device
-        from stages.pools import load_latent_table, load_text_table
+        from stages.pools import load_latent_table, load_mask_table, load_text_table
         from stages.training.loop import TrainJob, train_lora
         from stages.training.lora_files import read_lora_file, write_lora_outputs
         from stages.training.schedule import read_schedule
@@ -103,6 +105,8 @@ class StudentStage(Stage):
         batches = TransferBatches(
             student.family, doc, spec, latents, cond, row_of, store, teacher, prior, p.guidance, p.guidance_embed
         )
+        if "masks" in ctx.upstream["latents"].record:  # data.alpha_mask: the student's loss is masked as lora1's
+            batches.masks = load_mask_table(store, ctx.upstream["latents"].record, latents)
         fidelity = Fidelity(
             student.family,
             student,
@@ -188,6 +192,8 @@ class StudentStage(Stage):
 
 def check_teacher_init(env: PlanEnv, p: StudentParams) -> None:
     """student.init = "teacher" copies LoRA-1 into the student LoRA: same rank, alpha and targets, or say which."""
+    from stages.training.lora_files import file_alpha
+
     t = env.config.transfer
     if t.teacher_lora is not None:
         from stages.training.lora_files import read_lora_file
@@ -198,17 +204,19 @@ def check_teacher_init(env: PlanEnv, p: StudentParams) -> None:
             raise ConfigError(f'student.init = "teacher": {t.teacher_lora} has mixed ranks {sorted(lora.ranks)}.')
     else:
         l1 = env.config.lora1
-        rank, alpha, source = l1.rank, l1.alpha, "lora1"
+        rank, alpha, source = l1.rank, file_alpha(l1.rank, l1.alpha, l1.rslora), "lora1"
         if sorted(env.targets(l1.targets)) != sorted(p.targets):
             raise ConfigError(
                 f'student.init = "teacher" needs the teacher LoRA\'s targets: student.targets = {p.targets} but '
                 f'lora1.targets = {env.targets(l1.targets)}. Set them equal, or use student.init = "zero".'
             )
-    if (rank, alpha) != (p.rank, p.alpha):
+    if rank != p.rank or not math.isclose(alpha, file_alpha(p.rank, p.alpha, p.rslora), rel_tol=1e-6):
+        want = alpha / math.sqrt(rank) if p.rslora else alpha  # the student alpha with the teacher's scale
         raise ConfigError(
-            f'student.init = "teacher" copies {source} (rank {rank}, alpha {alpha:g}) into the student LoRA, but '
-            f"student.rank = {p.rank}, student.alpha = {p.alpha:g}. Set student.rank = {rank} and "
-            f'student.alpha = {alpha:g}, or use student.init = "zero".'
+            f'student.init = "teacher" copies {source} (rank {rank}, scale {alpha / rank:g}) into the student LoRA, '
+            f"but student.rank = {p.rank}, student.alpha = {p.alpha:g}"
+            + (" with rslora" if p.rslora else "")
+            + f'. Set student.rank = {rank} and student.alpha = {want:g}, or use student.init = "zero".'
         )
 
 
@@ -247,6 +255,7 @@ class TransferBatches:
         self.deltas = TeacherDeltas(store, teacher)
         self.prior_pool = store.pool(prior.record["pool"]) if prior.record["mode"] == "materialized" else None
         self._prior: tuple[int, object] | None = None
+        self.masks: dict | None = None  # {latent digest: (1, h, w) loss mask} with data.alpha_mask
 
     def inputs(self, k: int, process):
         """(x_t, t, cond, captions) of micro-step k, rebuilt from the schedule alone."""
@@ -296,7 +305,11 @@ class TransferBatches:
             model = getattr(denoiser, "module", denoiser)
             device = next(model.parameters()).device
             prior = predict_base(self.family, model, x_t.to(device), t.to(device), cond.to(device), self.guidance).cpu()
-        return x_t, t, cond, prior + self.deltas.target_delta(f"{step:07d}", rows, self.g)
+        target = prior + self.deltas.target_delta(f"{step:07d}", rows, self.g)
+        if self.masks is None:
+            return x_t, t, cond, target
+        chunk = self.doc["rows"][k * b : (k + 1) * b]
+        return x_t, t, cond, target, torch.stack([torch.as_tensor(self.masks[r["latent"]]) for r in chunk])
 
 
 class Fidelity:

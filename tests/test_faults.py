@@ -29,7 +29,7 @@ def _settings(base: dict) -> dict:
 # Every training method of docs/training.md on at once (the fused backward pass excludes grad_accum > 1 and
 # clipping by design; tests/test_optim.py checks those with the unfused loop).
 EVERYTHING = {
-    "rank": 4, "alpha": 8.0, "lr": 1e-3, "steps": 6, "batch_size": 2, "dropout": 0.1,
+    "rank": 4, "alpha": 8.0, "rslora": True, "lr": 1e-3, "steps": 6, "batch_size": 2, "dropout": 0.1,
     "loss": "huber", "huber_schedule": "snr", "min_snr_gamma": 5.0, "noise_offset": 0.05, "adaptive_noise_scale": 0.01,
     "multires_noise_iterations": 2, "ip_noise_gamma": 0.05, "min_timestep": 50, "max_timestep": 950,
     "optimizer": "adamw", "optimizer_args": {"betas": [0.9, 0.99]}, "lr_scheduler": "cosine_with_restarts",

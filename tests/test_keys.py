@@ -32,6 +32,7 @@ SEMANTIC = [
     ("data.default_caption='a shape'", "caption"),
     ('data.caption_extensions=[".caption", ".txt"]', "caption"),
     ("latents.resolution=40", "latents"),
+    ("data.alpha_mask=true", "latents"),  # the masks are stored with the latents
     *[
         (f"lora1.{k}={v}", "lora1")
         for k, v in [
@@ -135,6 +136,7 @@ LOSS_FIELDS = [("loss", "'l1'"), ("min_snr_gamma", 5.0), ("debiased_estimation",
 OPTIM_FIELDS = [
     ("optimizer_args", "{eps = 1e-6}"), ("warmup_steps", "'50%'"), ("loraplus_lr_ratio", 4.0),
     ("block_lr", '{"mid_block" = 2.0}'), ("ema_decay", 0.99), ("optimizer", "'lion'"), ("optimizer", "'adafactor'"),
+    ("rslora", "true"),
 ]  # fmt: skip
 NEEDS = {
     "adaptive_noise_scale": ("noise_offset=0.05", 0.01),

@@ -33,6 +33,7 @@ class TrainData:
     latents: object  # (N, C, h, w) float32 tensor
     cond: object  # Conditioning of U rows: the unique captions' embeddings and masks
     cond_index: object  # (N,) long tensor: item -> row of cond
+    masks: object = None  # (N, 1, h, w) float32 loss masks (data.alpha_mask), or None
 
 
 class DiffusionBatches:
@@ -44,7 +45,7 @@ class DiffusionBatches:
         self.data, self.seed, self.batch_size, self.stream = data, seed, batch_size, stream
 
     def micro_batch(self, k: int, denoiser, process):
-        """-> (x_t, t, cond, target) on the CPU for micro-step k."""
+        """-> (x_t, t, cond, target) on the CPU for micro-step k, and the loss mask when the data has masks."""
         import torch
 
         data = self.data
@@ -55,7 +56,8 @@ class DiffusionBatches:
         noise = torch.randn(x0.shape, generator=g)
         t = process.sample_timesteps(x0.shape[0], g)
         noise, noise_in = training_noise(getattr(process, "noise_options", {}), x0, noise, g)
-        return process.noisy_input(x0, noise_in, t), t, cond, process.target(x0, noise, t)
+        batch = process.noisy_input(x0, noise_in, t), t, cond, process.target(x0, noise, t)
+        return batch if data.masks is None else (*batch, data.masks[idx])
 
 
 @dataclass
@@ -125,7 +127,14 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         apply_preset(denoiser, job.preset_lora, job.preset_mode, job.family.kohya_prefix)
     targets = cfg.targets if cfg.targets is not None else job.family.default_targets
     adapter_config = add_lora(
-        denoiser, cfg.rank, cfg.alpha, cfg.dropout, targets, derive_seed("lora-init", cfg.seed), job.stage
+        denoiser,
+        cfg.rank,
+        cfg.alpha,
+        cfg.dropout,
+        targets,
+        derive_seed("lora-init", cfg.seed),
+        job.stage,
+        getattr(cfg, "rslora", False),
     )
     if job.preset_lora is not None and job.preset_mode == "adapter":
         freeze_preset(denoiser)
@@ -248,13 +257,19 @@ def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lo
     total = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
         k = step * cfg.grad_accum + micro
-        x_t, t, cond, target = (v.to(device) for v in batches.micro_batch(k, denoiser, process))
+        x_t, t, cond, target, *mask = (v.to(device) for v in batches.micro_batch(k, denoiser, process))
         if cfg.dropout > 0:
             torch.manual_seed(derive_seed("dropout", cfg.seed, k))
         with accelerator.autocast():
             pred = job.family.predict(denoiser, x_t, t, cond, guidance=getattr(cfg, "guidance_embed", None))
         loss = training_loss(
-            pred, target, t, process, getattr(cfg, "loss", None), getattr(cfg, "loss_weighting", "none")
+            pred,
+            target,
+            t,
+            process,
+            getattr(cfg, "loss", None),
+            getattr(cfg, "loss_weighting", "none"),
+            mask[0] if mask else None,
         )
         accelerator.backward(loss / cfg.grad_accum)
         total += loss.detach()

@@ -8,7 +8,9 @@ the metadata, so alpha ≠ rank survives a reload (diffusers would otherwise ass
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +18,26 @@ from pathlib import Path
 from core.errors import ConfigError
 
 
-def add_lora(denoiser, rank: int, alpha: float, dropout: float, targets: list[str], seed: int, section: str = "lora1"):
+def add_lora(
+    denoiser,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str],
+    seed: int,
+    section: str = "lora1",
+    rslora: bool = False,
+):
     import torch
     from peft import LoraConfig
 
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), init_lora_weights="gaussian"
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        init_lora_weights="gaussian",
+        use_rslora=rslora,
     )
     torch.manual_seed(seed)
     try:
@@ -144,24 +160,33 @@ def save_diffusers(
 
     kwargs = {}
     for comp, (comp_state, config) in {component: (state, adapter_config), **(extra or {})}.items():
-        # The UNet pipelines keep diffusers' own LoRA naming; transformer pipelines save peft's names as they are
-        # (what their save_lora_weights writes from get_peft_model_state_dict).
+        # The denoiser's LoRA keeps peft's names (`unet.<module>.lora_A.weight`), which load_lora_weights reads as
+        # they are. The older diffusers naming (`.lora.down.weight`, convert_state_dict_to_diffusers) loses other
+        # modules' weights on reload once proj_in/proj_out are targets (tests/test_lora_files.py, LoCon targets).
         kwargs[f"{comp}_lora_layers"] = (
-            comp_state if comp == "transformer" else convert_state_dict_to_diffusers(comp_state)
+            comp_state if comp in ("transformer", "unet") else convert_state_dict_to_diffusers(comp_state)
         )
         kwargs[f"{comp}_lora_adapter_metadata"] = meta(config)
     getattr(diffusers, pipeline_class).save_lora_weights(str(path.parent), weight_name=path.name, **kwargs)
     canonicalize_safetensors(path)
 
 
+def file_alpha(rank: int, alpha: float, rslora: bool) -> float:
+    """The alpha a file stores: loaders scale by alpha/rank, so rsLoRA's alpha/sqrt(rank) is alpha*sqrt(rank)."""
+    return alpha * math.sqrt(rank) if rslora else alpha
+
+
 def write_lora_outputs(family, outcome, p, work_dir, name: str, base_metadata: dict[str, str]) -> dict:
     """The trained LoRA in the kohya and diffusers formats, and the loss log. base_metadata identifies the
     trained model (family.lora_metadata(layout, prediction_type))."""
     state = lora_state_dict(outcome.denoiser)
+    alpha, adapter_config = file_alpha(p.rank, p.alpha, getattr(p, "rslora", False)), outcome.adapter_config
+    if getattr(p, "rslora", False):  # the same scale as a plain LoRA with alpha*sqrt(r): what every loader applies
+        adapter_config = dataclasses.replace(adapter_config, lora_alpha=alpha, use_rslora=False)
     kohya = work_dir / f"{name}.safetensors"
-    save_single_file_lora(family, state, p.rank, p.alpha, kohya, base_metadata)
+    save_single_file_lora(family, state, p.rank, alpha, kohya, base_metadata)
     diffusers_file = work_dir / "pytorch_lora_weights.safetensors"
-    save_diffusers(state, outcome.adapter_config, diffusers_file, family.pipeline_class, family.lora_component)
+    save_diffusers(state, adapter_config, diffusers_file, family.pipeline_class, family.lora_component)
     loss_csv = work_dir / "loss.csv"
     loss_csv.write_text("step,loss\n" + "".join(f"{i + 1},{v:.6g}\n" for i, v in enumerate(outcome.losses)))
     files = {
@@ -173,7 +198,7 @@ def write_lora_outputs(family, outcome, p, work_dir, name: str, base_metadata: d
     if outcome.ema_state is not None:  # the EMA of the weights, in the same single-file format as the raw LoRA
         ema = work_dir / f"{name}-ema.safetensors"
         ema_metadata = {**base_metadata, "lora_pipeline.ema_decay": str(p.ema["decay"])}
-        save_single_file_lora(family, outcome.ema_state, p.rank, p.alpha, ema, ema_metadata)
+        save_single_file_lora(family, outcome.ema_state, p.rank, alpha, ema, ema_metadata)
         files[f"{name}-ema.safetensors"] = ema
     return files
 

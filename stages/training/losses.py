@@ -113,9 +113,10 @@ def snr_weights(loss: dict, process, t):
     return w
 
 
-def training_loss(pred, target, t, process, loss: dict | None, weighting: str):
-    """The loss of one micro-batch (a scalar). l2 without weights is F.mse_loss exactly (the bytes of every
-    earlier run); per-sample losses are means over each sample's elements."""
+def training_loss(pred, target, t, process, loss: dict | None, weighting: str, mask=None):
+    """The loss of one micro-batch (a scalar). l2 without weights or mask is F.mse_loss exactly (the bytes of every
+    earlier run); per-sample losses are means over each sample's elements, or with a (B, 1, h, w) mask (data.
+    alpha_mask) the mask-weighted mean Σ m·l / Σ m over each sample's elements."""
     import torch.nn.functional as F
 
     from stages.families.noise import loss_weights
@@ -124,10 +125,15 @@ def training_loss(pred, target, t, process, loss: dict | None, weighting: str):
     pred, target = pred.float(), target.float()
     flow_w = loss_weights(process, t, weighting)
     ddpm_w = snr_weights(loss, process, t)
-    if loss["type"] == "l2" and flow_w is None and ddpm_w is None:
+    if loss["type"] == "l2" and flow_w is None and ddpm_w is None and mask is None:
         return F.mse_loss(pred, target)
     c = huber_c(loss, process, t) if loss["type"] in ("huber", "smooth_l1") else None
-    per_sample = elementwise(pred, target, loss, c).flatten(1).mean(1)
+    per_element = elementwise(pred, target, loss, c)
+    if mask is None:
+        per_sample = per_element.flatten(1).mean(1)
+    else:
+        m = mask.float().expand_as(per_element)
+        per_sample = (per_element * m).flatten(1).sum(1) / m.flatten(1).sum(1)
     if flow_w is not None:  # normalized so that the weights' mean is 1 (SD3's scripts)
         flow_w = flow_w.to(per_sample.device)
         return (per_sample * flow_w).sum() / flow_w.sum()

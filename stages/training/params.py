@@ -9,6 +9,7 @@ class LoraTrainParams(BaseModel):
     rank: int
     alpha: float
     dropout: float
+    rslora: bool = False
     targets: list[str]
     lr: float
     optimizer: str
