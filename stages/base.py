@@ -167,7 +167,13 @@ class PlanEnv:
             "timesteps": timesteps,
             "loss_weighting": check_weighting(timesteps, section.loss_weighting, name),
             "loss": resolve_loss(section, timesteps, prediction_type, name),
-            **resolve_optim(section, steps or section.steps, grad_accum or section.grad_accum, name),
+            **resolve_optim(
+                section,
+                steps or section.steps,
+                grad_accum or section.grad_accum,
+                name,
+                "schedule.grad_accum" if grad_accum is not None else None,
+            ),
         }
 
     def targets(self, section_targets: list[str] | None) -> list[str]:

@@ -99,14 +99,28 @@ def test_per_group_rates_and_gradient_ascent_are_refused_where_they_cannot_work(
         resolve(optimizer="lion", lr=-1e-4)
     with pytest.raises(ConfigError, match="a negative multiplier in lora1.block_lr trains by gradient ascent"):
         resolve(optimizer="adafactor", block_lr={"up_blocks.1": -1})
-    with pytest.raises(ConfigError, match=r"fused_backward cannot go with grad_accum = 2.*set grad_accum = 1"):
+    relative = {"optimizer": "adafactor", "optimizer_args": {"relative_step": True}}
+    with pytest.raises(ConfigError, match=r"relative_step sets its own step size.*relative_step = false"):
+        resolve(**relative, block_lr={"mid_block": 2.0})
+    accum = r"lora1.fused_backward cannot go with lora1.grad_accum = 2.*set grad_accum = 1"
+    with pytest.raises(ConfigError, match=accum):
         resolve_optim(TrainConfig(fused_backward=True, max_grad_norm=0, grad_accum=2), 10, 2, "lora1")
-    with pytest.raises(ConfigError, match=r"fused_backward cannot go with max_grad_norm = 1.0.*max_grad_norm = 0"):
+    with pytest.raises(ConfigError, match=r"cannot go with lora1.max_grad_norm = 1.0.*max_grad_norm = 0"):
         resolve(fused_backward=True)
     with pytest.raises(ConfigError, match=r"optimizer_groups .*set lora1.fused_backward = true"):
         resolve(optimizer_groups=2)
     with pytest.raises(ValueError, match="not a block"):
         TrainConfig(block_lr={"down blocks": 1.0})
+
+
+def test_the_student_s_fused_pass_names_the_schedule_s_grad_accum(transfer_project):
+    result = transfer_project.cli(
+        "run", "transfer", "--set", "student.fused_backward=true", "--set", "student.max_grad_norm=0.0",
+        "--set", "schedule.grad_accum=2",
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "student.fused_backward cannot go with schedule.grad_accum = 2" in result.output
+    assert not transfer_project.manifests("caption")  # refused at planning time
 
 
 @pytest.fixture

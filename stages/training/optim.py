@@ -29,16 +29,6 @@ OPTIMIZERS = {
 OWN_ARGS = {"params": "", "lr": "lr", "weight_decay": "weight_decay", "maximize": "lr (a negative lr ascends)"}
 # what adafactor means here unless optimizer_args say otherwise: transformers' Adafactor with a fixed lr
 ADAFACTOR_DEFAULTS = {"relative_step": False, "scale_parameter": False, "warmup_init": False}
-SCHEDULES = (
-    "constant",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "cosine_with_min_lr",
-    "inverse_sqrt",
-    "warmup_stable_decay",
-)
 
 
 def optimizer_class(name: str, section: str):
@@ -117,12 +107,16 @@ def resolve_optimizer(section, name: str) -> dict:
             f"{what} trains by gradient ascent (un-learning), which runs torch's AdamW with maximize=True; "
             f"{section.optimizer} has no such mode. Use {name}.optimizer = 'adamw', or a positive rate."
         )
-    if section.optimizer == "adafactor" and args.get("relative_step") and section.loraplus_lr_ratio is not None:
-        raise ConfigError(f"{name}: Adafactor's relative_step sets its own step size, so loraplus_lr_ratio cannot.")
+    if section.optimizer == "adafactor" and args.get("relative_step") and len(multipliers) > 1:
+        raise ConfigError(
+            f"{name}: Adafactor's relative_step sets its own step size for every parameter, so per-group learning "
+            f"rates (loraplus_lr_ratio, block_lr multipliers other than 0 and 1) cannot apply. Use a fixed lr "
+            f"(relative_step = false) for them."
+        )
     return args
 
 
-def resolve_fused(section, grad_accum: int, name: str) -> dict | None:
+def resolve_fused(section, grad_accum: int, name: str, grad_accum_field: str | None = None) -> dict | None:
     if not section.fused_backward:
         if section.optimizer_groups:
             raise ConfigError(f"{name}.optimizer_groups splits the optimizer of the fused backward pass: set "
@@ -141,7 +135,8 @@ def resolve_fused(section, grad_accum: int, name: str) -> dict | None:
     for field, (bad, reason) in why.items():
         if bad:
             value = grad_accum if field == "grad_accum" else getattr(section, field)
-            raise ConfigError(f"{name}.fused_backward cannot go with {field} = {value!r}: {reason}.")
+            dotted = grad_accum_field if field == "grad_accum" and grad_accum_field else f"{name}.{field}"
+            raise ConfigError(f"{name}.fused_backward cannot go with {dotted} = {value!r}: {reason}.")
     return {"groups": section.optimizer_groups}
 
 
@@ -437,11 +432,12 @@ class LoraEMA:
             self.shadow[n] = state[f"shadow.{n}"].float().clone()
 
 
-def resolve_optim(section, steps: int, grad_accum: int, name: str) -> dict:
-    """The optimizer-side fields of a training stage's key."""
+def resolve_optim(section, steps: int, grad_accum: int, name: str, grad_accum_field: str | None = None) -> dict:
+    """The optimizer-side fields of a training stage's key (grad_accum_field: where grad_accum is set, when that is
+    not the section itself, as schedule.grad_accum for the student)."""
     return {
         "optimizer_args": resolve_optimizer(section, name),
         "lr_schedule": resolve_lr_schedule(section, steps, name),
         "ema": resolve_ema(section),
-        "fused_backward": resolve_fused(section, grad_accum, name),
+        "fused_backward": resolve_fused(section, grad_accum, name, grad_accum_field),
     }
