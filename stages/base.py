@@ -152,9 +152,11 @@ class PlanEnv:
         timestep_settings=None,
         steps: int | None = None,
         grad_accum: int | None = None,
+        grad_accum_field: str | None = None,
     ) -> dict:
         """What every training stage resolves from its section: targets, the noise process, a checked weighting,
-        the loss, and the optimizer side (its arguments, the lr schedule in steps, EMA, fused backward)."""
+        the loss, and the optimizer side (its arguments, the lr schedule in steps, EMA, fused backward). steps and
+        grad_accum default to the section's; grad_accum_field names where grad_accum is set when it is elsewhere."""
         from stages.families.noise import check_weighting
         from stages.training.losses import resolve_loss
         from stages.training.optim import resolve_optim
@@ -172,7 +174,7 @@ class PlanEnv:
                 steps or section.steps,
                 grad_accum or section.grad_accum,
                 name,
-                "schedule.grad_accum" if grad_accum is not None else None,
+                grad_accum_field,
             ),
         }
 

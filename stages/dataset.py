@@ -94,6 +94,11 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decode an image fully (so truncation is caught here), upright (its EXIF orientation applied, as every
     viewer shows it), as RGB. Raises DataError naming the file; an image over max_pixels is refused from its
     header, before anything is decompressed."""
+    return _load_upright(path, max_pixels).convert("RGB")
+
+
+def _load_upright(path: Path, max_pixels: int):
+    """load_image's decode and checks, in the file's own mode (its alpha channel kept)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = None  # the limit is ours (runtime.max_image_pixels), checked below with the file's name
@@ -107,7 +112,7 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
                     f"runtime.max_image_pixels if it is genuine."
                 )
             im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
+            return ImageOps.exif_transpose(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode this image ({e}). Replace or remove the file.") from None
 
@@ -135,14 +140,9 @@ def center_crop_pixels(image, resolution: int):
 def load_alpha(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
     """The image's alpha channel as an 'L' image (upright, like load_image), or None when it has none (an RGB
     photo, a palette image without a transparent colour)."""
-    from PIL import Image, ImageOps
-
-    load_image(path, max_pixels)  # the same checks and errors as the pixels
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
-            return im.convert("RGBA").getchannel("A")
+    im = _load_upright(path, max_pixels)  # the same checks and errors as the pixels
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        return im.convert("RGBA").getchannel("A")
     return None
 
 

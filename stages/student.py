@@ -56,7 +56,13 @@ class StudentStage(Stage):
         return StudentParams(
             **fields,
             **env.train_fields(
-                s, "student", model=env.student, timestep_settings=sched, steps=steps, grad_accum=sched.grad_accum
+                s,
+                "student",
+                model=env.student,
+                timestep_settings=sched,
+                steps=steps,
+                grad_accum=sched.grad_accum,
+                grad_accum_field="schedule.grad_accum",
             ),
             steps=steps,
             batch_size=sched.batch_size,
