@@ -344,7 +344,7 @@ def lora_info(
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
-    for key in ("file", "format", "loads_in", "family", "modules", "rank", "alpha", "parameters", "bytes"):
+    for key in ("file", "format", "network", "loads_in", "family", "modules", "rank", "alpha", "parameters", "bytes"):
         typer.echo(f"{key.replace('_', ' '):11} {report[key]}")
     typer.echo(f"{'targets':11} " + ", ".join(f"{k} ×{v}" for k, v in report["targets"].items()))
     for comp, n in report["text_encoder_modules"].items():

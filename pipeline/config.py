@@ -104,6 +104,24 @@ class LoraSettings(Section):
         description="Rank-stabilized LoRA: the update is scaled by alpha/sqrt(rank) instead of alpha/rank. The files "
         "store alpha*sqrt(rank) as their alpha, so every program that loads them applies the same scale.",
     )
+    network: Literal["lora", "dora", "loha", "lokr"] = Field(
+        "lora",
+        description="What is trained on each target (through peft): lora; dora (LoRA plus a learned magnitude per "
+        "output channel); loha (Hadamard product of two rank-r products); lokr (Kronecker product). LoHa and LoKr "
+        "files load in ComfyUI and A1111/Forge, not in diffusers; see docs/training.md.",
+    )
+    lora_init: Literal["gaussian", "pissa", "olora"] = Field(
+        "gaussian",
+        description="How a plain LoRA starts: gaussian (A random, B zero: no change at step 0); pissa (the weight's "
+        "top-r singular directions) or olora (its QR directions), moved from the weight into the adapter. The files "
+        "hold the learned change as a plain LoRA of rank 2r. lora1 and differential.lora1 only.",
+    )
+    lokr_factor: int = Field(
+        -1,
+        ge=-1,
+        description="LoKr: the factor that splits each dimension into the Kronecker factors (-1: as balanced as "
+        "possible, LyCORIS' default).",
+    )
     targets: list[str] | None = Field(
         None,
         description="Module names (suffixes) in the denoiser that get a LoRA. Unset: the family's attention "
@@ -197,7 +215,20 @@ class LoraSettings(Section):
         "no",
         description="Autocast precision of the forward pass. fp16 needs a CUDA GPU; on a CPU bf16 is slower than no.",
     )
+    fp8_base: bool = Field(
+        False,
+        description="Store the frozen base weights in float8 (e4m3, scaled per output channel) and cast them to the "
+        "compute precision at each use: about half the weight memory of bf16. CUDA only; the LoRA stays fp32.",
+    )
     seed: int = Field(42, description="Seed of the LoRA init, data order, timesteps and noise.")
+
+    @field_validator("lokr_factor")
+    @classmethod
+    def _factor(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("must be -1 (balanced) or a positive factor")
+        return v
+
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
         "none",
         description="Per-sample loss weight over the noise level (flow-matching models only): none, sigma_sqrt "

@@ -104,17 +104,37 @@ def target_of(name: str, fmt: str) -> str:
     return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
 
 
+NETWORK_CONSUMERS = {  # docs/training.md, Networks
+    "loha": "ComfyUI and A1111/Forge (LyCORIS keys); diffusers' load_lora_weights loads no LoHa",
+    "lokr": "ComfyUI and A1111/Forge (LyCORIS keys); diffusers' load_lora_weights loads no LoKr",
+    "dora": "diffusers' load_lora_weights and A1111/Forge (dora_scale per output channel, as LyCORIS writes it); "
+    "ComfyUI loads it but divides by the base weight's norm there (an open bug, Comfy-Org/ComfyUI#15458), so its "
+    "result differs slightly until that fix lands",
+}
+
+
+def _numel(module) -> int:
+    if module.kind in ("loha", "lokr"):
+        return sum(t.numel() for t in module.factors.values())
+    return module.down.numel() + module.up.numel() + (0 if module.dora_scale is None else module.dora_scale.numel())
+
+
 def info(path: Path, family) -> dict:
     lora = read(path, family)
     suffixes = Counter(target_of(name, lora.format) for name in lora.modules)
     meta = lora.metadata
     base = meta.get("ss_base_model_version") or meta.get("modelspec.architecture")
-    params = sum(m.down.numel() + m.up.numel() for m in lora.modules.values())
-    params += sum(m.down.numel() + m.up.numel() for mods in lora.text_modules.values() for m in mods.values())
+    mods = [*lora.modules.values(), *(m for t in lora.text_modules.values() for m in t.values())]
+    params = sum(_numel(m) for m in mods)
     return {
         "file": str(path),
         "format": lora.format,
-        "loads_in": CONSUMERS[lora.format],
+        "network": lora.network,
+        "loads_in": (
+            NETWORK_CONSUMERS[lora.network]
+            if lora.network in ("loha", "lokr") or (lora.network == "dora" and lora.format == "kohya")
+            else CONSUMERS[lora.format]
+        ),
         "family": base or f"{family.name} ({family.lora_component} keys)",
         "modules": len(lora.modules),
         "text_encoder_modules": {comp: len(mods) for comp, mods in lora.text_modules.items()},
@@ -151,6 +171,7 @@ def convert(path: Path, fmt: str, out: Path, family, model: Path | None, unet_on
     from stages.training.lora_ops import save_modules
 
     lora = read(path, family, model)
+    lora.require_plain("`pipeline lora convert`")
     if lora.format == "kohya" and fmt == "diffusers" and model is None:
         raise ModelError(
             f"{path} is a kohya file: its module names lost their dots, so converting it to the diffusers format "
@@ -200,6 +221,8 @@ def mix(
     if len(pairs) < 1:
         raise ConfigError("give at least one FILE:WEIGHT")
     loras = [read(p, family, model) for p, _ in pairs]
+    for lora in loras:
+        lora.require_plain("`pipeline lora mix`")
     if model is None and fmt == "diffusers" and any(lora.format == "kohya" for lora in loras):
         raise ModelError("mixing kohya files into the diffusers format needs --model (see `pipeline lora convert`).")
     weights = [w for _, w in pairs]
@@ -238,6 +261,7 @@ def apply_weighted(unet, family, specs: list[str], model: Path):
         path, weight = parse_weighted(spec)
         lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
         lora.refuse_text_modules("`pipeline sample` applies LoRAs to the UNet only, so the grid would not show it")
+        lora.require_plain("`pipeline sample` (which weights LoRA adapters in peft)")
         attach_lora_file(unet, match_modules(lora, unet, family.kohya_prefix), f"lora{i}")
         attached.append((f"lora{i}", weight, path))
     return attached
@@ -256,13 +280,14 @@ def set_adapter_weights(unet, weights: dict[str, float]) -> None:
 
 
 def merge(model: Path, specs: list[str], out: Path, family, single_file_config: Path | None, force: bool) -> dict:
-    """Bake weighted LoRAs into a copy of the model: W += Σ w_i·ΔW_i in fp32, cast back to W's dtype."""
+    """Bake weighted LoRAs into a copy of the model: W += Σ w_i·ΔW_i in fp32, cast back to W's dtype. Any
+    network: ΔW_i is the file's W' − W on the weights as they are when it is applied, in the order given."""
     import shutil
 
     import torch
 
     from stages.training.lora_files import match_modules, read_lora_file
-    from stages.training.lora_ops import delta_weight
+    from stages.training.networks import effective_delta
 
     if not specs:
         raise ConfigError("give at least one FILE:WEIGHT to merge")
@@ -285,7 +310,8 @@ def merge(model: Path, specs: list[str], out: Path, family, single_file_config: 
                 layers = dict(tree.named_modules())
                 for name, mod in modules.items():
                     w = layers[name].weight
-                    w.copy_((w.float() + weight * delta_weight(mod).reshape(w.shape)).to(w.dtype))
+                    # W' − W of any network (a DoRA's depends on W itself), scaled as ComfyUI's strength scales it
+                    w.copy_((w.float() + weight * effective_delta(mod, w)).to(w.dtype))
                     changed += comp == family.lora_component
                     text_changed += comp != family.lora_component
     tmp = out.with_name(f".tmp-{out.name}")  # keeps the suffix, which decides folder vs single file

@@ -159,13 +159,16 @@ class PlanEnv:
         grad_accum default to the section's; grad_accum_field names where grad_accum is set when it is elsewhere."""
         from stages.families.noise import check_weighting
         from stages.training.losses import resolve_loss
+        from stages.training.networks import check_network
         from stages.training.optim import resolve_optim
 
         model = model or self.model
+        check_network(section, name, model.family)
         timesteps = model.timesteps(timestep_settings or section, name, self.config.latents.resolution)
         prediction_type = self.prediction_type if model is self.model else model.auto_prediction_type
         return {
             "targets": self.targets(section.targets),
+            "lokr_factor": section.lokr_factor if section.network == "lokr" else None,
             "timesteps": timesteps,
             "loss_weighting": check_weighting(timesteps, section.loss_weighting, name),
             "loss": resolve_loss(section, timesteps, prediction_type, name),

@@ -10,6 +10,8 @@ towards B, 0 = unrelated); and the same for LoRA-2 added over LoRA-1, the settin
 
 from __future__ import annotations
 
+import contextlib
+
 from pydantic import BaseModel
 
 from stages.base import PlanEnv, Stage, StageContext, StageResult
@@ -28,7 +30,7 @@ def pair_names(upstream) -> list[str]:
 
 class EvalStage(Stage):
     name = "eval"
-    IMPL_VERSION = 1
+    IMPL_VERSION = 2  # v2: adapters applied by forward hooks (any network), not peft adapters
     upstream = ()  # per pair: caption/latents/text of both sides, lora1, lora2; and `average`
     contract_from = ()
     description = "differential eval table"
@@ -49,7 +51,8 @@ class EvalStage(Stage):
         from stages.devices import resolve_device
         from stages.families.noise import make_process
         from stages.pools import load_training_data
-        from stages.training.lora_files import attach_lora_file, match_modules, read_lora_file
+        from stages.training.adapters import FixedLora
+        from stages.training.lora_files import match_modules, read_lora_file, trained_file
 
         env, p, store, up = ctx.env, ctx.params, ctx.store, ctx.upstream
         family = env.family
@@ -57,17 +60,19 @@ class EvalStage(Stage):
         unet = family.load_denoiser(env.layout, device).eval()
         process = make_process(p.timesteps, p.prediction_type)
 
+        adapters = {}
+
         def attach(manifest, adapter):
-            path = store.read_object(manifest.outputs["diffusers/pytorch_lora_weights.safetensors"]["digest"], adapter)
-            lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
-            attach_lora_file(unet, match_modules(lora, unet, family.kohya_prefix), adapter)
+            obj = trained_file(manifest.outputs)
+            lora = read_lora_file(store.read_object(obj["digest"], adapter), family.kohya_prefix, family.lora_component)
+            adapters[adapter] = FixedLora(unet, match_modules(lora, unet, family.kohya_prefix), device)
 
         pairs = pair_names(up)
         for i, name in enumerate(pairs):  # adapter names may not contain dots: numbered
             attach(up[f"lora1.{name}"], f"l1_{i}")
             attach(up[f"lora2.{name}"], f"l2_{i}")
         attach(up["average"], "avg")
-        probe = Probe(family, unet, process, p, device)
+        probe = Probe(family, unet, process, p, device, adapters)
         table = {}
         for i, name in enumerate(pairs):
             l1, l2 = f"l1_{i}", f"l2_{i}"
@@ -92,8 +97,9 @@ class EvalStage(Stage):
 class Probe:
     """Predictions of the base model with a chosen set of adapters, on fixed held-out draws."""
 
-    def __init__(self, family, unet, process, params: EvalParams, device):
+    def __init__(self, family, unet, process, params: EvalParams, device, adapters: dict):
         self.family, self.unet, self.process, self.p, self.device = family, unet, process, params, device
+        self.adapters = adapters  # name -> FixedLora on unet
 
     def _draws(self, n_items: int):
         import torch
@@ -108,14 +114,10 @@ class Probe:
     def _predict(self, adapters: list[str], x_t, t, cond):
         import torch
 
-        with torch.no_grad():
-            if not adapters:
-                self.unet.disable_adapters()
-                try:
-                    return self.family.predict(self.unet, x_t, t, cond).float()
-                finally:
-                    self.unet.enable_adapters()
-            self.unet.set_adapter(adapters)
+        n = x_t.shape[0]
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for name in adapters:  # each adds its own ΔW·x to the layers' outputs: the adapters' sum
+                stack.enter_context(self.adapters[name].rows_from(0, n))
             return self.family.predict(self.unet, x_t, t, cond).float()
 
     def loss(self, data, adapters: list[str]) -> float:

@@ -50,7 +50,7 @@ class Lora1Stage(Stage):
         from stages.devices import resolve_device
         from stages.training.loop import check_precision
 
-        check_precision(params.mixed_precision, resolve_device(env.config.runtime.device))
+        check_precision(params.mixed_precision, resolve_device(env.config.runtime.device), params.fp8_base, "lora1")
 
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
         from stages.training.loop import checkpoint_step

@@ -52,7 +52,9 @@ class Lora2Stage(Stage):
         from stages.devices import resolve_device
         from stages.training.loop import check_precision
 
-        check_precision(params.mixed_precision, resolve_device(env.config.runtime.device))
+        check_precision(
+            params.mixed_precision, resolve_device(env.config.runtime.device), params.fp8_base, "differential.lora2"
+        )
 
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
         from stages.training.loop import checkpoint_step
@@ -65,11 +67,11 @@ class Lora2Stage(Stage):
         from stages.devices import resolve_device
         from stages.pools import load_training_data
         from stages.training.loop import DiffusionBatches, TrainJob, train_lora
-        from stages.training.lora_files import read_lora_file, write_lora_outputs
+        from stages.training.lora_files import read_lora_file, trained_file, write_lora_outputs
 
         env, p = ctx.env, ctx.params
         data, captions = load_training_data(ctx.store, ctx.upstream)
-        lora1_file = ctx.upstream["lora1"].outputs["diffusers/pytorch_lora_weights.safetensors"]
+        lora1_file = trained_file(ctx.upstream["lora1"].outputs)
         lora1 = ctx.store.read_object(lora1_file["digest"], "the LoRA-1 file")
         preset = read_lora_file(lora1, env.family.kohya_prefix, env.family.lora_component)
         preview = ctx.runtime.preview

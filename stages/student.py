@@ -79,7 +79,7 @@ class StudentStage(Stage):
         from stages.devices import resolve_device
         from stages.training.loop import check_precision
 
-        check_precision(params.mixed_precision, resolve_device(env.config.runtime.device))
+        check_precision(params.mixed_precision, resolve_device(env.config.runtime.device), params.fp8_base, "student")
         if params.init == "teacher":
             check_teacher_init(env, params)
 
@@ -201,15 +201,23 @@ def check_teacher_init(env: PlanEnv, p: StudentParams) -> None:
     from stages.training.lora_files import file_alpha
 
     t = env.config.transfer
+    plain = 'copies plain LoRA factors (A, B) from the teacher LoRA into the student LoRA; use student.init = "zero"'
+    if p.network != "lora":
+        raise ConfigError(f'student.init = "teacher" {plain} with student.network = "{p.network}".')
     if t.teacher_lora is not None:
         from stages.training.lora_files import read_lora_file
 
         lora = read_lora_file(env.loaded.resolve(t.teacher_lora), env.family.kohya_prefix, env.family.lora_component)
+        if lora.network != "lora":
+            raise ConfigError(f'student.init = "teacher" {plain}: {t.teacher_lora} is a {lora.network.upper()}.')
         rank, alpha, source = max(lora.ranks), max(lora.alphas), "the teacher LoRA file"
         if len(lora.ranks) > 1:
             raise ConfigError(f'student.init = "teacher": {t.teacher_lora} has mixed ranks {sorted(lora.ranks)}.')
     else:
         l1 = env.config.lora1
+        if l1.network != "lora" or l1.lora_init != "gaussian":
+            what = l1.network.upper() if l1.network != "lora" else f"{l1.lora_init} LoRA (written as rank 2r)"
+            raise ConfigError(f'student.init = "teacher" {plain}: lora1 trains a {what}.')
         rank, alpha, source = l1.rank, file_alpha(l1.rank, l1.alpha, l1.rslora), "lora1"
         if sorted(env.targets(l1.targets)) != sorted(p.targets):
             raise ConfigError(

@@ -88,7 +88,7 @@ class TeacherStage(Stage):
         from stages.families.noise import make_process
         from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
         from stages.training.adapters import FixedLora
-        from stages.training.lora_files import match_modules, read_lora_file
+        from stages.training.lora_files import match_modules, read_lora_file, trained_file
         from stages.training.schedule import read_schedule, step_rows
 
         env, p, store = ctx.env, ctx.params, ctx.store
@@ -108,7 +108,7 @@ class TeacherStage(Stage):
             held = " and the held-out sets" if set(EXTRA_PARTS) & set(todo) else ""
             ctx.log(f"teacher: resuming, {steps_left} of {spec.steps} steps{held} to go")
         outputs = ctx.upstream["lora1"].outputs  # the diffusers file when trained here: exact module names and ranks
-        lora_obj = outputs.get("diffusers/pytorch_lora_weights.safetensors") or outputs["lora1.safetensors"]
+        lora_obj = trained_file(outputs)
         lora = read_lora_file(
             store.read_object(lora_obj["digest"], "the teacher LoRA"),
             env.family.kohya_prefix,

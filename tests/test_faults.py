@@ -27,9 +27,11 @@ def _settings(base: dict) -> dict:
 
 
 # Every training method of docs/training.md on at once (the fused backward pass excludes grad_accum > 1 and
-# clipping by design; tests/test_optim.py checks those with the unfused loop).
+# clipping by design; tests/test_optim.py checks those with the unfused loop), on a DoRA. The other networks are
+# killed in the other workflows: a LoHa teacher LoRA and a DoRA student in transfer, a PiSSA LoRA-1 (whose start is
+# recomputed from the base weights on resume) in differential.
 EVERYTHING = {
-    "rank": 4, "alpha": 8.0, "rslora": True, "lr": 1e-3, "steps": 6, "batch_size": 2, "dropout": 0.1,
+    "network": "dora", "rank": 4, "alpha": 8.0, "rslora": True, "lr": 1e-3, "steps": 6, "batch_size": 2, "dropout": 0.1,
     "loss": "huber", "huber_schedule": "snr", "min_snr_gamma": 5.0, "noise_offset": 0.05, "adaptive_noise_scale": 0.01,
     "multires_noise_iterations": 2, "ip_noise_gamma": 0.05, "min_timestep": 50, "max_timestep": 950,
     "optimizer": "adamw", "optimizer_args": {"betas": [0.9, 0.99]}, "lr_scheduler": "cosine_with_restarts",
@@ -49,7 +51,11 @@ WORKFLOWS = {
         ["lora1.step:3", "lora1.checkpoint:4"],
     ),
     "transfer": (
-        _settings(TRANSFER_SETTINGS),
+        {
+            **_settings(TRANSFER_SETTINGS),
+            "lora1": {**TRANSFER_SETTINGS["lora1"], "network": "loha"},
+            "student": {**TRANSFER_SETTINGS["student"], "network": "dora"},
+        },
         [
             "pool.put:3",  # latents: 2 of 6 committed, the 3rd written but not in the commit log
             "lora1.step:3",  # a step past the checkpoint at 2
@@ -61,7 +67,10 @@ WORKFLOWS = {
         ],
     ),
     "differential": (
-        _settings(DIFFERENTIAL_SETTINGS),
+        {
+            **_settings(DIFFERENTIAL_SETTINGS),
+            "differential.lora1": {**DIFFERENTIAL_SETTINGS["differential.lora1"], "lora_init": "pissa"},
+        },
         ["lora1.step:3", "lora2.step:3", "lora2.checkpoint:2"],
     ),
 }

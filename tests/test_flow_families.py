@@ -264,7 +264,7 @@ def test_guidance_embed_is_the_schedule_s_and_refused_for_models_without_one(tmp
 # -- LoRA files for other programs --------------------------------------------------------------------------
 
 
-def _train(tiny_flow_models, tmp_path, folder: str):
+def _train(tiny_flow_models, tmp_path, folder: str, **settings):
     from pipeline.config import TrainConfig
     from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
 
@@ -275,7 +275,8 @@ def _train(tiny_flow_models, tmp_path, folder: str):
     data = TrainData(
         torch.randn(4, *shape, generator=torch.Generator().manual_seed(0)), cond, torch.tensor([0, 1, 0, 1])
     )
-    params = train_params(fam, layout, TrainConfig(rank=4, alpha=8.0, lr=2e-2, steps=4, batch_size=2), shape)
+    cfg = TrainConfig(rank=4, alpha=8.0, lr=2e-2, steps=4, batch_size=2, **settings)
+    params = train_params(fam, layout, cfg, shape)
     job = TrainJob(fam, layout, "flow", params, torch.device("cpu"), tmp_path, progress=False)
     return fam, layout, params, train_lora(job, DiffusionBatches(data, params.seed, params.batch_size)), (shape, cond)
 

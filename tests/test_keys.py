@@ -136,9 +136,13 @@ LOSS_FIELDS = [("loss", "'l1'"), ("min_snr_gamma", 5.0), ("debiased_estimation",
 OPTIM_FIELDS = [
     ("optimizer_args", "{eps = 1e-6}"), ("warmup_steps", "'50%'"), ("loraplus_lr_ratio", 4.0),
     ("block_lr", '{"mid_block" = 2.0}'), ("ema_decay", 0.99), ("optimizer", "'lion'"), ("optimizer", "'adafactor'"),
-    ("rslora", "true"),
+    ("rslora", "true"), ("fp8_base", "true"),
 ]  # fmt: skip
+# the networks (tests/test_networks.py): LoRA-2 is a plain LoRA and PiSSA/OLoRA start only lora1-like stages
+NETWORK_FIELDS = [("network", "'dora'"), ("network", "'loha'"), ("network", "'lokr'")]
+INIT_FIELDS = [("lora_init", "'pissa'"), ("lora_init", "'olora'")]
 NEEDS = {
+    "lokr_factor": ("network='lokr'", 2),
     "adaptive_noise_scale": ("noise_offset=0.05", 0.01),
     "multires_noise_discount": ("multires_noise_iterations=3", 0.5),
     "huber_schedule": ("loss='huber'", "'constant'"),
@@ -153,11 +157,14 @@ NEEDS = {
     "fused_backward": ("max_grad_norm=0.0", "true"),
 }
 
-OPTIM_NEEDS = [k for k in NEEDS if k not in ("adaptive_noise_scale", "multires_noise_discount")]
+OPTIM_NEEDS = [k for k in NEEDS if k not in ("adaptive_noise_scale", "multires_noise_discount", "lokr_factor")]
 OPTIONS = [
-    *[(f"lora1.{k}={v}", DOWNSTREAM["lora1"], None) for k, v in NOISE_FIELDS + LOSS_FIELDS + OPTIM_FIELDS],
+    *[
+        (f"lora1.{k}={v}", DOWNSTREAM["lora1"], None)
+        for k, v in NOISE_FIELDS + LOSS_FIELDS + OPTIM_FIELDS + NETWORK_FIELDS + INIT_FIELDS
+    ],
     *[(f"schedule.{k}={v}", DOWNSTREAM["schedule"], None) for k, v in NOISE_FIELDS],
-    *[(f"student.{k}={v}", {"student"}, None) for k, v in LOSS_FIELDS + OPTIM_FIELDS],
+    *[(f"student.{k}={v}", {"student"}, None) for k, v in LOSS_FIELDS + OPTIM_FIELDS + NETWORK_FIELDS],
     # optimizer_groups splits the fused backward pass's optimizer: refused without it (tests/test_optim.py)
     ("lora1.optimizer_groups=2", DOWNSTREAM["lora1"], "lora1.max_grad_norm=0.0;lora1.fused_backward=true"),
     ("student.optimizer_groups=2", {"student"}, "student.max_grad_norm=0.0;student.fused_backward=true"),
@@ -166,7 +173,7 @@ OPTIONS = [
         for section, stages, names in [
             ("lora1", DOWNSTREAM["lora1"], NEEDS),
             ("schedule", DOWNSTREAM["schedule"], ["adaptive_noise_scale", "multires_noise_discount"]),
-            ("student", {"student"}, ["huber_schedule", "huber_c", "huber_scale", *OPTIM_NEEDS]),
+            ("student", {"student"}, ["huber_schedule", "huber_c", "huber_scale", *OPTIM_NEEDS, "lokr_factor"]),
         ]
         for k in names
         for base, v in [NEEDS[k]]
@@ -189,7 +196,7 @@ DIFFERENTIAL = [
     *[
         (f"differential.{side}.{k}={v}", per_pair(*stages) | {"average", "eval"})
         for side, stages in [("lora1", ("lora1", "lora2")), ("lora2", ("lora2",))]
-        for k, v in NOISE_FIELDS + LOSS_FIELDS + OPTIM_FIELDS
+        for k, v in NOISE_FIELDS + LOSS_FIELDS + OPTIM_FIELDS + (NETWORK_FIELDS + INIT_FIELDS) * (side == "lora1")
     ],
     # read only with another option on (NEEDS): alone they change nothing (the adaptive scale and the fused backward
     # pass alone are refused; tested above)
@@ -321,6 +328,8 @@ def test_every_config_field_is_covered_by_this_table():
         for side in ("lora1", "lora2")
         for k in ("adaptive_noise_scale", "fused_backward", "optimizer_groups")
     ]  # tested above
+    # refused in these sections (tests/test_networks.py)
+    tables += [(k, None) for k in ("student.lora_init", "differential.lora2.lora_init", "differential.lora2.network")]
     covered = {o.split("=")[0] for o, _ in tables} | {o.split("=")[0] for o in RUNTIME}
     fields = set()
     for section, model in PipelineConfig.model_fields.items():

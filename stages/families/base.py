@@ -135,6 +135,7 @@ class ModelFamily(ABC):
     kohya_text_prefixes: dict[str, str] = {"text_encoder": "lora_te_"}  # component -> kohya prefix of its modules
     pipeline_class: str  # the diffusers pipeline that loads this family's LoRA files
     lora_component: str  # the pipeline attribute that carries the LoRA ("unet", "transformer")
+    networks: tuple[str, ...] = ("lora", "dora", "loha", "lokr")  # what its single-file LoRA format can hold
 
     # -- cheap: files only -----------------------------------------------------------------------------
     @abstractmethod

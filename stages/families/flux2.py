@@ -96,6 +96,7 @@ class Flux2Family(FlowFamily):
     transformer_class = "Flux2Transformer2DModel"
     vae_class = "AutoencoderKLFlux2"
     default_targets = DOUBLE + SINGLE
+    networks = ("lora",)  # its files fuse q/k/v (comfy_lora), which only a plain LoRA can express
     text_encoder_classes = (*FlowFamily.text_encoder_classes, MISTRAL)
 
     def model_pipeline_class(self, text_encoder_class: str) -> str:

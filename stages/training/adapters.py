@@ -43,14 +43,25 @@ def adapters_disabled(denoiser):
         denoiser.enable_adapters()
 
 
+def mixable(denoiser) -> bool:
+    """Whether peft can route rows of one batch to different adapters: plain LoRA layers only (peft refuses
+    DoRA there, and LoHa/LoKr layers take no adapter_names)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)]
+    return all(isinstance(m, LoraLayer) and not getattr(m, "lora_variant", None) for m in layers)
+
+
 def predict_both(family, denoiser, adapter: str, x_t, t, cond, batching: str = "mixed", guidance=None):
     """(prediction without the adapter, prediction with it), in fp32, without gradients.
 
-    mixed: one forward on the doubled batch; two_pass: two forwards. The caller puts the model in eval mode."""
+    mixed: one forward on the doubled batch (plain LoRA only; other networks take two); two_pass: two forwards.
+    The caller puts the model in eval mode."""
     import torch
 
     with torch.no_grad():
-        if batching == "mixed":
+        if batching == "mixed" and mixable(denoiser):
             n = x_t.shape[0]
             with mixed_adapter_batch(denoiser, [BASE] * n + [adapter] * n):
                 both = family.predict(
@@ -77,16 +88,24 @@ class FixedLora:
 
     It computes what peft's mixed-adapter batch computes (base(x) + up(down(x))·alpha/rank on the adapted rows),
     but on contiguous row slices and without peft's wrapper around every layer, which on small transformers costs
-    more than the LoRA itself. No gradients: the hooks add to the layer's output in place."""
+    more than the LoRA itself. No gradients: the hooks add to the layer's output in place. A DoRA, LoHa or LoKr
+    module is applied as its dense W' − W (networks.effective_delta), computed once: exact, at the memory of one
+    weight copy per adapted layer."""
 
     def __init__(self, denoiser, modules: dict, device):
         import torch
+
+        from stages.training.networks import effective_delta
 
         layers = dict(denoiser.named_modules())
         self.denoiser, self.parts = denoiser, []
         for name, mod in sorted(modules.items()):
             layer = layers[name]
             w = layer.weight
+            if mod.kind != "lora":
+                dense = effective_delta(mod, w).to(device=w.device, dtype=w.dtype)
+                self.parts.append((name, layer, dense, None, 1.0))
+                continue
             down = mod.down.to(device=w.device, dtype=w.dtype)
             up = mod.up.to(device=w.device, dtype=w.dtype)
             if isinstance(layer, torch.nn.Conv2d):
@@ -111,9 +130,10 @@ class FixedLora:
             x = args[0][first:]
             if down.dim() == 4:
                 h = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation)
-                out[first:] += F.conv2d(h, up) * scale
+                out[first:] += h if up is None else F.conv2d(h, up) * scale
             else:
-                out[first:] += F.linear(F.linear(x, down), up) * scale
+                h = F.linear(x, down)
+                out[first:] += h if up is None else F.linear(h, up) * scale
             return out
 
         return hook

@@ -94,20 +94,59 @@ class TrainOutcome:
     evals: list[dict] = field(default_factory=list)  # {"step": n, **metrics}
     ema_state: dict | None = None  # the EMA of the LoRA in peft naming (lora_state_dict), when ema_decay is set
     lrs: list[dict[str, float]] = field(default_factory=list)  # per step of this run: {group name: lr it stepped with}
+    init_state: dict | None = None  # PiSSA/OLoRA: the adapter's starting factors (networks.pissa_to_lora)
 
 
-def check_precision(mixed_precision: str, device) -> None:
+def check_precision(mixed_precision: str, device, fp8_base: bool = False, section: str = "lora1") -> None:
     if mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError(
             f'mixed_precision = "fp16" needs a CUDA GPU, but this run is on {device.type}. Use "bf16" or "no".'
         )
+    if fp8_base and device.type != "cuda":
+        raise ConfigError(
+            f"{section}.fp8_base = true stores the frozen base weights in float8 to save GPU memory; this run is on "
+            f"{device.type}, where it saves nothing worth its rounding and runs slower. Set it to false, or run on a "
+            f"CUDA GPU (runtime.device)."
+        )
 
 
-def make_accelerator(mixed_precision: str, device):
+def store_base_in_fp8(denoiser, compute_dtype) -> int:
+    """Keep every frozen Linear/Conv2d weight of the denoiser (not the adapter's) in float8_e4m3fn and cast it to
+    compute_dtype at each use (a parametrization: the product runs in compute_dtype, the LoRA stays fp32). Weights
+    are scaled per output channel into fp8's range first, so small weights keep their precision. -> how many."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    class Fp8Weight(torch.nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.register_buffer("scale", scale)
+
+        def forward(self, stored):
+            return stored.to(compute_dtype) * self.scale.to(compute_dtype)
+
+    count = 0
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
+    for name, module in list(denoiser.named_modules()):
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or module.weight.requires_grad:
+            continue
+        if any(part in name.split(".") for part in ("lora_A", "lora_B", "lora_magnitude_vector")):
+            continue
+        w = module.weight.detach().float()
+        amax = w.reshape(w.shape[0], -1).abs().amax(dim=1).clamp_min(1e-12)
+        scale = (amax / fp8_max).reshape(w.shape[0], *[1] * (w.dim() - 1))
+        stored = torch.nn.Parameter((w / scale).to(torch.float8_e4m3fn), requires_grad=False)
+        module.weight = stored
+        parametrize.register_parametrization(module, "weight", Fp8Weight(scale), unsafe=True)
+        count += 1
+    return count
+
+
+def make_accelerator(mixed_precision: str, device, fp8_base: bool = False, section: str = "lora1"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    check_precision(mixed_precision, device)
+    check_precision(mixed_precision, device, fp8_base, section)
     # accelerate keeps one process-wide state and refuses a second Accelerator with another precision; each
     # training stage is its own run, so it starts from a clean state (as accelerate's own test-suite does).
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -116,16 +155,19 @@ def make_accelerator(mixed_precision: str, device):
 
 def train_lora(job: TrainJob, batches) -> TrainOutcome:
     """Train a LoRA on job.family's denoiser against batches.micro_batch(k, denoiser, process) targets."""
+    import torch
     from tqdm import tqdm
 
     from stages.training.lora_files import load_lora_into, lora_state_dict, match_modules
 
     cfg = job.params
-    accelerator = make_accelerator(cfg.mixed_precision, job.device)
+    accelerator = make_accelerator(cfg.mixed_precision, job.device, getattr(cfg, "fp8_base", False), job.stage)
     denoiser = job.family.load_denoiser(job.layout, accelerator.device)
-    if job.preset_lora is not None:
-        apply_preset(denoiser, job.preset_lora, job.preset_mode, job.family.kohya_prefix)
+    preset_adapter = job.preset_lora is not None and apply_preset(
+        denoiser, job.preset_lora, job.preset_mode, job.family.kohya_prefix
+    )
     targets = cfg.targets if cfg.targets is not None else job.family.default_targets
+    init = getattr(cfg, "lora_init", "gaussian")
     adapter_config = add_lora(
         denoiser,
         cfg.rank,
@@ -135,11 +177,19 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         derive_seed("lora-init", cfg.seed),
         job.stage,
         getattr(cfg, "rslora", False),
+        getattr(cfg, "network", "lora"),
+        init,
+        -1 if getattr(cfg, "lokr_factor", None) is None else cfg.lokr_factor,
     )
-    if job.preset_lora is not None and job.preset_mode == "adapter":
+    # PiSSA/OLoRA: the starting factors, whose product was taken out of the base weights (written files add it back)
+    init_state = None if init == "gaussian" else {k: v.clone() for k, v in lora_state_dict(denoiser).items()}
+    if preset_adapter:
         freeze_preset(denoiser)
     if job.init_lora is not None:
         load_lora_into(denoiser, match_modules(job.init_lora, denoiser, job.family.kohya_prefix))
+    if getattr(cfg, "fp8_base", False):  # after PiSSA took its start from the fp32 weights
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+        store_base_in_fp8(denoiser, compute)
     groups = param_groups(denoiser, cfg, job.stage)
     lora_params = [p for g in groups for p in g["params"]]
     if cfg.fused_backward:
@@ -209,7 +259,9 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     if ema is not None:
         with ema.applied():
             ema_state = {k: v.clone() for k, v in lora_state_dict(unwrapped).items()}  # not views of the raw weights
-    return TrainOutcome(unwrapped, adapter_config, losses, previews, start, step_times, evals, ema_state, lrs)
+    return TrainOutcome(
+        unwrapped, adapter_config, losses, previews, start, step_times, evals, ema_state, lrs, init_state
+    )
 
 
 def enable_gradient_checkpointing(denoiser) -> None:
@@ -222,23 +274,44 @@ def enable_gradient_checkpointing(denoiser) -> None:
         ) from None
 
 
-def apply_preset(denoiser, lora, mode: str, kohya_prefix: str) -> None:
+def apply_preset(denoiser, lora, mode: str, kohya_prefix: str) -> bool:
     """LoRA-1 under LoRA-2: merged into the weights in fp32 (a bf16 merge would erase most of a small ΔW), or
-    attached as the adapter `preset`, which freeze_preset keeps active and frozen."""
+    attached as the adapter `preset`, which freeze_preset keeps active and frozen. A DoRA, LoHa or LoKr LoRA-1
+    in adapter mode is a frozen forward hook adding its dense W' − W (fp32) to each layer's output instead.
+    True when the preset is a peft adapter (which freeze_preset must keep frozen)."""
     import torch
 
     from stages.training.lora_files import attach_lora_file, match_modules
-    from stages.training.lora_ops import delta_weight
+    from stages.training.networks import effective_delta
 
     modules = match_modules(lora, denoiser, kohya_prefix)
-    if mode == "adapter":
-        attach_lora_file(denoiser, modules, "preset")
-        return
     layers = dict(denoiser.named_modules())
+    if mode == "adapter" and lora.network == "lora":
+        attach_lora_file(denoiser, modules, "preset")
+        return True
     with torch.no_grad():
         for name, mod in modules.items():
-            w = layers[name].weight
-            w.copy_((w.float() + delta_weight(mod).reshape(w.shape).to(w.device)).to(w.dtype))
+            layer = layers[name]
+            delta = effective_delta(mod, layer.weight)
+            if mode == "adapter":
+                layer.register_forward_hook(_dense_hook(delta, layer))
+            else:
+                w = layer.weight
+                w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+    return False
+
+
+def _dense_hook(delta, layer):
+    import torch.nn.functional as F
+
+    def hook(module, args, out):
+        x = args[0]
+        d = delta.to(device=x.device, dtype=x.dtype)
+        if d.dim() == 4:
+            return out + F.conv2d(x, d, None, layer.stride, layer.padding, layer.dilation)
+        return out + F.linear(x, d)
+
+    return hook
 
 
 def freeze_preset(denoiser) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import ConfigError
+from stages.training.networks import LycoModule
 
 
 def add_lora(
@@ -27,24 +28,34 @@ def add_lora(
     seed: int,
     section: str = "lora1",
     rslora: bool = False,
+    network: str = "lora",
+    init: str = "gaussian",
+    lokr_factor: int = -1,
 ):
+    """Add the trained adapter (a LoRA, DoRA, LoHa or LoKr; networks.py) as peft's adapter `default`."""
     import torch
-    from peft import LoraConfig
 
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(targets),
-        init_lora_weights="gaussian",
-        use_rslora=rslora,
-    )
+    from stages.training.networks import adapter_config
+
+    config = adapter_config(network, rank, alpha, dropout, targets, rslora, init, lokr_factor)
     torch.manual_seed(seed)
     try:
         with warnings.catch_warnings():  # differential LoRA-2 trains over a LoRA-1 adapter on purpose
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             denoiser.add_adapter(config)
     except ValueError as e:
+        if "Unknown initialization" in str(e) and init != "gaussian":
+            convs = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Conv2d)}
+                & {t.rsplit(".", 1)[-1] for t in targets}
+            )
+            raise ConfigError(
+                f'{section}.lora_init = "{init}": peft starts only Linear layers this way, and {section}.targets '
+                f"include conv layers ({', '.join(convs) or 'a Conv2d'}). Leave them out of the targets, or use "
+                f'lora_init = "gaussian".'
+            ) from None
+        if "matched no module" not in str(e) and "not found in the base model" not in str(e):
+            raise ConfigError(f"{section}.network = {network!r} (lora_init = {init!r}): peft refused it: {e}") from None
         names = sorted({n.rsplit(".", 1)[-1] for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(
             f"{section}.targets = {list(targets)} matched no module of the model ({e}). "
@@ -64,18 +75,16 @@ def lora_state_dict(denoiser) -> dict:
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
 
 
-def to_kohya(state: dict, alpha: float | dict[str, float], prefix: str) -> dict:
-    """peft-named state -> kohya names; alpha is one value or a per-module {module: alpha}."""
-    import torch
+def to_kohya(state: dict, alpha: float | dict[str, float], prefix: str, rank: int | None = None) -> dict:
+    """peft-named state -> kohya names (`<prefix><module with _>.lora_down.weight`, LyCORIS' names for DoRA,
+    LoHa and LoKr parts); alpha is one value or a per-module {module: alpha}; rank: LoHa/LoKr's r."""
+    from stages.training.networks import file_tensors
 
-    out = {}
-    for key, value in state.items():
-        module, which = key.rsplit(".lora_", 1)
-        name = prefix + module.replace(".", "_")
-        out[f"{name}.{'lora_down' if which.startswith('A') else 'lora_up'}.weight"] = value
-        a = alpha[module] if isinstance(alpha, dict) else alpha
-        out[f"{name}.alpha"] = torch.tensor(float(a))
-    return out
+    return {
+        f"{prefix}{module.replace('.', '_')}.{suffix}": value
+        for module, parts in file_tensors(state, alpha, rank, "kohya").items()
+        for suffix, value in parts.items()
+    }
 
 
 def canonicalize_safetensors(path: Path) -> None:
@@ -106,35 +115,37 @@ def save_kohya(
     from safetensors.torch import save_file
 
     common_alpha = Counter(alpha.values()).most_common(1)[0][0] if isinstance(alpha, dict) else alpha
-    meta = {
+    meta = {  # network_metadata() in `metadata` overrides the module for DoRA, LoHa and LoKr
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(common_alpha),
         "modelspec.title": path.stem,
         **metadata,
     }
-    save_file({**to_kohya(state, alpha, prefix), **(extra or {})}, str(path), metadata=meta)
+    save_file({**to_kohya(state, alpha, prefix, rank), **(extra or {})}, str(path), metadata=meta)
     canonicalize_safetensors(path)
 
 
 COMFY_PREFIX = "diffusion_model."
 
 
-def save_comfy(state: dict, alpha: float | dict[str, float] | None, path: Path, metadata: dict[str, str]) -> None:
+def save_comfy(
+    state: dict, alpha: float | dict[str, float] | None, path: Path, metadata: dict[str, str], rank: int | None = None
+) -> None:
     """The single-file format shared for the transformer families (ComfyUI, ai-toolkit, musubi-tuner's converted
     files): `diffusion_model.<module>.lora_A/lora_B.weight` and `.alpha` (alpha None: no alpha keys, the scale is
-    already in lora_B). ComfyUI's key map (comfy/lora.py: model_lora_keys_unet) accepts these names, and
-    diffusers' load_lora_weights converts them (lora_conversion_utils)."""
-    import torch
+    already in lora_B), with LyCORIS' part names for DoRA, LoHa and LoKr. ComfyUI's key map (comfy/lora.py:
+    model_lora_keys_unet) accepts these names, and diffusers' load_lora_weights converts the LoRA ones
+    (lora_conversion_utils)."""
     from safetensors.torch import save_file
 
-    out = {}
-    for key, value in state.items():
-        module, which = key.rsplit(".lora_", 1)
-        out[f"{COMFY_PREFIX}{module}.lora_{which}"] = value.contiguous()
-        if alpha is not None:
-            a = alpha[module] if isinstance(alpha, dict) else alpha
-            out[f"{COMFY_PREFIX}{module}.alpha"] = torch.tensor(float(a))
+    from stages.training.networks import file_tensors
+
+    out = {
+        f"{COMFY_PREFIX}{module}.{suffix}": value
+        for module, parts in file_tensors(state, alpha, rank, "peft").items()
+        for suffix, value in parts.items()
+    }
     save_file(out, str(path), metadata=metadata)
     canonicalize_safetensors(path)
 
@@ -142,7 +153,7 @@ def save_comfy(state: dict, alpha: float | dict[str, float] | None, path: Path, 
 def save_single_file_lora(family, state: dict, rank: int, alpha, path: Path, metadata: dict[str, str]) -> None:
     """The single-file format users share for `family`: kohya for SD, the ComfyUI format for transformers."""
     if getattr(family, "single_file_lora", "kohya") == "comfy":
-        save_comfy(*family.comfy_lora(state, alpha), path, metadata)
+        save_comfy(*family.comfy_lora(state, alpha), path, metadata, rank)
     else:
         save_kohya(state, rank, alpha, path, family.kohya_prefix, metadata)
 
@@ -176,31 +187,66 @@ def file_alpha(rank: int, alpha: float, rslora: bool) -> float:
     return alpha * math.sqrt(rank) if rslora else alpha
 
 
+def network_metadata(network: str) -> dict[str, str]:
+    """How kohya-style metadata names a network: sd-scripts' own LoRA, or LyCORIS' module with its algorithm."""
+    if network == "lora":
+        return {}
+    args = {"algo": "lora", "dora_wd": "True", "wd_on_out": "True"} if network == "dora" else {"algo": network}
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args, sort_keys=True)}
+
+
 def write_lora_outputs(family, outcome, p, work_dir, name: str, base_metadata: dict[str, str]) -> dict:
-    """The trained LoRA in the kohya and diffusers formats, and the loss log. base_metadata identifies the
-    trained model (family.lora_metadata(layout, prediction_type))."""
-    state = lora_state_dict(outcome.denoiser)
-    alpha, adapter_config = file_alpha(p.rank, p.alpha, getattr(p, "rslora", False)), outcome.adapter_config
-    if getattr(p, "rslora", False):  # the same scale as a plain LoRA with alpha*sqrt(r): what every loader applies
+    """The trained adapter in the single-file format (kohya or ComfyUI naming) and, for LoRA and DoRA, the
+    diffusers format; the loss log and previews. base_metadata identifies the trained model
+    (family.lora_metadata(layout, prediction_type)). A PiSSA/OLoRA adapter is written as the plain LoRA of rank 2r
+    that it amounts to on the original weights (networks.pissa_to_lora)."""
+    from stages.training.networks import pissa_to_lora
+
+    network = getattr(p, "network", "lora")
+    rslora = getattr(p, "rslora", False)
+    state, rank = lora_state_dict(outcome.denoiser), p.rank
+    alpha, adapter_config = file_alpha(p.rank, p.alpha, rslora), outcome.adapter_config
+    if rslora:  # the same scale as a plain LoRA with alpha*sqrt(r): what every loader applies
         adapter_config = dataclasses.replace(adapter_config, lora_alpha=alpha, use_rslora=False)
+    convert = None
+    if outcome.init_state is not None:
+        scale, rank = alpha / p.rank, 2 * p.rank
+        alpha = float(rank)
+
+        def convert(s: dict) -> dict:
+            return pissa_to_lora(s, outcome.init_state, scale)
+
+        state = convert(state)
+        adapter_config = dataclasses.replace(adapter_config, r=rank, lora_alpha=alpha, init_lora_weights=True)
+    metadata = {**base_metadata, **network_metadata(network), "lora_pipeline.network": network}
+    if outcome.init_state is not None:
+        metadata["lora_pipeline.lora_init"] = p.lora_init
     kohya = work_dir / f"{name}.safetensors"
-    save_single_file_lora(family, state, p.rank, alpha, kohya, base_metadata)
-    diffusers_file = work_dir / "pytorch_lora_weights.safetensors"
-    save_diffusers(state, adapter_config, diffusers_file, family.pipeline_class, family.lora_component)
+    save_single_file_lora(family, state, rank, alpha, kohya, metadata)
+    files = {f"{name}.safetensors": kohya}
+    if network in ("lora", "dora"):  # diffusers loads no LoHa/LoKr (docs/training.md, `pipeline lora info`)
+        diffusers_file = work_dir / "pytorch_lora_weights.safetensors"
+        save_diffusers(state, adapter_config, diffusers_file, family.pipeline_class, family.lora_component)
+        files["diffusers/pytorch_lora_weights.safetensors"] = diffusers_file
     loss_csv = work_dir / "loss.csv"
     loss_csv.write_text("step,loss\n" + "".join(f"{i + 1},{v:.6g}\n" for i, v in enumerate(outcome.losses)))
-    files = {
-        f"{name}.safetensors": kohya,
-        "diffusers/pytorch_lora_weights.safetensors": diffusers_file,
-        "loss.csv": loss_csv,
-        **outcome.previews,
-    }
+    files.update({"loss.csv": loss_csv, **outcome.previews})
     if outcome.ema_state is not None:  # the EMA of the weights, in the same single-file format as the raw LoRA
         ema = work_dir / f"{name}-ema.safetensors"
-        ema_metadata = {**base_metadata, "lora_pipeline.ema_decay": str(p.ema["decay"])}
-        save_single_file_lora(family, outcome.ema_state, p.rank, alpha, ema, ema_metadata)
+        ema_metadata = {**metadata, "lora_pipeline.ema_decay": str(p.ema["decay"])}
+        ema_state = convert(outcome.ema_state) if convert else outcome.ema_state
+        save_single_file_lora(family, ema_state, rank, alpha, ema, ema_metadata)
         files[f"{name}-ema.safetensors"] = ema
     return files
+
+
+def trained_file(outputs: dict) -> dict:
+    """The output entry of a training stage's adapter to read back: the diffusers file (exact module names) where
+    one was written, else the single file (LoHa, LoKr)."""
+    if "diffusers/pytorch_lora_weights.safetensors" in outputs:
+        return outputs["diffusers/pytorch_lora_weights.safetensors"]
+    singles = [k for k in sorted(outputs) if k.endswith(".safetensors") and "/" not in k and "-ema" not in k]
+    return outputs[singles[0]]
 
 
 # -- reading LoRA files ---------------------------------------------------------------------------------------
@@ -211,6 +257,11 @@ class LoraModule:
     down: object  # (r, in) or (r, in, kh, kw) tensor: kohya lora_down, peft lora_A
     up: object  # (out, r) or (out, r, 1, 1) tensor: kohya lora_up, peft lora_B
     alpha: float
+    dora_scale: object = None  # DoRA's magnitude: (out, 1[, 1, 1]) per output channel, or (1, in[, 1, 1]) per input
+
+    @property
+    def kind(self) -> str:
+        return "lora" if self.dora_scale is None else "dora"
 
     @property
     def rank(self) -> int:
@@ -232,12 +283,27 @@ class LoraFile:
     text_modules: dict[str, dict[str, LoraModule]] = field(default_factory=dict)
 
     @property
+    def network(self) -> str:
+        """lora, dora, loha or lokr (the first that is not plain LoRA, if the file mixes them)."""
+        kinds = {m.kind for m in self.modules.values()}
+        return next((k for k in ("lokr", "loha", "dora") if k in kinds), "lora")
+
+    def require_plain(self, what: str) -> None:
+        """ConfigError unless every module is a plain (down, up) LoRA, which `what` combines as low-rank factors."""
+        if self.network != "lora":
+            raise ConfigError(
+                f"{self.path}: it is a {self.network.upper()} adapter; {what} works on plain LoRA factors "
+                f"(ΔW = up·down), which a {self.network.upper()} is not, so the result would not be exact. Apply it "
+                f"where it is loaded (ComfyUI, A1111/Forge) instead."
+            )
+
+    @property
     def ranks(self) -> set[int]:
         return {m.rank for m in self.modules.values()}
 
     @property
     def alphas(self) -> set[float]:
-        return {m.alpha for m in self.modules.values()}
+        return {m.alpha for m in self.modules.values() if m.alpha is not None} or {1.0}
 
     def refuse_text_modules(self, why: str) -> None:
         """ModelError naming the text-encoder modules, for users of the file that apply only the denoiser's."""
@@ -283,10 +349,14 @@ def read_lora_file(path: Path, kohya_prefix: str = "lora_unet_", component: str 
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as e:
         raise ModelError(f"{path} is not a readable .safetensors file ({str(e)[:200]}).") from None
     fmt = next((f for f, (down, _) in _SUFFIXES.items() if any(k.endswith(down) for k in tensors)), None)
+    lyco = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".hada_w1_a", ".lokr_w1", ".lokr_w1_a"))}
+    if fmt is None and lyco:
+        fmt = "kohya" if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors) else "peft"
     if fmt is None:
         raise ModelError(
             f"{path} holds no LoRA weights this tool reads (looked for *.lora_down/lora_up, *.lora.down/up and "
-            f"*.lora_A/lora_B tensors). Is it a full model or another adapter type?"
+            f"*.lora_A/lora_B tensors, and LyCORIS' LoHa/LoKr *.hada_w1_a / *.lokr_w1 ones). Is it a full model or "
+            f"another adapter type?"
         )
     down_sfx, up_sfx = _SUFFIXES[fmt]
     orphans = [k for k in tensors if k.endswith(up_sfx) and k[: -len(up_sfx)] + down_sfx not in tensors]
@@ -299,17 +369,20 @@ def read_lora_file(path: Path, kohya_prefix: str = "lora_unet_", component: str 
         groups = {f"{c}.": c for c in (component, *TEXT_COMPONENTS)}
         if component == "transformer":
             groups[COMFY_PREFIX] = component  # the ComfyUI/ai-toolkit single-file naming
+    bases = {k[: -len(down_sfx)] for k in tensors if k.endswith(down_sfx)} | lyco
     parsed: dict[str, dict[str, LoraModule]] = {}
     other = []
-    for key in sorted(tensors):
-        if not key.endswith(down_sfx):
-            continue
-        base = key[: -len(down_sfx)]
+    for base in sorted(bases):
         prefix = next((p for p in groups if base.startswith(p)), None)
         if prefix is None:
-            other.append(key)
+            other.append(base)
             continue
         comp, name = groups[prefix], base[len(prefix) :]
+        if base in lyco:
+            from stages.training.networks import lyco_module
+
+            parsed.setdefault(comp, {})[name] = lyco_module(path, base, tensors)
+            continue
         config_alpha, rank_alpha = alphas.get(comp, (None, {}))
         default_alpha = rank_alpha.get(name, config_alpha)
         parsed.setdefault(comp, {})[name] = _module(path, base, tensors, down_sfx, up_sfx, default_alpha)
@@ -374,7 +447,25 @@ def _module(path: Path, base: str, tensors: dict, down_sfx: str, up_sfx: str, de
         alpha = float(default_alpha) if default_alpha is not None else float(down.shape[0])
     if not (torch.isfinite(down).all() and torch.isfinite(up).all()) or alpha != alpha or abs(alpha) == float("inf"):
         raise bad("holds NaN or infinite values")
-    return LoraModule(down.float(), up.float(), alpha)
+    peft_key = next(
+        (base + s for s in (".lora_magnitude_vector", ".lora_magnitude_vector.weight") if base + s in tensors), None
+    )
+    scale = tensors.get(peft_key or base + ".dora_scale")
+    if scale is not None:
+        if not scale.is_floating_point() or not torch.isfinite(scale).all():
+            raise bad("has a DoRA magnitude (dora_scale) that is not finite floating point")
+        # peft's magnitude is per output channel ((out,), or (1, out, 1, 1) on a conv); LyCORIS' dora_scale is per
+        # output channel when its first dimension is the output's ((out, 1[, 1, 1])), else per input (1, in[, 1, 1])
+        wanted = up.shape[0] if peft_key else None
+        if scale.numel() not in (up.shape[0], down.shape[1]) or (wanted and scale.numel() != wanted):
+            raise bad(
+                f"has a DoRA magnitude of shape {tuple(scale.shape)}, which fits neither its {up.shape[0]} outputs "
+                f"nor its {down.shape[1]} inputs"
+            )
+        if peft_key or scale.ndim == 1:
+            scale = scale.reshape(up.shape[0], *[1] * (down.ndim - 1))
+        scale = scale.float()
+    return LoraModule(down.float(), up.float(), alpha, scale)
 
 
 def _metadata_alphas(path: Path, metadata: dict[str, str]) -> dict[str, tuple[float | None, dict[str, float]]]:
@@ -435,6 +526,19 @@ def match_modules(lora: LoraFile, denoiser, kohya_prefix: str = "lora_unet_") ->
     for key, name in names.items():
         mod, layer = lora.modules[key], layers[name]
         w = layer.weight
+        if isinstance(mod, LycoModule):
+            try:
+                fits = mod.out_features() == w.shape[0] and mod.delta(w.shape) is not None
+            except RuntimeError:
+                fits = False
+            if not fits:
+                shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(mod.factors.items()))
+                raise ModelError(
+                    f"{lora.path}: the {mod.kind.upper()} for {name} has factors {shapes}, which do not make the "
+                    f"model's layer weight {tuple(w.shape)}. It was trained for another architecture."
+                )
+            out[name] = mod
+            continue
         fits = mod.down.shape[1] == w.shape[1] and mod.up.shape[0] == w.shape[0] and mod.up.shape[1] == mod.rank
         if not fits:
             raise ModelError(

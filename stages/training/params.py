@@ -10,6 +10,9 @@ class LoraTrainParams(BaseModel):
     alpha: float
     dropout: float
     rslora: bool = False
+    network: str = "lora"
+    lora_init: str = "gaussian"
+    lokr_factor: int | None = None  # LoKr only
     targets: list[str]
     lr: float
     optimizer: str
@@ -25,6 +28,7 @@ class LoraTrainParams(BaseModel):
     grad_accum: int
     max_grad_norm: float
     mixed_precision: str
+    fp8_base: bool = False
     seed: int
     prediction_type: str
     timesteps: dict  # the resolved noise process: sampler, shift, scheduler values, noise options
@@ -51,6 +55,7 @@ def train_params(family, layout, cfg, latent_shape: tuple[int, ...], section: st
         loss_weighting=check_weighting(timesteps, cfg.loss_weighting, section),
         loss=resolve_loss(cfg, timesteps, prediction_type, section),
         **resolve_optim(cfg, cfg.steps, cfg.grad_accum, section),
+        lokr_factor=cfg.lokr_factor if cfg.network == "lokr" else None,
     )
 
 
@@ -65,6 +70,7 @@ RESOLVED = (
     "lr_schedule",
     "ema",
     "fused_backward",
+    "lokr_factor",
 )
 
 
