@@ -49,6 +49,10 @@ OPTIONS = {
     "ema_decay=0.999": {"ema_decay": 0.999},
     "fused_backward (no clipping)": {"fused_backward": True, "max_grad_norm": 0.0},
     "gradient_checkpointing": {"gradient_checkpointing": True},
+    "network=dora": {"network": "dora"},
+    "network=loha": {"network": "loha"},
+    "network=lokr": {"network": "lokr"},
+    "lora_init=pissa": {"lora_init": "pissa"},
 }
 # the same settings without the clipping that the fused pass cannot do: its fair baseline
 FUSED_BASELINE = {"max_grad_norm": 0.0}
