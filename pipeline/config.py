@@ -222,13 +222,6 @@ class LoraSettings(Section):
     )
     seed: int = Field(42, description="Seed of the LoRA init, data order, timesteps and noise.")
 
-    @field_validator("lokr_factor")
-    @classmethod
-    def _factor(cls, v: int) -> int:
-        if v == 0:
-            raise ValueError("must be -1 (balanced) or a positive factor")
-        return v
-
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
         "none",
         description="Per-sample loss weight over the noise level (flow-matching models only): none, sigma_sqrt "
@@ -263,6 +256,13 @@ class LoraSettings(Section):
     def _lr(cls, v: float) -> float:
         if v == 0:
             raise ValueError("must not be 0: a learning rate of 0 trains nothing")
+        return v
+
+    @field_validator("lokr_factor")
+    @classmethod
+    def _factor(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("must be -1 (balanced) or a positive factor")
         return v
 
     @field_validator("warmup_steps", "decay_steps")

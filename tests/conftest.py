@@ -188,3 +188,23 @@ def differential_project(tmp_path, tiny_model) -> Project:
 
 def actions(report: dict) -> dict[str, str]:
     return {s["name"]: s["action"] for s in report["stages"]}
+
+
+def train_tiny_sd15(tiny_model: Path, work: Path, **settings):
+    """The real lora1 loop for a few steps on the tiny SD model and random latents (2 captions, 4 items).
+    settings: TrainConfig fields. -> (family, layout, params, outcome)."""
+    import torch
+
+    from pipeline.config import TrainConfig
+    from stages.families import Conditioning
+    from stages.families.sd15 import SD15Family
+    from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
+
+    family = SD15Family()
+    layout = family.layout(tiny_model / "model", None)
+    params = train_params(family, layout, TrainConfig(**{"batch_size": 2, **settings}), (4, 4, 4))
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning(torch.randn(2, 77, 32, generator=g), torch.ones(2, 77, dtype=torch.bool))
+    data = TrainData(torch.randn(4, 4, 4, 4, generator=g), cond, torch.tensor([0, 1, 0, 1]))
+    job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), work, progress=False)
+    return family, layout, params, train_lora(job, DiffusionBatches(data, params.seed, params.batch_size))

@@ -11,20 +11,12 @@ from stages.families import Conditioning
 from stages.families.sd15 import SD15Family
 from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
 from stages.training.lora_files import lora_state_dict, save_diffusers, save_kohya
-from tests.conftest import train_params
+from tests.conftest import train_params, train_tiny_sd15
 
 
 def _train(tiny_model, tmp_path, rank=4, alpha=8.0):
-    family = SD15Family()
-    layout = family.layout(tiny_model / "model", None)
-    params = train_params(
-        family, layout, TrainConfig(rank=rank, alpha=alpha, lr=5e-3, steps=5, batch_size=2), (4, 4, 4)
-    )
-    g = torch.Generator().manual_seed(0)
-    cond = Conditioning(torch.randn(2, 77, 32, generator=g), torch.ones(2, 77, dtype=torch.bool))
-    data = TrainData(torch.randn(4, 4, 4, 4, generator=g), cond, torch.tensor([0, 1, 0, 1]))
-    job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), tmp_path, progress=False)
-    return family, train_lora(job, DiffusionBatches(data, job.params.seed, job.params.batch_size))
+    family, _, _, outcome = train_tiny_sd15(tiny_model, tmp_path, rank=rank, alpha=alpha, lr=5e-3, steps=5)
+    return family, outcome
 
 
 def _unet_out(unet):
@@ -93,16 +85,10 @@ def test_conv_targets_locon_style_reproduce_the_trained_unet(tiny_model, tmp_pat
     kohya file holds 4-D lora_down/lora_up weights, which diffusers (and kohya/ComfyUI) load as conv LoRAs."""
     from stages.training.lora_files import write_lora_outputs
 
-    family = SD15Family()
-    layout = family.layout(tiny_model / "model", None)
     targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out"]
-    cfg = TrainConfig(rank=4, alpha=8.0, lr=5e-3, steps=4, batch_size=2, targets=targets)
-    params = train_params(family, layout, cfg, (4, 4, 4))
-    g = torch.Generator().manual_seed(0)
-    cond = Conditioning(torch.randn(2, 77, 32, generator=g), torch.ones(2, 77, dtype=torch.bool))
-    data = TrainData(torch.randn(4, 4, 4, 4, generator=g), cond, torch.tensor([0, 1, 0, 1]))
-    job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), tmp_path, progress=False)
-    outcome = train_lora(job, DiffusionBatches(data, params.seed, params.batch_size))
+    family, _, params, outcome = train_tiny_sd15(
+        tiny_model, tmp_path, rank=4, alpha=8.0, lr=5e-3, steps=4, targets=targets
+    )
     outcome.denoiser.eval()
     trained = _unet_out(outcome.denoiser)
     files = write_lora_outputs(family, outcome, params, tmp_path, "lora1", family.lora_metadata())

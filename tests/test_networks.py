@@ -12,14 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from core.errors import ConfigError
-from pipeline.config import TrainConfig
-from stages.families import Conditioning
-from stages.families.sd15 import SD15Family
 from stages.training.adapters import FixedLora
-from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
 from stages.training.lora_files import LoraModule, match_modules, read_lora_file, write_lora_outputs
 from stages.training.networks import LycoModule, effective_delta
-from tests.conftest import train_params
+from tests.conftest import train_tiny_sd15
 
 # -- ΔW by hand ----------------------------------------------------------------------------------------------
 
@@ -62,15 +58,9 @@ def test_dora_delta_by_hand():
 
 
 def _train(tiny_model, tmp_path, **settings):
-    family = SD15Family()
-    layout = family.layout(tiny_model / "model", None)
-    cfg = TrainConfig(rank=4, alpha=8.0, lr=2e-2, steps=4, batch_size=2, **settings)
-    params = train_params(family, layout, cfg, (4, 4, 4))
-    g = torch.Generator().manual_seed(0)
-    cond = Conditioning(torch.randn(2, 77, 32, generator=g), torch.ones(2, 77, dtype=torch.bool))
-    data = TrainData(torch.randn(4, 4, 4, 4, generator=g), cond, torch.tensor([0, 1, 0, 1]))
-    job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), tmp_path, progress=False)
-    outcome = train_lora(job, DiffusionBatches(data, params.seed, params.batch_size))
+    family, layout, params, outcome = train_tiny_sd15(
+        tiny_model, tmp_path, **{"rank": 4, "alpha": 8.0, "lr": 2e-2, "steps": 4, **settings}
+    )
     files = write_lora_outputs(family, outcome, params, tmp_path, "lora1", family.lora_metadata(layout))
     return family, outcome, files
 

@@ -294,7 +294,7 @@ def apply_preset(denoiser, lora, mode: str, kohya_prefix: str) -> bool:
             layer = layers[name]
             delta = effective_delta(mod, layer.weight)
             if mode == "adapter":
-                layer.register_forward_hook(_dense_hook(delta, layer))
+                layer.register_forward_hook(_dense_hook(delta.to(layer.weight.device), layer))
             else:
                 w = layer.weight
                 w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
