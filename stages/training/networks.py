@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from core.errors import ConfigError
 
 NETWORKS = ("lora", "dora", "loha", "lokr")
-INITS = ("gaussian", "pissa", "olora")
 
 # peft's state-dict part names, per module
 LORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
