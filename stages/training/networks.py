@@ -279,10 +279,9 @@ def effective_delta(module, weight):
     w = weight.detach().float()
     if isinstance(module, LycoModule):
         return module.delta(w.shape)
-    up, down = module.up.float().to(w.device), module.down.float().to(w.device)
-    d = ((module.alpha / module.rank) * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1))).reshape(
-        w.shape
-    )
+    from stages.training.lora_ops import delta_weight
+
+    d = delta_weight(module).to(w.device).reshape(w.shape)
     if module.dora_scale is None:
         return d
     wc = w + d
