@@ -353,6 +353,24 @@ class TrainConfig(LoraSettings, TimestepSettings, NoiseSettings):
     grad_accum: int = Field(
         1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x grad_accum)."
     )
+    train_text_encoder: bool = Field(
+        False,
+        description="Train a LoRA on the text encoder too (sd15's CLIP; same network, rank and alpha as the "
+        "denoiser's, on its attention and MLP projections). The captions are then encoded in every step, not read "
+        "from the text stage's cache. The `lora` workflow only; see docs/training.md.",
+    )
+    text_encoder_lr: float | None = Field(
+        None,
+        gt=0,
+        description="With train_text_encoder: the text encoder LoRA's learning rate (kohya's text_encoder_lr). "
+        "Unset: lr.",
+    )
+    loraplus_text_encoder_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="With train_text_encoder: LoRA+ ratio of the text encoder's up (B) matrices. Unset: "
+        "loraplus_lr_ratio, as in kohya.",
+    )
 
 
 class ScheduleConfig(TimestepSettings, NoiseSettings):
@@ -654,12 +672,22 @@ def _closest(model: type[BaseModel], loc: tuple) -> str | None:
     return ".".join([*map(str, loc[:-1]), aliases.get(match[0], match[0])])
 
 
+TEXT_ENCODER_FIELDS = ("train_text_encoder", "text_encoder_lr", "loraplus_text_encoder_lr_ratio")
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         dotted = ".".join(map(str, loc))
         if e["type"] == "extra_forbidden":
+            if loc[0] == "student" and len(loc) == 2 and loc[1] in TEXT_ENCODER_FIELDS:
+                lines.append(
+                    f"`{dotted}` in {source}: the student of `transfer` learns the teacher's deltas, which the "
+                    f"teacher computed from the cached text embeddings; a student text-encoder LoRA would learn "
+                    f"against other conditioning than its targets. Remove it (the student trains its denoiser only)."
+                )
+                continue
             if loc[0] == "student" and len(loc) == 2 and loc[1] in NoiseSettings.model_fields:
                 lines.append(
                     f"`{dotted}` in {source}: the student of `transfer` trains on the noise the schedule materialized, "

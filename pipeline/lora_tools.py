@@ -56,7 +56,7 @@ def read(path: Path, family, model: Path | None = None, single_file_config: Path
 
 def match_text_modules(lora, comp: str, components: dict) -> dict:
     """The file's modules for text encoder `comp`, mapped onto its module names with every shape checked."""
-    from stages.training.lora_files import LoraFile, match_modules
+    from stages.training.lora_files import LoraFile, match_modules, text_encoder_tree
 
     if components.get(comp) is None:
         raise ModelError(
@@ -65,17 +65,6 @@ def match_text_modules(lora, comp: str, components: dict) -> dict:
         )
     part = LoraFile(lora.path, lora.format, lora.text_modules[comp], lora.metadata)
     return match_modules(part, text_encoder_tree(components[comp]), kohya_prefix="")
-
-
-def text_encoder_tree(model):
-    """The text encoder with its modules under their canonical names (`text_model.encoder.layers.0...`), which
-    kohya, A1111, ComfyUI and diffusers files use; transformers 5 dropped the `text_model` level from CLIP's
-    module tree. The weights are the model's own, so changing them changes the model."""
-    import torch
-
-    if any(name == "text_model" for name, _ in model.named_modules()):
-        return model
-    return torch.nn.ModuleDict({"text_model": model})
 
 
 def identity(loras) -> dict[str, str]:
@@ -286,7 +275,7 @@ def merge(model: Path, specs: list[str], out: Path, family, single_file_config: 
 
     import torch
 
-    from stages.training.lora_files import match_modules, read_lora_file
+    from stages.training.lora_files import match_modules, read_lora_file, text_encoder_tree
     from stages.training.networks import effective_delta
 
     if not specs:

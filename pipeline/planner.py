@@ -34,6 +34,7 @@ class StagePlan:
     contract: dict
     state: str  # fresh | stale | missing | partial
     causes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # Stage.notes(): how it will run, for --dry-run
     progress: tuple[int, int] | None = None
     manifest: Manifest | None = None
     node: str = ""  # the name in the workflow (= stage.name outside per-pair workflows)
@@ -85,6 +86,7 @@ def plan_stage(env: PlanEnv, node: Node, upstream: dict[str, StagePlan | Manifes
         contract,
         "fresh",
         causes,
+        stage.notes(env, params),
         manifest=manifest,
         node=node.name,
         env=env,

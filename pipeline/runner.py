@@ -154,11 +154,11 @@ def _upstream_manifest(env: PlanEnv, plans: list[StagePlan], plan: StagePlan, ro
 
 def _dry(plan: StagePlan) -> StageRun:
     if plan.state == "fresh":
-        return StageRun(plan.name, "would reuse", plan.key)
+        return StageRun(plan.name, "would reuse", plan.key, causes=list(plan.notes))
     causes = list(plan.causes)
     if plan.progress:
         causes.append(f"resumes at {plan.progress[0]}/{plan.progress[1]}")
-    return StageRun(plan.name, "would run", plan.key, causes=causes)
+    return StageRun(plan.name, "would run", plan.key, causes=causes + plan.notes)
 
 
 def _run_stage(env: PlanEnv, plan: StagePlan, upstream: dict[str, Manifest], progress: bool) -> StageRun:

@@ -41,20 +41,37 @@ STAGES: dict[str, Stage] = {
 
 def chain_nodes(env: PlanEnv, names: tuple[str, ...]) -> list[Node]:
     """A workflow where every stage appears once under its own name, its upstream roles filled by the stages
-    of the same names; `transfer.teacher_lora` swaps lora1 training for an import of that file."""
+    of the same names (an optional role left out of `names` stays empty); `transfer.teacher_lora` swaps lora1
+    training for an import of that file."""
     stages = [STAGES[n] for n in names]
     if "lora1" in names and env.config.transfer.teacher_lora is not None and "teacher" in names:
         stages = [ImportLoraStage() if s.name == "lora1" else s for s in stages]
-    return [Node(s.name, s, {u: u for u in s.upstream}) for s in stages]
+    return [Node(s.name, s, {u: u for u in s.upstream if u in names or u not in s.optional_upstream}) for s in stages]
+
+
+def lora_nodes(env: PlanEnv) -> list[Node]:
+    """caption, latents, text, lora1; without the text stage when lora1 trains the text encoder (it encodes its
+    captions itself, in every step)."""
+    text = () if env.config.lora1.train_text_encoder else ("text",)
+    return chain_nodes(env, ("caption", "latents", *text, "lora1"))
+
+
+def transfer_nodes(env: PlanEnv) -> list[Node]:
+    if env.config.lora1.train_text_encoder and env.config.transfer.teacher_lora is None:
+        raise PlanError(
+            "lora1.train_text_encoder = true: in `transfer` lora1 is the teacher's LoRA, and the teacher applies it to "
+            "the denoiser over the cached text embeddings that the student trains on too; a text-encoder LoRA would "
+            "be left out of every delta. Set lora1.train_text_encoder = false for transfer (train it with "
+            "`pipeline run lora` for use elsewhere)."
+        )
+    return chain_nodes(env, ("caption", "latents", "text", "lora1", "schedule", "teacher", "prior", "student"))
 
 
 # Every workflow is a DAG of nodes (a stage bound to a name, an env and its upstream nodes), built from the
 # env because some depend on the data on disk (differential: one set of nodes per pair).
 WORKFLOWS: dict[str, Callable[[PlanEnv], list[Node]]] = {
-    "lora": lambda env: chain_nodes(env, ("caption", "latents", "text", "lora1")),
-    "transfer": lambda env: chain_nodes(
-        env, ("caption", "latents", "text", "lora1", "schedule", "teacher", "prior", "student")
-    ),
+    "lora": lora_nodes,
+    "transfer": transfer_nodes,
     # per pair p: caption/latents/text of p.a and p.b, lora1.p (on A), lora2.p (on B over lora1.p); then
     # average and eval
     "differential": lambda env: differential_nodes(env),
@@ -141,6 +158,13 @@ def check_pair(env: PlanEnv, pair: Pair) -> None:
 
 def differential_nodes(env: PlanEnv) -> list[Node]:
     d = env.config.differential
+    for side in ("lora1", "lora2"):
+        if getattr(d, side).train_text_encoder:
+            raise PlanError(
+                f"differential.{side}.train_text_encoder = true: differential LoRA applies LoRA-1 under LoRA-2 and "
+                f"averages the LoRA-2s in the denoiser's weight space, on the cached text embeddings of each side; a "
+                f"text-encoder LoRA would be left out of both. Set it to false."
+            )
     nodes: list[Node] = []
     average_up, eval_up = {}, {}
     for pair in discover_pairs(env):

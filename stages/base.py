@@ -257,6 +257,8 @@ class Stage:
     name: ClassVar[str]
     IMPL_VERSION: ClassVar[int]
     upstream: ClassVar[tuple[str, ...]] = ()
+    # upstream roles a workflow may leave out (the stage then does that work itself)
+    optional_upstream: ClassVar[tuple[str, ...]] = ()
     # The upstream stages whose contract this one inherits (None: all); its own fields must agree with them.
     contract_from: ClassVar[tuple[str, ...] | None] = None
     # A phase-2 stage: `--only` refuses upstream artifacts made under another contract than the config's.
@@ -273,6 +275,10 @@ class Stage:
     def contract(self, env: PlanEnv, params: BaseModel) -> dict[str, Any]:
         """This stage's cross-phase contract fields (merged with its upstream contracts)."""
         return {}
+
+    def notes(self, env: PlanEnv, params: BaseModel) -> list[str]:
+        """What a plan should say about how this stage will run (shown by --dry-run)."""
+        return []
 
     def preflight(self, env: PlanEnv, params: BaseModel) -> None:
         """Checks that need the machine (devices, optional packages), run before any stage of a run starts."""

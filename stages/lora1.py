@@ -14,26 +14,49 @@ from stages.training.params import LoraTrainParams, noise_contract, section_fiel
 
 
 class Lora1Params(LoraTrainParams):
-    """lora1 hashes exactly the shared training params."""
+    """The shared training params, and the text encoder's LoRA (train_text_encoder; its rates None without it)."""
+
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None
+    loraplus_text_encoder_lr_ratio: float | None = None
+    text_encoder_targets: list[str] | None = None  # the family's, when the text encoder is trained
 
 
 class Lora1Stage(Stage):
     name = "lora1"
     IMPL_VERSION = 2  # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version)
     upstream = ("caption", "latents", "text")
+    # train_text_encoder: the captions are encoded in every step by the text encoder in training, so the `lora`
+    # workflow leaves the text stage out (pipeline/workflows.py)
+    optional_upstream = ("text",)
     description = "LoRA training on the base model"
 
     def params(self, env: PlanEnv) -> Lora1Params:
         c = env.config.lora1
+        if c.train_text_encoder:
+            text = {"text_encoder_targets": list(text_encoder_targets(env, "lora1"))}
+        else:  # its rates are read only with a trained text encoder
+            text = {"text_encoder_lr": None, "loraplus_text_encoder_lr_ratio": None}
         return Lora1Params(
-            **section_fields(c, Lora1Params),
+            **{**section_fields(c, Lora1Params), **text},
             **env.train_fields(c, "lora1"),
             prediction_type=env.prediction_type,
         )
 
     def inputs(self, env: PlanEnv) -> dict:
         d, denoiser = env.component_digests, env.family.lora_component
-        return {"model": {denoiser: d[denoiser], "scheduler": d["scheduler"]}}
+        model = {denoiser: d[denoiser], "scheduler": d["scheduler"]}
+        if env.config.lora1.train_text_encoder:
+            model["text"] = d["text"]  # trained here, not read through the text stage's embeddings
+        return {"model": model}
+
+    def notes(self, env: PlanEnv, params: Lora1Params) -> list[str]:
+        if not params.train_text_encoder:
+            return []
+        return [
+            "lora1.train_text_encoder: the text encoder trains too, so cached text embeddings cannot be used; lora1 "
+            "encodes its captions in every step (no text stage)"
+        ]
 
     def contract(self, env: PlanEnv, params: Lora1Params) -> dict:
         return {
@@ -66,14 +89,16 @@ class Lora1Stage(Stage):
         from stages.training.lora_files import write_lora_outputs
 
         env, p = ctx.env, ctx.params
-        data, captions = load_training_data(ctx.store, ctx.upstream)
+        device = resolve_device(ctx.runtime.device)
+        text_encoder = env.family.load_text_encoder(env.layout, device) if p.train_text_encoder else None
+        data, captions = load_training_data(ctx.store, ctx.upstream, text_encoder)
         preview = ctx.runtime.preview
         job = TrainJob(
             family=env.family,
             layout=env.layout,
             prediction_type=p.prediction_type,
             params=p,
-            device=resolve_device(ctx.runtime.device),
+            device=device,
             work_dir=ctx.work_dir,
             checkpoint_every=ctx.runtime.checkpoint_every,
             preview=preview,
@@ -82,6 +107,7 @@ class Lora1Stage(Stage):
             progress=ctx.progress,
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
+            text_encoder=text_encoder,
         )
         outcome = train_lora(job, DiffusionBatches(data, p.seed, p.batch_size))
         files = write_lora_outputs(
@@ -93,8 +119,23 @@ class Lora1Stage(Stage):
             "resumed_from_step": outcome.resumed_from,
             "rank": p.rank,
             "alpha": p.alpha,
+            "text_encoder_trained": p.train_text_encoder,
         }
         return StageResult(files=files, record=record, summary=f"loss {record['final_loss']:.4f}")
+
+
+def text_encoder_targets(env: PlanEnv, section: str) -> tuple[str, ...]:
+    """The family's text-encoder LoRA targets; ConfigError when its text encoder is not trained."""
+    from core.errors import ConfigError
+
+    targets = env.family.text_encoder_targets
+    if not targets:
+        raise ConfigError(
+            f"{section}.train_text_encoder = true: the {env.family.name} family's text encoder is not trained here "
+            f"(a large language model, not a CLIP-style encoder; kohya's and musubi-tuner's trainers leave it frozen "
+            f"too). Set {section}.train_text_encoder = false."
+        )
+    return targets
 
 
 class ImportLoraParams(BaseModel):

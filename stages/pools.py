@@ -114,8 +114,9 @@ def load_latent_table(store: Store, latents_record: dict, digests) -> dict:
     return {d: pool.get(d, by_digest[d]) for d in sorted(set(digests))}
 
 
-def load_training_data(store: Store, upstream: dict):
-    """All latents and unique text embeddings in memory, read through the upstream manifests."""
+def load_training_data(store: Store, upstream: dict, text_encoder=None):
+    """All latents and unique text embeddings in memory, read through the upstream manifests. With a text_encoder
+    (one being trained) the captions' token ids instead, which it encodes in every step."""
     import numpy as np
     import torch
 
@@ -124,12 +125,16 @@ def load_training_data(store: Store, upstream: dict):
 
     items = upstream["caption"].record["items"]
     lat = upstream["latents"].record
-    txt = upstream["text"].record
-    lat_pool, txt_pool = store.pool(lat["pool"]), store.pool(txt["pool"])
+    lat_pool = store.pool(lat["pool"])
     latents = np.stack([lat_pool.get(lat["items"][i["id"]]["array"], lat["items"][i["id"]]["digest"]) for i in items])
     strings = sorted({i["caption"] for i in items})
     row = {s: n for n, s in enumerate(strings)}
-    cond = Conditioning.stack([txt_pool.get(txt["strings"][s]["array"], txt["strings"][s]["digest"]) for s in strings])
+    if text_encoder is not None:
+        cond = text_encoder.token_ids(strings)
+    else:
+        txt = upstream["text"].record
+        pool, table = store.pool(txt["pool"]), txt["strings"]
+        cond = Conditioning.stack([pool.get(table[s]["array"], table[s]["digest"]) for s in strings])
     index = [row[i["caption"]] for i in items]
     data = TrainData(torch.from_numpy(latents), cond, torch.tensor(index, dtype=torch.long))
     if "masks" in lat:  # data.alpha_mask

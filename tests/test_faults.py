@@ -27,9 +27,9 @@ def _settings(base: dict) -> dict:
 
 
 # Every training method of docs/training.md on at once (the fused backward pass excludes grad_accum > 1 and
-# clipping by design; tests/test_optim.py checks those with the unfused loop), on a DoRA. The other networks are
-# killed in the other workflows: a LoHa teacher LoRA and a DoRA student in transfer, a PiSSA LoRA-1 (whose start is
-# recomputed from the base weights on resume) in differential.
+# clipping by design; tests/test_optim.py checks those with the unfused loop), on a DoRA, with the text encoder's
+# LoRA. The other networks are killed in the other workflows: a LoHa teacher LoRA and a DoRA student in transfer, a
+# PiSSA LoRA-1 (whose start is recomputed from the base weights on resume) in differential.
 EVERYTHING = {
     "network": "dora", "rank": 4, "alpha": 8.0, "rslora": True, "lr": 1e-3, "steps": 6, "batch_size": 2, "dropout": 0.1,
     "loss": "huber", "huber_schedule": "snr", "min_snr_gamma": 5.0, "noise_offset": 0.05, "adaptive_noise_scale": 0.01,
@@ -38,6 +38,7 @@ EVERYTHING = {
     "lr_scheduler_num_cycles": 2, "warmup_steps": "20%", "loraplus_lr_ratio": 4.0,
     "block_lr": {"down_blocks.0": 0.5, "up_blocks.1": -0.5, "mid_block": 0}, "ema_decay": 0.9,
     "fused_backward": True, "optimizer_groups": 3, "max_grad_norm": 0.0,
+    "train_text_encoder": True, "text_encoder_lr": 5e-4, "loraplus_text_encoder_lr_ratio": 2.0,
 }  # fmt: skip
 
 WORKFLOWS = {

@@ -207,6 +207,12 @@ DIFFERENTIAL = [
         if k not in ("adaptive_noise_scale", "fused_backward")
     ],
     ("lora1.lr=1e-2", set()),  # the lora workflow's [lora1] is not differential's LoRA-1
+    # read only with a trained text encoder, which differential refuses (tests/test_text_encoder_lora.py)
+    *[
+        (f"differential.{side}.{k}", set())
+        for side in ("lora1", "lora2")
+        for k in ("text_encoder_lr=1e-5", "loraplus_text_encoder_lr_ratio=2.0")
+    ],
 ]
 
 
@@ -330,6 +336,14 @@ def test_every_config_field_is_covered_by_this_table():
     ]  # tested above
     # refused in these sections (tests/test_networks.py)
     tables += [(k, None) for k in ("student.lora_init", "differential.lora2.lora_init", "differential.lora2.network")]
+    # the text encoder's LoRA: the lora workflow's keys, and its refusals elsewhere (tests/test_text_encoder_lora.py)
+    tables += [
+        ("lora1.train_text_encoder", None),
+        ("lora1.text_encoder_lr", None),
+        ("lora1.loraplus_text_encoder_lr_ratio", None),
+        ("differential.lora1.train_text_encoder", None),
+        ("differential.lora2.train_text_encoder", None),
+    ]
     covered = {o.split("=")[0] for o, _ in tables} | {o.split("=")[0] for o in RUNTIME}
     fields = set()
     for section, model in PipelineConfig.model_fields.items():

@@ -136,6 +136,9 @@ class ModelFamily(ABC):
     pipeline_class: str  # the diffusers pipeline that loads this family's LoRA files
     lora_component: str  # the pipeline attribute that carries the LoRA ("unet", "transformer")
     networks: tuple[str, ...] = ("lora", "dora", "loha", "lokr")  # what its single-file LoRA format can hold
+    # The text encoder's modules a text-encoder LoRA targets (kohya's CLIPAttention/CLIPMLP projections); empty:
+    # the family's text encoder is not trained (train_text_encoder is refused with the reason).
+    text_encoder_targets: tuple[str, ...] = ()
 
     # -- cheap: files only -----------------------------------------------------------------------------
     @abstractmethod
@@ -194,8 +197,9 @@ class ModelFamily(ABC):
         in the process's units (integer timesteps; σ) and cond a Conditioning batch."""
 
     @abstractmethod
-    def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str):
-        """-> callable(prompts, seed, steps, guidance_scale, size) -> list of PIL images."""
+    def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str, text_encoder=None):
+        """-> callable(prompts, seed, steps, guidance_scale, size) -> list of PIL images. text_encoder: the one
+        being trained (train_text_encoder), used in place of the model's own."""
 
     @abstractmethod
     def lora_metadata(self, layout: ModelLayout | None = None, prediction_type: str | None = None) -> dict[str, str]:

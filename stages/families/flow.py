@@ -221,9 +221,10 @@ class FlowFamily(ModelFamily):
         convert_*_checkpoint_to_diffusers)."""
         raise NotImplementedError
 
-    def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str):
+    def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str, text_encoder=None):
         import diffusers
 
+        assert text_encoder is None, "text_encoder_targets is empty: these families' text encoders are not trained"
         model, tokenizer = self._text_parts(layout, device)
         pipe = getattr(diffusers, self.model_pipeline_class(type(model).__name__))(
             transformer=denoiser,

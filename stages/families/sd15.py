@@ -10,6 +10,7 @@ from typing import Any
 from core.errors import ModelError
 from stages.families.base import (
     PICKLE_SUFFIXES,
+    Conditioning,
     ModelFamily,
     ModelLayout,
     check_diffusers_folder,
@@ -47,6 +48,7 @@ class SD15Family(ModelFamily):
     default_targets = ["to_q", "to_k", "to_v", "to_out.0"]
     pipeline_class = "StableDiffusionPipeline"
     lora_component = "unet"
+    text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
     # -- cheap -------------------------------------------------------------------------------------------
     def layout(self, path: Path, single_file_config: Path | None) -> ModelLayout:
@@ -210,11 +212,15 @@ class SD15Family(ModelFamily):
     def predict(self, denoiser, x_t, t, cond, guidance=None):
         return denoiser(x_t, t, encoder_hidden_states=cond.embeds.to(x_t.dtype), return_dict=False)[0]
 
-    def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str):
+    def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str, text_encoder=None):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        model, tokenizer, vae, scheduler = self._load(layout, "text_encoder", "tokenizer", "vae", "scheduler")
-        text = self._clip_text(model, tokenizer, device)
+        if text_encoder is None:
+            model, tokenizer, vae, scheduler = self._load(layout, "text_encoder", "tokenizer", "vae", "scheduler")
+            text = self._clip_text(model, tokenizer, device)
+        else:
+            vae, scheduler = self._load(layout, "vae", "scheduler")
+            text = text_encoder
         vae = vae.to(device).eval()
         pipe = StableDiffusionPipeline(
             vae=vae,
@@ -280,15 +286,25 @@ class ClipText:
     def __init__(self, tokenizer, model, device):
         self.tokenizer, self.model, self.device = tokenizer, model, device
 
-    def encode(self, captions: list[str]):
-        import torch
-
-        ids = self.tokenizer(
+    def token_ids(self, captions: list[str]):
+        """(B, max length) token ids, padded and truncated as the pipeline does."""
+        return self.tokenizer(
             captions,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
+        ).input_ids
+
+    def encode(self, captions: list[str]):
+        import torch
+
         with torch.no_grad():
-            return list(self.model(ids)[0].float().cpu().numpy())
+            return list(self.model(self.token_ids(captions).to(self.device))[0].float().cpu().numpy())
+
+    def conditioning(self, ids) -> Conditioning:
+        """The conditioning of token ids, with gradients (a text encoder in training): what encode() caches."""
+        import torch
+
+        embeds = self.model(ids.to(self.device))[0]
+        return Conditioning(embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device))

@@ -20,7 +20,14 @@ from core.faults import fault_point
 from stages.families.noise import make_process, training_noise
 from stages.training.lora_files import add_lora, trainable_state
 from stages.training.losses import training_loss
-from stages.training.optim import FusedOptimizer, LoraEMA, LrSchedule, build_optimizer, param_groups
+from stages.training.optim import (
+    FusedOptimizer,
+    LoraEMA,
+    LrSchedule,
+    build_optimizer,
+    param_groups,
+    text_encoder_groups,
+)
 from stages.training.sampling import batch_indices, derive_seed, generator
 
 
@@ -31,7 +38,8 @@ class TrainingDiverged(PipelineError):
 @dataclass
 class TrainData:
     latents: object  # (N, C, h, w) float32 tensor
-    cond: object  # Conditioning of U rows: the unique captions' embeddings and masks
+    cond: object  # Conditioning of U rows: the unique captions' embeddings and masks; (U, L) token ids when the
+    # text encoder is trained (TrainJob.text_encoder encodes them in every step)
     cond_index: object  # (N,) long tensor: item -> row of cond
     masks: object = None  # (N, 1, h, w) float32 loss masks (data.alpha_mask), or None
 
@@ -81,6 +89,19 @@ class TrainJob:
     evaluate: Callable | None = None  # (denoiser) -> dict of metrics, run at step 0, every eval_every and at the end
     eval_every: int = 0
     gradient_checkpointing: bool = False  # runtime.gradient_checkpointing: same LoRA, less activation memory
+    # train_text_encoder: the family's text encoder (with .model, .conditioning(ids)), which gets a LoRA of its own
+    # and encodes each micro-batch's token ids
+    text_encoder: object | None = None
+
+
+@dataclass
+class TextOutcome:
+    """The trained text encoder LoRA (train_text_encoder): the model with its adapter, as TrainOutcome's fields."""
+
+    model: object
+    adapter_config: object
+    init_state: dict | None = None
+    ema_state: dict | None = None
 
 
 @dataclass
@@ -95,6 +116,7 @@ class TrainOutcome:
     ema_state: dict | None = None  # the EMA of the LoRA in peft naming (lora_state_dict), when ema_decay is set
     lrs: list[dict[str, float]] = field(default_factory=list)  # per step of this run: {group name: lr it stepped with}
     init_state: dict | None = None  # PiSSA/OLoRA: the adapter's starting factors (networks.pissa_to_lora)
+    text: TextOutcome | None = None  # the text encoder's LoRA, when it was trained
 
 
 def check_precision(mixed_precision: str, device, fp8_base: bool = False, section: str = "lora1") -> None:
@@ -168,21 +190,29 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     )
     targets = cfg.targets if cfg.targets is not None else job.family.default_targets
     init = getattr(cfg, "lora_init", "gaussian")
-    adapter_config = add_lora(
-        denoiser,
-        cfg.rank,
-        cfg.alpha,
-        cfg.dropout,
-        targets,
-        derive_seed("lora-init", cfg.seed),
-        job.stage,
-        getattr(cfg, "rslora", False),
-        getattr(cfg, "network", "lora"),
-        init,
-        -1 if getattr(cfg, "lokr_factor", None) is None else cfg.lokr_factor,
-    )
-    # PiSSA/OLoRA: the starting factors, whose product was taken out of the base weights (written files add it back)
-    init_state = None if init == "gaussian" else {k: v.clone() for k, v in lora_state_dict(denoiser).items()}
+
+    def adapter_on(model, targets, seed_name: str):
+        """The section's network on `targets` of `model` -> (peft config, PiSSA/OLoRA starting factors or None)."""
+        config = add_lora(
+            model,
+            cfg.rank,
+            cfg.alpha,
+            cfg.dropout,
+            targets,
+            derive_seed(seed_name, cfg.seed),
+            job.stage,
+            getattr(cfg, "rslora", False),
+            getattr(cfg, "network", "lora"),
+            init,
+            -1 if getattr(cfg, "lokr_factor", None) is None else cfg.lokr_factor,
+        )
+        # PiSSA/OLoRA: the start, whose product was taken out of the base weights (written files add it back)
+        return config, None if init == "gaussian" else {k: v.clone() for k, v in lora_state_dict(model).items()}
+
+    adapter_config, init_state = adapter_on(denoiser, targets, "lora-init")
+    text = job.text_encoder
+    if text is not None:  # the same network on the text encoder's projections, from a seed of its own
+        text_config, text_init = adapter_on(text.model, list(job.family.text_encoder_targets), "text-lora-init")
     if preset_adapter:
         freeze_preset(denoiser)
     if job.init_lora is not None:
@@ -191,13 +221,14 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
         store_base_in_fp8(denoiser, compute)
     groups = param_groups(denoiser, cfg, job.stage)
+    if text is not None:
+        groups += text_encoder_groups(text.model, cfg)
     lora_params = [p for g in groups for p in g["params"]]
     if cfg.fused_backward:
         optimizer = FusedOptimizer(groups, cfg, accelerator.device, cfg.fused_backward["groups"])
     else:
         optimizer = build_optimizer(groups, cfg, accelerator.device)
     scheduler = LrSchedule(optimizer, cfg.lr_schedule, cfg.steps)
-    ema = LoraEMA(denoiser, cfg.ema) if cfg.ema else None
     if job.gradient_checkpointing:
         enable_gradient_checkpointing(denoiser)
     process = make_process(cfg.timesteps, job.prediction_type)
@@ -205,16 +236,18 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         denoiser = accelerator.prepare(denoiser)
     else:
         denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
-    start, losses, evals, previews = restore_checkpoint(
-        job.work_dir, accelerator.unwrap_model(denoiser), optimizer, scheduler, ema
-    )
+    # what the checkpoint and the EMA hold: the denoiser's LoRA, and the text encoder's under `text_encoder.`
+    unwrapped = accelerator.unwrap_model(denoiser)
+    trained = unwrapped if text is None else torch.nn.ModuleDict({"denoiser": unwrapped, "text_encoder": text.model})
+    ema = LoraEMA(trained, cfg.ema) if cfg.ema else None
+    start, losses, evals, previews = restore_checkpoint(job.work_dir, trained, optimizer, scheduler, ema)
     if start:
         job.log(f"{job.stage}: resuming from the checkpoint at step {start}/{cfg.steps}")
-    render = PreviewRenderer(job, accelerator.unwrap_model(denoiser), ema)
-    evaluate = Evaluator(job, accelerator.unwrap_model(denoiser), evals)
+    render = PreviewRenderer(job, unwrapped, ema)
+    evaluate = Evaluator(job, unwrapped, evals)
     if start == 0:
         evaluate(0)
-    denoiser.train()
+    trained.train()
     bar = tqdm(total=cfg.steps, initial=start, desc=job.stage, unit="step", disable=not job.progress, mininterval=0.5)
     smoothed = None
     step_times = [time.perf_counter()]
@@ -244,10 +277,9 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         # run ends with the same previews as an uninterrupted one.
         if job.preview and job.preview.every and (done % job.preview.every == 0 or done == cfg.steps):
             previews[f"previews/step{done:06d}.png"] = render(done)
-            denoiser.train()
+            trained.train()
         if job.checkpoint_every and done % job.checkpoint_every == 0 and done < cfg.steps:
-            unwrapped = accelerator.unwrap_model(denoiser)
-            save_checkpoint(job.work_dir, done, unwrapped, optimizer, scheduler, losses, evals, previews, ema)
+            save_checkpoint(job.work_dir, done, trained, optimizer, scheduler, losses, evals, previews, ema)
             fault_point(f"{job.stage}.checkpoint", done)
     bar.close()
     evaluate(cfg.steps)
@@ -255,12 +287,14 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     unwrapped = accelerator.unwrap_model(denoiser)
     if isinstance(optimizer, FusedOptimizer):
         optimizer.remove_hooks()
-    ema_state = None
+    ema_state = text_ema = None
     if ema is not None:
         with ema.applied():
             ema_state = {k: v.clone() for k, v in lora_state_dict(unwrapped).items()}  # not views of the raw weights
+            text_ema = {k: v.clone() for k, v in lora_state_dict(text.model).items()} if text is not None else None
+    text_outcome = None if text is None else TextOutcome(text.model.eval(), text_config, text_init, text_ema)
     return TrainOutcome(
-        unwrapped, adapter_config, losses, previews, start, step_times, evals, ema_state, lrs, init_state
+        unwrapped, adapter_config, losses, previews, start, step_times, evals, ema_state, lrs, init_state, text_outcome
     )
 
 
@@ -334,6 +368,8 @@ def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lo
         if cfg.dropout > 0:
             torch.manual_seed(derive_seed("dropout", cfg.seed, k))
         with accelerator.autocast():
+            if job.text_encoder is not None:  # token ids -> embeddings, through the text encoder's LoRA
+                cond = job.text_encoder.conditioning(cond)
             pred = job.family.predict(denoiser, x_t, t, cond, guidance=getattr(cfg, "guidance_embed", None))
         loss = training_loss(
             pred,
@@ -464,10 +500,13 @@ class PreviewRenderer:
 
         job, pv = self.job, self.job.preview
         if self._render is None:
+            text = {"text_encoder": job.text_encoder} if job.text_encoder is not None else {}
             self._render = job.family.preview_pipeline(
-                job.layout, self.denoiser, self.denoiser.device, job.prediction_type
+                job.layout, self.denoiser, self.denoiser.device, job.prediction_type, **text
             )
         self.denoiser.eval()
+        if job.text_encoder is not None:
+            job.text_encoder.model.eval()
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
             images = self._render(job.preview_prompts, pv.seed, pv.steps, pv.guidance_scale, job.preview_size)
         strip = Image.new("RGB", (job.preview_size * len(images), job.preview_size))

@@ -72,7 +72,8 @@ def lora_state_dict(denoiser) -> dict:
     """The adapter's weights in peft naming: `<module>.lora_A.weight`, `<module>.lora_B.weight`."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
+    state = get_peft_model_state_dict(denoiser, save_embedding_layers=False)  # (no vocabulary check: none trained)
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
 def to_kohya(state: dict, alpha: float | dict[str, float], prefix: str, rank: int | None = None) -> dict:
@@ -167,16 +168,24 @@ def save_diffusers(
     from diffusers.utils import convert_state_dict_to_diffusers
 
     def meta(config) -> dict:
-        return json.loads(json.dumps(config.to_dict(), default=sorted))  # sets -> sorted lists
+        # sets -> sorted lists; no base_model_name_or_path (transformers fills in the folder it was loaded from: a
+        # path on this machine, which would make the bytes depend on where the project is)
+        return json.loads(json.dumps({**config.to_dict(), "base_model_name_or_path": None}, default=sorted))
 
     kwargs = {}
     for comp, (comp_state, config) in {component: (state, adapter_config), **(extra or {})}.items():
         # The denoiser's LoRA keeps peft's names (`unet.<module>.lora_A.weight`), which load_lora_weights reads as
         # they are. The older diffusers naming (`.lora.down.weight`, convert_state_dict_to_diffusers) loses other
         # modules' weights on reload once proj_in/proj_out are targets (tests/test_lora_files.py, LoCon targets).
-        kwargs[f"{comp}_lora_layers"] = (
-            comp_state if comp in ("transformer", "unet") else convert_state_dict_to_diffusers(comp_state)
-        )
+        if comp not in ("transformer", "unet"):
+            # A text encoder loads through transformers' load_adapter, whose renaming puts the adapter name after
+            # `lora_magnitude_vector` and so finds a DoRA magnitude only as `lora_magnitude_vector.weight`
+            # (peft's own name drops the `.weight`; tests/test_text_encoder_lora.py loads both networks).
+            comp_state = {
+                (k + ".weight" if k.endswith(".lora_magnitude_vector") else k): v
+                for k, v in convert_state_dict_to_diffusers(comp_state).items()
+            }
+        kwargs[f"{comp}_lora_layers"] = comp_state
         kwargs[f"{comp}_lora_adapter_metadata"] = meta(config)
     getattr(diffusers, pipeline_class).save_lora_weights(str(path.parent), weight_name=path.name, **kwargs)
     canonicalize_safetensors(path)
@@ -195,47 +204,102 @@ def network_metadata(network: str) -> dict[str, str]:
     return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args, sort_keys=True)}
 
 
+def text_encoder_names(state: dict, model) -> dict:
+    """A text encoder LoRA's peft state under the module names every loader uses (`text_model.encoder...`):
+    transformers 5 dropped CLIP's `text_model` level from the module tree (see text_encoder_tree)."""
+    if any(name == "text_model" for name, _ in model.named_modules()):
+        return state
+    return {f"text_model.{k}": v for k, v in state.items()}
+
+
+def text_encoder_tree(model):
+    """The text encoder with its modules under their canonical names (`text_model.encoder.layers.0...`), which
+    kohya, A1111, ComfyUI and diffusers files use; transformers 5 dropped the `text_model` level from CLIP's
+    module tree. The weights are the model's own, so changing them changes the model."""
+    import torch
+
+    if any(name == "text_model" for name, _ in model.named_modules()):
+        return model
+    return torch.nn.ModuleDict({"text_model": model})
+
+
+@dataclass
+class FilePart:
+    """One trained component as its files hold it: peft-named state (and EMA state), rank, alpha, adapter config."""
+
+    state: dict
+    ema_state: dict | None
+    rank: int
+    alpha: float
+    adapter_config: object
+
+
+def file_part(state: dict, ema_state, adapter_config, init_state, p) -> FilePart:
+    """A trained adapter as it is written: rsLoRA's alpha as alpha*sqrt(r) (what every loader applies), PiSSA/OLoRA
+    as the plain LoRA of rank 2r it amounts to on the original weights (networks.pissa_to_lora)."""
+    from stages.training.networks import pissa_to_lora
+
+    rslora = getattr(p, "rslora", False)
+    rank, alpha = p.rank, file_alpha(p.rank, p.alpha, rslora)
+    if rslora:  # the same scale as a plain LoRA with alpha*sqrt(r)
+        adapter_config = dataclasses.replace(adapter_config, lora_alpha=alpha, use_rslora=False)
+    if init_state is not None:
+        scale, rank = alpha / p.rank, 2 * p.rank
+        alpha = float(rank)
+        state = pissa_to_lora(state, init_state, scale)
+        ema_state = pissa_to_lora(ema_state, init_state, scale) if ema_state is not None else None
+        adapter_config = dataclasses.replace(adapter_config, r=rank, lora_alpha=alpha, init_lora_weights=True)
+    return FilePart(state, ema_state, rank, alpha, adapter_config)
+
+
 def write_lora_outputs(family, outcome, p, work_dir, name: str, base_metadata: dict[str, str]) -> dict:
     """The trained adapter in the single-file format (kohya or ComfyUI naming) and, for LoRA and DoRA, the
     diffusers format; the loss log and previews. base_metadata identifies the trained model
-    (family.lora_metadata(layout, prediction_type)). A PiSSA/OLoRA adapter is written as the plain LoRA of rank 2r
-    that it amounts to on the original weights (networks.pissa_to_lora)."""
-    from stages.training.networks import pissa_to_lora
-
+    (family.lora_metadata(layout, prediction_type)). With a trained text encoder (outcome.text), both files carry
+    its LoRA too: kohya's `lora_te_` modules, diffusers' `text_encoder.` ones."""
     network = getattr(p, "network", "lora")
-    rslora = getattr(p, "rslora", False)
-    state, rank = lora_state_dict(outcome.denoiser), p.rank
-    alpha, adapter_config = file_alpha(p.rank, p.alpha, rslora), outcome.adapter_config
-    if rslora:  # the same scale as a plain LoRA with alpha*sqrt(r): what every loader applies
-        adapter_config = dataclasses.replace(adapter_config, lora_alpha=alpha, use_rslora=False)
-    convert = None
-    if outcome.init_state is not None:
-        scale, rank = alpha / p.rank, 2 * p.rank
-        alpha = float(rank)
+    o = outcome
+    unet = file_part(lora_state_dict(o.denoiser), o.ema_state, o.adapter_config, o.init_state, p)
+    text = None
+    if outcome.text is not None:
+        t = outcome.text
 
-        def convert(s: dict) -> dict:
-            return pissa_to_lora(s, outcome.init_state, scale)
+        def named(state):
+            return None if state is None else text_encoder_names(state, t.model)
 
-        state = convert(state)
-        adapter_config = dataclasses.replace(adapter_config, r=rank, lora_alpha=alpha, init_lora_weights=True)
+        text = file_part(named(lora_state_dict(t.model)), named(t.ema_state), t.adapter_config, named(t.init_state), p)
     metadata = {**base_metadata, **network_metadata(network), "lora_pipeline.network": network}
     if outcome.init_state is not None:
         metadata["lora_pipeline.lora_init"] = p.lora_init
+    if text is not None:
+        metadata["ss_network_train_unet_only"] = "False"  # kohya's flag; its absence reads as "unknown"
+        metadata["ss_text_encoder_lr"] = str(p.text_encoder_lr if p.text_encoder_lr is not None else p.lr)
+
+    def single_file(path: Path, ema: bool, meta: dict) -> None:
+        state = unet.ema_state if ema else unet.state
+        if text is None:
+            save_single_file_lora(family, state, unet.rank, unet.alpha, path, meta)
+            return
+        prefix = family.kohya_text_prefixes["text_encoder"]
+        extra = to_kohya(text.ema_state if ema else text.state, text.alpha, prefix, text.rank)
+        save_kohya(state, unet.rank, unet.alpha, path, family.kohya_prefix, meta, extra=extra)
+
     kohya = work_dir / f"{name}.safetensors"
-    save_single_file_lora(family, state, rank, alpha, kohya, metadata)
+    single_file(kohya, False, metadata)
     files = {f"{name}.safetensors": kohya}
     if network in ("lora", "dora"):  # diffusers loads no LoHa/LoKr (docs/training.md, `pipeline lora info`)
         diffusers_file = work_dir / "pytorch_lora_weights.safetensors"
-        save_diffusers(state, adapter_config, diffusers_file, family.pipeline_class, family.lora_component)
+        extra = {"text_encoder": (text.state, text.adapter_config)} if text is not None else None
+        save_diffusers(
+            unet.state, unet.adapter_config, diffusers_file, family.pipeline_class, family.lora_component, extra
+        )
         files["diffusers/pytorch_lora_weights.safetensors"] = diffusers_file
     loss_csv = work_dir / "loss.csv"
     loss_csv.write_text("step,loss\n" + "".join(f"{i + 1},{v:.6g}\n" for i, v in enumerate(outcome.losses)))
     files.update({"loss.csv": loss_csv, **outcome.previews})
     if outcome.ema_state is not None:  # the EMA of the weights, in the same single-file format as the raw LoRA
         ema = work_dir / f"{name}-ema.safetensors"
-        ema_metadata = {**metadata, "lora_pipeline.ema_decay": str(p.ema["decay"])}
-        ema_state = convert(outcome.ema_state) if convert else outcome.ema_state
-        save_single_file_lora(family, ema_state, rank, alpha, ema, ema_metadata)
+        single_file(ema, True, {**metadata, "lora_pipeline.ema_decay": str(p.ema["decay"])})
         files[f"{name}-ema.safetensors"] = ema
     return files
 

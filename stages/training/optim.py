@@ -95,11 +95,13 @@ def resolve_optimizer(section, name: str) -> dict:
     multipliers = {section.lr * m for m in section.block_lr.values() if m != 0} | {section.lr}
     if section.loraplus_lr_ratio is not None:
         multipliers |= {r * section.loraplus_lr_ratio for r in multipliers}
+    multipliers |= {g["lr"] * (-1 if g.get("maximize") else 1) for g in text_encoder_rates(section)}
     if section.optimizer == "prodigy" and len(multipliers) > 1:
         raise ConfigError(
             f"{name}: Prodigy estimates one step size for all parameters together, so per-group learning rates "
-            f"(loraplus_lr_ratio, block_lr multipliers other than 0 and 1) would scale an estimate that assumes they "
-            f"are equal. Use adamw for them, or leave them unset with prodigy."
+            f"(loraplus_lr_ratio, block_lr multipliers other than 0 and 1, a text_encoder_lr or "
+            f"loraplus_text_encoder_lr_ratio of their own) would scale an estimate that assumes they are equal. Use "
+            f"adamw for them, or leave them unset with prodigy."
         )
     if any(m < 0 for m in multipliers) and section.optimizer != "adamw":
         what = f"{name}.lr = {section.lr:g}" if section.lr < 0 else f"a negative multiplier in {name}.block_lr"
@@ -299,6 +301,30 @@ def param_groups(denoiser, section, name: str) -> list[dict]:
         )
     if not groups:
         raise ConfigError(f"{name}.block_lr: every multiplier is 0, so nothing would be trained.")
+    return list(groups.values())
+
+
+def text_encoder_rates(section) -> list[dict]:
+    """The text encoder LoRA's groups without parameters: {name, lr[, maximize]} for its A (and DoRA magnitude)
+    parameters and its B matrices. text_encoder_lr defaults to lr, its LoRA+ ratio to loraplus_lr_ratio (kohya's
+    rules). Empty when the section trains no text encoder."""
+    if not getattr(section, "train_text_encoder", False):
+        return []
+    lr = section.text_encoder_lr if section.text_encoder_lr is not None else section.lr
+    ratio = section.loraplus_text_encoder_lr_ratio or section.loraplus_lr_ratio
+    rates = [("text_encoder", lr)] + ([("text_encoder (lora_B)", lr * ratio)] if ratio is not None else [])
+    return [{"name": n, "lr": abs(r), **({"maximize": True} if r < 0 else {})} for n, r in rates]
+
+
+def text_encoder_groups(text_model, section) -> list[dict]:
+    """The text encoder's trainable LoRA parameters in the groups of text_encoder_rates()."""
+    rates = {g["name"]: g for g in text_encoder_rates(section)}
+    groups: dict[str, dict] = {}
+    for n, p in text_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        label = "text_encoder (lora_B)" if ".lora_B." in n and "text_encoder (lora_B)" in rates else "text_encoder"
+        groups.setdefault(label, {**rates[label], "params": []})["params"].append(p)
     return list(groups.values())
 
 
