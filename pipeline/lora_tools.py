@@ -4,6 +4,7 @@ diffusers files from elsewhere. The arithmetic is in stages/training/lora_ops.py
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from core.errors import ConfigError, ModelError
@@ -241,16 +242,25 @@ def _model_layout(family, model: Path, single_file_config: Path | None):
     return family.layout(Path(model).resolve(), single_file_config)
 
 
-def apply_weighted(unet, family, specs: list[str], model: Path):
-    """Attach each FILE:WEIGHT as its own adapter (lora0, lora1, ...). -> [(adapter name, weight, file)]."""
+def apply_weighted(unet, family, specs: list[str], text_encoder: Callable[[], object]):
+    """Attach each FILE:WEIGHT as its own adapter (lora0, lora1, ...) on the UNet, and its text-encoder modules
+    under the same name on text_encoder() (the family's, loaded on first use). -> [(adapter name, weight, file)]."""
     from stages.training.lora_files import attach_lora_file, match_modules, read_lora_file
 
     attached = []
     for i, spec in enumerate(specs):
         path, weight = parse_weighted(spec)
         lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
-        lora.refuse_text_modules("`pipeline sample` applies LoRAs to the UNet only, so the grid would not show it")
         lora.require_plain("`pipeline sample` (which weights LoRA adapters in peft)")
+        if lora.text_modules and not family.text_encoder_targets:
+            lora.refuse_text_modules(f"`pipeline sample` has no LoRA-able text encoder in the {family.name} family")
+        for comp in lora.text_modules:
+            model = text_encoder().model
+            matched = match_text_modules(lora, comp, {"text_encoder": model})  # names the component it lacks
+            # matched names are canonical (`text_model.encoder...`); transformers 5's CLIP has no `text_model` level
+            own = any(name == "text_model" for name, _ in model.named_modules())
+            attach_lora_file(model, {n if own else n.removeprefix("text_model."): m for n, m in matched.items()},
+                             f"lora{i}")  # fmt: skip
         attach_lora_file(unet, match_modules(lora, unet, family.kohya_prefix), f"lora{i}")
         attached.append((f"lora{i}", weight, path))
     return attached
@@ -356,12 +366,25 @@ def sample(
     layout = _model_layout(family, model, single_file_config)
     device = resolve_device("auto")
     unet = family.load_denoiser(layout, device).eval()
-    attached = apply_weighted(unet, family, specs, model)
-    render = family.preview_pipeline(layout, unet, device, family.prediction_type(layout))
+    loaded = []  # the text encoder, loaded when a file has modules for it
+
+    def text_encoder():
+        if not loaded:
+            loaded.append(family.load_text_encoder(layout, device))
+        return loaded[0]
+
+    attached = apply_weighted(unet, family, specs, text_encoder)
+    text = loaded[0] if loaded else None
+    render = family.preview_pipeline(
+        layout, unet, device, family.prediction_type(layout), **({"text_encoder": text} if text else {})
+    )
     columns = []
     for s in scales:
         if attached:
-            set_adapter_weights(unet, {name: s * w for name, w, _ in attached})
+            scaled = {name: s * w for name, w, _ in attached}
+            set_adapter_weights(unet, scaled)
+            if text is not None:
+                set_adapter_weights(text.model, {n: w for n, w in scaled.items() if n in text.model.peft_config})
         columns.append(render(prompts, seed, steps, guidance, size))
     header = 14
     grid = Image.new("RGB", (size * len(scales), header + size * len(prompts)), "white")

@@ -59,8 +59,9 @@ def test_prodigy_refuses_a_text_encoder_rate_of_its_own():
 CAPTIONS = ["a red circle", "a blue square"]
 
 
-def _train(tiny_model, work, **settings):
-    """The real lora1 loop with the text encoder in training, on random latents and two captions' token ids."""
+def _train(tiny_model, work, preview=None, **settings):
+    """The real lora1 loop with the text encoder in training, on random latents and two captions' token ids;
+    preview: a PreviewConfig (its strip renders CAPTIONS[0] at 32 px)."""
     from stages.families.sd15 import SD15Family
     from stages.lora1 import Lora1Params
     from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
@@ -81,6 +82,8 @@ def _train(tiny_model, work, **settings):
     g = torch.Generator().manual_seed(0)
     data = TrainData(torch.randn(4, 4, 4, 4, generator=g), text.token_ids(CAPTIONS), torch.tensor([0, 1, 0, 1]))
     job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), work, progress=False, text_encoder=text)
+    if preview is not None:
+        job.preview, job.preview_prompts, job.preview_size = preview, CAPTIONS[:1], 32
     outcome = train_lora(job, DiffusionBatches(data, params.seed, params.batch_size))
     files = write_lora_outputs(family, outcome, params, work, "lora1", family.lora_metadata(layout))
     return text, outcome, files
@@ -158,6 +161,32 @@ def test_files_load_to_the_trained_text_encoder_and_unet(tiny_model, tmp_path, n
         got_text, got_unet = outputs(pipe.text_encoder, pipe.unet)
         torch.testing.assert_close(got_text, want_text, atol=1e-5, rtol=1e-5, msg=name)
         torch.testing.assert_close(got_unet, want_unet, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_previews_render_with_the_text_encoder_in_training(tiny_model, tmp_path):
+    """The last preview is what diffusers renders with the trained files loaded, and not what the base encoder gives."""
+    import numpy as np
+    from diffusers import DDIMScheduler
+    from PIL import Image
+
+    from pipeline.config import PreviewConfig
+
+    preview = PreviewConfig(every=4, steps=3, seed=2)
+    _, outcome, files = _train(tiny_model, tmp_path, preview=preview, text_encoder_lr=5e-2)
+    strip = np.asarray(Image.open(outcome.previews["previews/step000004.png"]).convert("RGB")).astype(int)
+    images = []
+    for text_lora in (True, False):
+        pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model / "model"), safety_checker=None)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+        f = files["diffusers/pytorch_lora_weights.safetensors"]
+        pipe.load_lora_weights(str(f.parent), weight_name=f.name)
+        if not text_lora:
+            pipe.text_encoder.disable_adapters()
+        image = pipe(CAPTIONS[0], num_inference_steps=3, guidance_scale=7.5, height=32, width=32,
+                     generator=torch.Generator("cpu").manual_seed(2)).images[0]  # fmt: skip
+        images.append(np.asarray(image).astype(int))
+    assert np.abs(strip - images[0]).max() <= 1
+    assert np.abs(images[0] - images[1]).max() > 10, "the text encoder's LoRA must show in the picture"
 
 
 def test_the_kohya_file_names_every_text_module_as_comfyui_and_a1111_map_it(tiny_model, tmp_path):
