@@ -56,6 +56,63 @@ OPTIONS = {
 }
 # the same settings without the clipping that the fused pass cannot do: its fair baseline
 FUSED_BASELINE = {"max_grad_norm": 0.0}
+# train_text_encoder needs a text encoder as wide as the UNet's cross-attention (768): CLIP-L's layer shape with
+# TEXT_LAYERS of its 12 layers. One layer is 7.9 M parameters beside the small UNet's 13.7 M, a far larger share
+# than SD 1.5's 123 M / 860 M, so the ratio overstates what the encoder costs at real size.
+TEXT_OPTION = "train_text_encoder (768-wide CLIP)"
+TEXT_LAYERS = 1
+
+
+def with_text_encoder(model: Path, root: Path) -> Path:
+    """A copy of the small model whose text encoder has CLIP-L's width and TEXT_LAYERS layers (random weights)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from stages.families.tiny import build_tokenizer
+
+    shutil.copytree(model, root)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    shutil.rmtree(root / "text_encoder")
+    CLIPTextModel(config).save_pretrained(root / "text_encoder", safe_serialization=True)
+    return root
+
+
+def timed_text_encoder(model: Path, n: int, steps: int, work: Path) -> float:
+    """lora1 with train_text_encoder: n captions' token ids encoded by the encoder in training at every step."""
+    import os
+
+    from benchmarks.overhead import median_step
+    from stages.families.sd15 import SD15Family
+    from stages.lora1 import Lora1Params
+    from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
+    from stages.training.params import train_params
+
+    family = SD15Family()
+    layout = family.layout(model, None)
+    size = MODELS["small"][1]
+    cfg = TrainConfig(**{**BASE, "steps": steps, "train_text_encoder": True})
+    params = Lora1Params(
+        **train_params(family, layout, cfg, (4, size, size)).model_dump(),
+        train_text_encoder=True,
+        text_encoder_targets=list(family.text_encoder_targets),
+    )
+    text = family.load_text_encoder(layout, "cpu")
+    words = "red green blue yellow circle square triangle stripes dots cat dog car tree house sky sea".split()
+    captions = [f"a {words[i % 16]} {words[(3 * i + 1) % 16]} on {words[(5 * i + 2) % 16]}" for i in range(n)]
+    g = torch.Generator().manual_seed(0)
+    data = TrainData(torch.randn(n, 4, size, size, generator=g), text.token_ids(captions), torch.arange(n))
+    job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), work, text_encoder=text)
+    with open(os.devnull, "w") as devnull:
+        stderr, sys.stderr = sys.stderr, devnull
+        try:
+            return median_step(train_lora(job, DiffusionBatches(data, params.seed, params.batch_size)).step_times)
+        finally:
+            sys.stderr = stderr
 
 
 def timed(model: Path, data, settings: dict, steps: int, work: Path) -> float:
@@ -71,7 +128,9 @@ def step_costs(args) -> None:
     try:
         model = build_model(tmp / "small", unet_kwargs)
         data = make_data(size, width)
-        names = [n for n in OPTIONS if not args.only or any(o in n for o in args.only.split(","))]
+        names = [n for n in [*OPTIONS, TEXT_OPTION] if not args.only or any(o in n for o in args.only.split(","))]
+        if TEXT_OPTION in names:  # both sides of its ratio run on the model with the wide text encoder
+            text_model = with_text_encoder(model, tmp / "small-text")
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, small UNet, latents {size}x{size}, "
               f"batch 2, rank 4, fp32, CPU; {args.steps} steps, median of {args.repeats} rounds")  # fmt: skip
         print(f"{'option':34} {'ms/step':>8} {'plain':>8} {'ratio':>6}")
@@ -79,8 +138,12 @@ def step_costs(args) -> None:
             base = FUSED_BASELINE if "fused_backward" in name else {}
             ratios, times, plains = [], [], []
             for r in range(args.repeats):
-                plain = timed(model, data, base, args.steps, tmp / f"p-{r}")
-                option = timed(model, data, OPTIONS[name], args.steps, tmp / f"o-{r}")
+                if name == TEXT_OPTION:
+                    plain = timed(text_model, data, base, args.steps, tmp / f"p-{r}")
+                    option = timed_text_encoder(text_model, data.latents.shape[0], args.steps, tmp / f"o-{r}")
+                else:
+                    plain = timed(model, data, base, args.steps, tmp / f"p-{r}")
+                    option = timed(model, data, OPTIONS[name], args.steps, tmp / f"o-{r}")
                 ratios.append(option / plain)
                 times.append(option)
                 plains.append(plain)
