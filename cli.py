@@ -208,6 +208,9 @@ def status(
             state = s["state"].upper() + (f" {s['progress'][0]}/{s['progress'][1]}" if s["progress"] else "")
             table.add_row(s["name"], state, s["key"][:12], "; ".join(s["causes"]))
         Console(width=160).print(table)
+        for s in wf["stages"]:
+            for note in s["notes"]:
+                typer.echo(f"{s['name']}: {note}")
 
 
 @app.command()

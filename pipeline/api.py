@@ -82,6 +82,7 @@ def status(env: PlanEnv, workflow: str | None = None) -> list[dict]:
                     "key": p.key,
                     "causes": p.causes,
                     "progress": list(p.progress) if p.progress else None,
+                    "notes": p.stage.artifact_notes(p.manifest) if p.manifest else [],
                     "outputs": {k: str(env.store.object_path(v["digest"])) for k, v in outputs.items()},
                 }
             )

@@ -39,6 +39,11 @@ class DataConfig(Section):
     )
     caption_prefix: str = Field("", description="Text put before every caption, e.g. a trigger word and ', '.")
     caption_suffix: str = Field("", description="Text put after every caption.")
+    on_unreadable: Literal["error", "skip"] = Field(
+        "error",
+        description="An image that cannot be decoded: error (the caption stage stops, listing every such file "
+        "and why) or skip (it is left out, and listed in the caption artifact and in `pipeline status`).",
+    )
     alpha_mask: bool = Field(
         False,
         description="Weight the training loss by each image's alpha channel (area-averaged to latent size; the "

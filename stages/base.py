@@ -280,6 +280,10 @@ class Stage:
         """What a plan should say about how this stage will run (shown by --dry-run)."""
         return []
 
+    def artifact_notes(self, manifest: Manifest) -> list[str]:
+        """What a committed artifact should tell its user (`pipeline status`), e.g. the files it left out."""
+        return []
+
     def preflight(self, env: PlanEnv, params: BaseModel) -> None:
         """Checks that need the machine (devices, optional packages), run before any stage of a run starts."""
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from cache.store import Manifest
 from core.errors import DataError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
-from stages.dataset import load_image
+from stages.dataset import frame_count, load_image
 
 
 class CaptionParams(BaseModel):
@@ -20,6 +21,13 @@ class CaptionParams(BaseModel):
     caption_suffix: str
 
 
+class SkippingCaptionParams(CaptionParams):
+    """data.on_unreadable = "skip": keyed, because its table can lack images that "error" would stop on (a table
+    made under "error" holds every image, so that setting needs no key of its own)."""
+
+    on_unreadable: str = "skip"
+
+
 class CaptionStage(Stage):
     name = "caption"
     IMPL_VERSION = 1
@@ -27,7 +35,7 @@ class CaptionStage(Stage):
 
     def params(self, env: PlanEnv) -> CaptionParams:
         d = env.config.data
-        return CaptionParams(
+        return (SkippingCaptionParams if d.on_unreadable == "skip" else CaptionParams)(
             caption_extensions=d.caption_extensions,
             default_caption=d.default_caption,
             caption_prefix=d.caption_prefix,
@@ -47,13 +55,20 @@ class CaptionStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         p: CaptionParams = ctx.params
-        items, problems = [], []
+        skip = isinstance(p, SkippingCaptionParams)
+        items, problems, skipped, multi_frame = [], [], [], []
         for entry in ctx.env.images:
             try:
                 load_image(entry.path, ctx.runtime.max_image_pixels)
+                frames = frame_count(entry.path)
             except DataError as e:
-                problems.append(str(e))
+                if skip:
+                    skipped.append({"path": entry.relpath, "reason": str(e).removeprefix(f"{entry.path}: ")})
+                else:
+                    problems.append(str(e))
                 continue
+            if frames > 1:
+                multi_frame.append({"path": entry.relpath, "frames": frames})
             text = ""
             if entry.caption_path is not None:
                 try:
@@ -74,5 +89,37 @@ class CaptionStage(Stage):
             items.append({"id": entry.item_id, "path": entry.relpath, "digest": entry.digest, "caption": caption})
         if problems:
             more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
-            raise DataError(f"{len(problems)} problem(s) in the data set:\n" + "\n".join(problems[:10]) + more)
-        return StageResult(record={"items": items}, summary=f"{len(items)} captions")
+            fix = '\nOr set data.on_unreadable = "skip" to train without the unreadable images.'
+            unreadable = any("cannot decode" in m or "max_image_pixels" in m for m in problems)
+            raise DataError(
+                f"{len(problems)} problem(s) in the data set:\n" + "\n".join(problems[:10]) + more + fix * unreadable
+            )
+        if not items:
+            raise DataError(f"data.images: none of the {len(skipped)} images could be read: " + _reasons(skipped))
+        record = {"items": items}
+        if skipped:
+            record["skipped"] = skipped
+        if multi_frame:
+            record["multi_frame"] = multi_frame
+        for note in self.notes_of(record):
+            ctx.log(f"caption: {note}")
+        summary = f"{len(items)} captions" + (f", {len(skipped)} unreadable skipped" if skipped else "")
+        return StageResult(record=record, summary=summary)
+
+    def artifact_notes(self, manifest: Manifest) -> list[str]:
+        return self.notes_of(manifest.record)
+
+    @staticmethod
+    def notes_of(record: dict) -> list[str]:
+        notes = []
+        if record.get("skipped"):
+            notes.append(f"{len(record['skipped'])} unreadable image(s) skipped: " + _reasons(record["skipped"]))
+        if record.get("multi_frame"):
+            files = ", ".join(f"{m['path']} ({m['frames']} frames)" for m in record["multi_frame"][:5])
+            notes.append(f"multi-frame files train on their first frame: {files}")
+        return notes
+
+
+def _reasons(skipped: list[dict]) -> str:
+    listed = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5])
+    return listed + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")

@@ -12,7 +12,29 @@ from pathlib import Path
 from cache.hashing import StatMemo
 from core.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# What Pillow reads without plugins; AVIF, HEIF and JPEG XL when the installed Pillow (or a plugin) registers them.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+PLUGIN_SUFFIXES = {
+    ".avif": "Pillow 11.3+ built with libavif, or `pip install pillow-avif-plugin`",
+    ".heic": "`pip install pillow-heif`",
+    ".heif": "`pip install pillow-heif`",
+    ".jxl": "`pip install pillow-jxl-plugin`",
+}
+
+
+def image_suffixes() -> tuple[str, ...]:
+    """The image suffixes this installation decodes: IMAGE_SUFFIXES and the plugin formats Pillow registers."""
+    from PIL import Image
+
+    try:  # pillow-heif registers its opener only when asked
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+    except ImportError:
+        pass
+    Image.init()
+    registered = Image.registered_extensions()
+    return IMAGE_SUFFIXES + tuple(s for s in PLUGIN_SUFFIXES if s in registered)
 
 
 @dataclass(frozen=True)
@@ -38,14 +60,18 @@ def scan_images(root: Path, caption_extensions: list[str], memo: StatMemo) -> li
     if not root.is_dir():
         raise DataError(f"data.images: {root} is a file, not a folder of images.")
     caption_suffixes = {e.lower() for e in caption_extensions}
-    entries, strangers = [], []
+    readable = image_suffixes()
+    entries, strangers, needs_plugin = [], [], {}
     for path in _walk(root):
         rel = path.relative_to(root)
         suffix = path.suffix.lower()
         if suffix in caption_suffixes:
             continue
-        if suffix not in IMAGE_SUFFIXES:
-            strangers.append(rel.as_posix())
+        if suffix not in readable:
+            if suffix in PLUGIN_SUFFIXES:
+                needs_plugin.setdefault(suffix, []).append(rel.as_posix())
+            else:
+                strangers.append(rel.as_posix())
             continue
         caption_path = next((c for c in (path.with_suffix(e) for e in caption_extensions) if c.is_file()), None)
         entries.append(
@@ -57,15 +83,23 @@ def scan_images(root: Path, caption_extensions: list[str], memo: StatMemo) -> li
                 caption_digest=memo.digest(caption_path) if caption_path else None,
             )
         )
-    if strangers:
-        listed = ", ".join(strangers[:5]) + (f" and {len(strangers) - 5} more" if len(strangers) > 5 else "")
+    for suffix, files in needs_plugin.items():
         raise DataError(
-            f"data.images: {root} holds files that are neither images ({', '.join(IMAGE_SUFFIXES)}) nor captions "
-            f"({', '.join(caption_extensions)}): {listed}. Move them out of the folder."
+            f"data.images: {_listed(files)} are {suffix[1:].upper()} images, which this installation's Pillow cannot "
+            f"read. Install {PLUGIN_SUFFIXES[suffix]}, or convert them to PNG."
+        )
+    if strangers:
+        raise DataError(
+            f"data.images: {root} holds files that are neither images ({', '.join(readable)}) nor captions "
+            f"({', '.join(caption_extensions)}): {_listed(strangers)}. Move them out of the folder."
         )
     if not entries:
-        raise DataError(f"data.images: {root} contains no images ({', '.join(IMAGE_SUFFIXES)}). Add training images.")
+        raise DataError(f"data.images: {root} contains no images ({', '.join(readable)}). Add training images.")
     return entries
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -92,15 +126,55 @@ def _walk(root: Path) -> list[Path]:
 
 def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
     """Decode an image fully (so truncation is caught here), upright (its EXIF orientation applied, as every
-    viewer shows it), as RGB. Raises DataError naming the file; an image over max_pixels is refused from its
-    header, before anything is decompressed."""
-    return _load_upright(path, max_pixels).convert("RGB")
+    viewer shows it), as 8-bit RGB: grayscale, palette, CMYK and 16-bit images converted (16-bit scaled, not
+    clipped), a transparent image composited on white, a multi-frame file's first frame. Raises DataError naming
+    the file; an image over max_pixels is refused from its header, before anything is decompressed.
+
+    Transparency goes to white with data.alpha_mask on too (kohya encodes the hidden colours): the mask gives
+    those pixels no weight, an editor's hidden colours never reach the VAE, and an image's latent does not depend
+    on the mask setting, so turning it on or off re-uses every latent."""
+    return to_rgb(_load_upright(path, max_pixels))
+
+
+def has_alpha(im) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+
+
+def to_rgb(im):
+    """An image of any Pillow mode as 8-bit RGB (load_image's conversions)."""
+    import numpy as np
+    from PIL import Image
+
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # Pillow's convert("RGB") clips these at 255: 16-bit data (PNG/TIFF) is scaled by 255/65535 instead, a
+        # float image is taken as 0..1 when its values lie there, else clipped as 8-bit values.
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            a = a * 255.0 if a.size and 0.0 <= a.min() and a.max() <= 1.0 else a
+        else:
+            a = a / 257.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if has_alpha(im):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def frame_count(path: Path) -> int:
+    """How many frames the file holds (GIF, APNG, multi-page TIFF, WebP animations); training uses the first."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return int(getattr(im, "n_frames", 1))
 
 
 def _load_upright(path: Path, max_pixels: int):
-    """load_image's decode and checks, in the file's own mode (its alpha channel kept)."""
+    """load_image's decode and checks, in the file's own mode (its alpha channel kept), frame 0 of a multi-frame
+    file."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    image_suffixes()  # registers the plugin formats (HEIF) this installation has
     Image.MAX_IMAGE_PIXELS = None  # the limit is ours (runtime.max_image_pixels), checked below with the file's name
     try:
         with Image.open(path) as im:
@@ -111,9 +185,10 @@ def _load_upright(path: Path, max_pixels: int):
                     f"{max_pixels:,} (a guard against decompression bombs). Shrink the image, remove it, or raise "
                     f"runtime.max_image_pixels if it is genuine."
                 )
+            im.seek(0)
             im.load()
             return ImageOps.exif_transpose(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode this image ({e}). Replace or remove the file.") from None
 
 
@@ -134,16 +209,16 @@ def center_crop_pixels(image, resolution: int):
     import numpy as np
 
     arr = np.asarray(_resize_crop(image, resolution), dtype=np.float32) / 127.5 - 1.0
-    return arr.transpose(2, 0, 1)
+    # contiguous CHW: a transposed view would hand the VAE a channels-last batch, whose convolutions round
+    # differently (up to 4e-3 in the latents of the tiny model)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def load_alpha(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
     """The image's alpha channel as an 'L' image (upright, like load_image), or None when it has none (an RGB
     photo, a palette image without a transparent colour)."""
     im = _load_upright(path, max_pixels)  # the same checks and errors as the pixels
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
-        return im.convert("RGBA").getchannel("A")
-    return None
+    return im.convert("RGBA").getchannel("A") if has_alpha(im) else None
 
 
 def alpha_mask(path: Path, resolution: int, latent_hw: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS):

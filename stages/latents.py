@@ -32,7 +32,9 @@ def mask_pool_id(params: LatentsParams, latent_hw: tuple[int, int]) -> str:
 
 class LatentsStage(Stage):
     name = "latents"
-    IMPL_VERSION = 2  # v2: EXIF orientation applied (a portrait phone photo was encoded sideways)
+    # v2: EXIF orientation applied (a portrait phone photo was encoded sideways). v3: a contiguous batch to the VAE
+    # (a channels-last one rounded differently), transparency composited on white, 16-bit images scaled
+    IMPL_VERSION = 3
     upstream = ("caption",)
     description = "VAE latents per image"
 
