@@ -115,7 +115,7 @@ COMFY_CLIP_PARTS = {
 }
 
 
-@pytest.mark.parametrize("network", ["lora", "dora", "loha"])
+@pytest.mark.parametrize("network", ["lora", "dora", "loha", "pissa"])
 def test_files_load_to_the_trained_text_encoder_and_unet(tiny_model, tmp_path, network):
     """ComfyUI's arithmetic on the kohya file's `lora_te_` modules, and diffusers' load_lora_weights (its files, and
     the kohya file of a plain LoRA: diffusers drops a kohya DoRA's dora_scale and loads no LoHa), give the trained
@@ -123,7 +123,8 @@ def test_files_load_to_the_trained_text_encoder_and_unet(tiny_model, tmp_path, n
     from stages.training.lora_files import text_encoder_tree
     from tests.test_networks import comfy_weight
 
-    text, outcome, files = _train(tiny_model, tmp_path, network=network, text_encoder_lr=1e-2)
+    settings = {"lora_init": "pissa"} if network == "pissa" else {"network": network}  # PiSSA: a LoRA of rank 2r
+    text, outcome, files = _train(tiny_model, tmp_path, text_encoder_lr=1e-2, **settings)
     trained = outcome.text.model
     ids = text.token_ids(CAPTIONS)
     g = torch.Generator().manual_seed(1)
@@ -153,8 +154,8 @@ def test_files_load_to_the_trained_text_encoder_and_unet(tiny_model, tmp_path, n
     torch.testing.assert_close(got_text, want_text, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_unet, want_unet, atol=1e-5, rtol=1e-5)
 
-    loadable = {"lora": ["lora1.safetensors", "diffusers/pytorch_lora_weights.safetensors"],
-                "dora": ["diffusers/pytorch_lora_weights.safetensors"], "loha": []}[network]  # fmt: skip
+    both = ["lora1.safetensors", "diffusers/pytorch_lora_weights.safetensors"]
+    loadable = {"lora": both, "pissa": both, "dora": both[1:], "loha": []}[network]
     for name in loadable:
         pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model / "model"), safety_checker=None)
         pipe.load_lora_weights(str(files[name].parent), weight_name=files[name].name)
