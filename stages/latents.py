@@ -102,6 +102,11 @@ class LatentsStage(Stage):
             "items": {i["id"]: {"array": i["digest"], "digest": entries[i["digest"]]["digest"]} for i in items},
             "shape": entries[items[0]["digest"]]["shape"],
         }
+        upscaled = self.upscaled(env.loaded.resolve(env.config.data.images), items, p.resolution)
+        if upscaled:
+            record["upscaled"] = upscaled
+            for note in self.notes_of(record, p.resolution):
+                ctx.log(f"latents: {note}")
         pools = {pid: sorted(by_digest)}
         if p.alpha_mask:
             record["masks"] = self.fill_masks(ctx, by_digest, tuple(record["shape"][-2:]))
@@ -111,6 +116,35 @@ class LatentsStage(Stage):
             record=record,
             summary=f"{len(todo)} encoded, {len(by_digest) - len(todo)} reused",
         )
+
+    @staticmethod
+    def upscaled(root, items: list[dict], resolution: int) -> list[dict]:
+        """The images whose short side is below the resolution (read from their headers): the centre crop
+        enlarges them, which blurs them. Smallest first."""
+        from PIL import Image
+
+        small = {}
+        for item in items:
+            with Image.open(root / item["path"]) as im:
+                w, h = im.size
+            if min(w, h) < resolution:
+                small[item["path"]] = {"path": item["path"], "size": [w, h], "factor": round(resolution / min(w, h), 2)}
+        return sorted(small.values(), key=lambda u: (-u["factor"], u["path"]))
+
+    def artifact_notes(self, manifest: Manifest) -> list[str]:
+        return self.notes_of(manifest.record, manifest.preimage["params"]["resolution"])
+
+    @staticmethod
+    def notes_of(record: dict, resolution: int) -> list[str]:
+        up = record.get("upscaled")
+        if not up:
+            return []
+        listed = ", ".join(f"{u['path']} {u['size'][0]}x{u['size'][1]} ({u['factor']:g}x)" for u in up[:5])
+        more = f" and {len(up) - 5} more" if len(up) > 5 else ""
+        return [
+            f"{len(up)} image(s) are smaller than latents.resolution = {resolution} px and were enlarged to it, which "
+            f"blurs them: {listed}{more}. Use larger images, or a lower latents.resolution."
+        ]
 
     def fill_masks(self, ctx: StageContext, by_digest: dict, latent_hw: tuple[int, int]) -> dict:
         """data.alpha_mask: each image's alpha at latent size in a pool of its own; the record maps digests to it."""

@@ -141,3 +141,18 @@ def test_the_vae_gets_a_contiguous_batch_and_the_latents_equal_a_plain_encode(pr
     stored = [record["items"][i["id"]] for i in items]
     got = torch.stack([torch.from_numpy(pool.get(s["array"], s["digest"])) for s in stored])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_images_smaller_than_the_resolution_are_named_as_enlarged(project):
+    Image.new("RGB", (16, 12), (200, 10, 10)).save(project.root / "images" / "tiny.png")
+    (project.root / "images" / "tiny.txt").write_text("a red square")
+    result = project.cli("run", "lora", "--only", "caption")
+    assert result.exit_code == 0, result.output
+    result = project.cli("run", "lora", "--only", "latents")
+    assert result.exit_code == 0, result.output
+    note = "1 image(s) are smaller than latents.resolution = 32 px and were enlarged to it"
+    assert note in result.output and "tiny.png 16x12 (2.67x)" in result.output
+    status = project.cli("status", "lora")
+    assert f"latents: {note}" in status.output
+    record = json.loads(project.manifests("latents")[0].read_text())["record"]
+    assert record["upscaled"] == [{"path": "tiny.png", "size": [16, 12], "factor": 2.67}]
