@@ -245,7 +245,7 @@ def _model_layout(family, model: Path, single_file_config: Path | None):
 def apply_weighted(unet, family, specs: list[str], text_encoder: Callable[[], object]):
     """Attach each FILE:WEIGHT as its own adapter (lora0, lora1, ...) on the UNet, and its text-encoder modules
     under the same name on text_encoder() (the family's, loaded on first use). -> [(adapter name, weight, file)]."""
-    from stages.training.lora_files import attach_lora_file, match_modules, read_lora_file
+    from stages.training.lora_files import attach_lora_file, has_text_model_level, match_modules, read_lora_file
 
     attached = []
     for i, spec in enumerate(specs):
@@ -258,9 +258,9 @@ def apply_weighted(unet, family, specs: list[str], text_encoder: Callable[[], ob
             model = text_encoder().model
             matched = match_text_modules(lora, comp, {"text_encoder": model})  # names the component it lacks
             # matched names are canonical (`text_model.encoder...`); transformers 5's CLIP has no `text_model` level
-            own = any(name == "text_model" for name, _ in model.named_modules())
-            attach_lora_file(model, {n if own else n.removeprefix("text_model."): m for n, m in matched.items()},
-                             f"lora{i}")  # fmt: skip
+            level = has_text_model_level(model)
+            modules = {n if level else n.removeprefix("text_model."): m for n, m in matched.items()}
+            attach_lora_file(model, modules, f"lora{i}")
         attach_lora_file(unet, match_modules(lora, unet, family.kohya_prefix), f"lora{i}")
         attached.append((f"lora{i}", weight, path))
     return attached

@@ -204,12 +204,15 @@ def network_metadata(network: str) -> dict[str, str]:
     return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args, sort_keys=True)}
 
 
+def has_text_model_level(model) -> bool:
+    """Whether a CLIP text encoder's modules sit under `text_model.` (transformers 4) or at its top (5)."""
+    return any(name == "text_model" for name, _ in model.named_modules())
+
+
 def text_encoder_names(state: dict, model) -> dict:
     """A text encoder LoRA's peft state under the module names every loader uses (`text_model.encoder...`):
     transformers 5 dropped CLIP's `text_model` level from the module tree (see text_encoder_tree)."""
-    if any(name == "text_model" for name, _ in model.named_modules()):
-        return state
-    return {f"text_model.{k}": v for k, v in state.items()}
+    return state if has_text_model_level(model) else {f"text_model.{k}": v for k, v in state.items()}
 
 
 def text_encoder_tree(model):
@@ -218,9 +221,7 @@ def text_encoder_tree(model):
     module tree. The weights are the model's own, so changing them changes the model."""
     import torch
 
-    if any(name == "text_model" for name, _ in model.named_modules()):
-        return model
-    return torch.nn.ModuleDict({"text_model": model})
+    return model if has_text_model_level(model) else torch.nn.ModuleDict({"text_model": model})
 
 
 @dataclass
@@ -258,11 +259,10 @@ def write_lora_outputs(family, outcome, p, work_dir, name: str, base_metadata: d
     (family.lora_metadata(layout, prediction_type)). With a trained text encoder (outcome.text), both files carry
     its LoRA too: kohya's `lora_te_` modules, diffusers' `text_encoder.` ones."""
     network = getattr(p, "network", "lora")
-    o = outcome
+    o, t = outcome, outcome.text
     unet = file_part(lora_state_dict(o.denoiser), o.ema_state, o.adapter_config, o.init_state, p)
     text = None
-    if outcome.text is not None:
-        t = outcome.text
+    if t is not None:
 
         def named(state):
             return None if state is None else text_encoder_names(state, t.model)
