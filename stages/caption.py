@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from cache.store import Manifest
 from core.errors import DataError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
-from stages.dataset import frame_count, load_image
+from stages.dataset import check_image
 
 
 class CaptionParams(BaseModel):
@@ -59,8 +59,7 @@ class CaptionStage(Stage):
         items, problems, skipped, multi_frame = [], [], [], []
         for entry in ctx.env.images:
             try:
-                load_image(entry.path, ctx.runtime.max_image_pixels)
-                frames = frame_count(entry.path)
+                frames = check_image(entry.path, ctx.runtime.max_image_pixels)
             except DataError as e:
                 if skip:
                     skipped.append({"path": entry.relpath, "reason": str(e).removeprefix(f"{entry.path}: ")})

@@ -133,7 +133,7 @@ def load_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
     Transparency goes to white with data.alpha_mask on too (kohya encodes the hidden colours): the mask gives
     those pixels no weight, an editor's hidden colours never reach the VAE, and an image's latent does not depend
     on the mask setting, so turning it on or off re-uses every latent."""
-    return to_rgb(_load_upright(path, max_pixels))
+    return to_rgb(_load_upright(path, max_pixels)[0])
 
 
 def has_alpha(im) -> bool:
@@ -161,17 +161,17 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def frame_count(path: Path) -> int:
-    """How many frames the file holds (GIF, APNG, multi-page TIFF, WebP animations); training uses the first."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return int(getattr(im, "n_frames", 1))
+def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Decode the image as load_image does (raising its DataError) -> how many frames the file holds (GIF, APNG,
+    multi-page TIFF, WebP animations: training uses the first)."""
+    image, frames = _load_upright(path, max_pixels)
+    to_rgb(image)
+    return frames
 
 
 def _load_upright(path: Path, max_pixels: int):
     """load_image's decode and checks, in the file's own mode (its alpha channel kept), frame 0 of a multi-frame
-    file."""
+    file. -> (image, the file's frame count)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     image_suffixes()  # registers the plugin formats (HEIF) this installation has
@@ -185,9 +185,10 @@ def _load_upright(path: Path, max_pixels: int):
                     f"{max_pixels:,} (a guard against decompression bombs). Shrink the image, remove it, or raise "
                     f"runtime.max_image_pixels if it is genuine."
                 )
+            frames = int(getattr(im, "n_frames", 1))
             im.seek(0)
             im.load()
-            return ImageOps.exif_transpose(im)
+            return ImageOps.exif_transpose(im), frames
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode this image ({e}). Replace or remove the file.") from None
 
@@ -217,7 +218,7 @@ def center_crop_pixels(image, resolution: int):
 def load_alpha(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
     """The image's alpha channel as an 'L' image (upright, like load_image), or None when it has none (an RGB
     photo, a palette image without a transparent colour)."""
-    im = _load_upright(path, max_pixels)  # the same checks and errors as the pixels
+    im, _ = _load_upright(path, max_pixels)  # the same checks and errors as the pixels
     return im.convert("RGBA").getchannel("A") if has_alpha(im) else None
 
 
