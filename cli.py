@@ -269,7 +269,7 @@ def config(
     if keys:
         typer.echo(config_reference_markdown())
         return
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
 
     typer.echo(resolved_config_toml(load_config(config, set_).config), nl=False)
 

@@ -40,7 +40,7 @@ from overhead import MODELS, build_model, median_step  # noqa: E402
 SMALL = {**MODELS["small"][0], "cross_attention_dim": 32}
 
 from cache.store import Manifest, Store  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config_loading import load_config  # noqa: E402
 from pipeline.runner import run_workflow  # noqa: E402
 from stages.base import PlanEnv  # noqa: E402
 from stages.families.noise import make_process  # noqa: E402

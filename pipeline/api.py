@@ -26,7 +26,7 @@ __all__ = [
 def open_project(config: Path, overrides: list[str] = ()) -> PlanEnv:
     """The project a config file describes: its validated config (with --set overrides) and its store."""
     from cache.store import Store
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
 
     loaded = load_config(config, overrides)
     return PlanEnv(loaded, Store(loaded.store_dir))
@@ -105,7 +105,7 @@ def _mark_running(plans, holder: dict) -> None:
 def collect_garbage(config: Path, dry_run: bool) -> dict:
     """`pipeline gc`: remove what no workflow's last run reaches (refuses on refs it cannot read)."""
     from cache.store import Store
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
 
     store = Store(load_config(config).store_dir)
     store.lock_for("pipeline gc", wait=False)

@@ -58,7 +58,7 @@ def demo_epilogue(workflow: str, runs, config: Path, overrides: list[str], famil
 def _differential_epilogue(runs, config: Path, overrides: list[str], demo: str = "--demo") -> None:
     """The eval table, and a grid of base vs base + the averaged LoRA-2 at weights 0, 0.5 and 1."""
     from cache.store import Store
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
     from pipeline.lora_tools import sample as render_grid
     from stages.base import PlanEnv
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from cache.store import Manifest, Store
-from pipeline.config import LoadedConfig
+from pipeline.config_loading import LoadedConfig
 from stages.dataset import ImageEntry, scan_images
 from stages.families import ModelFamily, ModelLayout, detect_family, get_family
 

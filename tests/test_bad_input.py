@@ -150,7 +150,7 @@ def test_disk_full_while_committing_is_reported_and_the_next_run_recovers(projec
     import os
 
     from cache.store import Store
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
     from pipeline.planner import plan_workflow
     from pipeline.workflows import get_workflow
     from stages.base import PlanEnv

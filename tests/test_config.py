@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from core.errors import ConfigError
-from pipeline.config import PipelineConfig, load_config, parse_override
+from pipeline.config import PipelineConfig
+from pipeline.config_loading import load_config, parse_override
 from pipeline.schema_docs import config_reference_markdown, example_config_toml
 
 REPO = Path(__file__).resolve().parent.parent

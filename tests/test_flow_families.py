@@ -221,7 +221,7 @@ def test_guidance_embed_is_the_schedule_s_and_refused_for_models_without_one(tmp
     field with the pipeline's default, the student's may differ, and the whole transfer chain runs on it."""
     project = flow_project(tmp_path / "g", tiny_flow_models, "flux2-dev")
     from cache.store import Store
-    from pipeline.config import load_config
+    from pipeline.config_loading import load_config
     from pipeline.planner import plan_workflow
     from pipeline.workflows import get_workflow
     from stages.base import PlanEnv

@@ -7,7 +7,7 @@ import pytest
 from cache.keys import canonical_json
 from cache.store import Store
 from core.errors import ConfigError
-from pipeline.config import load_config
+from pipeline.config_loading import load_config
 from pipeline.planner import plan_workflow
 from pipeline.workflows import get_workflow
 from stages.base import PlanEnv
