@@ -47,11 +47,68 @@ class DataConfig(Section):
         "loss is the mean over the mask). Images without alpha train everywhere. See docs/training.md.",
     )
 
+    # Caption tricks (kohya's names and semantics; docs/training.md#captions). They change the string each training
+    # slot sees: the stage that draws the slots (lora1, lora2, the transfer schedule) stores every drawn string.
+    shuffle_caption: bool = Field(
+        False, description="Shuffle the tags (the caption split at caption_separator) for every training slot."
+    )
+    keep_tokens: int = Field(
+        0, ge=0, description="The first N tags stay in place (shuffle, tag dropout and warmup leave them alone)."
+    )
+    keep_tokens_separator: str = Field(
+        "",
+        description='A marker such as "|||": the tags before it stay first, those after a second one stay last, '
+        "the ones between are shuffled. Where a caption holds it, it replaces keep_tokens.",
+    )
+    caption_separator: str = Field(",", min_length=1, description="What separates the tags of a caption.")
+    secondary_separator: str = Field(
+        "",
+        description='A separator such as ";;;" that joins words into one tag for shuffling and dropout, then '
+        "becomes caption_separator in the drawn caption.",
+    )
+    enable_wildcard: bool = Field(
+        False,
+        description="Each slot picks one option of every {a|b|c} in the caption ({{ and }} are literal braces) and "
+        "one line of a multi-line caption file. Off: a multi-line caption uses its first line.",
+    )
+    caption_dropout_rate: float = Field(
+        0.0, ge=0, le=1, description="Probability that a slot trains on the empty caption (the unconditional)."
+    )
+    caption_tag_dropout_rate: float = Field(
+        0.0, ge=0, le=1, description="Probability that each tag (not the kept ones) is dropped from a slot's caption."
+    )
+    caption_dropout_every_n_epochs: int = Field(
+        0, ge=0, description="Train every Nth epoch (counting from 1, as kohya does) on empty captions; 0: never."
+    )
+    token_warmup_min: int = Field(
+        1, ge=0, description="Token warmup: the tags a caption starts with (with token_warmup_step)."
+    )
+    token_warmup_step: int | float | str = Field(
+        0,
+        description='Token warmup: tags are added one by one over this many optimizer steps (or "10%" of them; a '
+        "fraction below 1 as kohya writes it), from token_warmup_min to all. 0: off.",
+    )
+
     @field_validator("caption_extensions")
     @classmethod
     def _dotted(cls, v: list[str]) -> list[str]:
         if not v or any(not e.startswith(".") for e in v):
             raise ValueError('give at least one extension, each starting with a dot, e.g. [".txt"]')
+        return v
+
+    @field_validator("token_warmup_step")
+    @classmethod
+    def _warmup(cls, v: int | float | str) -> int | str:
+        if isinstance(v, float):  # kohya: a value below 1 is a fraction of the training steps
+            if not 0 <= v < 1:
+                raise ValueError('must be a number of steps, a percentage such as "10%", or a fraction below 1')
+            return f"{v * 100:g}%" if v else 0
+        if isinstance(v, int):
+            if v < 0:
+                raise ValueError("must be 0 or more steps")
+            return v
+        if not re.fullmatch(r"\d+(\.\d+)?%", v) or float(v[:-1]) > 100:
+            raise ValueError('must be a number of steps, a percentage such as "10%", or a fraction below 1')
         return v
 
 

@@ -10,16 +10,21 @@ from pydantic import BaseModel
 
 from cache.store import Manifest
 from stages.base import PlanEnv, Stage, StageContext, StageResult
+from stages.training.captions import CaptionDraw, caption_draw
 from stages.training.params import LoraTrainParams, noise_contract, section_fields
 
 
 class Lora1Params(LoraTrainParams):
-    """The shared training params, and the text encoder's LoRA (train_text_encoder; its rates None without it)."""
+    """The shared training params, the text encoder's LoRA (train_text_encoder; its rates None without it), and
+    the caption tricks (None when off: the key of a run without them is the key it had before they existed)."""
+
+    UNKEYED_WHEN_NONE = ("captions",)
 
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
     text_encoder_targets: list[str] | None = None  # the family's, when the text encoder is trained
+    captions: CaptionDraw | None = None
 
 
 class Lora1Stage(Stage):
@@ -41,6 +46,7 @@ class Lora1Stage(Stage):
             **{**section_fields(c, Lora1Params), **text},
             **env.train_fields(c, "lora1"),
             prediction_type=env.prediction_type,
+            captions=caption_draw(env.config.data, c.steps),
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -84,7 +90,7 @@ class Lora1Stage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from stages.devices import resolve_device
-        from stages.pools import load_training_data
+        from stages.pools import draw_training_captions, load_training_data
         from stages.training.loop import DiffusionBatches, TrainJob, train_lora
         from stages.training.lora_files import write_lora_outputs
 
@@ -92,6 +98,10 @@ class Lora1Stage(Stage):
         device = resolve_device(ctx.runtime.device)
         text_encoder = env.family.load_text_encoder(env.layout, device) if p.train_text_encoder else None
         data, captions = load_training_data(ctx.store, ctx.upstream, text_encoder)
+        batches = DiffusionBatches(data, p.seed, p.batch_size)
+        drawn = None
+        if p.captions is not None:
+            drawn = draw_training_captions(ctx, data, captions, p, batches, text_encoder)
         preview = ctx.runtime.preview
         job = TrainJob(
             family=env.family,
@@ -109,10 +119,13 @@ class Lora1Stage(Stage):
             log=ctx.log,
             text_encoder=text_encoder,
         )
-        outcome = train_lora(job, DiffusionBatches(data, p.seed, p.batch_size))
+        outcome = train_lora(job, batches)
         files = write_lora_outputs(
             env.family, outcome, p, ctx.work_dir, "lora1", env.family.lora_metadata(env.layout, p.prediction_type)
         )
+        pools = {}
+        if drawn is not None:
+            files["captions.json"], pools = drawn.path, drawn.pools
         tail = outcome.losses[-min(10, len(outcome.losses)) :]
         record = {
             "final_loss": sum(tail) / len(tail),
@@ -121,7 +134,9 @@ class Lora1Stage(Stage):
             "alpha": p.alpha,
             "text_encoder_trained": p.train_text_encoder,
         }
-        return StageResult(files=files, record=record, summary=f"loss {record['final_loss']:.4f}")
+        if drawn is not None:
+            record["captions"] = drawn.record
+        return StageResult(files=files, pools=pools, record=record, summary=f"loss {record['final_loss']:.4f}")
 
 
 def text_encoder_targets(env: PlanEnv, section: str) -> tuple[str, ...]:

@@ -10,13 +10,17 @@ from __future__ import annotations
 from cache.store import Manifest
 from core.errors import ConfigError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
+from stages.training.captions import CaptionDraw, caption_draw
 from stages.training.params import LoraTrainParams, section_fields
 
 
 class Lora2Params(LoraTrainParams):
+    UNKEYED_WHEN_NONE = ("captions",)
+
     lora1_mode: str
     noise_stream: str  # "" replays lora1's draws (paired noise); "lora2" draws its own
     noise_seed: int
+    captions: CaptionDraw | None = None  # the caption tricks, None when off
 
 
 class Lora2Stage(Stage):
@@ -42,6 +46,7 @@ class Lora2Stage(Stage):
             lora1_mode=d.lora1_mode,
             noise_stream="" if d.paired_noise else "lora2",
             noise_seed=l1.seed if d.paired_noise else l2.seed,
+            captions=caption_draw(env.config.data, l2.steps),
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -65,12 +70,16 @@ class Lora2Stage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         from stages.devices import resolve_device
-        from stages.pools import load_training_data
+        from stages.pools import draw_training_captions, load_training_data
         from stages.training.loop import DiffusionBatches, TrainJob, train_lora
         from stages.training.lora_files import read_lora_file, trained_file, write_lora_outputs
 
         env, p = ctx.env, ctx.params
         data, captions = load_training_data(ctx.store, ctx.upstream)
+        batches = DiffusionBatches(data, p.noise_seed, p.batch_size, p.noise_stream)
+        drawn = None
+        if p.captions is not None:
+            drawn = draw_training_captions(ctx, data, captions, p, batches, None)
         lora1_file = trained_file(ctx.upstream["lora1"].outputs)
         lora1 = ctx.store.read_object(lora1_file["digest"], "the LoRA-1 file")
         preset = read_lora_file(lora1, env.family.kohya_prefix, env.family.lora_component)
@@ -93,10 +102,13 @@ class Lora2Stage(Stage):
             preset_lora=preset,
             preset_mode=p.lora1_mode,
         )
-        outcome = train_lora(job, DiffusionBatches(data, p.noise_seed, p.batch_size, p.noise_stream))
+        outcome = train_lora(job, batches)
         files = write_lora_outputs(
             env.family, outcome, p, ctx.work_dir, "lora2", env.family.lora_metadata(env.layout, p.prediction_type)
         )
+        pools = {}
+        if drawn is not None:
+            files["captions.json"], pools = drawn.path, drawn.pools
         tail = outcome.losses[-min(10, len(outcome.losses)) :]
         record = {
             "first_loss": outcome.losses[0] if outcome.losses else None,
@@ -104,4 +116,6 @@ class Lora2Stage(Stage):
             "resumed_from_step": outcome.resumed_from,
             "rank": p.rank,
         }
-        return StageResult(files=files, record=record, summary=f"loss {record['final_loss']:.4f}")
+        if drawn is not None:
+            record["captions"] = drawn.record
+        return StageResult(files=files, pools=pools, record=record, summary=f"loss {record['final_loss']:.4f}")

@@ -4,6 +4,8 @@ batched encode-and-commit loop. Items already committed in the pool are never en
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from cache.arrays import ArrayPool
 from cache.keys import canonical_json, sha256_text
@@ -148,3 +150,62 @@ def load_mask_table(store: Store, latents_record: dict, digests) -> dict:
     masks = latents_record["masks"]
     pool = store.pool(masks["pool"])
     return {d: pool.get(d, masks["items"][d]) for d in sorted(set(digests))}
+
+
+class PooledConditioning:
+    """Text rows read from the pool when a batch asks for them (drawn captions: one string per slot can be
+    thousands of embeddings, so they stay on disk)."""
+
+    def __init__(self, store: Store, table: dict, strings: list[str]):
+        self.pool = store.pool(table["pool"])
+        self.entries = [table["strings"][s] for s in strings]
+
+    def __getitem__(self, rows):
+        from stages.families.base import Conditioning
+
+        return Conditioning.stack([self.pool.get(self.entries[r]["array"], self.entries[r]["digest"]) for r in rows])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+@dataclass
+class DrawnForTraining:
+    record: dict  # the stage record's "captions" entry: slots, distinct strings, newly encoded
+    pools: dict  # the text-pool arrays the drawn strings use (the artifact references them)
+    path: Path  # captions.json: the distinct strings and each micro-step's rows into them
+
+
+def draw_training_captions(ctx, data, captions: list[str], params, batches, text_encoder) -> DrawnForTraining:
+    """Caption tricks (params.captions) for a DiffusionBatches run of params.steps x params.grad_accum micro-steps:
+    draw every slot's caption, encode each distinct string once
+    (through the shared text pool, or as token ids for a text encoder in training), and point the data's slots at
+    them."""
+    import json
+
+    import torch
+
+    from stages.training.captions import draw_slots
+
+    env = ctx.env
+    p = params
+    drawn = draw_slots(p.captions, captions, batches.seed, batches.stream, batches.batch_size, p.grad_accum, p.steps)
+    record = {"slots": len(drawn.slots), "distinct": len(drawn.strings)}
+    pools = {}
+    if text_encoder is not None:
+        data.cond = text_encoder.token_ids(drawn.strings)
+    else:
+        table = ensure_text_embeddings(
+            env.store, env.family, env.layout, env.component_digests["text"], drawn.strings, ctx.runtime, ctx.progress
+        )
+        data.cond = PooledConditioning(env.store, table, drawn.strings)
+        pools[table["pool"]] = sorted(v["array"] for v in table["strings"].values())
+        record["encoded"] = table["encoded"]
+    data.slot_cond = torch.tensor(drawn.slots, dtype=torch.long)
+    ctx.log(
+        f"captions: {record['slots']} training slots drew {record['distinct']} distinct caption strings"
+        + (f", {record['encoded']} newly encoded" if "encoded" in record else "")
+    )
+    path = ctx.work_dir / "captions.json"
+    path.write_text(json.dumps(drawn.to_json(), ensure_ascii=False, separators=(",", ":")))
+    return DrawnForTraining(record, pools, path)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel
-
 from stages.base import PlanEnv, Stage, StageContext, StageResult
-from stages.training.params import noise_contract
+from stages.training.captions import CaptionDraw, caption_draw
+from stages.training.params import KeyedParams, noise_contract
 
 
-class ScheduleParams(BaseModel):
+class ScheduleParams(KeyedParams):
+    UNKEYED_WHEN_NONE = ("captions",)
+
     steps: int
     batch_size: int
     grad_accum: int
@@ -26,6 +27,7 @@ class ScheduleParams(BaseModel):
     timesteps: dict
     prediction_type: str
     guidance_embed: float | None = None
+    captions: CaptionDraw | None = None  # data's caption tricks, drawn into the training rows; None when off
 
 
 class ScheduleStage(Stage):
@@ -44,8 +46,16 @@ class ScheduleStage(Stage):
                 f"schedule.heldout_images = {s.heldout_images}, but the data set has {len(env.images)} images: at "
                 f"least one must stay for training. Lower it (0: measure fidelity on the training images only)."
             )
+        captions = caption_draw(env.config.data, s.steps)
+        if captions is not None and captions.dropout_rate and s.caption_dropout:
+            raise ConfigError(
+                f"schedule.caption_dropout = {s.caption_dropout:g} and data.caption_dropout_rate = "
+                f"{env.config.data.caption_dropout_rate:g} both drop captions of the schedule's rows; set one of them "
+                f"to 0."
+            )
         return ScheduleParams(
-            **s.model_dump(include=set(ScheduleParams.model_fields) - {"timesteps", "guidance_embed"}),
+            **s.model_dump(include=set(ScheduleParams.model_fields) - {"timesteps", "guidance_embed", "captions"}),
+            captions=captions,
             timesteps=env.model.timesteps(s, "schedule", env.config.latents.resolution),
             prediction_type=env.prediction_type,
             guidance_embed=guidance_embed_for(env.model, s.guidance_embed, "schedule.guidance_embed"),
@@ -85,12 +95,16 @@ class ScheduleStage(Stage):
             num_timesteps=p.timesteps["num_train_timesteps"],
             latent_shape=tuple(ctx.upstream["latents"].record["shape"]),
         )
-        schedule = build_schedule(spec, items, make_process(p.timesteps, p.prediction_type))
+        schedule = build_schedule(spec, items, make_process(p.timesteps, p.prediction_type), p.captions)
         path = ctx.work_dir / "schedule.json"
         doc = {"spec": spec.__dict__, "torch": torch.__version__, **schedule}
         path.write_text(json.dumps(doc, separators=(",", ":"), sort_keys=True))
         strings = sorted({r["caption"] for r in schedule["rows"] + schedule["heldout"] + schedule["fit"]})
         record = {"spec": spec.__dict__, "rows": len(schedule["rows"]), "strings": strings, "torch": torch.__version__}
+        if p.captions is not None:
+            drawn = {r["caption"] for r in schedule["rows"]}
+            record["captions"] = {"slots": len(schedule["rows"]), "distinct": len(drawn)}
+            ctx.log(f"schedule: {len(schedule['rows'])} training rows drew {len(drawn)} distinct caption strings")
         return StageResult(
             files={"schedule.json": path},
             record=record,

@@ -46,6 +46,7 @@ WORKFLOWS = {
         {
             **_settings(SMALL_SETTINGS),
             "lora1": EVERYTHING,
+            "data": {"caption_prefix": "sks, photo, ", "shuffle_caption": True, "keep_tokens": 1},
             "runtime": {"checkpoint_every": 2, "gradient_checkpointing": True},
             "runtime.preview": {"every": 2, "steps": 2, "ema": True},
         },
@@ -56,6 +57,7 @@ WORKFLOWS = {
             **_settings(TRANSFER_SETTINGS),
             "lora1": {**TRANSFER_SETTINGS["lora1"], "network": "loha"},
             "student": {**TRANSFER_SETTINGS["student"], "network": "dora"},
+            "data": {"caption_prefix": "sks, photo, ", "shuffle_caption": True, "caption_tag_dropout_rate": 0.2},
         },
         [
             "pool.put:3",  # latents: 2 of 6 committed, the 3rd written but not in the commit log

@@ -158,7 +158,23 @@ NEEDS = {
 }
 
 OPTIM_NEEDS = [k for k in NEEDS if k not in ("adaptive_noise_scale", "multires_noise_discount", "lokr_factor")]
+# The caption tricks (tests/test_captions.py): they change the strings the drawing stages see, lora1 and the schedule
+# (and lora2 in differential), never the caption table; keep_tokens and the rest are read only with a tag operation.
+CAPTION_FIELDS = [
+    ("shuffle_caption", "true"), ("caption_dropout_rate", 0.1), ("caption_tag_dropout_rate", 0.1),
+    ("caption_dropout_every_n_epochs", 2), ("enable_wildcard", "true"), ("secondary_separator", "';;;'"),
+    ("token_warmup_step", "'50%'"),
+]  # fmt: skip
+CAPTION_NEEDS = {
+    "keep_tokens": ("shuffle_caption=true", 1),
+    "keep_tokens_separator": ("shuffle_caption=true", "'|||'"),
+    "caption_separator": ("shuffle_caption=true", "';'"),
+    "token_warmup_min": ("token_warmup_step=3", 2),
+}
+DRAWN = DOWNSTREAM["lora1"] | DOWNSTREAM["schedule"]
 OPTIONS = [
+    *[(f"data.{k}={v}", DRAWN, None) for k, v in CAPTION_FIELDS],
+    *[(f"data.{k}={v}", DRAWN, f"data.{base}") for k, (base, v) in CAPTION_NEEDS.items()],
     *[
         (f"lora1.{k}={v}", DOWNSTREAM["lora1"], None)
         for k, v in NOISE_FIELDS + LOSS_FIELDS + OPTIM_FIELDS + NETWORK_FIELDS + INIT_FIELDS
@@ -206,6 +222,7 @@ DIFFERENTIAL = [
         for k, (_, v) in NEEDS.items()
         if k not in ("adaptive_noise_scale", "fused_backward")
     ],
+    *[(f"data.{k}={v}", per_pair("lora1", "lora2") | {"average", "eval"}) for k, v in CAPTION_FIELDS],
     ("lora1.lr=1e-2", set()),  # the lora workflow's [lora1] is not differential's LoRA-1
     # read only with a trained text encoder, which differential refuses (tests/test_text_encoder_lora.py)
     *[

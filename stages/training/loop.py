@@ -42,6 +42,9 @@ class TrainData:
     # text encoder is trained (TrainJob.text_encoder encodes them in every step)
     cond_index: object  # (N,) long tensor: item -> row of cond
     masks: object = None  # (N, 1, h, w) float32 loss masks (data.alpha_mask), or None
+    # drawn captions (data.shuffle_caption, ...): the row of cond of every slot, in micro-step order, instead of
+    # the item's own caption (stages/pools.py draw_training_captions)
+    slot_cond: object = None
 
 
 class DiffusionBatches:
@@ -59,7 +62,10 @@ class DiffusionBatches:
         data = self.data
         idx = torch.tensor(batch_indices(self.seed, k, self.batch_size, data.latents.shape[0]))
         x0 = data.latents[idx]
-        cond = data.cond[data.cond_index[idx]]
+        if data.slot_cond is None:
+            cond = data.cond[data.cond_index[idx]]
+        else:
+            cond = data.cond[data.slot_cond[k * self.batch_size : (k + 1) * self.batch_size].tolist()]
         g = generator("noise", self.seed, k) if not self.stream else generator("noise", self.stream, self.seed, k)
         noise = torch.randn(x0.shape, generator=g)
         t = process.sample_timesteps(x0.shape[0], g)

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from typing import ClassVar
+
+from pydantic import BaseModel, model_serializer
 
 
-class LoraTrainParams(BaseModel):
+class KeyedParams(BaseModel):
+    """Params whose newer options enter the key only when set: a field in UNKEYED_WHEN_NONE is left out of the
+    dump while it is None, so adding an option keeps the key of every artifact made without it."""
+
+    UNKEYED_WHEN_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset(self, handler):
+        data = handler(self)
+        for name in self.UNKEYED_WHEN_NONE:
+            if name in data and data[name] is None:
+                del data[name]
+        return data
+
+
+class LoraTrainParams(KeyedParams):
     rank: int
     alpha: float
     dropout: float

@@ -88,14 +88,24 @@ def split_items(items: list[dict], n_heldout: int, seed: int) -> tuple[list[dict
     return [it for it in items if id(it) not in held], [it for it in items if id(it) in held]
 
 
-def build_schedule(spec: ScheduleSpec, items: list[dict], process) -> dict:
+def build_schedule(spec: ScheduleSpec, items: list[dict], process, captions=None) -> dict:
     """Rows for every (micro-step, slot) in order over the training items; `heldout` rows on the held-out images
-    (or, with none held out, new draws on the training items); `fit` rows, new draws on the training items."""
+    (or, with none held out, new draws on the training items); `fit` rows, new draws on the training items.
+
+    captions (a CaptionDraw: data.shuffle_caption, ...) draws the caption of every training row from the row's own
+    randomness; the held-out and fit rows keep the written captions, the ones a user prompts with."""
+    from stages.training.captions import draw_caption, slot_rng
+
     train, held = split_items(items, spec.heldout_images, spec.seed)
     rows = []
     for k in range(spec.micro_steps):
         for slot, i in enumerate(batch_indices(spec.seed, k, spec.batch_size, len(train))):
-            rows.append(_row(spec, "schedule", k, slot, train[i], process))
+            row = _row(spec, "schedule", k, slot, train[i], process)
+            if captions is not None and row["caption"]:
+                epoch = (k * spec.batch_size + slot) // len(train) + 1
+                rng = slot_rng("schedule", spec.seed, k, slot)
+                row["caption"] = draw_caption(row["caption"], captions, rng, epoch, k // spec.grad_accum)
+            rows.append(row)
 
     def extra(stream: str, pool: list[dict]) -> list[dict]:
         out = []
