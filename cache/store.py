@@ -5,7 +5,7 @@ Layout under the store root:
     objects/ab/<sha256>                immutable files, named by their content digest
     stages/<stage>/<key>/manifest.json one manifest per (stage, key); writing it is the commit point
     stages/<stage>/<key>/work/         progress of a stage that has not committed (resume state)
-    pools/<pool>/<config>/             per-item zarr arrays shared across keys (see cache.arrays)
+    pools/<pool>/<config>/             items as rows of chunked zarr arrays, shared across keys (see cache.arrays)
     refs/<workflow>.json               the stage keys of a workflow's last run: the roots of `pipeline gc`
     memo/stat.json                     path -> (device, inode, size, mtime_ns, ctime_ns), sha256
     lock                               flock'd by a running `pipeline run`
@@ -334,8 +334,8 @@ class Store:
                 continue
             pool = ArrayPool(pool_dir)
             dead = pool.all_names() - keep
-            if dead:
-                size = sum(dir_size(pool.arrays_dir / n) for n in dead)
+            if dead or pool.dead_chunks():  # unreferenced items, or chunks a killed write left
+                size = pool.bytes_of(dead)
                 removed.append({"kind": "arrays", "path": f"{pool_dir} ({len(dead)} arrays)", "bytes": size})
                 if not dry_run:
                     pool.remove(dead)

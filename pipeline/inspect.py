@@ -66,12 +66,12 @@ def teacher_report(env: PlanEnv, teacher: Manifest, schedule: Manifest) -> dict:
     """Per array kind: count, shape, dtype, bytes on disk, non-finite values; |Δc| per timestep bin."""
     import numpy as np
 
-    from cache.arrays import dir_size
     from stages.training.schedule import read_schedule
 
     doc, spec = read_schedule(env.store, schedule)
     pool = env.store.pool(teacher.record["pool"])
     kinds: dict[str, dict] = {}
+    names_of: dict[str, list[str]] = {}
     for name in teacher.record["arrays"]:
         kind = {"c": "delta_cond", "u": "delta_uncond", "inputs": "input_digest"}[name.split(".")[1]]
         arr = pool.get(name)
@@ -79,9 +79,11 @@ def teacher_report(env: PlanEnv, teacher: Manifest, schedule: Manifest) -> dict:
             kind, {"arrays": 0, "shape": list(arr.shape), "dtype": str(arr.dtype), "bytes": 0, "nonfinite": 0}
         )
         k["arrays"] += 1
-        k["bytes"] += dir_size(pool.arrays_dir / name)
+        names_of.setdefault(kind, []).append(name)
         if arr.dtype.kind == "f":
             k["nonfinite"] += int((~np.isfinite(arr)).sum())
+    for kind, names in names_of.items():
+        kinds[kind]["bytes"] = pool.stored_bytes(names)
     samples = spec.steps * spec.rows_per_step
     stored = sum(k["bytes"] for k in kinds.values())
     return {
@@ -210,12 +212,11 @@ def latents_report(env: PlanEnv, latents: Manifest) -> dict:
     """Count, shape, dtype, bytes, and per-channel mean and std of the cached latents."""
     import numpy as np
 
-    from cache.arrays import dir_size
-
     pool = env.store.pool(latents.record["pool"])
     items = latents.record["items"]
     arrays = {v["array"]: v["digest"] for v in items.values()}
-    stack = np.stack([pool.get(a, d) for a, d in sorted(arrays.items())]).astype(np.float64)
+    names = sorted(arrays)
+    stack = np.stack(list(pool.get_many(names, [arrays[a] for a in names]).values())).astype(np.float64)
     return {
         "stage": "latents",
         "key": latents.key,
@@ -223,7 +224,7 @@ def latents_report(env: PlanEnv, latents: Manifest) -> dict:
         "unique": len(arrays),
         "shape": list(stack.shape[1:]),
         "dtype": str(pool.get(next(iter(arrays))).dtype),
-        "bytes": sum(dir_size(pool.arrays_dir / a) for a in arrays),
+        "bytes": pool.stored_bytes(arrays),
         "nonfinite": int((~np.isfinite(stack)).sum()),
         "channels": [
             {"channel": c, "mean": float(stack[:, c].mean()), "std": float(stack[:, c].std())}

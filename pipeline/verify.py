@@ -107,10 +107,16 @@ def _arrays(store: Store) -> dict:
     damaged, checked = [], 0
     for pool_dir in sorted((store.root / "pools").glob("*/*")):
         pool = ArrayPool(pool_dir)
+        by_file: dict = {}
         for name in sorted(pool.committed()):
-            checked += 1
             try:
-                pool.get(name)
+                by_file.setdefault(pool.location(name), []).append(name)
+            except CorruptArray:  # its chunked array is gone
+                by_file.setdefault(pool.arrays_dir, []).append(name)
+        for path, names in by_file.items():  # a chunk at a time: a damaged one drops all its bad rows at once
+            checked += len(names)
+            try:
+                pool.get_many(names)
             except CorruptArray:
-                damaged.append(str(pool.arrays_dir / name))
+                damaged.append(str(path))
     return {"checked": checked, "damaged": damaged}

@@ -42,9 +42,9 @@ def fill_pool(
     with tqdm(total=len(todo), desc=desc, unit=unit, disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             chunk = list(todo[start : start + batch_size])
-            for item, row in zip(chunk, encode_batch(chunk), strict=True):
-                pool.put(name_of(item), row)
-                bar.update(1)
+            rows = encode_batch(chunk)
+            pool.put_many([(name_of(item), row) for item, row in zip(chunk, rows, strict=True)], batch_size)
+            bar.update(len(chunk))
 
 
 TEXT_POOL_IMPL = 1  # bump when the text embedding code changes what it stores
@@ -105,15 +105,21 @@ def load_text_table(store: Store, table: dict):
 
     pool = store.pool(table["pool"])
     strings = sorted(table["strings"])
-    arrays = [pool.get(table["strings"][s]["array"], table["strings"][s]["digest"]) for s in strings]
+    arrays = read_rows(pool, [table["strings"][s] for s in strings])
     return Conditioning.stack(arrays), {s: i for i, s in enumerate(strings)}
+
+
+def read_rows(pool, entries: list[dict]) -> list:
+    """The arrays of {"array", "digest"} entries, in order, each chunk read once."""
+    got = pool.get_many([e["array"] for e in entries], [e["digest"] for e in entries])
+    return [got[e["array"]] for e in entries]
 
 
 def load_latent_table(store: Store, latents_record: dict, digests) -> dict:
     """{image digest: latent array} for the given digests, read through the latents manifest's record."""
     by_digest = {v["array"]: v["digest"] for v in latents_record["items"].values()}
-    pool = store.pool(latents_record["pool"])
-    return {d: pool.get(d, by_digest[d]) for d in sorted(set(digests))}
+    names = sorted(set(digests))
+    return store.pool(latents_record["pool"]).get_many(names, [by_digest[d] for d in names])
 
 
 def load_training_data(store: Store, upstream: dict, text_encoder=None):
@@ -127,16 +133,14 @@ def load_training_data(store: Store, upstream: dict, text_encoder=None):
 
     items = upstream["caption"].record["items"]
     lat = upstream["latents"].record
-    lat_pool = store.pool(lat["pool"])
-    latents = np.stack([lat_pool.get(lat["items"][i["id"]]["array"], lat["items"][i["id"]]["digest"]) for i in items])
+    latents = np.stack(read_rows(store.pool(lat["pool"]), [lat["items"][i["id"]] for i in items]))
     strings = sorted({i["caption"] for i in items})
     row = {s: n for n, s in enumerate(strings)}
     if text_encoder is not None:
         cond = text_encoder.token_ids(strings)
     else:
         txt = upstream["text"].record
-        pool, table = store.pool(txt["pool"]), txt["strings"]
-        cond = Conditioning.stack([pool.get(table[s]["array"], table[s]["digest"]) for s in strings])
+        cond = Conditioning.stack(read_rows(store.pool(txt["pool"]), [txt["strings"][s] for s in strings]))
     index = [row[i["caption"]] for i in items]
     data = TrainData(torch.from_numpy(latents), cond, torch.tensor(index, dtype=torch.long))
     if "masks" in lat:  # data.alpha_mask
@@ -148,8 +152,8 @@ def load_training_data(store: Store, upstream: dict, text_encoder=None):
 def load_mask_table(store: Store, latents_record: dict, digests) -> dict:
     """{image digest: (1, h, w) loss mask} of a latents artifact made with data.alpha_mask."""
     masks = latents_record["masks"]
-    pool = store.pool(masks["pool"])
-    return {d: pool.get(d, masks["items"][d]) for d in sorted(set(digests))}
+    names = sorted(set(digests))
+    return store.pool(masks["pool"]).get_many(names, [masks["items"][d] for d in names])
 
 
 class PooledConditioning:
@@ -163,7 +167,7 @@ class PooledConditioning:
     def __getitem__(self, rows):
         from stages.families.base import Conditioning
 
-        return Conditioning.stack([self.pool.get(self.entries[r]["array"], self.entries[r]["digest"]) for r in rows])
+        return Conditioning.stack(read_rows(self.pool, [self.entries[r] for r in rows]))
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -177,3 +177,71 @@ def test_gc_while_a_run_holds_the_store_says_who_and_removes_nothing(project):
     assert result.exit_code == 1
     assert f"held by pid {os.getpid()} (pipeline run lora" in result.output and "Traceback" not in result.output
     assert project.manifests("lora1")
+
+
+def test_pool_items_are_rows_of_chunks_one_file_per_batch(tmp_path):
+    """100 latents in batches of 8 are 13 chunk files in one folder, not an array (and 4 folders) per item; disk use
+    stays near the latent bytes."""
+    from cache.arrays import ROWS, dir_size
+
+    pool = Store(tmp_path).pool("latents/cfg")
+    rng = np.random.default_rng(0)
+    arrays = {f"img{i:03d}": rng.standard_normal((4, 8, 8)).astype(np.float32) for i in range(100)}
+    names = sorted(arrays)
+    for start in range(0, 100, 8):
+        pool.put_many([(n, arrays[n]) for n in names[start : start + 8]], 8)
+    files = [p for p in pool.arrays_dir.rglob("*") if p.is_file()]
+    folders = [p for p in pool.arrays_dir.rglob("*") if p.is_dir()]
+    assert len([f for f in files if f.name.startswith("c.")]) == 13 and len(folders) == 2  # rows/, rows/f4_4x8x8/
+    assert dir_size(pool.arrays_dir / ROWS) <= 1.3 * 100 * 4 * 8 * 8 * 4  # random floats barely compress
+    fresh = Store(tmp_path).pool("latents/cfg")
+    got = fresh.get_many(names)
+    assert all(np.array_equal(got[n], arrays[n]) for n in names)
+    # a batch never writes into a chunk that holds committed rows: a kill during a write tears no trusted row
+    first = pool.location(names[0])
+    before = first.read_bytes()
+    pool.put_many([("late", arrays[names[0]])], 8)
+    assert first.read_bytes() == before and pool.location("late") != first
+
+
+def test_pool_rows_of_other_shapes_and_of_older_pools(tmp_path):
+    """Items of different shapes go to arrays of their own; a pool written before chunking (an array per item,
+    log lines without "at") is read, verified and collected as before."""
+    import zarr
+
+    pool = Store(tmp_path).pool("text/cfg")
+    pool.put_many([("short", np.ones((3, 2), np.float32)), ("long", np.zeros((5, 2), np.float32))])
+    assert pool.get("short").shape == (3, 2) and pool.get("long").shape == (5, 2)
+    old = Store(tmp_path).pool("latents/old")
+    legacy = np.arange(6, dtype=np.float32).reshape(2, 3)
+    z = zarr.open_group(str(old.arrays_dir), mode="a").create_array(name="x", shape=(2, 3), dtype="f4", chunks=(2, 3))
+    z[...] = legacy
+    old.log_path.write_text(json.dumps({"name": "x", "digest": array_digest(legacy), "shape": [2, 3]}) + "\n")
+    fresh = Store(tmp_path).pool("latents/old")
+    np.testing.assert_array_equal(fresh.get("x"), legacy)
+    fresh.put("y", legacy + 1)  # new items of an old pool are chunked
+    assert fresh.all_names() == {"x", "y"}
+    fresh.remove({"x"})
+    assert not (fresh.arrays_dir / "x").exists() and fresh.all_names() == {"y"}
+
+
+def test_a_damaged_chunk_drops_all_its_bad_rows_and_gc_sweeps_orphan_chunks(tmp_path):
+    store = Store(tmp_path)
+    pool = store.pool("latents/cfg")
+    rows = [(f"i{n}", np.full((2, 2), n, np.float32)) for n in range(4)]
+    pool.put_many(rows[:2], 2)
+    pool.put_many(rows[2:], 2)
+    pool.location("i0").write_bytes(b"garbage")
+    with pytest.raises(CorruptArray, match=r"2 item\(s\) in it have been dropped"):
+        store.pool("latents/cfg").get("i1")
+    assert set(store.pool("latents/cfg").committed()) == {"i2", "i3"}
+    assert not (pool.arrays_dir / "rows" / "f4_2x2" / "c.0.0.0").exists()  # no committed row left in it
+    # the dropped chunk's file and a chunk written by a killed run (no committed row) are garbage
+    store.commit(Manifest("latents", "k1", {}, pools={"latents/cfg": ["i2", "i3"]}))
+    store.write_ref("lora", {"latents": "k1"})
+    orphan = store.pool("latents/cfg").arrays_dir / "rows" / "f4_2x2" / "c.9.0.0"
+    orphan.write_bytes(b"half-written")
+    report = store.gc()
+    assert [r["kind"] for r in report["removed"]] == ["arrays"] and not orphan.exists()
+    assert store.pool("latents/cfg").location("i2").name == "c.1.0.0"
+    np.testing.assert_array_equal(store.pool("latents/cfg").get("i3"), rows[3][1])
