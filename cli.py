@@ -216,7 +216,7 @@ def status(
 @app.command()
 @user_errors
 def inspect(
-    what: str = typer.Argument(..., help="What to look at: teacher, schedule or latents."),
+    what: str = typer.Argument(..., help="What to look at: dataset, teacher, schedule or latents."),
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     workflow: str = typer.Option("transfer", "--workflow", "-w", help="The workflow whose artifact to inspect."),
@@ -224,14 +224,22 @@ def inspect(
     out: Path = typer.Option(None, "--out", help="Write PNG sheets into this folder (loads the model's VAE)."),
     as_json: bool = JsonOpt,
 ):
-    """Numbers and pictures from cached artifacts: teacher deltas, the schedule, the latents."""
+    """Numbers and pictures: the data set (before any run), or cached artifacts: teacher deltas, the schedule, the
+    latents."""
     from pipeline import inspect as ins
     from pipeline import reports
 
-    if what not in ("teacher", "schedule", "latents"):
-        raise PipelineError(f"inspect {what!r}: choose teacher, schedule or latents.")
+    if what not in ("dataset", "teacher", "schedule", "latents"):
+        raise PipelineError(f"inspect {what!r}: choose dataset, teacher, schedule or latents.")
     env = _env(config, set_)
-    if what == "latents":
+    if what == "dataset":
+        from pipeline.dataset_report import dataset_report, dataset_sheets
+
+        report = dataset_report(env)
+        if out is not None:
+            report["sheets"] = dataset_sheets(env, report, out)
+        del report["_rows"]
+    elif what == "latents":
         latents = ins.find_artifact(env, workflow, "latents")
         report = ins.latents_report(env, latents)
         if out is not None:

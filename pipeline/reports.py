@@ -164,6 +164,9 @@ def print_inspect(report: dict) -> None:
         console.print(t)
 
     stage = report["stage"]
+    if stage == "dataset":
+        _print_dataset(report, console, table)
+        return
     console.print(f"[bold]{stage}[/bold] {report['key'][:12]}")
     if stage == "teacher":
         console.print(
@@ -215,3 +218,36 @@ def print_verify(report: dict) -> None:
             typer.echo(f"damaged  {d['path']} ({d['why']}): the next run rewrites it")
     counts = ", ".join(f"{report[k]['checked']} {k}" for k in ("inputs", "objects", "arrays", "manifests", "refs"))
     typer.echo(f"verified {counts}: " + ("all intact" if report["ok"] else "see above; run your workflow again"))
+
+
+def _print_dataset(report: dict, console, table) -> None:
+    c = report["captions"]
+    console.print(f"[bold]dataset[/bold] {report['folder']}: {report['images']} images")
+    if report["smallest"]:
+        console.print(
+            f"smallest {report['smallest']['size']} ({report['smallest']['path']}), largest "
+            f"{report['largest']['size']} ({report['largest']['path']})"
+        )
+    table("formats", [{"format and mode": k, "images": v} for k, v in report["formats"].items()])
+    table("aspect ratio", [{"width / height": g["group"], "images": g["images"]} for g in report["aspect_ratios"]])
+    if report["enlarged"]:
+        console.print(f"enlarged by the crop (short side below latents.resolution = {report['resolution']}):")
+        table("", report["enlarged"])
+    if report["over_max_pixels"]:
+        console.print("over runtime.max_image_pixels (the caption stage refuses them):")
+        table("", report["over_max_pixels"])
+    table("unreadable", report["unreadable"])
+    if report["multi_frame"]:
+        console.print(f"multi-frame files (trained on frame 0): {', '.join(report['multi_frame'][:10])}")
+    missing = len(c["missing"])
+    fallback = f'default_caption "{c["default_caption"]}"' if c["default_caption"] is not None else "an error"
+    console.print(
+        f"captions: {c['distinct']} distinct; tags per caption {c['tags_min']} / {c['tags_median']:g} / "
+        f"{c['tags_max']} (min / median / max); {missing} image(s) without a caption ({fallback})"
+    )
+    table("most frequent tags", report["top_tags"])
+    if report["duplicates"]:
+        console.print("duplicates (the same content: encoded once, but each file is a training item, seen more often):")
+        table("", [{"files": ", ".join(d)} for d in report["duplicates"]])
+    for path in report.get("sheets", []):
+        console.print(f"sheet: {path}")

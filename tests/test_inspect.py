@@ -47,3 +47,40 @@ def test_inspect_teacher_schedule_and_latents(transfer_project, tmp_path):
 
     bad = transfer_project.cli("inspect", "teacher", "-c", str(transfer_project.config), "--out", "x", "--step", "6")
     assert bad.exit_code == 2 and "the schedule has steps 0 to 5" in bad.output
+
+
+def test_inspect_dataset_before_any_run(project, tmp_path):
+    """A messy folder as a user brings it: sizes, shapes, formats, enlarged and duplicate images, missing captions
+    and tag counts, each as the numbers say, with contact sheets per aspect-ratio group; no model is loaded."""
+    import shutil
+
+    images = project.root / "images"
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(images / "tiny.png")  # below latents.resolution = 32
+    (images / "tiny.txt").write_text("sks, tiny, dark")
+    Image.new("RGB", (40, 90), (200, 10, 10)).save(images / "tall.jpg")  # no caption file
+    frames = [Image.new("RGB", (64, 48), c) for c in ("red", "blue")]
+    frames[0].save(images / "anim.gif", save_all=True, append_images=frames[1:])
+    (images / "anim.txt").write_text("anim")
+    first = sorted(images.glob("*.png"))[0]
+    shutil.copy(first, images / "copy-of-first.png")
+    shutil.copy(first.with_suffix(".txt"), images / "copy-of-first.txt")
+    project.write_config(data={"default_caption": "a photo"})
+
+    report = inspect(project, "dataset", "--out", str(tmp_path / "sheets"))
+    assert report["images"] == 6 + 4
+    assert report["smallest"] == {"path": "tiny.png", "size": "20x20"}
+    assert report["enlarged"] == [{"path": "tiny.png", "size": "20x20"}]
+    assert report["multi_frame"] == ["anim.gif"]
+    assert {"copy-of-first.png", first.name} in [set(d) for d in report["duplicates"]]
+    assert report["captions"]["missing"] == ["tall.jpg"]
+    groups = {g["group"]: g["images"] for g in report["aspect_ratios"]}
+    assert groups["tall (< 3:4)"] == 1 and groups["1:1 .. 4:3"] == 1 and groups["square"] == 8
+    assert report["captions"]["tags_max"] == 3  # "sks, tiny, dark"
+    assert {"tag": "sks", "images": 1} in report["top_tags"]
+    assert not (project.store / "stages").exists(), "inspect runs no stage"
+    sheets = [Image.open(p) for p in report["sheets"]]
+    assert len(sheets) == 3 and sum(s.size[0] * s.size[1] for s in sheets) > 0
+    square = next(s for p, s in zip(report["sheets"], sheets, strict=True) if "square" in p)
+    assert square.size == (8 * 128, 128 + 12)  # 8 thumbnails in one labelled row
+    text = project.cli("inspect", "dataset", "-c", str(project.config)).output
+    assert "tiny.png" in text and "without a caption" in text and "duplicates" in text

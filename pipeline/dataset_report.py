@@ -1,0 +1,142 @@
+"""`pipeline inspect dataset`: what the data folder holds, before any model is loaded or any stage runs.
+
+Reads image headers (size, mode, frames) and the sidecar captions only, so it is quick on tens of thousands of
+files; the contact sheets (--out) decode thumbnails.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from pathlib import Path
+
+from stages.base import PlanEnv
+
+SHEET_CELL = 128  # pixels per thumbnail
+SHEET_COLUMNS = 8
+SHEET_ROWS = 8
+LABEL = 12
+# aspect-ratio groups (width / height) for the table and the sheets, until buckets exist
+RATIOS = [("tall (< 3:4)", 0.0, 0.74), ("3:4 .. 1:1", 0.74, 0.99), ("square", 0.99, 1.01), ("1:1 .. 4:3", 1.01, 1.34)]
+RATIOS += [("wide (> 4:3)", 1.34, float("inf"))]
+
+
+def _ratio_group(w: int, h: int) -> str:
+    r = w / h
+    return next(name for name, lo, hi in RATIOS if lo <= r < hi)
+
+
+def dataset_report(env: PlanEnv) -> dict:
+    """Counts, sizes, formats, aspect ratios, the images the crop will enlarge, captions (missing, length in
+    tags, the most frequent tags), and duplicates by content."""
+    from PIL import Image
+
+    from stages.dataset import image_suffixes
+
+    image_suffixes()  # registers the plugin formats this installation reads
+    data = env.config.data
+    resolution = env.config.latents.resolution
+    entries = env.images
+    rows, unreadable = [], []
+    for e in entries:
+        try:
+            with Image.open(e.path) as im:
+                rows.append(
+                    {
+                        "path": e.relpath,
+                        "size": im.size,
+                        "format": im.format or "?",
+                        "mode": im.mode,
+                        "frames": int(getattr(im, "n_frames", 1)),
+                    }
+                )
+        except Exception as err:  # Pillow raises many types for broken files
+            unreadable.append({"path": e.relpath, "reason": f"{type(err).__name__}: {err}"[:200]})
+    captions = {}
+    missing = []
+    for e in entries:
+        text = ""
+        if e.caption_path is not None:
+            try:
+                text = e.caption_path.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                text = ""
+        if not text:
+            missing.append(e.relpath)
+            text = data.default_caption or ""
+        captions[e.relpath] = f"{data.caption_prefix}{text}{data.caption_suffix}" if text else ""
+    tag_lists = [[t.strip() for t in c.split(data.caption_separator) if t.strip()] for c in captions.values() if c]
+    tags = Counter(t.lower() for tl in tag_lists for t in set(tl))
+    by_digest: dict[str, list[str]] = {}
+    for e in entries:
+        by_digest.setdefault(e.digest, []).append(e.relpath)
+    areas = sorted(rows, key=lambda r: (r["size"][0] * r["size"][1], r["path"]))
+    small = [r for r in rows if min(r["size"]) < resolution]
+    over = [r for r in rows if r["size"][0] * r["size"][1] > env.config.runtime.max_image_pixels]
+    groups = Counter(_ratio_group(*r["size"]) for r in rows)
+    lengths = [len(t) for t in tag_lists]
+    return {
+        "stage": "dataset",
+        "folder": str(env.loaded.resolve(data.images)),
+        "images": len(entries),
+        "unreadable": unreadable,
+        "formats": dict(Counter(f"{r['format']} {r['mode']}" for r in rows).most_common()),
+        "multi_frame": [r["path"] for r in rows if r["frames"] > 1],
+        "smallest": _size_row(areas[0]) if areas else None,
+        "largest": _size_row(areas[-1]) if areas else None,
+        "aspect_ratios": [{"group": name, "images": groups.get(name, 0)} for name, _, _ in RATIOS],
+        "resolution": resolution,
+        "enlarged": [_size_row(r) for r in sorted(small, key=lambda r: (min(r["size"]), r["path"]))],
+        "over_max_pixels": [_size_row(r) for r in over],
+        "captions": {
+            "missing": missing,
+            "default_caption": data.default_caption,
+            "tags_min": min(lengths) if lengths else 0,
+            "tags_median": statistics.median(lengths) if lengths else 0,
+            "tags_max": max(lengths) if lengths else 0,
+            "distinct": len(set(captions.values())),
+        },
+        "top_tags": [{"tag": t, "images": n} for t, n in tags.most_common(20)],
+        "duplicates": [sorted(paths) for paths in by_digest.values() if len(paths) > 1],
+        "_rows": rows,
+    }
+
+
+def _size_row(r: dict) -> dict:
+    return {"path": r["path"], "size": f"{r['size'][0]}x{r['size'][1]}"}
+
+
+def dataset_sheets(env: PlanEnv, report: dict, out: Path) -> list[str]:
+    """Contact sheets per aspect-ratio group: up to 64 thumbnails each (as the crop would show them is the
+    latents sheet's job; these are the whole images, letterboxed), labelled with their file names."""
+    from PIL import Image, ImageDraw
+
+    from core.errors import DataError
+    from stages.dataset import load_image
+
+    root = Path(report["folder"])
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, _, _ in RATIOS:
+        members = [r for r in report["_rows"] if _ratio_group(*r["size"]) == name]
+        for page in range(0, len(members), SHEET_COLUMNS * SHEET_ROWS):
+            chunk = members[page : page + SHEET_COLUMNS * SHEET_ROWS]
+            cols = min(SHEET_COLUMNS, len(chunk))
+            lines = -(-len(chunk) // cols)
+            sheet = Image.new("RGB", (cols * SHEET_CELL, lines * (SHEET_CELL + LABEL)), "white")
+            draw = ImageDraw.Draw(sheet)
+            for i, r in enumerate(chunk):
+                x, y = (i % cols) * SHEET_CELL, (i // cols) * (SHEET_CELL + LABEL)
+                try:
+                    im = load_image(root / r["path"], env.config.runtime.max_image_pixels)
+                except DataError:
+                    draw.text((x + 2, y + LABEL + 2), "unreadable", fill="red")
+                    continue
+                im.thumbnail((SHEET_CELL, SHEET_CELL))
+                sheet.paste(im, (x + (SHEET_CELL - im.width) // 2, y + LABEL + (SHEET_CELL - im.height) // 2))
+                draw.text((x + 2, y), Path(r["path"]).name[:20], fill="black")
+            slug = name.split(" ")[0].replace(":", "x").replace(".", "")
+            path = out / f"dataset-{slug}-{page // (SHEET_COLUMNS * SHEET_ROWS) + 1}.png"
+            sheet.save(path)
+            written.append(str(path))
+    return written
