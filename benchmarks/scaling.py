@@ -49,7 +49,7 @@ def measure(n: int, root: Path, env: dict) -> dict:
     from cache.store import Store
     from pipeline.demo import ensure_demo, write_images
 
-    demo = ensure_demo(root / "demo")
+    demo = ensure_demo(root / "demo").parent  # returns its pipeline.toml
     project = root / f"p{n}"
     project.mkdir()
     write_images(project / "images", count=n, size=64, seed=n)
