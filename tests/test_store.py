@@ -245,3 +245,24 @@ def test_a_damaged_chunk_drops_all_its_bad_rows_and_gc_sweeps_orphan_chunks(tmp_
     assert [r["kind"] for r in report["removed"]] == ["arrays"] and not orphan.exists()
     assert store.pool("latents/cfg").location("i2").name == "c.1.0.0"
     np.testing.assert_array_equal(store.pool("latents/cfg").get("i3"), rows[3][1])
+
+
+def test_training_reads_latents_a_batch_at_a_time_prefetching_the_next(tmp_path):
+    """lora1's latents stay in the pool: a batch reads its rows (the pool's bytes), and a prefetched batch is the
+    same tensor as a direct read."""
+    import torch
+
+    from stages.pools import PooledLatents
+
+    pool = Store(tmp_path).pool("latents/cfg")
+    rows = {f"i{n}": np.random.default_rng(n).standard_normal((4, 2, 2)).astype(np.float32) for n in range(10)}
+    pool.put_many(list(rows.items()), 4)
+    entries = [{"array": n, "digest": array_digest(a)} for n, a in rows.items()]
+    latents = PooledLatents(Store(tmp_path).pool("latents/cfg"), entries)
+    assert latents.shape == (10, 4, 2, 2) and len(latents) == 10
+    assert torch.equal(latents[torch.tensor([3, 7])], torch.from_numpy(np.stack([rows["i3"], rows["i7"]])))
+    latents.prefetch([9, 0, 9])
+    assert latents._pending is not None
+    assert torch.equal(latents[[9, 0, 9]], torch.from_numpy(np.stack([rows["i9"], rows["i0"], rows["i9"]])))
+    assert latents._pending is None  # the prefetched read was the one used
+    assert not any(isinstance(v, (np.ndarray, torch.Tensor)) for v in vars(latents).values())

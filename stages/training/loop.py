@@ -37,7 +37,7 @@ class TrainingDiverged(PipelineError):
 
 @dataclass
 class TrainData:
-    latents: object  # (N, C, h, w) float32 tensor
+    latents: object  # (N, C, h, w) float32: a tensor, or PooledLatents (indexed by a batch's items)
     cond: object  # Conditioning of U rows: the unique captions' embeddings and masks; (U, L) token ids when the
     # text encoder is trained (TrainJob.text_encoder encodes them in every step)
     cond_index: object  # (N,) long tensor: item -> row of cond
@@ -60,8 +60,11 @@ class DiffusionBatches:
         import torch
 
         data = self.data
-        idx = torch.tensor(batch_indices(self.seed, k, self.batch_size, data.latents.shape[0]))
+        n = data.latents.shape[0]
+        idx = torch.tensor(batch_indices(self.seed, k, self.batch_size, n))
         x0 = data.latents[idx]
+        if hasattr(data.latents, "prefetch"):  # latents read from the pool: the next micro-batch's, in the background
+            data.latents.prefetch(batch_indices(self.seed, k + 1, self.batch_size, n))
         if data.slot_cond is None:
             cond = data.cond[data.cond_index[idx]]
         else:
