@@ -216,23 +216,33 @@ def draw_training_captions(ctx, data, captions: list[str], params, batches, text
     return DrawnForTraining(record, pools, path)
 
 
-class PooledLatents:
-    """The (N, C, h, w) latents of N items, read from the pool when a batch asks for them (never the whole pool in
-    memory: 5,000 SD latents at 1024 px are 640 MiB). prefetch(idx) starts reading the next batch on a background
-    thread; the rows are the pool's bytes either way, so training is the same bit for bit."""
+LATENT_CACHE_BYTES = 512 * 2**20  # rows kept after their first read; beyond it, every batch reads the pool
 
-    def __init__(self, pool, entries: list[dict]):
+
+class PooledLatents:
+    """The (N, C, h, w) latents of N items, read from the pool when a batch asks for them: at most
+    LATENT_CACHE_BYTES of rows stay in memory after their first read (a small data set trains from memory after its
+    first epoch; 5,000 SD latents at 1024 px, 640 MiB, do not all stay). prefetch(idx) starts reading the next
+    batch on a background thread; the rows are the pool's bytes either way, so training is the same bit for bit."""
+
+    def __init__(self, pool, entries: list[dict], cache_bytes: int = LATENT_CACHE_BYTES):
         self.pool, self.entries = pool, entries
         first = read_rows(pool, entries[:1])[0]
         self.shape = (len(entries), *first.shape)
         self._executor = None
         self._pending: tuple[tuple[int, ...], object] | None = None
+        self._rows: dict[int, object] = {}
+        self._room = cache_bytes // max(1, first.nbytes)
 
     def _read(self, idx: tuple[int, ...]):
         import numpy as np
         import torch
 
-        return torch.from_numpy(np.stack(read_rows(self.pool, [self.entries[i] for i in idx])))
+        todo = sorted({i for i in idx if i not in self._rows})
+        fresh = dict(zip(todo, read_rows(self.pool, [self.entries[i] for i in todo]), strict=True))
+        for i in todo[: max(0, self._room - len(self._rows))]:
+            self._rows[i] = fresh[i]
+        return torch.from_numpy(np.stack([self._rows[i] if i in self._rows else fresh[i] for i in idx]))
 
     def __getitem__(self, idx):
         idx = tuple(int(i) for i in (idx.tolist() if hasattr(idx, "tolist") else idx))
