@@ -183,9 +183,8 @@ class DrawnForTraining:
 
 def draw_training_captions(ctx, data, captions: list[str], params, batches, text_encoder) -> DrawnForTraining:
     """Caption tricks (params.captions) for a DiffusionBatches run of params.steps x params.grad_accum micro-steps:
-    draw every slot's caption, encode each distinct string once
-    (through the shared text pool, or as token ids for a text encoder in training), and point the data's slots at
-    them."""
+    draw every slot's caption, encode each distinct string once (through the shared text pool, or as token ids for
+    a text encoder in training), and point the data's slots at them."""
     import json
 
     import torch
