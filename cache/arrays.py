@@ -123,9 +123,10 @@ class ArrayPool:
             start = self._free_row(gname, z.chunks[0])
             z[start : start + len(idx)] = rows
             self._end_torn_line()
+            done = len(self.committed())
             with open(self.log_path, "a") as f:
                 for n, i in enumerate(idx):
-                    fault_point("pool.put", len(self.committed()) + 1)  # killed here: written, never committed
+                    fault_point("pool.put", done + n + 1)  # killed here: written, never committed
                     arr = arrays[i]
                     entry = {
                         "name": items[i][0],
@@ -136,9 +137,9 @@ class ArrayPool:
                     }
                     f.write(json.dumps(entry) + "\n")
                     f.flush()  # in the kernel: a kill after this line keeps the row committed
-                    self.committed()
                     entries[i] = entry
                 os.fsync(f.fileno())
+            self.committed()  # reads the batch's lines back: one stat and one read per batch, not per row
         return entries
 
     def _end_torn_line(self) -> None:
