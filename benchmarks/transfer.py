@@ -194,7 +194,7 @@ def teacher_step(env: PlanEnv, m: dict[str, Manifest], batching: str) -> tuple[f
         t0 = time.perf_counter()
         delta(rows, f"step {s}")
         t1 = time.perf_counter()
-        x_t, t, _ = rebuild_inputs(rows, latents, process, spec.latent_shape)
+        x_t, t, _ = rebuild_inputs(rows, latents, process)
         c = cond[[row_of[r["caption"]] for r in rows]]
         t2 = time.perf_counter()
         with torch.no_grad():

@@ -141,7 +141,38 @@ class LatentsConfig(Section):
     """VAE encoding of the images (stage `latents`)."""
 
     resolution: int = Field(
-        512, description="Images are resized (short side) and centre-cropped to this square size, in pixels."
+        512,
+        description="Images are resized (short side) and centre-cropped to this square size, in pixels. With "
+        "buckets: the square whose area is every bucket's largest.",
+    )
+    buckets: Literal["off", "auto"] | list[tuple[int, int]] = Field(
+        "off",
+        description="Aspect-ratio buckets (docs/concepts.md#buckets). off: one square. auto: sizes of at most "
+        "resolution² pixels, each side from min_bucket_reso to max_bucket_reso in steps of bucket_reso_steps, as "
+        "kohya makes them. A list such as [[512, 768], [768, 512]]: exactly those [width, height] sizes. Each "
+        "image goes to the size of nearest aspect ratio, is resized to cover it and cropped; a batch holds one size.",
+    )
+    min_bucket_reso: int = Field(256, ge=8, description='buckets = "auto": the shortest side of a bucket, pixels.')
+    max_bucket_reso: int = Field(1024, ge=8, description='buckets = "auto": the longest side of a bucket, pixels.')
+    bucket_reso_steps: int = Field(
+        64, ge=8, description='buckets = "auto": bucket sides are multiples of this (64 suits every UNet).'
+    )
+    bucket_no_upscale: bool = Field(
+        False,
+        description='buckets = "auto": never enlarge an image; each gets a bucket of its own size (shrunk to '
+        "resolution² pixels when larger), its sides cut down to multiples of bucket_reso_steps.",
+    )
+    crop: Literal["center", "random"] = Field(
+        "center",
+        description="Where the crop to the square or bucket lies. random: crop_variants crops per image, each at "
+        "a position drawn from the image's digest and its number, are encoded once; every training slot picks "
+        "one from its own seed (kohya re-crops on every load, which cannot be cached).",
+    )
+    crop_variants: int = Field(4, ge=1, le=64, description='crop = "random": crops encoded per image.')
+    flip_aug: bool = Field(
+        False,
+        description="Also encode each image (each crop) mirrored left to right; every training slot takes one of "
+        "the two at random (kohya's flip_aug). Do not use it when left and right matter (text, asymmetric logos).",
     )
 
     @field_validator("resolution")
@@ -149,6 +180,19 @@ class LatentsConfig(Section):
     def _multiple_of_8(cls, v: int) -> int:
         if v < 8 or v % 8:
             raise ValueError("must be a positive multiple of 8 (the VAE downsamples by 8)")
+        return v
+
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_list(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError('give at least one [width, height] size, or "auto", or "off"')
+            for w, h in v:
+                if w < 8 or h < 8 or w % 8 or h % 8:
+                    raise ValueError(f"[{w}, {h}]: each side must be a positive multiple of 8 (the VAE's factor)")
+            if len(set(v)) < len(v):
+                raise ValueError("a size is listed twice")
         return v
 
 

@@ -16,7 +16,7 @@ SHEET_CELL = 128  # pixels per thumbnail
 SHEET_COLUMNS = 8
 SHEET_ROWS = 8
 LABEL = 12
-# aspect-ratio groups (width / height) for the table and the sheets, until buckets exist
+# aspect-ratio groups (width / height) for the table and the sheets when latents.buckets is off
 RATIOS = [("tall (< 3:4)", 0.0, 0.74), ("3:4 .. 1:1", 0.74, 0.99), ("square", 0.99, 1.01), ("1:1 .. 4:3", 1.01, 1.34)]
 RATIOS += [("wide (> 4:3)", 1.34, float("inf"))]
 
@@ -27,10 +27,11 @@ def _ratio_group(w: int, h: int) -> str:
 
 
 def dataset_report(env: PlanEnv) -> dict:
-    """Counts, sizes, formats, aspect ratios, the images the crop will enlarge, captions (missing, length in
-    tags, the most frequent tags), and duplicates by content."""
+    """Counts, sizes, formats, aspect ratios (or, with latents.buckets on, the bucket of every image), the images
+    the crop will enlarge, captions (missing, length in tags, the most frequent tags), and duplicates by content."""
     from PIL import Image
 
+    from stages.buckets import ViewSpec, bucket_spec
     from stages.dataset import image_suffixes
 
     image_suffixes()  # registers the plugin formats this installation reads
@@ -41,10 +42,11 @@ def dataset_report(env: PlanEnv) -> dict:
     for e in entries:
         try:
             with Image.open(e.path) as im:
+                turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF: shown a quarter turn round
                 rows.append(
                     {
                         "path": e.relpath,
-                        "size": im.size,
+                        "size": im.size[::-1] if turned else im.size,  # as viewers (and training) show it
                         "format": im.format or "?",
                         "mode": im.mode,
                         "frames": int(getattr(im, "n_frames", 1)),
@@ -71,11 +73,20 @@ def dataset_report(env: PlanEnv) -> dict:
     for e in entries:
         by_digest.setdefault(e.digest, []).append(e.relpath)
     areas = sorted(rows, key=lambda r: (r["size"][0] * r["size"][1], r["path"]))
-    small = [r for r in rows if min(r["size"]) < resolution]
+    buckets = bucket_spec(env.config.latents)
+    views = ViewSpec(resolution, buckets)
+    for r in rows:
+        if buckets is not None:
+            placement = views.target(*r["size"])
+            r["bucket"] = f"{placement.size[0]}x{placement.size[1]}"
+            r["factor"] = placement.resized[0] / r["size"][0]
+        else:
+            r["factor"] = resolution / min(r["size"])
+    small = [r for r in rows if r["factor"] > 1]
     over = [r for r in rows if r["size"][0] * r["size"][1] > env.config.runtime.max_image_pixels]
     groups = Counter(_ratio_group(*r["size"]) for r in rows)
     lengths = [len(t) for t in tag_lists]
-    return {
+    report = {
         "stage": "dataset",
         "folder": str(env.loaded.resolve(data.images)),
         "images": len(entries),
@@ -86,7 +97,7 @@ def dataset_report(env: PlanEnv) -> dict:
         "largest": _size_row(areas[-1]) if areas else None,
         "aspect_ratios": [{"group": name, "images": groups.get(name, 0)} for name, _, _ in RATIOS],
         "resolution": resolution,
-        "enlarged": [_size_row(r) for r in sorted(small, key=lambda r: (min(r["size"]), r["path"]))],
+        "enlarged": [_size_row(r) for r in sorted(small, key=lambda r: (-r["factor"], r["path"]))],
         "over_max_pixels": [_size_row(r) for r in over],
         "captions": {
             "missing": missing,
@@ -100,15 +111,37 @@ def dataset_report(env: PlanEnv) -> dict:
         "duplicates": [sorted(paths) for paths in by_digest.values() if len(paths) > 1],
         "_rows": rows,
     }
+    if buckets is not None:
+        report["buckets"] = _bucket_table(rows)
+    return report
+
+
+def _bucket_table(rows: list[dict]) -> list[dict]:
+    """Per bucket, most images first: its images, how many the crop enlarges, its smallest and largest image."""
+    table = []
+    for bucket in sorted({r["bucket"] for r in rows}):
+        members = sorted((r for r in rows if r["bucket"] == bucket), key=lambda r: r["size"][0] * r["size"][1])
+        table.append(
+            {
+                "bucket": bucket,
+                "images": len(members),
+                "enlarged": sum(r["factor"] > 1 for r in members),
+                "smallest": _size_row(members[0])["size"],
+                "largest": _size_row(members[-1])["size"],
+            }
+        )
+    return sorted(table, key=lambda b: (-b["images"], b["bucket"]))
 
 
 def _size_row(r: dict) -> dict:
-    return {"path": r["path"], "size": f"{r['size'][0]}x{r['size'][1]}"}
+    row = {"path": r["path"], "size": f"{r['size'][0]}x{r['size'][1]}"}
+    return {**row, "bucket": r["bucket"]} if "bucket" in r else row
 
 
 def dataset_sheets(env: PlanEnv, report: dict, out: Path) -> list[str]:
-    """Contact sheets per aspect-ratio group: up to 64 thumbnails each (as the crop would show them is the
-    latents sheet's job; these are the whole images, letterboxed), labelled with their file names."""
+    """Contact sheets per bucket (with latents.buckets) or aspect-ratio group: up to 64 thumbnails each (as the crop
+    would show them is the latents sheet's job; these are the whole images, letterboxed), labelled with their file
+    names."""
     from PIL import Image, ImageDraw
 
     from core.errors import DataError
@@ -117,8 +150,11 @@ def dataset_sheets(env: PlanEnv, report: dict, out: Path) -> list[str]:
     root = Path(report["folder"])
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, _, _ in RATIOS:
-        members = [r for r in report["_rows"] if _ratio_group(*r["size"]) == name]
+    if "buckets" in report:
+        groups = [(b["bucket"], [r for r in report["_rows"] if r["bucket"] == b["bucket"]]) for b in report["buckets"]]
+    else:
+        groups = [(name, [r for r in report["_rows"] if _ratio_group(*r["size"]) == name]) for name, _, _ in RATIOS]
+    for name, members in groups:
         for page in range(0, len(members), SHEET_COLUMNS * SHEET_ROWS):
             chunk = members[page : page + SHEET_COLUMNS * SHEET_ROWS]
             cols = min(SHEET_COLUMNS, len(chunk))
@@ -135,7 +171,7 @@ def dataset_sheets(env: PlanEnv, report: dict, out: Path) -> list[str]:
                 im.thumbnail((SHEET_CELL, SHEET_CELL))
                 sheet.paste(im, (x + (SHEET_CELL - im.width) // 2, y + LABEL + (SHEET_CELL - im.height) // 2))
                 draw.text((x + 2, y), Path(r["path"]).name[:20], fill="black")
-            slug = name.split(" ")[0].replace(":", "x").replace(".", "")
+            slug = name.split(" ")[0].replace(":", "x").replace(".", "")  # "wide", "1x1", "512x768"
             path = out / f"dataset-{slug}-{page // (SHEET_COLUMNS * SHEET_ROWS) + 1}.png"
             sheet.save(path)
             written.append(str(path))

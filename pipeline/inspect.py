@@ -111,7 +111,7 @@ def teacher_sheet(
     from stages.devices import resolve_device
     from stages.families.noise import make_process
     from stages.pools import load_latent_table, load_text_table
-    from stages.training.schedule import read_schedule, rebuild_inputs, step_rows
+    from stages.training.schedule import read_schedule, rebuild_inputs, row_chunks, step_rows, unpack_rows
 
     doc, spec = read_schedule(env.store, schedule)
     bad = [s for s in steps if not 0 <= s < spec.steps]
@@ -130,26 +130,32 @@ def teacher_sheet(
     for step in steps:
         rows = step_rows(doc, spec, step)
         lat = load_latent_table(env.store, latents.record, {r["latent"] for r in rows})
-        x_t, t, _ = rebuild_inputs(rows, lat, process, spec.latent_shape)
-        c = cond[[row_of[r["caption"]] for r in rows]]
-        with torch.no_grad():
-            base = family.predict(unet, x_t.to(device), t.to(device), c.to(device), guidance=guidance).float().cpu()
-            delta = torch.from_numpy(pool.get(f"{step:07d}.c").astype(np.float32))
-            x0 = torch.stack([torch.as_tensor(lat[r["latent"]]) for r in rows])
-            columns = [x0, process.predict_x0(x_t, base, t), process.predict_x0(x_t, base + delta, t)]
-            pictures = [_to_images(family.decode_latents(vae, z).cpu()) for z in columns]
-        heat = delta.abs().mean(1)
-        heat = (heat / heat.max().clamp_min(1e-12)).numpy()
-        size = pictures[0][0].size[0]
-        sheet = Image.new("RGB", (size * 4, HEADER + size * len(rows)), "white")
+        deltas = unpack_rows(pool.get(f"{step:07d}.c").astype(np.float32), [lat[r["latent"]].shape for r in rows])
+        cells = []  # per row: clean, teacher, +LoRA (PIL images) and the |Δc| map
+        for chunk in row_chunks(rows, spec.batch_size, lat):  # one latent size per forward (buckets)
+            x_t, t, _ = rebuild_inputs(chunk, lat, process)
+            c = cond[[row_of[r["caption"]] for r in chunk]]
+            delta = torch.from_numpy(np.stack(deltas[len(cells) : len(cells) + len(chunk)]))
+            with torch.no_grad():
+                base = family.predict(unet, x_t.to(device), t.to(device), c.to(device), guidance=guidance).float().cpu()
+                x0 = torch.stack([torch.as_tensor(lat[r["latent"]]) for r in chunk])
+                columns = [x0, process.predict_x0(x_t, base, t), process.predict_x0(x_t, base + delta, t)]
+                pictures = [_to_images(family.decode_latents(vae, z).cpu()) for z in columns]
+            cells += [([pics[i] for pics in pictures], delta[i].abs().mean(0)) for i in range(len(chunk))]
+        top = max(float(h.max()) for _, h in cells)
+        width = max(p[0].size[0] for p, _ in cells)
+        heights = [p[0].size[1] for p, _ in cells]
+        sheet = Image.new("RGB", (width * 4, HEADER + sum(heights)), "white")
         draw = ImageDraw.Draw(sheet)
         for j, label in enumerate(("clean", "teacher", "+LoRA", "|delta|")):
-            draw.text((j * size + 2, 1), label, fill="black")
-        for i, row in enumerate(rows):
-            for j, pics in enumerate(pictures):
-                sheet.paste(pics[i], (j * size, HEADER + i * size))
-            sheet.paste(_heatmap(heat[i], size), (3 * size, HEADER + i * size))
-            draw.text((3 * size + 2, HEADER + i * size + 1), f"t={row['t']}", fill="cyan")
+            draw.text((j * width + 2, 1), label, fill="black")
+        y = HEADER
+        for (pics, heat), row, h in zip(cells, rows, heights, strict=True):
+            for j, pic in enumerate(pics):
+                sheet.paste(pic, (j * width, y))
+            sheet.paste(_heatmap((heat / max(top, 1e-12)).numpy(), pics[0].size), (3 * width, y))
+            draw.text((3 * width + 2, y + 1), f"t={row['t']}", fill="cyan")
+            y += h
         path = out / f"teacher-step{step:06d}.png"
         sheet.save(path)
         written.append(str(path))
@@ -163,14 +169,14 @@ def _to_images(pixels) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
-def _heatmap(values, size: int):
-    """A black-red-yellow-white ramp of values in [0, 1], scaled up to size x size."""
+def _heatmap(values, size: tuple[int, int]):
+    """A black-red-yellow-white ramp of values in [0, 1], scaled up to size (width, height)."""
     import numpy as np
     from PIL import Image
 
     v = np.clip(values, 0, 1)
     rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
-    return Image.fromarray((rgb * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
+    return Image.fromarray((rgb * 255).astype(np.uint8)).resize(size, Image.NEAREST)
 
 
 def schedule_report(env: PlanEnv, schedule: Manifest, steps: list[int]) -> dict:

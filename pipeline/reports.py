@@ -229,9 +229,13 @@ def _print_dataset(report: dict, console, table) -> None:
             f"{report['largest']['size']} ({report['largest']['path']})"
         )
     table("formats", [{"format and mode": k, "images": v} for k, v in report["formats"].items()])
-    table("aspect ratio", [{"width / height": g["group"], "images": g["images"]} for g in report["aspect_ratios"]])
+    if "buckets" in report:
+        table("buckets (latents.buckets)", report["buckets"])
+    else:
+        table("aspect ratio", [{"width / height": g["group"], "images": g["images"]} for g in report["aspect_ratios"]])
     if report["enlarged"]:
-        console.print(f"enlarged by the crop (short side below latents.resolution = {report['resolution']}):")
+        why = "smaller than their bucket" if "buckets" in report else f"short side below {report['resolution']} px"
+        console.print(f"enlarged by the crop ({why}):")
         table("", report["enlarged"])
     if report["over_max_pixels"]:
         console.print("over runtime.max_image_pixels (the caption stage refuses them):")

@@ -61,7 +61,16 @@ def toml_value(value: Any) -> str:
 
 def _type_name(field) -> str:
     text = str(field.annotation).replace("typing.", "").replace("pathlib.", "").replace("<class '", "")
-    return text.replace("'>", "")
+    text = text.replace("'>", "")
+    if text.startswith("Union[") and text.endswith("]"):  # Union[A, B] as A | B (its top-level commas only)
+        parts, depth, start = [], 0, 6
+        for i, ch in enumerate(text[6:-1], 6):
+            depth += (ch == "[") - (ch == "]")
+            if ch == "," and depth == 0:
+                parts.append(text[start:i].strip())
+                start = i + 1
+        text = " | ".join([*parts, text[start:-1].strip()])
+    return text
 
 
 def config_reference_markdown() -> str:
@@ -90,7 +99,9 @@ def config_reference_markdown() -> str:
         for name, field in _leaf_fields(section):
             default = getattr(defaults, name)
             shown = "unset" if default is None else f"`{toml_value(default)}`"
-            lines.append(f"| `{name}` | {_type_name(field)} | {shown} | {field.description or ''} |")
+            # a bare | would end the table cell
+            kind, text = (v.replace("|", "\\|") for v in (_type_name(field), field.description or ""))
+            lines.append(f"| `{name}` | {kind} | {shown} | {text} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -165,6 +165,22 @@ def differential_nodes(env: PlanEnv) -> list[Node]:
                 f"averages the LoRA-2s in the denoiser's weight space, on the cached text embeddings of each side; a "
                 f"text-encoder LoRA would be left out of both. Set it to false."
             )
+    lat = env.config.latents
+    used = [
+        name
+        for name, on in (
+            (f"latents.buckets = {lat.buckets!r}", lat.buckets != "off"),
+            ('latents.crop = "random"', lat.crop == "random"),
+            ("latents.flip_aug = true", lat.flip_aug),
+        )
+        if on
+    ]
+    if used:
+        raise PlanError(
+            f"{', '.join(used)}: differential LoRA compares the latents of A and B position by position (its "
+            f"evaluation measures the move from A towards B), so both sides train the same centred square. Set "
+            f'latents.buckets = "off", latents.crop = "center" and latents.flip_aug = false for this workflow.'
+        )
     nodes: list[Node] = []
     average_up, eval_up = {}, {}
     for pair in discover_pairs(env):

@@ -193,23 +193,36 @@ def _load_upright(path: Path, max_pixels: int):
         raise DataError(f"{path}: cannot decode this image ({e}). Replace or remove the file.") from None
 
 
-def _resize_crop(image, resolution: int):
-    """Resize the short side to `resolution` (bicubic) and centre-crop to a square."""
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as viewers show it (its EXIF orientation applied), from its header alone."""
     from PIL import Image
 
-    w, h = image.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    with Image.open(path) as im:
+        w, h = im.size
+        try:
+            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # transposed or rotated a quarter turn
+        except Exception:  # a damaged EXIF block: load_image's exif_transpose ignores it too
+            turned = False
+    return (h, w) if turned else (w, h)
+
+
+def _resize_crop(image, resolution: int):
+    """Resize the short side to `resolution` (bicubic) and centre-crop to a square."""
+    from stages.buckets import square_placement
+
+    return square_placement(*image.size, resolution).apply(image)
 
 
 def center_crop_pixels(image, resolution: int):
     """Resize the short side to `resolution` (bicubic), centre-crop to a square, map to [-1, 1] CHW float32."""
+    return view_pixels(_resize_crop(image, resolution))
+
+
+def view_pixels(image):
+    """An RGB view (already resized and cropped) as [-1, 1] CHW float32."""
     import numpy as np
 
-    arr = np.asarray(_resize_crop(image, resolution), dtype=np.float32) / 127.5 - 1.0
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     # contiguous CHW: a transposed view would hand the VAE a channels-last batch, whose convolutions round
     # differently (up to 4e-3 in the latents of the tiny model)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
@@ -222,9 +235,10 @@ def load_alpha(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
     return im.convert("RGBA").getchannel("A") if has_alpha(im) else None
 
 
-def alpha_mask(path: Path, resolution: int, latent_hw: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS):
-    """The loss mask of an image at latent size: its alpha channel resized and cropped as the pixels are, then
-    area-averaged down to latent_hw, in [0, 1] as a (1, h, w) float32 array. No alpha channel: all ones."""
+def alpha_mask(path: Path, placement, latent_hw: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The loss mask of an image at latent size: its alpha channel resized and cropped as the pixels are (a
+    buckets.Placement, or the resolution of the square centre crop), then area-averaged down to latent_hw, in
+    [0, 1] as a (1, h, w) float32 array. No alpha channel: all ones."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -232,11 +246,12 @@ def alpha_mask(path: Path, resolution: int, latent_hw: tuple[int, int], max_pixe
     alpha = load_alpha(path, max_pixels)
     if alpha is None:
         return np.ones((1, *latent_hw), dtype=np.float32)
-    full = torch.from_numpy(np.asarray(_resize_crop(alpha, resolution), dtype=np.float32) / 255.0)
+    view = _resize_crop(alpha, placement) if isinstance(placement, int) else placement.apply(alpha)
+    full = torch.from_numpy(np.asarray(view, dtype=np.float32) / 255.0)
     mask = F.adaptive_avg_pool2d(full[None, None], latent_hw)[0].numpy()
     if float(mask.max()) <= 0:
         raise DataError(
-            f"{path}: its alpha channel is 0 everywhere in the cropped square, so data.alpha_mask would train "
+            f"{path}: its alpha channel is 0 everywhere in the crop, so data.alpha_mask would train "
             f"nothing of it. Remove the image, fix its transparency, or turn data.alpha_mask off."
         )
     return mask

@@ -1,33 +1,57 @@
-"""Stage `latents`: VAE-encode every image at one resolution with a centre crop, into a zarr pool.
+"""Stage `latents`: VAE-encode every view of every image into a zarr pool: the square centre crop, or with
+latents.buckets each image at its aspect-ratio bucket, and with random crops and flip_aug several views each
+(stages/buckets.py).
 
-Latents are keyed by image content within a pool keyed by the encoding settings and the VAE, so adding
-3 images encodes 3, and an interrupted run resumes with the items it had committed.
+Latents are keyed by image content (and view) within a pool keyed by the encoding settings and the VAE, so
+adding 3 images encodes 3, and an interrupted run resumes with the items it had committed.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel
-
 from cache.store import Manifest
+from core.errors import DataError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
-from stages.dataset import center_crop_pixels, load_image
+from stages.buckets import BucketSpec, ViewSpec, bucket_spec, check_multiple, view_name
+from stages.dataset import load_image, upright_size, view_pixels
 from stages.pools import fill_pool, pool_id, pool_progress
+from stages.training.params import KeyedParams
 
 
-class LatentsParams(BaseModel):
+class LatentsParams(KeyedParams):
+    """Without buckets, random crops or flips the params (and so the key) are what they were before those
+    existed."""
+
+    UNKEYED_WHEN_NONE = ("buckets", "crop_variants", "flip_aug")
+
     resolution: int
     crop: str = "center"
     resample: str = "bicubic"
     alpha_mask: bool = False  # also store each image's alpha channel at latent size (the loss mask)
+    buckets: BucketSpec | None = None
+    crop_variants: int | None = None  # crop = "random" only
+    flip_aug: bool | None = None  # None when off
+
+    @property
+    def views(self) -> ViewSpec:
+        return ViewSpec(self.resolution, self.buckets, self.crop, self.crop_variants or 1, bool(self.flip_aug))
 
 
 MASK_POOL_IMPL = 1
 
 
-def mask_pool_id(params: LatentsParams, latent_hw: tuple[int, int]) -> str:
-    """Masks depend on the crop and the latent size only, not on the VAE's weights."""
+def mask_pool_id(params: LatentsParams, latent_hw: tuple[int, int] | None) -> str:
+    """Masks depend on the placement and the latent size only, not on the VAE's weights (latent_hw None: each
+    view at its bucket's)."""
     spec = {"resolution": params.resolution, "crop": params.crop, "resample": params.resample}
-    return pool_id("masks", MASK_POOL_IMPL, spec, "latent_hw", f"{latent_hw[0]}x{latent_hw[1]}")
+    if params.buckets is not None:
+        spec["buckets"] = params.buckets.model_dump()
+    hw = "bucket" if latent_hw is None else f"{latent_hw[0]}x{latent_hw[1]}"
+    return pool_id("masks", MASK_POOL_IMPL, spec, "latent_hw", hw)
+
+
+def latent_views(item: dict) -> list[dict]:
+    """The stored views of a latents record's item ({"array", "digest", ...} each), view 0 first."""
+    return item.get("views") or [{"array": item["array"], "digest": item["digest"]}]
 
 
 class LatentsStage(Stage):
@@ -39,22 +63,36 @@ class LatentsStage(Stage):
     description = "VAE latents per image"
 
     def params(self, env: PlanEnv) -> LatentsParams:
-        return LatentsParams(resolution=env.config.latents.resolution, alpha_mask=env.config.data.alpha_mask)
+        c = env.config.latents
+        buckets = bucket_spec(c)
+        check_multiple(buckets, c.resolution, env.family.pixel_multiple, env.family.name)
+        return LatentsParams(
+            resolution=c.resolution,
+            alpha_mask=env.config.data.alpha_mask,
+            buckets=buckets,
+            crop=c.crop,
+            crop_variants=c.crop_variants if c.crop == "random" else None,
+            flip_aug=True if c.flip_aug else None,
+        )
 
     def inputs(self, env: PlanEnv) -> dict:
         return {"model": {"vae": env.component_digests["vae"]}}
 
     def contract(self, env: PlanEnv, params: LatentsParams) -> dict:
-        return {
+        contract = {
             "resolution": params.resolution,
             "crop": params.crop,
             "vae": env.component_digests["vae"],
             "latent_space": env.model.latent_space,
         }
+        if params.buckets is not None:
+            contract["buckets"] = params.buckets.model_dump(mode="json")
+        return contract
 
     def pool_id(self, env: PlanEnv, params: LatentsParams) -> str:
-        # the latent arrays do not depend on alpha_mask: turning it on re-uses every encoded latent
-        latent_params = params.model_dump(exclude={"alpha_mask"})
+        # what decides a view's array: not alpha_mask (turning it on re-uses every latent), not the number of random
+        # crops (crop c lies where it lay with fewer), not flip_aug (the unflipped views are the same arrays)
+        latent_params = params.model_dump(exclude={"alpha_mask", "crop_variants", "flip_aug"})
         return pool_id("latents", self.IMPL_VERSION, latent_params, "vae", env.component_digests["vae"])
 
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
@@ -75,60 +113,117 @@ class LatentsStage(Stage):
         pool = env.store.pool(pid)
         items = ctx.upstream["caption"].record["items"]
         by_digest = {i["digest"]: i for i in items}  # identical images share one latent
-        todo = [d for d in by_digest if not pool.has(d)]
-        if len(todo) < len(by_digest):
-            ctx.log(f"latents: {len(by_digest) - len(todo)}/{len(by_digest)} images already encoded, {len(todo)} to go")
+        root = env.loaded.resolve(env.config.data.images)
+        spec = p.views
+        sizes = {d: upright_size(root / by_digest[d]["path"]) for d in by_digest}
+        placements = {d: spec.placements(*sizes[d], d) for d in by_digest}
+        self.refuse_empty(placements, by_digest, p)
+        views = [(d, v) for d in by_digest for v in range(len(placements[d]))]
+        name = {dv: view_name(dv[0], dv[1], spec) for dv in views}
+        by_size = lambda dv: (placements[dv[0]][dv[1]].size, dv)  # noqa: E731 -- a batch to the VAE holds one size
+        todo = sorted((dv for dv in views if not pool.has(name[dv])), key=by_size)
+        if len(todo) < len(views):
+            what = "views" if len(views) > len(by_digest) else "images"
+            ctx.log(f"latents: {len(views) - len(todo)}/{len(views)} {what} already encoded, {len(todo)} to go")
         if todo:
             device = resolve_device(ctx.runtime.device)
             vae = env.family.load_vae(env.layout, device)
-            root = env.loaded.resolve(env.config.data.images)
 
-            def encode(digests: list[str]):
-                pixels = np.stack(
-                    [
-                        center_crop_pixels(
-                            load_image(root / by_digest[d]["path"], ctx.runtime.max_image_pixels), p.resolution
-                        )
-                        for d in digests
-                    ]
-                )
+            def encode(batch: list[tuple[str, int]]):
+                images = {d: load_image(root / by_digest[d]["path"], ctx.runtime.max_image_pixels) for d, _ in batch}
+                pixels = np.stack([view_pixels(placements[d][v].apply(images[d])) for d, v in batch])
                 with torch.no_grad():
                     return env.family.encode_images(vae, torch.from_numpy(pixels)).float().cpu().numpy()
 
-            fill_pool(pool, todo, str, encode, ctx.runtime.encode_batch_size, "latents", "img", ctx.progress)
-        entries = {d: pool.committed()[d] for d in by_digest}
-        record = {
-            "pool": pid,
-            "items": {i["id"]: {"array": i["digest"], "digest": entries[i["digest"]]["digest"]} for i in items},
-            "shape": entries[items[0]["digest"]]["shape"],
-        }
-        upscaled = self.upscaled(env.loaded.resolve(env.config.data.images), items, p.resolution)
+            fill_pool(
+                pool,
+                todo,
+                name.__getitem__,
+                encode,
+                ctx.runtime.encode_batch_size,
+                "latents",
+                "view" if len(views) > len(by_digest) else "img",
+                ctx.progress,
+                group=lambda dv: placements[dv[0]][dv[1]].size,
+            )
+        committed = pool.committed()
+        plain = p.buckets is None and spec.count == 1
+        record = {"pool": pid, "items": {}, "shape": committed[items[0]["digest"]]["shape"]}
+        if not plain:
+            record["crop"] = p.crop
+        for i in items:
+            d = i["digest"]
+            record["items"][i["id"]] = {"array": d, "digest": committed[d]["digest"]}
+            if not plain:
+                record["items"][i["id"]].update(
+                    bucket=list(placements[d][0].size),
+                    shape=committed[d]["shape"],
+                    views=[
+                        {
+                            "array": name[(d, v)],
+                            "digest": committed[name[(d, v)]]["digest"],
+                            "flip": pl.flip,
+                            **pl.conditioning(sizes[d]),
+                        }
+                        for v, pl in enumerate(placements[d])
+                    ],
+                )
+        if p.buckets is not None:
+            counts: dict[str, int] = {}
+            for i in items:
+                w, h = placements[i["digest"]][0].size
+                counts[f"{w}x{h}"] = counts.get(f"{w}x{h}", 0) + 1
+            record["buckets"] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+            ctx.log(f"latents: {len(items)} images in {len(counts)} buckets: " + self.bucket_line(record["buckets"]))
+        upscaled = self.upscaled(items, sizes, placements, p)
         if upscaled:
             record["upscaled"] = upscaled
             for note in self.notes_of(record, p.resolution):
                 ctx.log(f"latents: {note}")
-        pools = {pid: sorted(by_digest)}
+        pools = {pid: sorted(name.values())}
         if p.alpha_mask:
-            record["masks"] = self.fill_masks(ctx, by_digest, tuple(record["shape"][-2:]))
-            pools[record["masks"]["pool"]] = sorted(by_digest)
+            record["masks"] = self.fill_masks(ctx, by_digest, placements, name, committed)
+            pools[record["masks"]["pool"]] = sorted(record["masks"]["items"])
         return StageResult(
             pools=pools,
             record=record,
-            summary=f"{len(todo)} encoded, {len(by_digest) - len(todo)} reused",
+            summary=f"{len(todo)} encoded, {len(views) - len(todo)} reused"
+            + (f", {len(record['buckets'])} buckets" if "buckets" in record else ""),
         )
 
     @staticmethod
-    def upscaled(root, items: list[dict], resolution: int) -> list[dict]:
-        """The images whose short side is below the resolution (read from their headers): the centre crop
-        enlarges them, which blurs them. Smallest first."""
-        from PIL import Image
+    def bucket_line(counts: dict[str, int], limit: int = 8) -> str:
+        shown = ", ".join(f"{size} ({n})" for size, n in list(counts.items())[:limit])
+        return shown + (f" and {len(counts) - limit} more" if len(counts) > limit else "")
 
+    @staticmethod
+    def refuse_empty(placements: dict, by_digest: dict, p: LatentsParams) -> None:
+        """bucket_no_upscale: an image narrower than one bucket step has no bucket; say which, and the ways out."""
+        tiny = [by_digest[d]["path"] for d, views in placements.items() if 0 in views[0].size]
+        if tiny:
+            listed = ", ".join(sorted(tiny)[:5]) + (f" and {len(tiny) - 5} more" if len(tiny) > 5 else "")
+            raise DataError(
+                f"latents.bucket_no_upscale: {listed} have a side shorter than bucket_reso_steps = "
+                f"{p.buckets.step} px, so no bucket fits them without enlarging. Remove them, lower "
+                f"latents.bucket_reso_steps, or set latents.bucket_no_upscale = false."
+            )
+
+    @staticmethod
+    def upscaled(items: list[dict], sizes: dict, placements: dict, p: LatentsParams) -> list[dict]:
+        """The images the crop enlarges (which blurs them): without buckets, those whose short side is below the
+        resolution; with buckets, those resized up to cover their bucket. Most enlarged first."""
         small = {}
         for item in items:
-            with Image.open(root / item["path"]) as im:
-                w, h = im.size
-            if min(w, h) < resolution:
-                small[item["path"]] = {"path": item["path"], "size": [w, h], "factor": round(resolution / min(w, h), 2)}
+            w, h = sizes[item["digest"]]
+            if p.buckets is None:
+                factor = p.resolution / min(w, h)
+            else:
+                factor = placements[item["digest"]][0].resized[0] / w
+            if factor > 1:
+                entry = {"path": item["path"], "size": [w, h], "factor": round(factor, 2)}
+                if p.buckets is not None:
+                    entry["bucket"] = list(placements[item["digest"]][0].size)
+                small[item["path"]] = entry
         return sorted(small.values(), key=lambda u: (-u["factor"], u["path"]))
 
     def artifact_notes(self, manifest: Manifest) -> list[str]:
@@ -141,27 +236,53 @@ class LatentsStage(Stage):
             return []
         listed = ", ".join(f"{u['path']} {u['size'][0]}x{u['size'][1]} ({u['factor']:g}x)" for u in up[:5])
         more = f" and {len(up) - 5} more" if len(up) > 5 else ""
+        if "bucket" in up[0]:
+            return [
+                f"{len(up)} image(s) are smaller than their bucket and were enlarged to cover it, which blurs "
+                f"them: {listed}{more}. Use larger images, a lower latents.resolution, or latents.bucket_no_upscale."
+            ]
         return [
             f"{len(up)} image(s) are smaller than latents.resolution = {resolution} px and were enlarged to it, which "
             f"blurs them: {listed}{more}. Use larger images, or a lower latents.resolution."
         ]
 
-    def fill_masks(self, ctx: StageContext, by_digest: dict, latent_hw: tuple[int, int]) -> dict:
-        """data.alpha_mask: each image's alpha at latent size in a pool of its own; the record maps digests to it."""
+    def fill_masks(self, ctx: StageContext, by_digest: dict, placements: dict, name: dict, committed: dict) -> dict:
+        """data.alpha_mask: each view's alpha at its latent's size in a pool of its own; the record maps the views'
+        array names to it."""
         import numpy as np
 
         from stages.dataset import alpha_mask
 
         env, p = ctx.env, ctx.params
-        mpid = mask_pool_id(p, latent_hw)
+        mpid = mask_pool_id(p, None if p.buckets is not None else tuple(committed[next(iter(by_digest))]["shape"][-2:]))
         pool = env.store.pool(mpid)
         root = env.loaded.resolve(env.config.data.images)
-        todo = [d for d in by_digest if not pool.has(d)]
+        views = sorted(name, key=lambda dv: (placements[dv[0]][dv[1]].size, dv))
+        todo = [dv for dv in views if not pool.has(name[dv])]
 
-        def masks(digests: list[str]):
-            paths = [root / by_digest[d]["path"] for d in digests]
-            return np.stack([alpha_mask(f, p.resolution, latent_hw, ctx.runtime.max_image_pixels) for f in paths])
+        def masks(batch: list[tuple[str, int]]):
+            return np.stack(
+                [
+                    alpha_mask(
+                        root / by_digest[d]["path"],
+                        placements[d][v],
+                        tuple(committed[name[(d, v)]]["shape"][-2:]),
+                        ctx.runtime.max_image_pixels,
+                    )
+                    for d, v in batch
+                ]
+            )
 
-        fill_pool(pool, todo, str, masks, ctx.runtime.encode_batch_size, "masks", "img", ctx.progress)
-        committed = pool.committed()
-        return {"pool": mpid, "items": {d: committed[d]["digest"] for d in sorted(by_digest)}}
+        fill_pool(
+            pool,
+            todo,
+            name.__getitem__,
+            masks,
+            ctx.runtime.encode_batch_size,
+            "masks",
+            "img",
+            ctx.progress,
+            group=lambda dv: placements[dv[0]][dv[1]].size,
+        )
+        masks_committed = pool.committed()
+        return {"pool": mpid, "items": {name[dv]: masks_committed[name[dv]]["digest"] for dv in sorted(views)}}

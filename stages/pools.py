@@ -35,13 +35,19 @@ def fill_pool(
     desc: str,
     unit: str,
     progress: bool,
+    group: Callable[[object], object] | None = None,
 ) -> None:
-    """Encode `todo` in batches (encode_batch -> array of len(batch) rows) and commit each row to the pool."""
+    """Encode `todo` in batches (encode_batch -> array of len(batch) rows) and commit each row to the pool.
+    With `group`, a batch holds items of one group only (one image size): todo comes sorted by it."""
     from tqdm import tqdm
 
+    batches: list[list] = []
+    for item in todo:
+        if not batches or len(batches[-1]) == batch_size or (group and group(batches[-1][0]) != group(item)):
+            batches.append([])
+        batches[-1].append(item)
     with tqdm(total=len(todo), desc=desc, unit=unit, disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = list(todo[start : start + batch_size])
+        for chunk in batches:
             rows = encode_batch(chunk)
             pool.put_many([(name_of(item), row) for item, row in zip(chunk, rows, strict=True)], batch_size)
             bar.update(len(chunk))
@@ -115,26 +121,37 @@ def read_rows(pool, entries: list[dict]) -> list:
     return [got[e["array"]] for e in entries]
 
 
-def load_latent_table(store: Store, latents_record: dict, digests) -> dict:
-    """{image digest: latent array} for the given digests, read through the latents manifest's record."""
-    by_digest = {v["array"]: v["digest"] for v in latents_record["items"].values()}
-    names = sorted(set(digests))
-    return store.pool(latents_record["pool"]).get_many(names, [by_digest[d] for d in names])
+def latent_arrays(latents_record: dict) -> dict[str, str]:
+    """{array name: array digest} of every view a latents record holds (an image digest names its view 0)."""
+    from stages.latents import latent_views
+
+    return {v["array"]: v["digest"] for item in latents_record["items"].values() for v in latent_views(item)}
+
+
+def load_latent_table(store: Store, latents_record: dict, names) -> dict:
+    """{array name: latent array} for the given views (schedule rows' "latent"; an image digest is its view 0),
+    read through the latents manifest's record."""
+    by_name = latent_arrays(latents_record)
+    names = sorted(set(names))
+    return store.pool(latents_record["pool"]).get_many(names, [by_name[d] for d in names])
 
 
 def load_training_data(store: Store, upstream: dict, text_encoder=None):
-    """The items' latents (read from the pool a micro-batch at a time, PooledLatents) and the unique captions'
-    text embeddings, read through the upstream manifests. With a text_encoder (one being trained) the captions'
-    token ids instead, which it encodes in every step."""
-    import numpy as np
+    """The items' latents (every view of each, read from the pool a micro-batch at a time, PooledLatents) and the
+    unique captions' text embeddings, read through the upstream manifests. With a text_encoder (one being
+    trained) the captions' token ids instead, which it encodes in every step. Bucketed latents give the data its
+    groups (the items of each bucket), so that batches are drawn within one."""
     import torch
 
     from stages.families.base import Conditioning
+    from stages.latents import latent_views
     from stages.training.loop import TrainData
 
     items = upstream["caption"].record["items"]
     lat = upstream["latents"].record
-    latents = PooledLatents(store.pool(lat["pool"]), [lat["items"][i["id"]] for i in items])
+    views = [latent_views(lat["items"][i["id"]]) for i in items]
+    n_views = len(views[0])
+    latents = PooledLatents(store.pool(lat["pool"]), [v for per_item in views for v in per_item])
     strings = sorted({i["caption"] for i in items})
     row = {s: n for n, s in enumerate(strings)}
     if text_encoder is not None:
@@ -143,17 +160,37 @@ def load_training_data(store: Store, upstream: dict, text_encoder=None):
         txt = upstream["text"].record
         cond = Conditioning.stack(read_rows(store.pool(txt["pool"]), [txt["strings"][s] for s in strings]))
     index = [row[i["caption"]] for i in items]
-    data = TrainData(latents, cond, torch.tensor(index, dtype=torch.long))
+    data = TrainData(latents, cond, torch.tensor(index, dtype=torch.long), views=n_views)
+    if "buckets" in lat:
+        groups: dict[tuple, list[int]] = {}
+        for n, i in enumerate(items):
+            groups.setdefault(tuple(lat["items"][i["id"]]["bucket"]), []).append(n)
+        data.groups = tuple(tuple(groups[b]) for b in sorted(groups))
     if "masks" in lat:  # data.alpha_mask
-        masks = load_mask_table(store, lat, [lat["items"][i["id"]]["array"] for i in items])
-        data.masks = torch.from_numpy(np.stack([masks[lat["items"][i["id"]]["array"]] for i in items]))
+        names = [v["array"] for per_item in views for v in per_item]
+        masks = load_mask_table(store, lat, names)
+        data.masks = MaskRows([masks[n] for n in names])
     return data, [i["caption"] for i in items]
 
 
-def load_mask_table(store: Store, latents_record: dict, digests) -> dict:
-    """{image digest: (1, h, w) loss mask} of a latents artifact made with data.alpha_mask."""
+class MaskRows:
+    """The loss masks of every view (data.alpha_mask), stacked per batch (bucketed views differ in size)."""
+
+    def __init__(self, masks: list):
+        import torch
+
+        self.masks = [torch.from_numpy(m) for m in masks]
+
+    def __getitem__(self, idx):
+        import torch
+
+        return torch.stack([self.masks[int(i)] for i in idx])
+
+
+def load_mask_table(store: Store, latents_record: dict, names) -> dict:
+    """{view array name: (1, h, w) loss mask} of a latents artifact made with data.alpha_mask."""
     masks = latents_record["masks"]
-    names = sorted(set(digests))
+    names = sorted(set(names))
     return store.pool(masks["pool"]).get_many(names, [masks["items"][d] for d in names])
 
 
@@ -193,7 +230,9 @@ def draw_training_captions(ctx, data, captions: list[str], params, batches, text
 
     env = ctx.env
     p = params
-    drawn = draw_slots(p.captions, captions, batches.seed, batches.stream, batches.batch_size, p.grad_accum, p.steps)
+    drawn = draw_slots(
+        p.captions, captions, batches.seed, batches.stream, batches.batch_size, p.grad_accum, p.steps, batches.order
+    )
     record = {"slots": len(drawn.slots), "distinct": len(drawn.strings)}
     pools = {}
     if text_encoder is not None:

@@ -74,7 +74,7 @@ class PriorStage(Stage):
         from stages.devices import resolve_device
         from stages.families.noise import make_process
         from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
-        from stages.training.schedule import read_schedule, rebuild_inputs, step_rows
+        from stages.training.schedule import pack_rows, read_schedule, rebuild_inputs, row_chunks, step_rows
 
         env, p, store = ctx.env, ctx.params, ctx.store
         student = env.student
@@ -102,16 +102,15 @@ class PriorStage(Stage):
             for n, s in enumerate(tqdm(todo, desc="prior", unit="step", disable=not ctx.progress, mininterval=0.5)):
                 rows = step_rows(doc, spec, s)
                 outs = []
-                for start in range(0, len(rows), spec.batch_size):
-                    chunk = rows[start : start + spec.batch_size]
-                    x_t, t, _ = rebuild_inputs(chunk, latents, process, spec.latent_shape)
+                for chunk in row_chunks(rows, spec.batch_size, latents):
+                    x_t, t, _ = rebuild_inputs(chunk, latents, process)
                     c = cond[[row_of[r["caption"]] for r in chunk]]
                     with torch.no_grad():
                         pred = student.family.predict(
                             unet, x_t.to(device), t.to(device), c.to(device), guidance=p.guidance_embed
                         ).float()
                     outs.append(pred.cpu())
-                pool.put(names[s], torch.cat(outs).numpy())
+                pool.put(names[s], pack_rows(outs))
                 fault_point("prior.step", n + 1)
         record["pool"] = pid
         pools[pid] = names

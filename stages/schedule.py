@@ -80,7 +80,7 @@ class ScheduleStage(Stage):
         import torch
 
         from stages.families.noise import make_process
-        from stages.training.schedule import ScheduleSpec, build_schedule
+        from stages.training.schedule import ScheduleSpec, build_schedule, item_views
 
         p: ScheduleParams = ctx.params
         items = ctx.upstream["caption"].record["items"]
@@ -95,7 +95,8 @@ class ScheduleStage(Stage):
             num_timesteps=p.timesteps["num_train_timesteps"],
             latent_shape=tuple(ctx.upstream["latents"].record["shape"]),
         )
-        schedule = build_schedule(spec, items, make_process(p.timesteps, p.prediction_type), p.captions)
+        views = item_views(ctx.upstream["latents"].record, items)
+        schedule = build_schedule(spec, items, make_process(p.timesteps, p.prediction_type), p.captions, views)
         path = ctx.work_dir / "schedule.json"
         doc = {"spec": spec.__dict__, "torch": torch.__version__, **schedule}
         path.write_text(json.dumps(doc, separators=(",", ":"), sort_keys=True))

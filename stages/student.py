@@ -250,12 +250,23 @@ class TeacherDeltas:
             self._cache = {name: torch.from_numpy(self.pool.get(name).astype("float32"))}
         return self._cache[name]
 
-    def target_delta(self, part: str, rows: slice, g: float):
-        """g·Δc, or (1−g)·Δu + g·Δc in cfg mode."""
-        delta = g * self.get(part, "c")[rows]
+    def target_delta(self, part: str, rows: slice, g: float, shapes: list[tuple[int, ...]]):
+        """g·Δc, or (1−g)·Δu + g·Δc in cfg mode, of the rows `rows` of a part whose rows have these shapes."""
+        delta = g * step_slice(self.get(part, "c"), shapes, rows)
         if self.mode == "cfg":
-            delta = delta + (1 - g) * self.get(part, "u")[rows]
+            delta = delta + (1 - g) * step_slice(self.get(part, "u"), shapes, rows)
         return delta
+
+
+def step_slice(array, shapes: list[tuple[int, ...]], rows: slice):
+    """Rows of a per-step array as the teacher and prior store them (stages/training/schedule.py pack_rows)."""
+    import torch
+
+    from stages.training.schedule import unpack_rows
+
+    if array.ndim > 1:
+        return array[rows]
+    return torch.stack(unpack_rows(array, shapes)[rows])
 
 
 class TransferBatches:
@@ -278,7 +289,7 @@ class TransferBatches:
         b = self.spec.batch_size
         rows = self.doc["rows"][k * b : (k + 1) * b]
         captions = [r["caption"] for r in rows]
-        x_t, t, _ = rebuild_inputs(rows, self.latents, process, self.spec.latent_shape)
+        x_t, t, _ = rebuild_inputs(rows, self.latents, process)
         return x_t, t, self.cond[[self.row_of[c] for c in captions]], captions
 
     def verify(self, k: int, x_t, t, captions: list[str]) -> None:
@@ -311,15 +322,17 @@ class TransferBatches:
         x_t, t, cond, captions = self.inputs(k, process)
         self.verify(k, x_t, t, captions)
         rows = slice(micro * b, (micro + 1) * b)
+        n = self.spec.rows_per_step
+        shapes = [tuple(self.latents[r["latent"]].shape) for r in self.doc["rows"][step * n : (step + 1) * n]]
         if self.prior_pool is not None:
             if self._prior is None or self._prior[0] != step:
                 self._prior = (step, torch.from_numpy(self.prior_pool.get(f"{step:07d}")))
-            prior = self._prior[1][rows]
+            prior = step_slice(self._prior[1], shapes, rows)
         else:
             model = getattr(denoiser, "module", denoiser)
             device = next(model.parameters()).device
             prior = predict_base(self.family, model, x_t.to(device), t.to(device), cond.to(device), self.guidance).cpu()
-        target = prior + self.deltas.target_delta(f"{step:07d}", rows, self.g)
+        target = prior + self.deltas.target_delta(f"{step:07d}", rows, self.g, shapes)
         if self.masks is None:
             return x_t, t, cond, target
         chunk = self.doc["rows"][k * b : (k + 1) * b]
@@ -351,20 +364,36 @@ class Fidelity:
         import torch
 
         from stages.training.adapters import predict_both
-        from stages.training.schedule import rebuild_inputs
+        from stages.training.schedule import rebuild_inputs, row_chunks
 
         learned, wanted = [], []
-        b, rows = self.spec.batch_size, self.sets[part]
-        for start in range(0, len(rows), b):
-            chunk = rows[start : start + b]
-            x_t, t, _ = rebuild_inputs(chunk, self.latents, self.process, self.spec.latent_shape)
+        rows = self.sets[part]
+        shapes = [tuple(self.latents[r["latent"]].shape) for r in rows]
+        start = 0
+        for chunk in row_chunks(rows, self.spec.batch_size, self.latents):
+            x_t, t, _ = rebuild_inputs(chunk, self.latents, self.process)
             cond = self.cond[[self.row_of[r["caption"]] for r in chunk]]
             x_t, t, cond = x_t.to(self.device), t.to(self.device), cond.to(self.device)
             base, with_lora = predict_both(self.family, denoiser, "default", x_t, t, cond, self.batching, self.guidance)
             learned.append((with_lora - base).cpu().flatten(1))
-            wanted.append(self.deltas.target_delta(part, slice(start, start + len(chunk)), self.g).flatten(1))
-        learned, wanted = torch.cat(learned).double(), torch.cat(wanted).double()
-        norms = learned.norm(dim=1) * wanted.norm(dim=1)
-        cos = torch.where(norms > 0, (learned * wanted).sum(1) / norms.clamp_min(1e-300), torch.zeros_like(norms))
+            wanted.append(self.deltas.target_delta(part, slice(start, start + len(chunk)), self.g, shapes).flatten(1))
+            start += len(chunk)
+        learned = [row.double() for part_rows in learned for row in part_rows]
+        wanted = [row.double() for part_rows in wanted for row in part_rows]
+        if len({r.numel() for r in learned}) == 1:
+            learned, wanted = torch.stack(learned), torch.stack(wanted)
+            norms = learned.norm(dim=1) * wanted.norm(dim=1)
+            cos = torch.where(norms > 0, (learned * wanted).sum(1) / norms.clamp_min(1e-300), torch.zeros_like(norms))
+        else:  # rows of several buckets differ in length: a cosine per row, the relative error over all values
+            cos = torch.stack([cosine(a, b) for a, b in zip(learned, wanted, strict=True)])
+            learned, wanted = torch.cat(learned), torch.cat(wanted)
         rel = (learned - wanted).norm() / wanted.norm().clamp_min(1e-300)
         return {"cosine": float(cos.mean()), "rel_error": float(rel)}
+
+
+def cosine(a, b):
+    """The cosine of two vectors, 0 when either is zero."""
+    import torch
+
+    norms = a.norm() * b.norm()
+    return (a * b).sum() / norms.clamp_min(1e-300) if norms > 0 else torch.zeros((), dtype=a.dtype)

@@ -145,7 +145,7 @@ class TeacherStage(Stage):
                 for kind, arr in delta(chunk, part).items():
                     pool.put(f"{part}.{kind}", arr)
                 fault_point("teacher.step", n + 1)
-        stats = delta_stats(pool, names, doc, spec)
+        stats = delta_stats(pool, names, doc, spec, latent_shapes(ctx.upstream["latents"].record, spec))
         record = {
             "pool": pid,
             "arrays": names,
@@ -172,17 +172,14 @@ class DeltaComputer:
 
     def __call__(self, rows: list[dict], where: str) -> dict:
         import numpy as np
-        import torch
 
-        from stages.training.schedule import inputs_digest, rebuild_inputs
+        from stages.training.schedule import inputs_digest, pack_rows, rebuild_inputs, row_chunks
 
         kinds = ("c", "u") if self.p.delta_mode == "cfg" else ("c",)
         out: dict[str, list] = {k: [] for k in kinds}
         seen = hashlib.sha256()
-        b = self.spec.batch_size
-        for start in range(0, len(rows), b):
-            chunk = rows[start : start + b]
-            x_t, t, _ = rebuild_inputs(chunk, self.latents, self.process, self.spec.latent_shape)
+        for chunk in row_chunks(rows, self.spec.batch_size, self.latents):
+            x_t, t, _ = rebuild_inputs(chunk, self.latents, self.process)
             for kind in kinds:
                 captions = [r["caption"] for r in chunk] if kind == "c" else [self.p.uncond_caption] * len(chunk)
                 if kind == "c":
@@ -194,7 +191,7 @@ class DeltaComputer:
         dtype = np.float16 if self.p.delta_dtype == "fp16" else np.float32
         arrays = {"inputs": np.frombuffer(seen.digest(), dtype=np.uint8).copy()}
         for kind, parts in out.items():
-            d32 = torch.cat(parts).numpy()
+            d32 = pack_rows(parts)  # (rows, C, h, w); with buckets of several sizes, the rows flattened end to end
             if not np.isfinite(d32).all():
                 raise TeacherError(
                     f"teacher: the prediction at {where} (timesteps {[r['t'] for r in rows]}) is NaN or Inf in "
@@ -210,9 +207,22 @@ class DeltaComputer:
         return arrays
 
 
-def delta_stats(pool, names: list[str], doc: dict, spec) -> dict:
-    """Per row: timestep, mean and max |Δc|; and the count of non-finite values in every array."""
+def latent_shapes(latents_record: dict, spec) -> dict:
+    """{latent name: (C, h, w)} of every stored view (all spec.latent_shape without buckets)."""
+    shapes = {}
+    for item in latents_record["items"].values():
+        shape = tuple(item.get("shape") or spec.latent_shape)
+        for view in item.get("views") or [item]:
+            shapes[view["array"]] = shape
+    return shapes
+
+
+def delta_stats(pool, names: list[str], doc: dict, spec, shapes: dict) -> dict:
+    """Per row: timestep, mean and max |Δc|; and the count of non-finite values in every array. shapes:
+    {latent name: its shape} of the schedule's rows."""
     import numpy as np
+
+    from stages.training.schedule import unpack_rows
 
     rows, nonfinite = [], 0
     for name in names:
@@ -224,7 +234,8 @@ def delta_stats(pool, names: list[str], doc: dict, spec) -> dict:
         if kind != "c" or part in EXTRA_PARTS:
             continue
         step_rows = doc["rows"][int(part) * spec.rows_per_step : (int(part) + 1) * spec.rows_per_step]
-        flat = np.abs(arr.reshape(arr.shape[0], -1))
-        for row, values in zip(step_rows, flat, strict=True):
+        per_row = unpack_rows(arr, [shapes[r["latent"]] for r in step_rows])
+        for row, values in zip(step_rows, per_row, strict=True):
+            values = np.abs(values)
             rows.append({"t": row["t"], "mean_abs": float(values.mean()), "max_abs": float(values.max())})
     return {"rows": rows, "nonfinite": nonfinite}

@@ -140,6 +140,23 @@ def make_images(folder: Path, count: int, start: int = 0, size: int = 48) -> Non
     shutil.rmtree(tmp)
 
 
+def make_mixed_images(folder: Path, count: int = 6) -> None:
+    """make_images, then a third of them stretched to 72x24 (landscape, aspect 3) and a third to 24x72 (portrait):
+    with the auto buckets of resolution 32 in steps of 16 they go to 32x32, 48x16 and 16x48."""
+    from PIL import Image
+
+    make_images(folder, count)
+    for n, path in enumerate(sorted(folder.glob("*.png"))):
+        size = [None, (72, 24), (24, 72)][n % 3]
+        if size:
+            with Image.open(path) as im:
+                im.resize(size, Image.Resampling.BICUBIC).save(path)
+
+
+# latents.buckets = "auto" at the tiny models' resolution: sizes 32x32, 48x16, 16x48, 64x16 and 16x64
+TINY_BUCKETS = {"buckets": "auto", "min_bucket_reso": 16, "max_bucket_reso": 64, "bucket_reso_steps": 16}
+
+
 @pytest.fixture
 def project(tmp_path, tiny_model) -> Project:
     shutil.copytree(tiny_model / "model", tmp_path / "model")

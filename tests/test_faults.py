@@ -14,7 +14,17 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import DIFFERENTIAL_SETTINGS, SMALL_SETTINGS, TRANSFER_SETTINGS, Project, make_images, make_pairs, run_cli
+from conftest import (
+    DIFFERENTIAL_SETTINGS,
+    SMALL_SETTINGS,
+    TINY_BUCKETS,
+    TRANSFER_SETTINGS,
+    Project,
+    make_images,
+    make_mixed_images,
+    make_pairs,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -58,9 +68,13 @@ WORKFLOWS = {
             "lora1": {**TRANSFER_SETTINGS["lora1"], "network": "loha"},
             "student": {**TRANSFER_SETTINGS["student"], "network": "dora"},
             "data": {"caption_prefix": "sks, photo, ", "shuffle_caption": True, "caption_tag_dropout_rate": 0.2},
+            # images of three aspect ratios in buckets, two random crops each, mirrored too: 24 views, steps whose
+            # micro-batches differ in shape (the teacher's and prior's arrays stored flat)
+            "latents": {**TINY_BUCKETS, "resolution": 32, "crop": "random", "crop_variants": 2, "flip_aug": True},
+            "schedule": {**TRANSFER_SETTINGS["schedule"], "grad_accum": 2, "heldout_images": 0},
         },
         [
-            "pool.put:3",  # latents: 2 of 6 committed, the 3rd written but not in the commit log
+            "pool.put:3",  # latents: 2 views committed, the 3rd written but not in the commit log
             "lora1.step:3",  # a step past the checkpoint at 2
             "lora1.checkpoint:2",  # right after the checkpoint was renamed into place
             "teacher.step:2",
@@ -83,7 +97,9 @@ def _make(root: Path, tiny_model: Path, workflow: str) -> Project:
     shutil.copytree(tiny_model / "model", root / "model")
     if workflow == "transfer":
         shutil.copytree(tiny_model / "student", root / "student")
-    if workflow in ("transfer", "lora"):
+    if workflow == "transfer":
+        make_mixed_images(root / "images", 6)
+    elif workflow == "lora":
         make_images(root / "images", 6)
     else:
         make_pairs(root / "pairs")

@@ -33,6 +33,9 @@ SEMANTIC = [
     ('data.caption_extensions=[".caption", ".txt"]', "caption"),
     ("latents.resolution=40", "latents"),
     ("data.alpha_mask=true", "latents"),  # the masks are stored with the latents
+    ("latents.buckets=[[32, 32], [48, 16]]", "latents"),
+    ("latents.crop='random'", "latents"),
+    ("latents.flip_aug=true", "latents"),
     *[
         (f"lora1.{k}={v}", "lora1")
         for k, v in [
@@ -172,7 +175,16 @@ CAPTION_NEEDS = {
     "token_warmup_min": ("token_warmup_step=3", 2),
 }
 DRAWN = DOWNSTREAM["lora1"] | DOWNSTREAM["schedule"]
+# the auto buckets' settings are read only with buckets = "auto" (tests/test_buckets.py); the crops' count only with
+# random crops
+AUTO_BUCKETS = "latents.buckets='auto';latents.min_bucket_reso=8;latents.max_bucket_reso=64;latents.bucket_reso_steps=8"
 OPTIONS = [
+    *[
+        (f"latents.{k}={v}", DOWNSTREAM["latents"], AUTO_BUCKETS)
+        for k, v in [("min_bucket_reso", 16), ("max_bucket_reso", 128), ("bucket_reso_steps", 16)]
+    ],
+    ("latents.bucket_no_upscale=true", DOWNSTREAM["latents"], AUTO_BUCKETS),
+    ("latents.crop_variants=2", DOWNSTREAM["latents"], "latents.crop='random'"),
     *[(f"data.{k}={v}", DRAWN, None) for k, v in CAPTION_FIELDS],
     *[(f"data.{k}={v}", DRAWN, f"data.{base}") for k, (base, v) in CAPTION_NEEDS.items()],
     *[

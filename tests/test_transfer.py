@@ -120,10 +120,10 @@ def test_noise_is_checked_against_its_digest():
     row = {"k": 0, "slot": 0, "latent": "a", "t": 5, "noise_seed": 123, "noise_digest": ""}
     row["noise_digest"] = noise_digest(slot_noise(123, (4, 2, 2)))
     latents = {"a": np.zeros((4, 2, 2), np.float32)}
-    x_t, t, noise = rebuild_inputs([row], latents, Identity(), (4, 2, 2))
+    x_t, t, noise = rebuild_inputs([row], latents, Identity())
     assert np.array_equal(x_t[0].numpy(), slot_noise(123, (4, 2, 2)).numpy())
     with pytest.raises(ScheduleMismatch, match="k=0 slot=0"):
-        rebuild_inputs([{**row, "noise_seed": 124}], latents, Identity(), (4, 2, 2))
+        rebuild_inputs([{**row, "noise_seed": 124}], latents, Identity())
 
 
 def test_identity_teacher_equals_student_with_teacher_init_starts_at_zero_loss(transfer_project):

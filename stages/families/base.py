@@ -139,6 +139,8 @@ class ModelFamily(ABC):
     # The text encoder's modules a text-encoder LoRA targets (kohya's CLIPAttention/CLIPMLP projections); empty:
     # the family's text encoder is not trained (train_text_encoder is refused with the reason).
     text_encoder_targets: tuple[str, ...] = ()
+    # Image sides (pixels) must be multiples of this: the VAE's downsampling, times the denoiser's patch size
+    pixel_multiple: int = 8
 
     # -- cheap: files only -----------------------------------------------------------------------------
     @abstractmethod

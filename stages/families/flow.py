@@ -38,6 +38,7 @@ class FlowFamily(ModelFamily):
     vae_class: str
     pretty: str  # the family as people write it, for messages
     max_text_tokens = 512  # the pipelines' max_sequence_length
+    pixel_multiple = 16  # 2x2 latent patches (Z-Image's patchify, FLUX.2's packed latents)
     text_encoder_classes: tuple[str, ...] = ("Qwen3Model", "Qwen3ForCausalLM")
 
     # -- cheap -------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import re
 
 from pydantic import BaseModel
 
-from stages.training.sampling import batch_indices, derive_seed
+from stages.training.sampling import BatchOrder, derive_seed
 
 
 class CaptionDraw(BaseModel):
@@ -132,16 +132,24 @@ class DrawnCaptions:
 
 
 def draw_slots(
-    spec: CaptionDraw, captions: list[str], seed: int, stream: str, batch_size: int, grad_accum: int, steps: int
+    spec: CaptionDraw,
+    captions: list[str],
+    seed: int,
+    stream: str,
+    batch_size: int,
+    grad_accum: int,
+    steps: int,
+    order: BatchOrder | None = None,
 ) -> DrawnCaptions:
-    """The caption of every slot of a DiffusionBatches run (items from batch_indices(seed, k, ...)); captions are
-    the items' written captions in item order. Epochs count passes over the items, from 1."""
-    n = len(captions)
+    """The caption of every slot of a DiffusionBatches run (items from its BatchOrder: by default the plain one of
+    (seed, batch size)); captions are the items' written captions in item order. Epochs count passes over the
+    items, from 1."""
+    order = order or BatchOrder(seed, batch_size, len(captions))
     rows: dict[str, int] = {}
     slots = []
     for k in range(steps * grad_accum):
-        for slot, i in enumerate(batch_indices(seed, k, batch_size, n)):
-            epoch = (k * batch_size + slot) // n + 1
-            text = draw_caption(captions[i], spec, slot_rng(stream, seed, k, slot), epoch, k // grad_accum)
+        for slot, i in enumerate(order.batch(k)):
+            rng = slot_rng(stream, seed, k, slot)
+            text = draw_caption(captions[i], spec, rng, order.epoch(k, slot), k // grad_accum)
             slots.append(rows.setdefault(text, len(rows)))
     return DrawnCaptions(list(rows), slots, batch_size)

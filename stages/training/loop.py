@@ -28,7 +28,7 @@ from stages.training.optim import (
     param_groups,
     text_encoder_groups,
 )
-from stages.training.sampling import batch_indices, derive_seed, generator
+from stages.training.sampling import BatchOrder, derive_seed, generator
 
 
 class TrainingDiverged(PipelineError):
@@ -41,10 +41,16 @@ class TrainData:
     cond: object  # Conditioning of U rows: the unique captions' embeddings and masks; (U, L) token ids when the
     # text encoder is trained (TrainJob.text_encoder encodes them in every step)
     cond_index: object  # (N,) long tensor: item -> row of cond
-    masks: object = None  # (N, 1, h, w) float32 loss masks (data.alpha_mask), or None
+    masks: object = None  # per view, (1, h, w) float32 loss masks indexed like latents (data.alpha_mask), or None
     # drawn captions (data.shuffle_caption, ...): the row of cond of every slot, in micro-step order, instead of
     # the item's own caption (stages/pools.py draw_training_captions)
     slot_cond: object = None
+    views: int = 1  # latents holds `views` rows per item (random crops, flips), item i's at i*views .. i*views+views-1
+    groups: tuple | None = None  # the items of each aspect-ratio bucket: a batch holds one bucket's
+
+    @property
+    def n_items(self) -> int:
+        return len(self.cond_index)
 
 
 class DiffusionBatches:
@@ -54,19 +60,27 @@ class DiffusionBatches:
         # stream "" is lora1's; another name draws other timesteps and noise from the same seed, and two runs
         # with the same (stream, seed, batch size) see the same timesteps and noise at every step.
         self.data, self.seed, self.batch_size, self.stream = data, seed, batch_size, stream
+        self.order = BatchOrder(seed, batch_size, data.n_items, data.groups)
+
+    def rows(self, k: int) -> list[int]:
+        """The latent rows of micro-step k: each slot's item, at the view the slot draws (stages/buckets.py)."""
+        from stages.buckets import slot_view
+
+        v = self.data.views
+        return [i * v + slot_view(self.stream, self.seed, k, s, v) for s, i in enumerate(self.order.batch(k))]
 
     def micro_batch(self, k: int, denoiser, process):
         """-> (x_t, t, cond, target) on the CPU for micro-step k, and the loss mask when the data has masks."""
         import torch
 
         data = self.data
-        n = data.latents.shape[0]
-        idx = torch.tensor(batch_indices(self.seed, k, self.batch_size, n))
+        items = self.order.batch(k)
+        idx = torch.tensor(self.rows(k))
         x0 = data.latents[idx]
         if hasattr(data.latents, "prefetch"):  # latents read from the pool: the next micro-batch's, in the background
-            data.latents.prefetch(batch_indices(self.seed, k + 1, self.batch_size, n))
+            data.latents.prefetch(self.rows(k + 1))
         if data.slot_cond is None:
-            cond = data.cond[data.cond_index[idx]]
+            cond = data.cond[data.cond_index[torch.tensor(items)]]
         else:
             cond = data.cond[data.slot_cond[k * self.batch_size : (k + 1) * self.batch_size].tolist()]
         g = generator("noise", self.seed, k) if not self.stream else generator("noise", self.stream, self.seed, k)

@@ -36,3 +36,44 @@ def batch_indices(seed: int, micro_step: int, batch_size: int, n_items: int) -> 
         epoch, offset = divmod(pos, n_items)
         out.append(_epoch_order(seed, epoch, n_items)[offset])
     return out
+
+
+@lru_cache(maxsize=8)
+def _bucket_epoch(seed: int, epoch: int, groups: tuple[tuple[int, ...], ...], batch_size: int) -> tuple:
+    """The batches of one epoch over bucketed items: each bucket's items shuffled and cut into batches (the last
+    one filled up with the bucket's first items of the epoch), then the batches of every bucket shuffled."""
+    import torch
+
+    batches = []
+    for b, members in enumerate(groups):
+        order = [members[i] for i in torch.randperm(len(members), generator=generator("order", seed, epoch, b))]
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            batches.append(tuple(batch + [order[i % len(order)] for i in range(batch_size - len(batch))]))
+    shuffled = torch.randperm(len(batches), generator=generator("batches", seed, epoch)).tolist()
+    return tuple(batches[i] for i in shuffled)
+
+
+class BatchOrder:
+    """Which items each micro-step's slots take, from (seed, micro-step) alone. Without groups the endless stream
+    of per-epoch shuffles of batch_indices; with groups (the items of each aspect-ratio bucket) every batch holds
+    items of one bucket, a bucket's last batch filled up with its first items of the epoch so that every batch has
+    batch_size slots (kohya trains a short batch instead)."""
+
+    def __init__(self, seed: int, batch_size: int, n_items: int, groups: tuple[tuple[int, ...], ...] | None = None):
+        self.seed, self.batch_size, self.n_items = seed, batch_size, n_items
+        self.groups = groups if groups and len(groups) > 1 else None  # one bucket: the plain order
+        if self.groups:
+            self.per_epoch = sum(-(-len(g) // batch_size) for g in self.groups)
+
+    def batch(self, k: int) -> list[int]:
+        if self.groups is None:
+            return batch_indices(self.seed, k, self.batch_size, self.n_items)
+        epoch, j = divmod(k, self.per_epoch)
+        return list(_bucket_epoch(self.seed, epoch, self.groups, self.batch_size)[j])
+
+    def epoch(self, k: int, slot: int) -> int:
+        """The epoch (from 1, as kohya counts) of a slot: the pass over the items it belongs to."""
+        if self.groups is None:
+            return (k * self.batch_size + slot) // self.n_items + 1
+        return k // self.per_epoch + 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from core.errors import PipelineError
 from stages.families.noise import training_noise
-from stages.training.sampling import batch_indices, derive_seed, generator
+from stages.training.sampling import derive_seed, generator
 
 
 class ScheduleMismatch(PipelineError):
@@ -56,7 +56,8 @@ def slot_noise(seed: int, shape: tuple[int, ...]):
     return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed))
 
 
-def _row(spec: ScheduleSpec, stream: str, k: int, slot: int, item: dict, process) -> dict:
+def _row(spec: ScheduleSpec, stream: str, k: int, slot: int, item: dict, process, view: dict | None = None) -> dict:
+    """One slot's row; `view` (bucketed or augmented latents) names the stored view it takes and its shape."""
     import torch
 
     g = generator(stream, "slot", spec.seed, k, slot)
@@ -64,18 +65,44 @@ def _row(spec: ScheduleSpec, stream: str, k: int, slot: int, item: dict, process
     t = float(drawn[0]) if drawn.is_floating_point() else int(drawn[0])
     dropped = spec.caption_dropout > 0 and float(torch.rand(1, generator=g)) < spec.caption_dropout
     seed = derive_seed(stream, "noise", spec.seed, k, slot)
-    return {
+    row = {
         "k": k,
         "slot": slot,
         "item": item["id"],
-        "latent": item["digest"],
-        "flip": False,
-        "crop": "center",
+        "latent": item["digest"] if view is None else view["array"],
+        "flip": False if view is None else view["flip"],
+        "crop": "center" if view is None or view.get("crop") is None else view["crop"],
         "caption": "" if dropped else item["caption"],
         "t": t,
         "noise_seed": seed,
-        "noise_digest": noise_digest(slot_noise(seed, spec.latent_shape)),
+        "noise_digest": noise_digest(slot_noise(seed, spec.latent_shape if view is None else view["shape"])),
     }
+    if view is not None and view.get("bucket"):
+        row["bucket"] = view["bucket"]
+    return row
+
+
+def item_views(latents_record: dict, items: list[dict]) -> dict[str, list[dict]] | None:
+    """{item id: its stored views as schedule rows name them (array, flip, crop, shape, bucket)} of a latents
+    record with buckets, random crops or flips; None for plain centre-cropped latents (rows as before views)."""
+    record_items = latents_record["items"]
+    if not any("views" in record_items[i["id"]] for i in items):
+        return None
+    bucketed, random_crop = "buckets" in latents_record, latents_record.get("crop") == "random"
+    out = {}
+    for i in items:
+        entry = record_items[i["id"]]
+        out[i["id"]] = [
+            {
+                "array": v["array"],
+                "flip": v["flip"],
+                "crop": v["crop_top_left"] if random_crop else None,
+                "shape": tuple(entry["shape"]),
+                "bucket": entry["bucket"] if bucketed else None,
+            }
+            for v in entry["views"]
+        ]
+    return out
 
 
 def split_items(items: list[dict], n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -88,30 +115,44 @@ def split_items(items: list[dict], n_heldout: int, seed: int) -> tuple[list[dict
     return [it for it in items if id(it) not in held], [it for it in items if id(it) in held]
 
 
-def build_schedule(spec: ScheduleSpec, items: list[dict], process, captions=None) -> dict:
+def build_schedule(spec: ScheduleSpec, items: list[dict], process, captions=None, views=None) -> dict:
     """Rows for every (micro-step, slot) in order over the training items; `heldout` rows on the held-out images
     (or, with none held out, new draws on the training items); `fit` rows, new draws on the training items.
 
     captions (a CaptionDraw: data.shuffle_caption, ...) draws the caption of every training row from the row's own
-    randomness; the held-out and fit rows keep the written captions, the ones a user prompts with."""
+    randomness; the held-out and fit rows keep the written captions, the ones a user prompts with. views
+    (item_views: buckets, random crops, flips) puts each micro-batch in one bucket and gives each training row the
+    view its slot draws; the held-out and fit rows take view 0 (the centred, unflipped crop)."""
+    from stages.buckets import slot_view
     from stages.training.captions import draw_caption, slot_rng
+    from stages.training.sampling import BatchOrder
 
     train, held = split_items(items, spec.heldout_images, spec.seed)
+    groups = None
+    if views is not None and views[train[0]["id"]][0]["bucket"] is not None:
+        by_bucket: dict[tuple, list[int]] = {}
+        for n, it in enumerate(train):
+            by_bucket.setdefault(tuple(views[it["id"]][0]["bucket"]), []).append(n)
+        groups = tuple(tuple(by_bucket[b]) for b in sorted(by_bucket))
+    order = BatchOrder(spec.seed, spec.batch_size, len(train), groups)
     rows = []
     for k in range(spec.micro_steps):
-        for slot, i in enumerate(batch_indices(spec.seed, k, spec.batch_size, len(train))):
-            row = _row(spec, "schedule", k, slot, train[i], process)
+        for slot, i in enumerate(order.batch(k)):
+            view = None
+            if views is not None:
+                choices = views[train[i]["id"]]
+                view = choices[slot_view("schedule", spec.seed, k, slot, len(choices))]
+            row = _row(spec, "schedule", k, slot, train[i], process, view)
             if captions is not None and row["caption"]:
-                epoch = (k * spec.batch_size + slot) // len(train) + 1
                 rng = slot_rng("schedule", spec.seed, k, slot)
-                row["caption"] = draw_caption(row["caption"], captions, rng, epoch, k // spec.grad_accum)
+                row["caption"] = draw_caption(row["caption"], captions, rng, order.epoch(k, slot), k // spec.grad_accum)
             rows.append(row)
 
     def extra(stream: str, pool: list[dict]) -> list[dict]:
         out = []
         for j in range(spec.heldout):
             item = pool[int(derive_seed(stream, "item", spec.seed, j) % len(pool))]
-            out.append(_row(spec, stream, j, 0, item, process))
+            out.append(_row(spec, stream, j, 0, item, process, None if views is None else views[item["id"]][0]))
         return out
 
     return {
@@ -128,13 +169,50 @@ def step_rows(schedule: dict, spec: ScheduleSpec, step: int) -> list[dict]:
     return schedule["rows"][step * n : (step + 1) * n]
 
 
-def rebuild_inputs(rows: list[dict], latents: dict, process, shape: tuple[int, ...]):
-    """(x_t, t, noise) of these rows, regenerated on the CPU; raises ScheduleMismatch if a noise digest differs."""
+def row_chunks(rows: list[dict], batch_size: int, latents: dict) -> list[list[dict]]:
+    """Consecutive rows in forwards of at most batch_size rows of one latent shape: a training step's micro-batches
+    exactly (each holds one bucket), and the held-out rows of mixed buckets split where the shape changes."""
+    chunks: list[list[dict]] = []
+    for row in rows:
+        shape = latents[row["latent"]].shape
+        if not chunks or len(chunks[-1]) == batch_size or latents[chunks[-1][0]["latent"]].shape != shape:
+            chunks.append([])
+        chunks[-1].append(row)
+    return chunks
+
+
+def pack_rows(parts: list):
+    """A step's per-row arrays (micro-batches, as tensors) for one pool array: stacked when they share a shape,
+    else (buckets) every row flattened into one vector; unpack_rows reads either."""
+    import torch
+
+    if len({tuple(p.shape[1:]) for p in parts}) == 1:
+        return torch.cat(parts).numpy()
+    return torch.cat([p.flatten() for p in parts]).numpy()
+
+
+def unpack_rows(array, shapes: list[tuple[int, ...]]) -> list:
+    """The per-row arrays of a pack_rows array, given each row's shape."""
+    import math
+
+    if array.ndim > 1:
+        return list(array)
+    out, at = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(array[at : at + n].reshape(shape))
+        at += n
+    return out
+
+
+def rebuild_inputs(rows: list[dict], latents: dict, process):
+    """(x_t, t, noise) of these rows (of one latent shape), regenerated on the CPU; raises ScheduleMismatch if a
+    noise digest differs."""
     import torch
 
     noises = []
     for row in rows:
-        noise = slot_noise(row["noise_seed"], shape)
+        noise = slot_noise(row["noise_seed"], latents[row["latent"]].shape)
         if noise_digest(noise) != row["noise_digest"]:
             raise ScheduleMismatch(
                 f"the noise of schedule row k={row['k']} slot={row['slot']} regenerates differently on this machine "
