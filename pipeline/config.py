@@ -13,13 +13,32 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
     # NaN and infinities are refused in every number field: they cannot be hashed into a key, and no setting
     # means them.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class SubsetConfig(Section):
+    """One folder of training images with settings of its own ([[data.subsets]], kohya's subsets)."""
+
+    images: Path = Field(description="Folder of this subset's images (searched recursively), relative to the config.")
+    name: str | None = Field(
+        None, description="The subset's name in item ids and messages. Unset: the folder's name.", pattern=r"^[^/@]+$"
+    )
+    num_repeats: int = Field(
+        1, ge=1, le=10_000, description="How many times each image counts in an epoch (kohya's num_repeats)."
+    )
+    caption_prefix: str | None = Field(None, description="This subset's data.caption_prefix. Unset: data's.")
+    caption_suffix: str | None = Field(None, description="This subset's data.caption_suffix. Unset: data's.")
+    default_caption: str | None = Field(
+        None,
+        description="This subset's data.default_caption (kohya's class_tokens: the caption of images without one). "
+        "Unset: data's.",
+    )
 
 
 class DataConfig(Section):
@@ -33,6 +52,11 @@ class DataConfig(Section):
     )
     default_caption: str | None = Field(
         None, description="Caption for images with no (or an empty) sidecar file. Unset: such images are an error."
+    )
+    subsets: list[SubsetConfig] = Field(
+        [],
+        description="Folders with settings of their own ([[data.subsets]]: images, name, num_repeats, caption_prefix, "
+        "caption_suffix, default_caption), used instead of data.images. See docs/concepts.md#subsets-and-repeats.",
     )
     caption_prefix: str = Field("", description="Text put before every caption, e.g. a trigger word and ', '.")
     caption_suffix: str = Field("", description="Text put after every caption.")
@@ -95,6 +119,19 @@ class DataConfig(Section):
         if not v or any(not e.startswith(".") for e in v):
             raise ValueError('give at least one extension, each starting with a dot, e.g. [".txt"]')
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.subsets and "images" in self.model_fields_set:
+            raise ValueError(
+                "data.images and [[data.subsets]] both name training images: move data.images into a subset "
+                "([[data.subsets]] images = ...), or remove the subsets"
+            )
+        names = [s.name or s.images.name for s in self.subsets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"[[data.subsets]]: the name {twice[0]!r} is used twice; give each subset its own name")
+        return self
 
     @field_validator("token_warmup_step")
     @classmethod

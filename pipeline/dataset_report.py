@@ -45,7 +45,8 @@ def dataset_report(env: PlanEnv) -> dict:
                 turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF: shown a quarter turn round
                 rows.append(
                     {
-                        "path": e.relpath,
+                        "path": e.key,
+                        "file": e.path,
                         "size": im.size[::-1] if turned else im.size,  # as viewers (and training) show it
                         "format": im.format or "?",
                         "mode": im.mode,
@@ -53,10 +54,14 @@ def dataset_report(env: PlanEnv) -> dict:
                     }
                 )
         except Exception as err:  # Pillow raises many types for broken files
-            unreadable.append({"path": e.relpath, "reason": f"{type(err).__name__}: {err}"[:200]})
+            unreadable.append({"path": e.key, "reason": f"{type(err).__name__}: {err}"[:200]})
+    from stages.caption import CaptionStage
+
+    settings = CaptionStage().params(env).settings  # data's caption settings, or the image's subset's
     captions = {}
     missing = []
     for e in entries:
+        prefix, suffix, default, _ = settings(e.subset)
         text = ""
         if e.caption_path is not None:
             try:
@@ -64,14 +69,14 @@ def dataset_report(env: PlanEnv) -> dict:
             except UnicodeDecodeError:
                 text = ""
         if not text:
-            missing.append(e.relpath)
-            text = data.default_caption or ""
-        captions[e.relpath] = f"{data.caption_prefix}{text}{data.caption_suffix}" if text else ""
+            missing.append(e.key)
+            text = default or ""
+        captions[e.key] = f"{prefix}{text}{suffix}" if text else ""
     tag_lists = [[t.strip() for t in c.split(data.caption_separator) if t.strip()] for c in captions.values() if c]
     tags = Counter(t.lower() for tl in tag_lists for t in set(tl))
     by_digest: dict[str, list[str]] = {}
     for e in entries:
-        by_digest.setdefault(e.digest, []).append(e.relpath)
+        by_digest.setdefault(e.digest, []).append(e.key)
     areas = sorted(rows, key=lambda r: (r["size"][0] * r["size"][1], r["path"]))
     buckets = bucket_spec(env.config.latents)
     views = ViewSpec(resolution, buckets)
@@ -88,7 +93,7 @@ def dataset_report(env: PlanEnv) -> dict:
     lengths = [len(t) for t in tag_lists]
     report = {
         "stage": "dataset",
-        "folder": str(env.loaded.resolve(data.images)),
+        "folder": ", ".join(str(env.image_root(s)) for s in dict.fromkeys(e.subset for e in entries)),
         "images": len(entries),
         "unreadable": unreadable,
         "formats": dict(Counter(f"{r['format']} {r['mode']}" for r in rows).most_common()),
@@ -147,7 +152,6 @@ def dataset_sheets(env: PlanEnv, report: dict, out: Path) -> list[str]:
     from core.errors import DataError
     from stages.dataset import load_image
 
-    root = Path(report["folder"])
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if "buckets" in report:
@@ -164,7 +168,7 @@ def dataset_sheets(env: PlanEnv, report: dict, out: Path) -> list[str]:
             for i, r in enumerate(chunk):
                 x, y = (i % cols) * SHEET_CELL, (i // cols) * (SHEET_CELL + LABEL)
                 try:
-                    im = load_image(root / r["path"], env.config.runtime.max_image_pixels)
+                    im = load_image(r["file"], env.config.runtime.max_image_pixels)
                 except DataError:
                     draw.text((x + 2, y + LABEL + 2), "unreadable", fill="red")
                     continue

@@ -203,8 +203,29 @@ class PlanEnv:
 
     @cached_property
     def images(self) -> list[ImageEntry]:
+        """Every image of data.images, or of each [[data.subsets]] folder (their entries carry the subset)."""
+        from dataclasses import replace
+
         d = self.config.data
-        return scan_images(self.loaded.resolve(d.images), d.caption_extensions, self.store.memo)
+        if not d.subsets:
+            return scan_images(self.loaded.resolve(d.images), d.caption_extensions, self.store.memo)
+        entries = []
+        for s in d.subsets:
+            name = s.name or s.images.name
+            found = scan_images(self.loaded.resolve(s.images), d.caption_extensions, self.store.memo, f"subset {name}")
+            entries += [replace(e, subset=name) for e in found]
+        return entries
+
+    def image_root(self, subset: str | None) -> Path:
+        """The folder an item's path is relative to: data.images, or its subset's folder."""
+        d = self.config.data
+        if subset is None:
+            return self.loaded.resolve(d.images)
+        return self.loaded.resolve(next(s.images for s in d.subsets if (s.name or s.images.name) == subset))
+
+    def image_path(self, item: dict) -> Path:
+        """The file of a caption-table item."""
+        return self.image_root(item.get("subset")) / item["path"]
 
     @cached_property
     def prediction_type(self) -> str:

@@ -6,19 +6,31 @@ and checks that every image decodes, so a corrupt file is reported before any mo
 
 from __future__ import annotations
 
-from pydantic import BaseModel
-
 from cache.store import Manifest
 from core.errors import DataError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
 from stages.dataset import check_image
+from stages.training.params import KeyedParams
 
 
-class CaptionParams(BaseModel):
+class CaptionParams(KeyedParams):
+    """Without [[data.subsets]] the params (and the key) are what they were before subsets existed."""
+
+    UNKEYED_WHEN_NONE = ("subsets",)
+
     caption_extensions: list[str]
     default_caption: str | None
     caption_prefix: str
     caption_suffix: str
+    # per subset, by name: num_repeats and its caption settings (None: data's). Its folder enters as content.
+    subsets: dict[str, dict] | None = None
+
+    def settings(self, subset: str | None) -> tuple[str, str, str | None, int]:
+        """(prefix, suffix, default caption, repeats) of an image of this subset."""
+        own = (self.subsets or {}).get(subset) or {}
+        pick = {k: own.get(k) if own.get(k) is not None else getattr(self, k) for k in ("caption_prefix",
+                "caption_suffix", "default_caption")}  # fmt: skip
+        return pick["caption_prefix"], pick["caption_suffix"], pick["default_caption"], own.get("num_repeats", 1)
 
 
 class SkippingCaptionParams(CaptionParams):
@@ -35,17 +47,22 @@ class CaptionStage(Stage):
 
     def params(self, env: PlanEnv) -> CaptionParams:
         d = env.config.data
+        subsets = None
+        if d.subsets:
+            fields = ("num_repeats", "caption_prefix", "caption_suffix", "default_caption")
+            subsets = {s.name or s.images.name: s.model_dump(include=set(fields)) for s in d.subsets}
         return (SkippingCaptionParams if d.on_unreadable == "skip" else CaptionParams)(
             caption_extensions=d.caption_extensions,
             default_caption=d.default_caption,
             caption_prefix=d.caption_prefix,
             caption_suffix=d.caption_suffix,
+            subsets=subsets,
         )
 
     def inputs(self, env: PlanEnv) -> dict:
         return {
-            "images": {e.relpath: e.digest for e in env.images},
-            "captions": {e.relpath: e.caption_digest for e in env.images if e.caption_digest},
+            "images": {e.key: e.digest for e in env.images},
+            "captions": {e.key: e.caption_digest for e in env.images if e.caption_digest},
         }
 
     def contract(self, env: PlanEnv, params: CaptionParams) -> dict:
@@ -62,12 +79,12 @@ class CaptionStage(Stage):
                 frames = check_image(entry.path, ctx.runtime.max_image_pixels)
             except DataError as e:
                 if skip:
-                    skipped.append({"path": entry.relpath, "reason": str(e).removeprefix(f"{entry.path}: ")})
+                    skipped.append({"path": entry.key, "reason": str(e).removeprefix(f"{entry.path}: ")})
                 else:
                     problems.append(str(e))
                 continue
             if frames > 1:
-                multi_frame.append({"path": entry.relpath, "frames": frames})
+                multi_frame.append({"path": entry.key, "frames": frames})
             text = ""
             if entry.caption_path is not None:
                 try:
@@ -75,17 +92,21 @@ class CaptionStage(Stage):
                 except UnicodeDecodeError:
                     problems.append(f"{entry.caption_path}: not UTF-8 text. Re-save it as UTF-8.")
                     continue
+            prefix, suffix, default, repeats = p.settings(entry.subset)
             if not text:
-                if p.default_caption is None:
+                if default is None:
                     where = f"{entry.caption_path} is empty" if entry.caption_path else "has no caption file"
+                    setting = "data.default_caption" + (" (or its subset's default_caption)" if entry.subset else "")
                     problems.append(
-                        f"{entry.path}: {where}. Write a caption next to it ({entry.path.stem}.txt) "
-                        f"or set data.default_caption."
+                        f"{entry.path}: {where}. Write a caption next to it ({entry.path.stem}.txt) or set {setting}."
                     )
                     continue
-                text = p.default_caption
-            caption = f"{p.caption_prefix}{text}{p.caption_suffix}"
-            items.append({"id": entry.item_id, "path": entry.relpath, "digest": entry.digest, "caption": caption})
+                text = default
+            caption = prefix + text + suffix
+            item = {"id": entry.item_id, "path": entry.relpath, "digest": entry.digest, "caption": caption}
+            if entry.subset is not None:
+                item.update(subset=entry.subset, repeats=repeats)
+            items.append(item)
         if problems:
             more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
             fix = '\nOr set data.on_unreadable = "skip" to train without the unreadable images.'

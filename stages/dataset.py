@@ -44,21 +44,29 @@ class ImageEntry:
     digest: str
     caption_path: Path | None
     caption_digest: str | None
+    subset: str | None = None  # its [[data.subsets]] entry's name; relpath is relative to that folder
+
+    @property
+    def key(self) -> str:
+        """The image's place in the data set: its relative path, under its subset's name."""
+        return self.relpath if self.subset is None else f"{self.subset}/{self.relpath}"
 
     @property
     def item_id(self) -> str:
-        return f"{self.relpath}@{self.digest[:12]}"
+        return f"{self.key}@{self.digest[:12]}"
 
 
-def scan_images(root: Path, caption_extensions: list[str], memo: StatMemo) -> list[ImageEntry]:
-    """Every image under root (sorted by relative path) with its digest and sidecar caption file."""
+def scan_images(root: Path, caption_extensions: list[str], memo: StatMemo, where: str = "") -> list[ImageEntry]:
+    """Every image under root (sorted by relative path) with its digest and sidecar caption file. `where` names
+    a subset in the messages."""
+    field = f"data.subsets ({where}): images" if where else "data.images"
     if not root.exists():
         raise DataError(
-            f"data.images: the folder {root} does not exist. Create it and put the training images in it, "
-            f"or point data.images in the config at the right folder."
+            f"{field}: the folder {root} does not exist. Create it and put the training images in it, "
+            f"or point {'its images' if where else 'data.images'} in the config at the right folder."
         )
     if not root.is_dir():
-        raise DataError(f"data.images: {root} is a file, not a folder of images.")
+        raise DataError(f"{field}: {root} is a file, not a folder of images.")
     caption_suffixes = {e.lower() for e in caption_extensions}
     readable = image_suffixes()
     entries, strangers, needs_plugin = [], [], {}
@@ -85,16 +93,16 @@ def scan_images(root: Path, caption_extensions: list[str], memo: StatMemo) -> li
         )
     for suffix, files in needs_plugin.items():
         raise DataError(
-            f"data.images: {_listed(files)} are {suffix[1:].upper()} images, which this installation's Pillow cannot "
+            f"{field}: {_listed(files)} are {suffix[1:].upper()} images, which this installation's Pillow cannot "
             f"read. Install {PLUGIN_SUFFIXES[suffix]}, or convert them to PNG."
         )
     if strangers:
         raise DataError(
-            f"data.images: {root} holds files that are neither images ({', '.join(readable)}) nor captions "
+            f"{field}: {root} holds files that are neither images ({', '.join(readable)}) nor captions "
             f"({', '.join(caption_extensions)}): {_listed(strangers)}. Move them out of the folder."
         )
     if not entries:
-        raise DataError(f"data.images: {root} contains no images ({', '.join(readable)}). Add training images.")
+        raise DataError(f"{field}: {root} contains no images ({', '.join(readable)}). Add training images.")
     return entries
 
 

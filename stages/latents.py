@@ -49,6 +49,11 @@ def mask_pool_id(params: LatentsParams, latent_hw: tuple[int, int] | None) -> st
     return pool_id("masks", MASK_POOL_IMPL, spec, "latent_hw", hw)
 
 
+def _shown(item: dict) -> str:
+    """A caption-table item as messages name it: its path, under its subset's name."""
+    return f"{item['subset']}/{item['path']}" if item.get("subset") else item["path"]
+
+
 def latent_views(item: dict) -> list[dict]:
     """The stored views of a latents record's item ({"array", "digest", ...} each), view 0 first."""
     return item.get("views") or [{"array": item["array"], "digest": item["digest"]}]
@@ -113,9 +118,8 @@ class LatentsStage(Stage):
         pool = env.store.pool(pid)
         items = ctx.upstream["caption"].record["items"]
         by_digest = {i["digest"]: i for i in items}  # identical images share one latent
-        root = env.loaded.resolve(env.config.data.images)
         spec = p.views
-        sizes = {d: upright_size(root / by_digest[d]["path"]) for d in by_digest}
+        sizes = {d: upright_size(env.image_path(by_digest[d])) for d in by_digest}
         placements = {d: spec.placements(*sizes[d], d) for d in by_digest}
         self.refuse_empty(placements, by_digest, p)
         views = [(d, v) for d in by_digest for v in range(len(placements[d]))]
@@ -130,7 +134,7 @@ class LatentsStage(Stage):
             vae = env.family.load_vae(env.layout, device)
 
             def encode(batch: list[tuple[str, int]]):
-                images = {d: load_image(root / by_digest[d]["path"], ctx.runtime.max_image_pixels) for d, _ in batch}
+                images = {d: load_image(env.image_path(by_digest[d]), ctx.runtime.max_image_pixels) for d, _ in batch}
                 pixels = np.stack([view_pixels(placements[d][v].apply(images[d])) for d, v in batch])
                 with torch.no_grad():
                     return env.family.encode_images(vae, torch.from_numpy(pixels)).float().cpu().numpy()
@@ -199,7 +203,7 @@ class LatentsStage(Stage):
     @staticmethod
     def refuse_empty(placements: dict, by_digest: dict, p: LatentsParams) -> None:
         """bucket_no_upscale: an image narrower than one bucket step has no bucket; say which, and the ways out."""
-        tiny = [by_digest[d]["path"] for d, views in placements.items() if 0 in views[0].size]
+        tiny = [_shown(by_digest[d]) for d, views in placements.items() if 0 in views[0].size]
         if tiny:
             listed = ", ".join(sorted(tiny)[:5]) + (f" and {len(tiny) - 5} more" if len(tiny) > 5 else "")
             raise DataError(
@@ -220,10 +224,10 @@ class LatentsStage(Stage):
             else:
                 factor = placements[item["digest"]][0].resized[0] / w
             if factor > 1:
-                entry = {"path": item["path"], "size": [w, h], "factor": round(factor, 2)}
+                entry = {"path": _shown(item), "size": [w, h], "factor": round(factor, 2)}
                 if p.buckets is not None:
                     entry["bucket"] = list(placements[item["digest"]][0].size)
-                small[item["path"]] = entry
+                small[entry["path"]] = entry
         return sorted(small.values(), key=lambda u: (-u["factor"], u["path"]))
 
     def artifact_notes(self, manifest: Manifest) -> list[str]:
@@ -256,7 +260,6 @@ class LatentsStage(Stage):
         env, p = ctx.env, ctx.params
         mpid = mask_pool_id(p, None if p.buckets is not None else tuple(committed[next(iter(by_digest))]["shape"][-2:]))
         pool = env.store.pool(mpid)
-        root = env.loaded.resolve(env.config.data.images)
         views = sorted(name, key=lambda dv: (placements[dv[0]][dv[1]].size, dv))
         todo = [dv for dv in views if not pool.has(name[dv])]
 
@@ -264,7 +267,7 @@ class LatentsStage(Stage):
             return np.stack(
                 [
                     alpha_mask(
-                        root / by_digest[d]["path"],
+                        env.image_path(by_digest[d]),
                         placements[d][v],
                         tuple(committed[name[(d, v)]]["shape"][-2:]),
                         ctx.runtime.max_image_pixels,

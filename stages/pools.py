@@ -161,6 +161,8 @@ def load_training_data(store: Store, upstream: dict, text_encoder=None):
         cond = Conditioning.stack(read_rows(store.pool(txt["pool"]), [txt["strings"][s] for s in strings]))
     index = [row[i["caption"]] for i in items]
     data = TrainData(latents, cond, torch.tensor(index, dtype=torch.long), views=n_views)
+    if any(i.get("repeats", 1) != 1 for i in items):
+        data.repeats = tuple(i.get("repeats", 1) for i in items)
     if "buckets" in lat:
         groups: dict[tuple, list[int]] = {}
         for n, i in enumerate(items):

@@ -373,6 +373,7 @@ def test_every_config_field_is_covered_by_this_table():
         ("differential.lora1.train_text_encoder", None),
         ("differential.lora2.train_text_encoder", None),
         ("data.on_unreadable", None),  # "skip" keys the caption table, "error" needs no key (tests/test_messy_data.py)
+        ("data.subsets", None),  # tests/test_subsets.py
     ]
     covered = {o.split("=")[0] for o, _ in tables} | {o.split("=")[0] for o in RUNTIME}
     fields = set()

@@ -47,6 +47,7 @@ class TrainData:
     slot_cond: object = None
     views: int = 1  # latents holds `views` rows per item (random crops, flips), item i's at i*views .. i*views+views-1
     groups: tuple | None = None  # the items of each aspect-ratio bucket: a batch holds one bucket's
+    repeats: tuple | None = None  # per item, its subset's num_repeats (None: once each)
 
     @property
     def n_items(self) -> int:
@@ -60,7 +61,7 @@ class DiffusionBatches:
         # stream "" is lora1's; another name draws other timesteps and noise from the same seed, and two runs
         # with the same (stream, seed, batch size) see the same timesteps and noise at every step.
         self.data, self.seed, self.batch_size, self.stream = data, seed, batch_size, stream
-        self.order = BatchOrder(seed, batch_size, data.n_items, data.groups)
+        self.order = BatchOrder(seed, batch_size, data.n_items, data.groups, data.repeats)
 
     def rows(self, k: int) -> list[int]:
         """The latent rows of micro-step k: each slot's item, at the view the slot draws (stages/buckets.py)."""

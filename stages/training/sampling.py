@@ -60,7 +60,23 @@ class BatchOrder:
     items of one bucket, a bucket's last batch filled up with its first items of the epoch so that every batch has
     batch_size slots (kohya trains a short batch instead)."""
 
-    def __init__(self, seed: int, batch_size: int, n_items: int, groups: tuple[tuple[int, ...], ...] | None = None):
+    def __init__(
+        self,
+        seed: int,
+        batch_size: int,
+        n_items: int,
+        groups: tuple[tuple[int, ...], ...] | None = None,
+        repeats: tuple[int, ...] | None = None,
+    ):
+        # repeats (data.subsets' num_repeats): item i counts repeats[i] times in every epoch, as kohya's
+        # DreamBooth-style data sets do; the order is drawn over those copies
+        self.copies = None
+        if repeats and any(r != 1 for r in repeats):
+            self.copies = tuple(i for i, r in enumerate(repeats) for _ in range(r))
+            if groups:
+                of = {i: n for n, g in enumerate(groups) for i in g}
+                groups = tuple(tuple(c for c, i in enumerate(self.copies) if of[i] == n) for n in range(len(groups)))
+            n_items = len(self.copies)
         self.seed, self.batch_size, self.n_items = seed, batch_size, n_items
         self.groups = groups if groups and len(groups) > 1 else None  # one bucket: the plain order
         if self.groups:
@@ -68,9 +84,11 @@ class BatchOrder:
 
     def batch(self, k: int) -> list[int]:
         if self.groups is None:
-            return batch_indices(self.seed, k, self.batch_size, self.n_items)
-        epoch, j = divmod(k, self.per_epoch)
-        return list(_bucket_epoch(self.seed, epoch, self.groups, self.batch_size)[j])
+            drawn = batch_indices(self.seed, k, self.batch_size, self.n_items)
+        else:
+            epoch, j = divmod(k, self.per_epoch)
+            drawn = list(_bucket_epoch(self.seed, epoch, self.groups, self.batch_size)[j])
+        return drawn if self.copies is None else [self.copies[c] for c in drawn]
 
     def epoch(self, k: int, slot: int) -> int:
         """The epoch (from 1, as kohya counts) of a slot: the pass over the items it belongs to."""

@@ -134,7 +134,7 @@ def build_schedule(spec: ScheduleSpec, items: list[dict], process, captions=None
         for n, it in enumerate(train):
             by_bucket.setdefault(tuple(views[it["id"]][0]["bucket"]), []).append(n)
         groups = tuple(tuple(by_bucket[b]) for b in sorted(by_bucket))
-    order = BatchOrder(spec.seed, spec.batch_size, len(train), groups)
+    order = BatchOrder(spec.seed, spec.batch_size, len(train), groups, tuple(it.get("repeats", 1) for it in train))
     rows = []
     for k in range(spec.micro_steps):
         for slot, i in enumerate(order.batch(k)):
