@@ -324,6 +324,40 @@ def verify(
         raise typer.Exit(1)
 
 
+import_app = typer.Typer(help="Bring settings over from other trainers.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("kohya")
+@user_errors
+def import_kohya(
+    file: Path = typer.Argument(..., help="A kohya sd-scripts dataset config (the --dataset_config TOML)."),
+    out: Path = typer.Option(None, "--out", help="Write the settings to this new file (never overwritten)."),
+    as_json: bool = JsonOpt,
+):
+    """A kohya dataset config as pipeline.toml settings: every key mapped to ours, or named with the reason not."""
+    from pipeline.kohya_import import import_kohya as run_import
+    from pipeline.kohya_import import settings_toml
+
+    report = run_import(file)
+    text = settings_toml(report, file)
+    if out is not None:
+        if out.exists():
+            raise PipelineError(f"{out} already exists; choose another --out (the file is never overwritten).")
+        out.write_text(text)
+    if as_json:
+        typer.echo(json.dumps({**report, "toml": text, "written": str(out) if out else None}, indent=1))
+        return
+    if out is None:
+        typer.echo(text)
+        return
+    for m in report["mapped"]:
+        typer.echo(f"  {m['kohya']} -> {m['ours']}")
+    for u in report["unmapped"]:
+        typer.echo(f"  {u['kohya']}: not imported: {u['why']}")
+    typer.echo(f"wrote {out}: set model.path in it, then `pipeline run lora -c {out}`.")
+
+
 lora_app = typer.Typer(
     help="Inspect, convert and combine LoRA files (kohya and diffusers formats).", no_args_is_help=True
 )
