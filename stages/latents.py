@@ -49,6 +49,10 @@ def mask_pool_id(params: LatentsParams, latent_hw: tuple[int, int] | None) -> st
     return pool_id("masks", MASK_POOL_IMPL, spec, "latent_hw", hw)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def _shown(item: dict) -> str:
     """A caption-table item as messages name it: its path, under its subset's name."""
     return f"{item['subset']}/{item['path']}" if item.get("subset") else item["path"]
@@ -178,7 +182,8 @@ class LatentsStage(Stage):
                 w, h = placements[i["digest"]][0].size
                 counts[f"{w}x{h}"] = counts.get(f"{w}x{h}", 0) + 1
             record["buckets"] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-            ctx.log(f"latents: {len(items)} images in {len(counts)} buckets: " + self.bucket_line(record["buckets"]))
+            shown = self.bucket_line(record["buckets"])
+            ctx.log(f"latents: {len(items)} images in {_count(len(counts), 'bucket')}: {shown}")
         upscaled = self.upscaled(items, sizes, placements, p)
         if upscaled:
             record["upscaled"] = upscaled
@@ -192,7 +197,7 @@ class LatentsStage(Stage):
             pools=pools,
             record=record,
             summary=f"{len(todo)} encoded, {len(views) - len(todo)} reused"
-            + (f", {len(record['buckets'])} buckets" if "buckets" in record else ""),
+            + (f", {_count(len(record['buckets']), 'bucket')}" if "buckets" in record else ""),
         )
 
     @staticmethod
