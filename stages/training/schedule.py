@@ -122,7 +122,7 @@ def build_schedule(spec: ScheduleSpec, items: list[dict], process, captions=None
     captions (a CaptionDraw: data.shuffle_caption, ...) draws the caption of every training row from the row's own
     randomness; the held-out and fit rows keep the written captions, the ones a user prompts with. views
     (item_views: buckets, random crops, flips) puts each micro-batch in one bucket and gives each training row the
-    view its slot draws; the held-out and fit rows take view 0 (the centred, unflipped crop)."""
+    view its slot draws; the held-out and fit rows take view 0 (the first crop, unflipped)."""
     from stages.buckets import slot_view
     from stages.training.captions import draw_caption, slot_rng
     from stages.training.sampling import BatchOrder
