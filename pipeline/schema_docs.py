@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def toml_value(value: Any) -> str:
 
 def _type_name(field) -> str:
     text = str(field.annotation).replace("typing.", "").replace("pathlib.", "").replace("<class '", "")
-    text = text.replace("'>", "")
+    text = re.sub(r"\b(?:[a-z_]+\.)+(?=[A-Z])", "", text.replace("'>", ""))  # pipeline.config_data.X -> X
     if text.startswith("Union[") and text.endswith("]"):  # Union[A, B] as A | B (its top-level commas only)
         parts, depth, start = [], 0, 6
         for i, ch in enumerate(text[6:-1], 6):
@@ -77,7 +78,8 @@ def config_reference_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "<!-- Generated from pipeline/config.py by `make docs`; tests/test_config.py fails when it is out of date. -->",
+        "<!-- Generated from pipeline/config.py and config_data.py by `make docs`; tests/test_config.py fails "
+        "when it is out of date. -->",
         "",
         "A `pipeline.toml` has the sections below. Unknown keys are errors. Any key can be overridden on the",
         "command line with `--set section.key=value` (values are TOML: `--set lora1.lr=5e-5`,",

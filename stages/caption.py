@@ -27,10 +27,12 @@ class CaptionParams(KeyedParams):
 
     def settings(self, subset: str | None) -> tuple[str, str, str | None, int]:
         """(prefix, suffix, default caption, repeats) of an image of this subset."""
-        own = (self.subsets or {}).get(subset) or {}
-        pick = {k: own.get(k) if own.get(k) is not None else getattr(self, k) for k in ("caption_prefix",
-                "caption_suffix", "default_caption")}  # fmt: skip
-        return pick["caption_prefix"], pick["caption_suffix"], pick["default_caption"], own.get("num_repeats", 1)
+        own = (self.subsets or {}).get(subset, {})
+
+        def pick(name: str):
+            return own[name] if own.get(name) is not None else getattr(self, name)
+
+        return pick("caption_prefix"), pick("caption_suffix"), pick("default_caption"), own.get("num_repeats", 1)
 
 
 class SkippingCaptionParams(CaptionParams):

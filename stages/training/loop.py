@@ -63,12 +63,12 @@ class DiffusionBatches:
         self.data, self.seed, self.batch_size, self.stream = data, seed, batch_size, stream
         self.order = BatchOrder(seed, batch_size, data.n_items, data.groups, data.repeats)
 
-    def rows(self, k: int) -> list[int]:
-        """The latent rows of micro-step k: each slot's item, at the view the slot draws (stages/buckets.py)."""
+    def rows(self, k: int, items: list[int]) -> list[int]:
+        """The latent rows of micro-step k's items: each at the view its slot draws (stages/buckets.py)."""
         from stages.buckets import slot_view
 
         v = self.data.views
-        return [i * v + slot_view(self.stream, self.seed, k, s, v) for s, i in enumerate(self.order.batch(k))]
+        return [i * v + slot_view(self.stream, self.seed, k, s, v) for s, i in enumerate(items)]
 
     def micro_batch(self, k: int, denoiser, process):
         """-> (x_t, t, cond, target) on the CPU for micro-step k, and the loss mask when the data has masks."""
@@ -76,10 +76,10 @@ class DiffusionBatches:
 
         data = self.data
         items = self.order.batch(k)
-        idx = torch.tensor(self.rows(k))
+        idx = torch.tensor(self.rows(k, items))
         x0 = data.latents[idx]
         if hasattr(data.latents, "prefetch"):  # latents read from the pool: the next micro-batch's, in the background
-            data.latents.prefetch(self.rows(k + 1))
+            data.latents.prefetch(self.rows(k + 1, self.order.batch(k + 1)))
         if data.slot_cond is None:
             cond = data.cond[data.cond_index[torch.tensor(items)]]
         else:
