@@ -16,7 +16,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.config_data import DataConfig, LatentsConfig, Section, SubsetConfig  # noqa: F401 -- re-exported
+from pipeline.config_data import (  # noqa: F401 -- re-exported
+    DataConfig,
+    LatentsConfig,
+    Section,
+    SubsetConfig,
+    TagConfig,
+)
 
 
 class ModelConfig(Section):
@@ -521,6 +527,7 @@ class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     latents: LatentsConfig = Field(default_factory=LatentsConfig)
+    tag: TagConfig = Field(default_factory=TagConfig)
     lora1: TrainConfig = Field(default_factory=TrainConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)

@@ -201,3 +201,44 @@ class LatentsConfig(Section):
             if len(set(v)) < len(v):
                 raise ValueError("a size is listed twice")
         return v
+
+
+class TagConfig(Section):
+    """Booru tags from a WD14 tagger (stage `tag`, SmilingWolf's WD v3 ONNX models; docs/concepts.md#tagging).
+
+    The tag stage stores every tag's score per image; the thresholds and the rest below are applied by the caption
+    stage, so changing them runs no model."""
+
+    model: Path | None = Field(
+        None,
+        description="Folder of a WD14 tagger: model.onnx and selected_tags.csv, as in SmilingWolf/wd-*-tagger-v3 on "
+        "Hugging Face (downloaded by you; nothing is fetched at run time). Unset: no tagging. Needs onnxruntime "
+        "(the `tagger` extra).",
+    )
+    mode: Literal["fill-missing", "append", "replace"] = Field(
+        "fill-missing",
+        description="How tags meet sidecar captions: fill-missing (tags only for images without a caption), append "
+        "(the caption's tags, then the new tags it lacks), replace (tags only; sidecar files are ignored).",
+    )
+    general_threshold: float = Field(0.35, gt=0, le=1, description="Score from which a general tag is kept.")
+    character_threshold: float = Field(0.85, gt=0, le=1, description="Score from which a character tag is kept.")
+    rating: Literal["off", "first", "last"] = Field(
+        "off", description="Add the most likely rating tag (general, sensitive, ...) first or last."
+    )
+    character_tags_first: bool = Field(False, description="Character tags before the general ones.")
+    character_tag_expand: bool = Field(
+        False, description="A character tag name_(series) becomes two tags: name, series (kohya's option)."
+    )
+    always_first_tags: list[str] = Field(
+        [], description='Tags moved to the front when present, in this order, e.g. ["1girl", "1boy"].'
+    )
+    replace_tags: dict[str, str] = Field(
+        {},
+        description='Tag renames applied to the tagger\'s names, e.g. {"1girl" = "woman"} (kohya\'s tag_replacement).',
+    )
+    remove_underscore: bool = Field(
+        True,
+        description="Underscores become spaces (long_hair -> long hair); tags of 3 characters or fewer (^_^) stay.",
+    )
+    undesired_tags: list[str] = Field([], description="Tags never written (as they read after the renames above).")
+    batch_size: int = Field(8, ge=1, le=256, description="Images per tagger call.")

@@ -107,6 +107,7 @@ def dataset_report(env: PlanEnv) -> dict:
         "captions": {
             "missing": missing,
             "default_caption": data.default_caption,
+            "tag_mode": env.config.tag.mode if env.config.tag.model is not None else None,
             "tags_min": min(lengths) if lengths else 0,
             "tags_median": statistics.median(lengths) if lengths else 0,
             "tags_max": max(lengths) if lengths else 0,

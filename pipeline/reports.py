@@ -245,6 +245,8 @@ def _print_dataset(report: dict, console, table) -> None:
         console.print(f"multi-frame files (trained on frame 0): {', '.join(report['multi_frame'][:10])}")
     missing = len(c["missing"])
     fallback = f'default_caption "{c["default_caption"]}"' if c["default_caption"] is not None else "an error"
+    if c.get("tag_mode"):  # the tagger writes their captions (or every caption, in replace mode)
+        fallback = f"tag.mode = {c['tag_mode']}: the tagger's tags, else {fallback}"
     console.print(
         f"captions: {c['distinct']} distinct; tags per caption {c['tags_min']} / {c['tags_median']:g} / "
         f"{c['tags_max']} (min / median / max); {missing} image(s) without a caption ({fallback})"

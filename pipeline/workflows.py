@@ -18,12 +18,14 @@ from stages.lora2 import Lora2Stage
 from stages.prior import PriorStage
 from stages.schedule import ScheduleStage
 from stages.student import StudentStage
+from stages.tag import TagStage
 from stages.teacher import TeacherStage
 from stages.text import TextStage
 
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
+        TagStage(),
         CaptionStage(),
         LatentsStage(),
         TextStage(),
@@ -53,7 +55,12 @@ def lora_nodes(env: PlanEnv) -> list[Node]:
     """caption, latents, text, lora1; without the text stage when lora1 trains the text encoder (it encodes its
     captions itself, in every step)."""
     text = () if env.config.lora1.train_text_encoder else ("text",)
-    return chain_nodes(env, ("caption", "latents", *text, "lora1"))
+    return chain_nodes(env, (*tag_stage(env), "caption", "latents", *text, "lora1"))
+
+
+def tag_stage(env: PlanEnv) -> tuple[str, ...]:
+    """("tag",) when tag.model names a tagger: the caption stage then merges its tags."""
+    return ("tag",) if env.config.tag.model is not None else ()
 
 
 def transfer_nodes(env: PlanEnv) -> list[Node]:
@@ -64,7 +71,8 @@ def transfer_nodes(env: PlanEnv) -> list[Node]:
             "be left out of every delta. Set lora1.train_text_encoder = false for transfer (train it with "
             "`pipeline run lora` for use elsewhere)."
         )
-    return chain_nodes(env, ("caption", "latents", "text", "lora1", "schedule", "teacher", "prior", "student"))
+    stages = ("caption", "latents", "text", "lora1", "schedule", "teacher", "prior", "student")
+    return chain_nodes(env, (*tag_stage(env), *stages))
 
 
 # Every workflow is a DAG of nodes (a stage bound to a name, an env and its upstream nodes), built from the
@@ -189,7 +197,11 @@ def differential_nodes(env: PlanEnv) -> list[Node]:
             data = env.config.data.model_copy(update={"images": folder})
             side_env[side] = env.scoped(data=data, lora1=d.lora1)
             names = {r: f"{r}.{pair.name}.{side}" for r in ("caption", "latents", "text")}
-            nodes.append(Node(names["caption"], STAGES["caption"], {}, side_env[side]))
+            tag = {}
+            if tag_stage(env):
+                tag = {"tag": f"tag.{pair.name}.{side}"}
+                nodes.append(Node(tag["tag"], STAGES["tag"], {}, side_env[side]))
+            nodes.append(Node(names["caption"], STAGES["caption"], tag, side_env[side]))
             nodes.append(Node(names["latents"], STAGES["latents"], {"caption": names["caption"]}, side_env[side]))
             nodes.append(Node(names["text"], STAGES["text"], {"caption": names["caption"]}, side_env[side]))
             eval_up.update({n: n for n in names.values()})

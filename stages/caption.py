@@ -1,7 +1,8 @@
 """Stage `caption`: the caption table, one final caption string per image item.
 
-Reads sidecar files (`.txt`, `.caption`), falls back to data.default_caption, adds prefix and suffix,
-and checks that every image decodes, so a corrupt file is reported before any model is loaded.
+Reads sidecar files (`.txt`, `.caption`), with tag.model merges in the tag stage's tags (thresholds and the other
+[tag] rules are applied here, stages/tagging.py), falls back to data.default_caption, adds prefix and suffix, and
+checks that every image decodes, so a corrupt file is reported before any model is loaded.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from cache.store import Manifest
 from core.errors import DataError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
 from stages.dataset import check_image
+from stages.tagging import TagRules
 from stages.training.params import KeyedParams
+
+TAG_ROWS_PER_READ = 256  # scores are 40 KiB an image for a real tagger: read them in bounded batches
 
 
 class CaptionParams(KeyedParams):
     """Without [[data.subsets]] the params (and the key) are what they were before subsets existed."""
 
-    UNKEYED_WHEN_NONE = ("subsets",)
+    UNKEYED_WHEN_NONE = ("subsets", "tagging")
 
     caption_extensions: list[str]
     default_caption: str | None
@@ -24,6 +28,7 @@ class CaptionParams(KeyedParams):
     caption_suffix: str
     # per subset, by name: num_repeats and its caption settings (None: data's). Its folder enters as content.
     subsets: dict[str, dict] | None = None
+    tagging: TagRules | None = None  # with tag.model: how the tag stage's scores become tags
 
     def settings(self, subset: str | None) -> tuple[str, str, str | None, int]:
         """(prefix, suffix, default caption, repeats) of an image of this subset."""
@@ -45,6 +50,8 @@ class SkippingCaptionParams(CaptionParams):
 class CaptionStage(Stage):
     name = "caption"
     IMPL_VERSION = 1
+    upstream = ("tag",)
+    optional_upstream = ("tag",)  # present with tag.model
     description = "caption table from sidecar files"
 
     def params(self, env: PlanEnv) -> CaptionParams:
@@ -53,12 +60,19 @@ class CaptionStage(Stage):
         if d.subsets:
             fields = ("num_repeats", "caption_prefix", "caption_suffix", "default_caption")
             subsets = {s.name or s.images.name: s.model_dump(include=set(fields)) for s in d.subsets}
+        t = env.config.tag
+        tagging = None
+        if t.model is not None:
+            tagging = TagRules(
+                **t.model_dump(include=set(TagRules.model_fields) - {"separator"}), separator=d.caption_separator
+            )
         return (SkippingCaptionParams if d.on_unreadable == "skip" else CaptionParams)(
             caption_extensions=d.caption_extensions,
             default_caption=d.default_caption,
             caption_prefix=d.caption_prefix,
             caption_suffix=d.caption_suffix,
             subsets=subsets,
+            tagging=tagging,
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -76,6 +90,7 @@ class CaptionStage(Stage):
         p: CaptionParams = ctx.params
         skip = isinstance(p, SkippingCaptionParams)
         items, problems, skipped, multi_frame = [], [], [], []
+        tagged = TaggedCaptions(ctx, p.tagging) if p.tagging is not None else None
         for entry in ctx.env.images:
             try:
                 frames = check_image(entry.path, ctx.runtime.max_image_pixels)
@@ -95,9 +110,13 @@ class CaptionStage(Stage):
                     problems.append(f"{entry.caption_path}: not UTF-8 text. Re-save it as UTF-8.")
                     continue
             prefix, suffix, default, repeats = p.settings(entry.subset)
+            if tagged is not None:
+                text = tagged.caption(entry.digest, text)
             if not text:
                 if default is None:
                     where = f"{entry.caption_path} is empty" if entry.caption_path else "has no caption file"
+                    if tagged is not None:
+                        where += " and the tagger gave it no tag above tag.general_threshold / character_threshold"
                     setting = "data.default_caption" + (" (or its subset's default_caption)" if entry.subset else "")
                     problems.append(
                         f"{entry.path}: {where}. Write a caption next to it ({entry.path.stem}.txt) or set {setting}."
@@ -119,6 +138,9 @@ class CaptionStage(Stage):
         if not items:
             raise DataError(f"data.images: none of the {len(skipped)} images could be read: " + _reasons(skipped))
         record = {"items": items}
+        if tagged is not None:
+            record["tagging"] = tagged.summary()
+            ctx.log(f"caption: {self.tagging_line(record['tagging'])}")
         if skipped:
             record["skipped"] = skipped
         if multi_frame:
@@ -130,6 +152,13 @@ class CaptionStage(Stage):
 
     def artifact_notes(self, manifest: Manifest) -> list[str]:
         return self.notes_of(manifest.record)
+
+    @staticmethod
+    def tagging_line(t: dict) -> str:
+        parts = {"from_tags": "{} captions from tags", "extended": "{} extended with tags", "kept": "{} kept"}
+        top = ", ".join(f"{tag} ({n})" for tag, n in list(t["top_tags"].items())[:10])
+        done = "; ".join(text.format(t[k]) for k, text in parts.items() if t[k])
+        return done + (f". Most frequent tags: {top}" if top else "")
 
     @staticmethod
     def notes_of(record: dict) -> list[str]:
@@ -145,3 +174,42 @@ class CaptionStage(Stage):
 def _reasons(skipped: list[dict]) -> str:
     listed = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5])
     return listed + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+
+
+class TaggedCaptions:
+    """The tag stage's scores as captions under the [tag] rules, read TAG_ROWS_PER_READ images at a time."""
+
+    def __init__(self, ctx: StageContext, rules: TagRules):
+        record = ctx.upstream["tag"].record
+        self.rules, self.store, self.record = rules, ctx.store, record
+        self.tags = list(zip(record["tags"], record["categories"], strict=True))
+        self.names = rules.names(self.tags)
+        self.order = [e.digest for e in ctx.env.images]
+        self.cache: dict[str, list[str]] = {}
+        self.counts = {"from_tags": 0, "extended": 0, "kept": 0}
+        self.freq: dict[str, int] = {}
+
+    def tags_of(self, digest: str) -> list[str]:
+        if digest not in self.cache:
+            from stages.pools import read_rows
+
+            self.cache.clear()
+            start = self.order.index(digest)
+            batch = [d for d in dict.fromkeys(self.order[start:]) if d in self.record["items"]][:TAG_ROWS_PER_READ]
+            rows = read_rows(self.store.pool(self.record["pool"]), [self.record["items"][d] for d in batch])
+            self.cache = {d: self.rules.tags_of(r, self.tags, self.names) for d, r in zip(batch, rows, strict=True)}
+        return self.cache.get(digest, [])
+
+    def caption(self, digest: str, sidecar: str) -> str:
+        if self.rules.mode == "fill-missing" and sidecar:
+            self.counts["kept"] += 1
+            return sidecar
+        tags = self.tags_of(digest) if digest in self.record["items"] else []
+        for t in tags:
+            self.freq[t] = self.freq.get(t, 0) + 1
+        self.counts["extended" if sidecar and self.rules.mode == "append" else "from_tags"] += 1
+        return self.rules.merge(sidecar, tags)
+
+    def summary(self) -> dict:
+        top = sorted(self.freq.items(), key=lambda kv: (-kv[1], kv[0]))[:20]
+        return {**self.counts, "top_tags": dict(top)}

@@ -225,3 +225,57 @@ def train_tiny_sd15(tiny_model: Path, work: Path, **settings):
     data = TrainData(torch.randn(4, 4, 4, 4, generator=g), cond, torch.tensor([0, 1, 0, 1]))
     job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), work, progress=False)
     return family, layout, params, train_lora(job, DiffusionBatches(data, params.seed, params.batch_size))
+
+
+# The tiny WD14 tagger's outputs (selected_tags.csv rows: name, category) and its weights on the BGR channel means
+# (0..1) of the padded image: score = sigmoid(w_b * b + w_g * g + w_r * r + bias).
+TINY_TAGS = [
+    ("general", "9", (0, 0, 0), 1.0),
+    ("sensitive", "9", (0, 0, 0), -1.0),
+    ("questionable", "9", (0, 0, 0), -1.0),
+    ("explicit", "9", (0, 0, 4), -2.0),  # red images rate explicit (sigmoid 2 > sigmoid 1)
+    ("red_theme", "0", (-5, -5, 10), -3.0),
+    ("green_theme", "0", (-5, 10, -5), -3.0),
+    ("blue_theme", "0", (10, -5, -5), -3.0),
+    ("^_^", "0", (0, 0, 0), 0.0),  # 0.5 on every image
+    ("white_background", "0", (3, 3, 3), -6.0),
+    ("hatsune_miku_(vocaloid)", "4", (6, 6, -6), -4.0),  # cyan images
+]
+
+
+def tiny_tag_scores(bgr_means) -> list[float]:
+    """What the tiny tagger gives an image whose padded, resized BGR channel means (0..1) are bgr_means."""
+    import math
+
+    logits = [sum(w * m for w, m in zip(ws, bgr_means, strict=True)) + b for _, _, ws, b in TINY_TAGS]
+    return [1 / (1 + math.exp(-z)) for z in logits]
+
+
+def make_tiny_tagger(folder: Path, side: int = 448, tags=TINY_TAGS) -> Path:
+    """A WD14-tagger folder as SmilingWolf publishes it (model.onnx, selected_tags.csv) with a tiny model of the same
+    input and output: NHWC float32 BGR 0-255 images of side x side, one sigmoid score per tag."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = np.array([ws for _, _, ws, _ in tags], dtype=np.float32).T / 255.0  # [3, T] on 0-255 means
+    bias = np.array([b for *_, b in tags], dtype=np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["input"], ["means"], axes=[1, 2], keepdims=0),
+            helper.make_node("MatMul", ["means", "weights"], ["logits0"]),
+            helper.make_node("Add", ["logits0", "bias"], ["logits"]),
+            helper.make_node("Sigmoid", ["logits"], ["output"]),
+        ],
+        "tiny_wd14",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", side, side, 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", len(tags)])],
+        [numpy_helper.from_array(weights, "weights"), numpy_helper.from_array(bias, "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(folder / "model.onnx"))
+    lines = ["tag_id,name,category,count"] + [f"{i},{name},{cat},{100 - i}" for i, (name, cat, *_) in enumerate(tags)]
+    (folder / "selected_tags.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder

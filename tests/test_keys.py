@@ -355,7 +355,7 @@ def test_differential_options_refused_alone_change_their_side(differential_proje
 
 
 def test_every_config_field_is_covered_by_this_table():
-    from pipeline.config import PipelineConfig
+    from pipeline.config import PipelineConfig, TagConfig
 
     tables = SEMANTIC + DIFFERENTIAL + FLOW + FLOW_DIFFERENTIAL + [(o, c) for o, c, _ in OPTIONS]
     tables += [
@@ -374,6 +374,8 @@ def test_every_config_field_is_covered_by_this_table():
         ("differential.lora2.train_text_encoder", None),
         ("data.on_unreadable", None),  # "skip" keys the caption table, "error" needs no key (tests/test_messy_data.py)
         ("data.subsets", None),  # tests/test_subsets.py
+        # a project with a tagger: tests/test_tagger.py::test_tag_settings_change_exactly_the_caption_table_and_...
+        *[(f"tag.{k}", None) for k in TagConfig.model_fields],
     ]
     covered = {o.split("=")[0] for o, _ in tables} | {o.split("=")[0] for o in RUNTIME}
     fields = set()
