@@ -34,6 +34,11 @@ class SubsetConfig(Section):
         description="This subset's data.default_caption (kohya's class_tokens: the caption of images without one). "
         "Unset: data's.",
     )
+    is_reg: bool = Field(
+        False,
+        description="Regularization (class) images for prior preservation: repeated or cut, as kohya does, so an "
+        "epoch holds as many of them as of training images; their loss is weighted by data.prior_loss_weight.",
+    )
 
 
 class DataConfig(Section):
@@ -52,6 +57,12 @@ class DataConfig(Section):
         [],
         description="Folders with settings of their own ([[data.subsets]]: images, name, num_repeats, caption_prefix, "
         "caption_suffix, default_caption), used instead of data.images. See docs/concepts.md#subsets-and-repeats.",
+    )
+    prior_loss_weight: float = Field(
+        1.0,
+        ge=0,
+        description="The loss weight of regularization images (subsets with is_reg) in lora1, as kohya's "
+        "prior_loss_weight; training images weigh 1. Read only when a subset has is_reg.",
     )
     caption_prefix: str = Field("", description="Text put before every caption, e.g. a trigger word and ', '.")
     caption_suffix: str = Field("", description="Text put after every caption.")
@@ -121,6 +132,11 @@ class DataConfig(Section):
             raise ValueError(
                 "data.images and [[data.subsets]] both name training images: move data.images into a subset "
                 "([[data.subsets]] images = ...), or remove the subsets"
+            )
+        if self.subsets and all(s.is_reg for s in self.subsets):
+            raise ValueError(
+                "[[data.subsets]]: every subset has is_reg = true; regularization images go with training images. "
+                "Add a subset of training images (is_reg = false)"
             )
         names = [s.name or s.images.name for s in self.subsets]
         twice = sorted({n for n in names if names.count(n) > 1})

@@ -55,10 +55,9 @@ PER_SUBSET = {
     "caption_prefix": "caption_prefix",
     "caption_suffix": "caption_suffix",
     "name": "name",
+    "is_reg": "is_reg",
 }
 NOT_YET = {
-    "is_reg": "regularization images and prior-preservation loss are not supported yet (issue 11); the subset is "
-    "left out",
     "color_aug": "colour augmentation changes pixels on every load, which cached latents cannot hold",
     "face_crop_aug_range": "face crops are not supported",
     "metadata_file": "fine-tuning metadata (JSON captions) is not read; use sidecar caption files",
@@ -98,9 +97,6 @@ def import_kohya(path: Path) -> dict:
             merged = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}, **subset}
             source = {k: "general" for k in general} | {k: f"datasets[{d_i}]" for k in dataset if k != "subsets"}
             source |= {k: where for k in subset}
-            if merged.get("is_reg"):
-                unmapped.append({"kohya": f"{where}.is_reg", "why": NOT_YET["is_reg"]})
-                continue
             if "image_dir" not in merged:
                 unmapped.append({"kohya": where, "why": "no image_dir (a fine-tuning subset): left out"})
                 continue
@@ -114,8 +110,6 @@ def import_kohya(path: Path) -> dict:
                 elif key in SHARED:
                     section, name = SHARED[key]
                     shared.setdefault(f"{section}.{name}", {}).setdefault(_convert(key, value, at), []).append(at)
-                elif key == "is_reg":
-                    continue
                 else:
                     why = NOT_YET.get(key, "not a kohya dataset option we know; check its spelling")
                     unmapped.append({"kohya": at, "why": why})

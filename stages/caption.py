@@ -60,6 +60,9 @@ class CaptionStage(Stage):
         if d.subsets:
             fields = ("num_repeats", "caption_prefix", "caption_suffix", "default_caption")
             subsets = {s.name or s.images.name: s.model_dump(include=set(fields)) for s in d.subsets}
+            for s in d.subsets:
+                if s.is_reg:  # keyed only when set: the tables of subsets made before is_reg existed keep their key
+                    subsets[s.name or s.images.name]["is_reg"] = True
         t = env.config.tag
         tagging = None
         if t.model is not None:
@@ -127,6 +130,8 @@ class CaptionStage(Stage):
             item = {"id": entry.item_id, "path": entry.relpath, "digest": entry.digest, "caption": caption}
             if entry.subset is not None:
                 item.update(subset=entry.subset, repeats=repeats)
+                if (p.subsets or {}).get(entry.subset, {}).get("is_reg"):
+                    item["reg"] = True
             items.append(item)
         if problems:
             more = f"\n... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -137,7 +142,13 @@ class CaptionStage(Stage):
             )
         if not items:
             raise DataError(f"data.images: none of the {len(skipped)} images could be read: " + _reasons(skipped))
+        regularization = None
+        if any(i.get("reg") for i in items):
+            items, regularization = balance_regularization(items)
         record = {"items": items}
+        if regularization is not None:
+            record["regularization"] = regularization
+            ctx.log(f"caption: {self.regularization_line(record['regularization'])}")
         if tagged is not None:
             record["tagging"] = tagged.summary()
             ctx.log(f"caption: {self.tagging_line(record['tagging'])}")
@@ -152,6 +163,17 @@ class CaptionStage(Stage):
 
     def artifact_notes(self, manifest: Manifest) -> list[str]:
         return self.notes_of(manifest.record)
+
+    @staticmethod
+    def regularization_line(r: dict) -> str:
+        line = (
+            f"{r['images']} regularization images, {r['copies']} copies an epoch against {r['training_copies']} "
+            f"copies of training images"
+        )
+        if r["unused"]:
+            listed = ", ".join(r["unused"][:5]) + (f" and {len(r['unused']) - 5} more" if len(r["unused"]) > 5 else "")
+            line += f"; {len(r['unused'])} not used (more than the training images need, as kohya does): {listed}"
+        return line
 
     @staticmethod
     def tagging_line(t: dict) -> str:
@@ -174,6 +196,38 @@ class CaptionStage(Stage):
 def _reasons(skipped: list[dict]) -> str:
     listed = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5])
     return listed + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+
+
+def balance_regularization(items: list[dict]) -> tuple[list[dict], dict]:
+    """kohya's rule for regularization images: an epoch holds as many copies of them as of training images (N, the
+    training images' repeats summed). In their order, each reg image first counts its own num_repeats; while fewer
+    than N, each in turn gets one more; the images past N in the first round are not used. Each image keeps its own
+    subset's settings (kohya's older code gave every reg image the last subset's). -> (items, summary)."""
+    n_train = sum(i.get("repeats", 1) for i in items if not i.get("reg"))
+    reg = [i for i in items if i.get("reg")]
+    repeats: dict[str, int] = {}
+    n, first = 0, True
+    while n < n_train:
+        for item in reg:
+            if first:
+                repeats[item["id"]] = item.get("repeats", 1)
+                n += repeats[item["id"]]
+            else:
+                repeats[item["id"]] += 1
+                n += 1
+            if n >= n_train:
+                break
+        first = False
+    kept = []
+    for item in items:
+        if item.get("reg"):
+            if item["id"] not in repeats:
+                continue
+            item = {**item, "repeats": repeats[item["id"]]}
+        kept.append(item)
+    unused = [f"{i['subset']}/{i['path']}" for i in reg if i["id"] not in repeats]
+    summary = {"images": len(reg), "copies": n, "training_copies": n_train, "unused": unused}
+    return kept, summary
 
 
 class TaggedCaptions:

@@ -18,13 +18,19 @@ class Lora1Params(LoraTrainParams):
     """The shared training params, the text encoder's LoRA (train_text_encoder; its rates None without it), and
     the caption tricks (None when off: the key of a run without them is the key it had before they existed)."""
 
-    UNKEYED_WHEN_NONE = ("captions",)
+    UNKEYED_WHEN_NONE = ("captions", "prior_loss_weight")
 
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
     text_encoder_targets: list[str] | None = None  # the family's, when the text encoder is trained
     captions: CaptionDraw | None = None
+    prior_loss_weight: float | None = None  # data.prior_loss_weight, when a subset has is_reg
+
+
+def prior_loss_weight(data) -> float | None:
+    """data.prior_loss_weight when regularization images exist (it weighs nothing else)."""
+    return data.prior_loss_weight if any(s.is_reg for s in data.subsets) else None
 
 
 class Lora1Stage(Stage):
@@ -47,6 +53,7 @@ class Lora1Stage(Stage):
             **env.train_fields(c, "lora1"),
             prediction_type=env.prediction_type,
             captions=caption_draw(env.config.data, c.steps),
+            prior_loss_weight=prior_loss_weight(env.config.data),
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -97,7 +104,7 @@ class Lora1Stage(Stage):
         env, p = ctx.env, ctx.params
         device = resolve_device(ctx.runtime.device)
         text_encoder = env.family.load_text_encoder(env.layout, device) if p.train_text_encoder else None
-        data, captions = load_training_data(ctx.store, ctx.upstream, text_encoder)
+        data, captions = load_training_data(ctx.store, ctx.upstream, text_encoder, p.prior_loss_weight)
         batches = DiffusionBatches(data, p.seed, p.batch_size)
         drawn = None
         if p.captions is not None:

@@ -136,11 +136,12 @@ def load_latent_table(store: Store, latents_record: dict, names) -> dict:
     return store.pool(latents_record["pool"]).get_many(names, [by_name[d] for d in names])
 
 
-def load_training_data(store: Store, upstream: dict, text_encoder=None):
+def load_training_data(store: Store, upstream: dict, text_encoder=None, prior_loss_weight: float | None = None):
     """The items' latents (every view of each, read from the pool a micro-batch at a time, PooledLatents) and the
     unique captions' text embeddings, read through the upstream manifests. With a text_encoder (one being
     trained) the captions' token ids instead, which it encodes in every step. Bucketed latents give the data its
-    groups (the items of each bucket), so that batches are drawn within one."""
+    groups (the items of each bucket), so that batches are drawn within one. Regularization items weigh
+    prior_loss_weight in the loss (when it is not 1)."""
     import torch
 
     from stages.families.base import Conditioning
@@ -163,6 +164,9 @@ def load_training_data(store: Store, upstream: dict, text_encoder=None):
     data = TrainData(latents, cond, torch.tensor(index, dtype=torch.long), views=n_views)
     if any(i.get("repeats", 1) != 1 for i in items):
         data.repeats = tuple(i.get("repeats", 1) for i in items)
+    if prior_loss_weight not in (None, 1.0) and any(i.get("reg") for i in items):
+        weights = [prior_loss_weight if i.get("reg") else 1.0 for i in items]
+        data.weights = torch.tensor(weights, dtype=torch.float32)
     if "buckets" in lat:
         groups: dict[tuple, list[int]] = {}
         for n, i in enumerate(items):

@@ -374,6 +374,7 @@ def test_every_config_field_is_covered_by_this_table():
         ("differential.lora2.train_text_encoder", None),
         ("data.on_unreadable", None),  # "skip" keys the caption table, "error" needs no key (tests/test_messy_data.py)
         ("data.subsets", None),  # tests/test_subsets.py
+        ("data.prior_loss_weight", None),  # read only with is_reg subsets: tests/test_subsets.py
         # a project with a tagger: tests/test_tagger.py::test_tag_settings_change_exactly_the_caption_table_and_...
         *[(f"tag.{k}", None) for k in TagConfig.model_fields],
     ]

@@ -55,11 +55,11 @@ def test_every_kohya_key_is_mapped_or_named_with_its_reason(project):
     }  # fmt: skip
     assert s["lora1"] == {"batch_size": 2}
     assert s["data.subsets"] == [
-        {"images": "train/person", "default_caption": "sks person", "num_repeats": 3},
+        {"images": "train/person", "default_caption": "sks person", "num_repeats": 3, "name": "person-1"},
         {"images": "train/style", "caption_prefix": "art, "},
+        {"images": "reg/person", "is_reg": True, "name": "person-3"},  # two folders named person: numbered
     ]
     why = {u["kohya"]: u["why"] for u in report["unmapped"]}
-    assert "not supported yet" in why["datasets[1].subsets[3].is_reg"]
     assert "cached latents" in why["datasets[1].color_aug"]
     assert "check its spelling" in why["datasets[1].subsets[2].shufle_caption"]
     conflict = next(w for k, w in why.items() if "flip_aug" in k)  # set in one subset only: kohya's False elsewhere
@@ -76,15 +76,18 @@ def test_the_imported_config_runs_and_is_never_written_over(project):
     for p in (project.root / "train" / "person").glob("*.txt"):
         p.unlink()  # class_tokens captions them
     make_images(project.root / "train" / "style", 2, start=2)
+    make_images(project.root / "reg" / "person", 3, start=4)
     out = _import(project, "--out", str(project.root / "imported.toml"))
     assert out.exit_code == 0, out.output
-    assert "is_reg: not imported" in out.output and "wrote" in out.output
+    assert "color_aug: not imported" in out.output and "wrote" in out.output
     config = project.root / "imported.toml"
     config.write_text(config.read_text() + '\n[model]\npath = "model"\n')  # what the closing line asks for
     run = project.cli("run", "lora", "-c", str(config), "--json", "--set", "lora1.steps=2", "--set", "lora1.rank=4")
     assert run.exit_code == 0, run.output
     items = json.loads(sorted(project.store.glob("stages/caption/*/manifest.json"))[-1].read_text())["record"]["items"]
-    assert [i["caption"] for i in items if i["subset"] == "person"] == ["sks person"] * 2
+    assert [i["caption"] for i in items if i["subset"] == "person-1"] == ["sks person"] * 2
+    # 3x2 + 2 = 8 training copies an epoch: the 3 reg images get 3, 3 and 2
+    assert [(i["repeats"], i.get("reg")) for i in items if i["subset"] == "person-3"] == [(3, True)] * 2 + [(2, True)]
     again = _import(project, "--out", str(config))
     assert again.exit_code == 2 and "already exists" in again.output
 

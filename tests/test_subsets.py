@@ -111,3 +111,78 @@ def test_the_transfer_schedule_repeats_items_as_lora1_does(transfer_project, wor
     rows = json.loads(Store(transfer_project.store).read_object(schedule).read_text())["rows"]
     counts = Counter(r["item"].split("/")[0] for r in rows)
     assert counts == {"people": 3, "art": 9}  # 12 slots: one epoch of 3 + 3x3 copies
+
+
+# -- regularization images (is_reg, data.prior_loss_weight) ---------------------------------------------------------
+
+
+def test_regularization_images_are_balanced_against_the_training_copies_as_kohya_does():
+    from stages.caption import balance_regularization
+
+    def items(train_repeats, reg_repeats):
+        train = [{"id": f"t{n}", "repeats": r} for n, r in enumerate(train_repeats)]
+        reg = [{"id": f"r{n}", "path": f"{n}.png", "subset": "reg", "repeats": r, "reg": True}
+               for n, r in enumerate(reg_repeats)]  # fmt: skip
+        return train + reg
+
+    kept, summary = balance_regularization(items([3, 3, 2], [1] * 5))  # 8 training copies, 5 reg images
+    assert [i["repeats"] for i in kept if i.get("reg")] == [2, 2, 2, 1, 1]
+    assert summary == {"images": 5, "copies": 8, "training_copies": 8, "unused": []}
+    kept, summary = balance_regularization(items([2, 2], [1] * 6))  # 4 copies: the first 4 reg images, once each
+    assert [i["id"] for i in kept if i.get("reg")] == ["r0", "r1", "r2", "r3"]
+    assert summary["unused"] == ["reg/4.png", "reg/5.png"]
+    kept, _ = balance_regularization(items([5], [2, 1]))  # own repeats first (2 + 1), then one more each in turn
+    assert [i["repeats"] for i in kept if i.get("reg")] == [3, 2]
+
+
+def _with_reg(project, **data) -> None:
+    _subsets(project)
+    make_images(project.root / "class", 4, start=6)
+    project.settings["data"]["subsets"].append({"images": "class", "is_reg": True})
+    project.settings["data"].update(data)
+    project.write_config()
+
+
+def test_regularization_images_train_with_their_loss_weight(project, monkeypatch):
+    import stages.training.loop as loop
+
+    _with_reg(project, prior_loss_weight=0.25)
+    seen = []
+    real = loop.training_loss
+
+    def recording(pred, target, t, process, loss, weighting, mask=None, sample_w=None):  # the real loss, recorded
+        seen.append(sample_w.tolist())
+        return real(pred, target, t, process, loss, weighting, mask, sample_w)
+
+    monkeypatch.setattr(loop, "training_loss", recording)
+    out = project.run_json("--set", "lora1.steps=12")
+    assert {s["name"]: s["action"] for s in out["stages"]}["lora1"] == "ran"
+    record = json.loads(project.manifests("caption")[-1].read_text())["record"]
+    items = record["items"]
+    # 3 + 3x3 = 12 training copies an epoch, so each of the 4 class images counts 3 times
+    assert [i["repeats"] for i in items if i.get("reg")] == [3, 3, 3, 3]
+    assert record["regularization"] == {"images": 4, "copies": 12, "training_copies": 12, "unused": []}
+    weights = Counter(w for step in seen for w in step)
+    assert weights == {1.0: 12, 0.25: 12}  # 24 slots: one epoch, reg copies weighted
+    # kohya's loss_weights: each sample's loss times its weight, then the batch mean
+    import torch
+
+    from stages.training.losses import training_loss
+
+    pred, target = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
+    target[1] *= 3
+    loss = training_loss(pred, target, None, None, None, "none", sample_w=torch.tensor([1.0, 0.25]))
+    assert loss.item() == pytest.approx((1 + 0.25 * 9) / 2)
+
+
+def test_prior_loss_weight_keys_lora1_only_with_regularization_images(project):
+    from test_keys import keys
+
+    _subsets(project)
+    assert keys(project, "data.prior_loss_weight=0.5", workflow="lora") == keys(project, workflow="lora")
+    _with_reg(project)
+    base = keys(project, workflow="lora")
+    new = keys(project, "data.prior_loss_weight=0.5", workflow="lora")
+    assert {s for s in base if base[s] != new[s]} == {"lora1"}
+    out = project.cli("run", "lora", "--set", "data.subsets=[{images='class', is_reg=true}]")
+    assert out.exit_code == 2 and "every subset has is_reg = true" in out.output

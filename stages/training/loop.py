@@ -48,6 +48,7 @@ class TrainData:
     views: int = 1  # latents holds `views` rows per item (random crops, flips), item i's at i*views .. i*views+views-1
     groups: tuple | None = None  # the items of each aspect-ratio bucket: a batch holds one bucket's
     repeats: tuple | None = None  # per item, its subset's num_repeats (None: once each)
+    weights: object = None  # (N,) float32 loss weight per item (data.prior_loss_weight), or None: all 1
 
     @property
     def n_items(self) -> int:
@@ -69,6 +70,14 @@ class DiffusionBatches:
 
         v = self.data.views
         return [i * v + slot_view(self.stream, self.seed, k, s, v) for s, i in enumerate(items)]
+
+    def sample_weights(self, k: int):
+        """The loss weight of each sample of micro-step k (regularization images), or None when all weigh 1."""
+        import torch
+
+        if self.data.weights is None:
+            return None
+        return self.data.weights[torch.tensor(self.order.batch(k))]
 
     def micro_batch(self, k: int, denoiser, process):
         """-> (x_t, t, cond, target) on the CPU for micro-step k, and the loss mask when the data has masks."""
@@ -403,6 +412,7 @@ def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lo
             getattr(cfg, "loss", None),
             getattr(cfg, "loss_weighting", "none"),
             mask[0] if mask else None,
+            batches.sample_weights(k) if hasattr(batches, "sample_weights") else None,
         )
         accelerator.backward(loss / cfg.grad_accum)
         total += loss.detach()

@@ -113,10 +113,11 @@ def snr_weights(loss: dict, process, t):
     return w
 
 
-def training_loss(pred, target, t, process, loss: dict | None, weighting: str, mask=None):
+def training_loss(pred, target, t, process, loss: dict | None, weighting: str, mask=None, sample_w=None):
     """The loss of one micro-batch (a scalar). l2 without weights or mask is F.mse_loss exactly (the bytes of every
     earlier run); per-sample losses are means over each sample's elements, or with a (B, 1, h, w) mask (data.
-    alpha_mask) the mask-weighted mean Σ m·l / Σ m over each sample's elements."""
+    alpha_mask) the mask-weighted mean Σ m·l / Σ m over each sample's elements. sample_w (B,) multiplies each
+    sample's loss before the batch mean (regularization images: kohya's loss_weights)."""
     import torch.nn.functional as F
 
     from stages.families.noise import loss_weights
@@ -125,7 +126,7 @@ def training_loss(pred, target, t, process, loss: dict | None, weighting: str, m
     pred, target = pred.float(), target.float()
     flow_w = loss_weights(process, t, weighting)
     ddpm_w = snr_weights(loss, process, t)
-    if loss["type"] == "l2" and flow_w is None and ddpm_w is None and mask is None:
+    if loss["type"] == "l2" and flow_w is None and ddpm_w is None and mask is None and sample_w is None:
         return F.mse_loss(pred, target)
     c = huber_c(loss, process, t) if loss["type"] in ("huber", "smooth_l1") else None
     per_element = elementwise(pred, target, loss, c)
@@ -134,6 +135,8 @@ def training_loss(pred, target, t, process, loss: dict | None, weighting: str, m
     else:
         m = mask.float().expand_as(per_element)
         per_sample = (per_element * m).flatten(1).sum(1) / m.flatten(1).sum(1)
+    if sample_w is not None:
+        per_sample = per_sample * sample_w.to(per_sample.device)
     if flow_w is not None:  # normalized so that the weights' mean is 1 (SD3's scripts)
         flow_w = flow_w.to(per_sample.device)
         return (per_sample * flow_w).sum() / flow_w.sum()
