@@ -34,6 +34,9 @@ class SubsetConfig(Section):
         description="This subset's data.default_caption (kohya's class_tokens: the caption of images without one). "
         "Unset: data's.",
     )
+    alpha_mask: bool | None = Field(
+        None, description="This subset's data.alpha_mask: weight its images' loss by their alpha. Unset: data's."
+    )
     is_reg: bool = Field(
         False,
         description="Regularization (class) images for prior preservation: repeated or cut, as kohya does, so an "

@@ -21,7 +21,7 @@ class LatentsParams(KeyedParams):
     """Without buckets, random crops or flips the params (and so the key) are what they were before those
     existed."""
 
-    UNKEYED_WHEN_NONE = ("buckets", "crop_variants", "flip_aug")
+    UNKEYED_WHEN_NONE = ("buckets", "crop_variants", "flip_aug", "mask_subsets")
 
     resolution: int
     crop: str = "center"
@@ -30,6 +30,8 @@ class LatentsParams(KeyedParams):
     buckets: BucketSpec | None = None
     crop_variants: int | None = None  # crop = "random" only
     flip_aug: bool | None = None  # None when off
+    # the subsets whose images are masked when [[data.subsets]] alpha_mask leaves some out (None: every image)
+    mask_subsets: list[str] | None = None
 
     @property
     def views(self) -> ViewSpec:
@@ -63,6 +65,16 @@ def latent_views(item: dict) -> list[dict]:
     return item.get("views") or [{"array": item["array"], "digest": item["digest"]}]
 
 
+def mask_settings(data) -> dict:
+    """alpha_mask (any image masked) and mask_subsets (which subsets', when not all) from data.alpha_mask and each
+    subset's own alpha_mask."""
+    if not data.subsets:
+        return {"alpha_mask": data.alpha_mask}
+    flags = {s.name or s.images.name: data.alpha_mask if s.alpha_mask is None else s.alpha_mask for s in data.subsets}
+    masked = sorted(n for n, on in flags.items() if on)
+    return {"alpha_mask": bool(masked), "mask_subsets": masked if masked and len(masked) < len(flags) else None}
+
+
 class LatentsStage(Stage):
     name = "latents"
     # v2: EXIF orientation applied (a portrait phone photo was encoded sideways). v3: a contiguous batch to the VAE
@@ -77,7 +89,7 @@ class LatentsStage(Stage):
         check_multiple(buckets, c.resolution, env.family.pixel_multiple, env.family.name)
         return LatentsParams(
             resolution=c.resolution,
-            alpha_mask=env.config.data.alpha_mask,
+            **mask_settings(env.config.data),
             buckets=buckets,
             crop=c.crop,
             crop_variants=c.crop_variants if c.crop == "random" else None,
@@ -101,7 +113,7 @@ class LatentsStage(Stage):
     def pool_id(self, env: PlanEnv, params: LatentsParams) -> str:
         # what decides a view's array: not alpha_mask (turning it on re-uses every latent), not the number of random
         # crops (crop c lies where it lay with fewer), not flip_aug (the unflipped views are the same arrays)
-        latent_params = params.model_dump(exclude={"alpha_mask", "crop_variants", "flip_aug"})
+        latent_params = params.model_dump(exclude={"alpha_mask", "mask_subsets", "crop_variants", "flip_aug"})
         return pool_id("latents", self.IMPL_VERSION, latent_params, "vae", env.component_digests["vae"])
 
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
@@ -191,7 +203,9 @@ class LatentsStage(Stage):
                 ctx.log(f"latents: {note}")
         pools = {pid: sorted(name.values())}
         if p.alpha_mask:
-            record["masks"] = self.fill_masks(ctx, by_digest, placements, name, committed)
+            masked = {i["digest"] for i in items if p.mask_subsets is None or i.get("subset") in p.mask_subsets}
+            names = {dv: n for dv, n in name.items() if dv[0] in masked}
+            record["masks"] = self.fill_masks(ctx, by_digest, placements, names, committed)
             pools[record["masks"]["pool"]] = sorted(record["masks"]["items"])
         return StageResult(
             pools=pools,
@@ -257,13 +271,14 @@ class LatentsStage(Stage):
 
     def fill_masks(self, ctx: StageContext, by_digest: dict, placements: dict, name: dict, committed: dict) -> dict:
         """data.alpha_mask: each view's alpha at its latent's size in a pool of its own; the record maps the views'
-        array names to it."""
+        array names to it (the masked ones: a view without a mask trains everywhere)."""
         import numpy as np
 
         from stages.dataset import alpha_mask
 
         env, p = ctx.env, ctx.params
-        mpid = mask_pool_id(p, None if p.buckets is not None else tuple(committed[next(iter(by_digest))]["shape"][-2:]))
+        first = next(iter(by_digest))
+        mpid = mask_pool_id(p, None if p.buckets is not None else tuple(committed[first]["shape"][-2:]))
         pool = env.store.pool(mpid)
         views = sorted(name, key=lambda dv: (placements[dv[0]][dv[1]].size, dv))
         todo = [dv for dv in views if not pool.has(name[dv])]

@@ -175,7 +175,8 @@ def load_training_data(store: Store, upstream: dict, text_encoder=None, prior_lo
     if "masks" in lat:  # data.alpha_mask
         names = [v["array"] for per_item in views for v in per_item]
         masks = load_mask_table(store, lat, names)
-        data.masks = MaskRows([masks[n] for n in names])
+        shapes = [lat["items"][i["id"]].get("shape", lat["shape"]) for i in items for _ in range(n_views)]
+        data.masks = MaskRows([mask_or_ones(masks, n, s) for n, s in zip(names, shapes, strict=True)])
     return data, [i["caption"] for i in items]
 
 
@@ -193,10 +194,18 @@ class MaskRows:
         return torch.stack([self.masks[int(i)] for i in idx])
 
 
+def mask_or_ones(masks: dict, name: str, latent_shape):
+    """A view's loss mask, or ones (train everywhere) for a view of an unmasked subset's image."""
+    import numpy as np
+
+    return masks[name] if name in masks else np.ones((1, *latent_shape[-2:]), dtype=np.float32)
+
+
 def load_mask_table(store: Store, latents_record: dict, names) -> dict:
-    """{view array name: (1, h, w) loss mask} of a latents artifact made with data.alpha_mask."""
+    """{view array name: (1, h, w) loss mask} of a latents artifact made with data.alpha_mask (the masked views of
+    `names`: with [[data.subsets]] alpha_mask some have none)."""
     masks = latents_record["masks"]
-    names = sorted(set(names))
+    names = sorted(set(names) & set(masks["items"]))
     return store.pool(masks["pool"]).get_many(names, [masks["items"][d] for d in names])
 
 

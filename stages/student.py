@@ -336,7 +336,10 @@ class TransferBatches:
         if self.masks is None:
             return x_t, t, cond, target
         chunk = self.doc["rows"][k * b : (k + 1) * b]
-        return x_t, t, cond, target, torch.stack([torch.as_tensor(self.masks[r["latent"]]) for r in chunk])
+        from stages.pools import mask_or_ones
+
+        masks = [mask_or_ones(self.masks, r["latent"], self.latents[r["latent"]].shape) for r in chunk]
+        return x_t, t, cond, target, torch.stack([torch.as_tensor(m) for m in masks])
 
 
 class Fidelity:

@@ -117,3 +117,36 @@ def test_transfer_trains_the_teacher_lora_and_the_student_on_masked_losses(trans
     out = transfer_project.run_json(workflow="transfer")
     assert {s["name"]: s["action"] for s in out["stages"]}["student"] == "ran"
     assert shapes and all(s is not None and s[1:] == (1, 4, 4) for s in shapes), shapes
+
+
+def test_a_subset_s_alpha_mask_masks_its_images_only(project):
+    import shutil
+
+    from stages.pools import load_training_data
+
+    shutil.rmtree(project.root / "images")
+    rgba_images(project.root / "cutouts", 2)
+    rgba_images(project.root / "photos", 2)  # transparent too, but this subset trains everywhere
+    for n, p in enumerate(sorted((project.root / "photos").glob("*.png"))):
+        p.rename(p.with_name(f"photo{n}.png"))  # another name, and other content below
+        rgba(p.with_name(f"photo{n}.png"), np.full((48, 48), 128), size=(48, 48))
+    project.settings["data"] = {
+        "subsets": [{"images": "cutouts", "alpha_mask": True}, {"images": "photos"}],
+        "default_caption": "a shape",
+    }
+    project.write_config()
+    out = project.run_json()
+    assert {s["name"]: s["action"] for s in out["stages"]}["lora1"] == "ran"
+    store = Store(project.store)
+    paths = project.store.glob("stages/*/*/manifest.json")
+    manifests = {p.parent.parent.name: json.loads(p.read_text()) for p in paths}
+    latents, caption = manifests["latents"], manifests["caption"]
+    cutouts = {i["digest"] for i in caption["record"]["items"] if i["subset"] == "cutouts"}
+    assert set(latents["record"]["masks"]["items"]) == cutouts  # only the masked subset's images have masks
+    assert latents["preimage"]["params"]["mask_subsets"] == ["cutouts"]
+    from cache.store import Manifest
+
+    data, _ = load_training_data(store, {k: Manifest.from_json(manifests[k]) for k in ("caption", "latents", "text")})
+    masks = data.masks[list(range(4))]
+    assert masks[0].min() < 1 and masks[1].min() < 0.01  # the cutouts: their transparent columns weigh less
+    assert bool((masks[2:] == 1).all())  # the photos: ones, though their alpha is 128 everywhere
