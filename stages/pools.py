@@ -106,13 +106,10 @@ def ensure_text_embeddings(store: Store, family, layout, text_digest: str, strin
 
 
 def load_text_table(store: Store, table: dict):
-    """The embeddings of an ensure_text_embeddings() table: (Conditioning of U rows, {string: row})."""
-    from stages.families.base import Conditioning
-
-    pool = store.pool(table["pool"])
+    """The embeddings of an ensure_text_embeddings() table, read from the pool as batches ask for them:
+    (PooledConditioning of U rows, {string: row})."""
     strings = sorted(table["strings"])
-    arrays = read_rows(pool, [table["strings"][s] for s in strings])
-    return Conditioning.stack(arrays), {s: i for i, s in enumerate(strings)}
+    return PooledConditioning(store, table, strings), {s: i for i, s in enumerate(strings)}
 
 
 def read_rows(pool, entries: list[dict]) -> list:
@@ -128,12 +125,10 @@ def latent_arrays(latents_record: dict) -> dict[str, str]:
     return {v["array"]: v["digest"] for item in latents_record["items"].values() for v in latent_views(item)}
 
 
-def load_latent_table(store: Store, latents_record: dict, names) -> dict:
+def load_latent_table(store: Store, latents_record: dict, names) -> LatentTable:
     """{array name: latent array} for the given views (schedule rows' "latent"; an image digest is its view 0),
-    read through the latents manifest's record."""
-    by_name = latent_arrays(latents_record)
-    names = sorted(set(names))
-    return store.pool(latents_record["pool"]).get_many(names, [by_name[d] for d in names])
+    read through the latents manifest's record as they are asked for (LatentTable)."""
+    return LatentTable(store.pool(latents_record["pool"]), latent_arrays(latents_record), names)
 
 
 def load_training_data(store: Store, upstream: dict, text_encoder=None, prior_loss_weight: float | None = None):
@@ -144,7 +139,6 @@ def load_training_data(store: Store, upstream: dict, text_encoder=None, prior_lo
     prior_loss_weight in the loss (when it is not 1)."""
     import torch
 
-    from stages.families.base import Conditioning
     from stages.latents import latent_views
     from stages.training.loop import TrainData
 
@@ -158,8 +152,7 @@ def load_training_data(store: Store, upstream: dict, text_encoder=None, prior_lo
     if text_encoder is not None:
         cond = text_encoder.token_ids(strings)
     else:
-        txt = upstream["text"].record
-        cond = Conditioning.stack(read_rows(store.pool(txt["pool"]), [txt["strings"][s] for s in strings]))
+        cond = PooledConditioning(store, upstream["text"].record, strings)
     index = [row[i["caption"]] for i in items]
     data = TrainData(latents, cond, torch.tensor(index, dtype=torch.long), views=n_views)
     if any(i.get("repeats", 1) != 1 for i in items):
@@ -209,21 +202,121 @@ def load_mask_table(store: Store, latents_record: dict, names) -> dict:
     return store.pool(masks["pool"]).get_many(names, [masks["items"][d] for d in names])
 
 
-class PooledConditioning:
-    """Text rows read from the pool when a batch asks for them (drawn captions: one string per slot can be
-    thousands of embeddings, so they stay on disk)."""
+TEXT_CACHE_BYTES = 256 * 2**20  # embeddings kept after their first read
 
-    def __init__(self, store: Store, table: dict, strings: list[str]):
+
+class PooledConditioning:
+    """Text rows read from the pool when a batch asks for them: thousands of captions (drawn ones: a string per
+    slot) are GBs of embeddings, so they stay on disk; at most TEXT_CACHE_BYTES of them stay in memory after their
+    first read. A batch is padded to its own longest row (the families that store unpadded rows, Z-Image, take
+    each row's real tokens), so it is the same batch as one taken from the whole table."""
+
+    def __init__(self, store: Store, table: dict, strings: list[str], cache_bytes: int = TEXT_CACHE_BYTES):
         self.pool = store.pool(table["pool"])
         self.entries = [table["strings"][s] for s in strings]
+        self.cache = BoundedCache(cache_bytes)
 
     def __getitem__(self, rows):
         from stages.families.base import Conditioning
 
-        return Conditioning.stack(read_rows(self.pool, [self.entries[r] for r in rows]))
+        if isinstance(rows, int):  # one row, as Conditioning[i] gives it
+            return self[[rows]][0]
+        rows = [int(r) for r in (rows.tolist() if hasattr(rows, "tolist") else rows)]
+        got = {r: self.cache.get(r) for r in set(rows)}
+        missing = sorted(r for r, arr in got.items() if arr is None)
+        for r, arr in zip(missing, read_rows(self.pool, [self.entries[r] for r in missing]), strict=True):
+            got[r] = arr
+            self.cache.put(r, arr)
+        return Conditioning.stack([got[r] for r in rows])
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+class BoundedCache:
+    """An LRU dict of arrays holding at most `budget` bytes (always the newest one), safe across threads."""
+
+    def __init__(self, budget: int):
+        import threading
+        from collections import OrderedDict
+
+        self.items, self.budget, self.bytes, self.lock = OrderedDict(), budget, 0, threading.Lock()
+
+    def __contains__(self, key) -> bool:
+        return key in self.items
+
+    def get(self, key):
+        """The array, or None when it was evicted meanwhile."""
+        with self.lock:
+            arr = self.items.get(key)
+            if arr is not None:
+                self.items.move_to_end(key)
+            return arr
+
+    def put(self, key, arr) -> None:
+        with self.lock:
+            if key in self.items:
+                return
+            self.items[key] = arr
+            self.bytes += arr.nbytes
+            while self.bytes > self.budget and len(self.items) > 1:
+                _, old = self.items.popitem(last=False)
+                self.bytes -= old.nbytes
+
+
+class LatentTable:
+    """{view array name: latent} for the views a stage needs, read from the pool as they are asked for, never the
+    whole pool: need(names) reads a step's rows in one pass over their chunks, prefetch(names) does so for the next
+    step on a background thread, and at most LATENT_CACHE_BYTES stay in memory (a small data set is read once).
+    The values are the pool's bytes either way."""
+
+    def __init__(self, pool, digests: dict[str, str], names, cache_bytes: int | None = None):
+        self.pool = pool
+        self.digests = {n: digests[n] for n in sorted(set(names))}
+        self.cache = BoundedCache(LATENT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+        self._executor = None
+        self._pending = None
+
+    def need(self, names) -> None:
+        missing = [n for n in dict.fromkeys(names) if n not in self.cache]
+        if missing:
+            got = self.pool.get_many(missing, [self.digests[n] for n in missing])
+            for n in missing:
+                self.cache.put(n, got[n])
+
+    def prefetch(self, names) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="latents-prefetch")
+        self._wait()
+        self._pending = self._executor.submit(self.need, list(names))
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # a read error surfaces here, in the stage's thread
+
+    def __getitem__(self, name: str):
+        arr = self.cache.get(name)
+        if arr is None:
+            self._wait()
+            arr = self.cache.get(name)
+        if arr is None:
+            if name not in self.digests:
+                raise KeyError(name)
+            arr = self.pool.get_many([name], [self.digests[name]])[name]
+            self.cache.put(name, arr)
+        return arr
+
+    def __contains__(self, name) -> bool:
+        return name in self.digests
+
+    def __iter__(self):
+        return iter(self.digests)
+
+    def __len__(self) -> int:
+        return len(self.digests)
 
 
 @dataclass

@@ -138,10 +138,14 @@ class TeacherStage(Stage):
                 device,
                 ctx.upstream["schedule"].contract.get("guidance_embed"),
             )
+            part_rows = lambda part: doc[part] if part in EXTRA_PARTS else step_rows(doc, spec, int(part))  # noqa: E731
             for n, part in enumerate(
                 tqdm(todo, desc="teacher", unit="step", disable=not ctx.progress, mininterval=0.5)
             ):
-                chunk = doc[part] if part in EXTRA_PARTS else step_rows(doc, spec, int(part))
+                chunk = part_rows(part)
+                latents.need(r["latent"] for r in chunk)  # one pass over their chunks; the next step's on a thread:
+                if n + 1 < len(todo):
+                    latents.prefetch(r["latent"] for r in part_rows(todo[n + 1]))
                 for kind, arr in delta(chunk, part).items():
                     pool.put(f"{part}.{kind}", arr)
                 fault_point("teacher.step", n + 1)

@@ -267,3 +267,37 @@ def test_training_reads_latents_a_batch_at_a_time_prefetching_the_next(tmp_path)
     assert latents._pending is None  # the prefetched read was the one used
     assert len(latents._rows) == 2  # what stays in memory is bounded (here: two rows)
     assert torch.equal(latents[[0, 3, 5]], torch.from_numpy(np.stack([rows["i0"], rows["i3"], rows["i5"]])))
+
+
+def test_teacher_prior_and_student_read_latents_and_text_a_step_at_a_time(tmp_path):
+    """LatentTable and PooledConditioning: what the transfer stages read instead of whole tables. A step's rows come
+    in one pass (need), the next step's on a thread (prefetch), memory stays within the budget, and every value is
+    the pool's bytes; a text batch equals the same rows of the whole table (Z-Image's unpadded rows included)."""
+    from stages.families.base import Conditioning
+    from stages.pools import LatentTable, PooledConditioning
+
+    store = Store(tmp_path)
+    pool = store.pool("latents/cfg")
+    rows = {f"i{n}": np.random.default_rng(n).standard_normal((4, 2, 2)).astype(np.float32) for n in range(10)}
+    pool.put_many(list(rows.items()), 4)
+    digests = {n: array_digest(a) for n, a in rows.items()}
+    table = LatentTable(pool, digests, ["i1", "i2", "i5", "i8"], cache_bytes=2 * rows["i0"].nbytes)
+    assert sorted(table) == ["i1", "i2", "i5", "i8"] and "i3" not in table and len(table) == 4
+    table.need(["i1", "i2"])
+    assert np.array_equal(table["i1"], rows["i1"]) and np.array_equal(table["i2"], rows["i2"])
+    table.prefetch(["i5", "i8"])
+    assert np.array_equal(table["i8"], rows["i8"]) and np.array_equal(table["i5"], rows["i5"])
+    assert table.cache.bytes <= 2 * rows["i0"].nbytes  # bounded: the older rows were let go
+    assert np.array_equal(table["i1"], rows["i1"])  # read again after eviction
+    with pytest.raises(KeyError):
+        table["i3"]
+
+    text = store.pool("text/cfg")
+    embeds = {f"s{n}": np.random.default_rng(n).standard_normal((3 + n, 5)).astype(np.float32) for n in range(4)}
+    text.put_many(list(embeds.items()))
+    strings = {s: {"array": s, "digest": array_digest(a)} for s, a in embeds.items()}
+    pooled = PooledConditioning(store, {"pool": "text/cfg", "strings": strings}, sorted(strings), cache_bytes=100)
+    whole = Conditioning.stack([embeds[s] for s in sorted(strings)])
+    batch = pooled[[3, 1, 3]]
+    assert [r.tolist() for r in batch.rows()] == [r.tolist() for r in whole[[3, 1, 3]].rows()]
+    assert pooled[2].embeds.tolist() == whole[2].embeds[: 3 + 2].tolist()  # one row: as Conditioning[i] gives it
