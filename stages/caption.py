@@ -118,6 +118,8 @@ class CaptionStage(Stage):
             if not text:
                 if default is None:
                     where = f"{entry.caption_path} is empty" if entry.caption_path else "has no caption file"
+                    if entry.caption_path and tagged is not None and p.tagging.mode == "replace":
+                        where = f"{entry.caption_path} is ignored (tag.mode = replace)"
                     if tagged is not None:
                         where += " and the tagger gave it no tag above tag.general_threshold / character_threshold"
                     setting = "data.default_caption" + (" (or its subset's default_caption)" if entry.subset else "")

@@ -148,6 +148,7 @@ def test_replace_mode_ignores_sidecars_and_empty_tags_fall_back_to_default_capti
     assert result.exit_code == 2
     no_tags = "has no caption file and the tagger gave it no tag above tag.general_threshold / character_threshold"
     assert no_tags in result.output
+    assert "green.txt is ignored (tag.mode = replace) and the tagger gave it no tag" in result.output
     assert "data.default_caption" in result.output and "Traceback" not in result.output
     tagged.write_config(data={"default_caption": "a colour"})
     tagged.run_json()
