@@ -277,12 +277,16 @@ class LatentTable:
         self._executor = None
         self._pending = None
 
-    def need(self, names) -> None:
+    def need(self, names, then=()) -> None:
+        """Read `names` now (one pass over their chunks) and start reading `then` (the next step's) on a thread."""
         missing = [n for n in dict.fromkeys(names) if n not in self.cache]
         if missing:
             got = self.pool.get_many(missing, [self.digests[n] for n in missing])
             for n in missing:
                 self.cache.put(n, got[n])
+        then = list(then)
+        if then:
+            self.prefetch(then)
 
     def prefetch(self, names) -> None:
         from concurrent.futures import ThreadPoolExecutor

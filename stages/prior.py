@@ -101,9 +101,8 @@ class PriorStage(Stage):
             latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in doc["rows"]})
             for n, s in enumerate(tqdm(todo, desc="prior", unit="step", disable=not ctx.progress, mininterval=0.5)):
                 rows = step_rows(doc, spec, s)
-                latents.need(r["latent"] for r in rows)  # one pass over their chunks; the next step's in the background
-                if n + 1 < len(todo):
-                    latents.prefetch(r["latent"] for r in step_rows(doc, spec, todo[n + 1]))
+                following = step_rows(doc, spec, todo[n + 1]) if n + 1 < len(todo) else []
+                latents.need((r["latent"] for r in rows), then=(r["latent"] for r in following))
                 outs = []
                 for chunk in row_chunks(rows, spec.batch_size, latents):
                     x_t, t, _ = rebuild_inputs(chunk, latents, process)

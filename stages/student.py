@@ -289,9 +289,8 @@ class TransferBatches:
         b = self.spec.batch_size
         rows = self.doc["rows"][k * b : (k + 1) * b]
         captions = [r["caption"] for r in rows]
-        if hasattr(self.latents, "need"):  # read from the pool: this micro-step's rows, the next's in the background
-            self.latents.need(r["latent"] for r in rows)
-            self.latents.prefetch(r["latent"] for r in self.doc["rows"][(k + 1) * b : (k + 2) * b])
+        following = self.doc["rows"][(k + 1) * b : (k + 2) * b]
+        self.latents.need((r["latent"] for r in rows), then=(r["latent"] for r in following))
         x_t, t, _ = rebuild_inputs(rows, self.latents, process)
         return x_t, t, self.cond[[self.row_of[c] for c in captions]], captions
 

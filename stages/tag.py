@@ -20,15 +20,21 @@ class TagParams(KeyedParams):
     batch_size: int
 
 
-def load_session(model_path):
-    """An onnxruntime session on the best provider here (CUDA when onnxruntime-gpu sees a GPU, else the CPU)."""
+def import_onnxruntime():
+    """onnxruntime, or a ConfigError naming the extra that installs it."""
     try:
-        import onnxruntime as ort
+        import onnxruntime
     except Exception as e:  # not installed, or a broken build
         raise ConfigError(
             f"tag.model needs onnxruntime, which cannot be imported here ({e}). Install it with "
             f"`pip install 'lora-pipeline[tagger]'` (or onnxruntime-gpu for a GPU), or unset tag.model."
         ) from None
+    return onnxruntime
+
+
+def load_session(model_path):
+    """An onnxruntime session on the best provider here (CUDA when onnxruntime-gpu sees a GPU, else the CPU)."""
+    ort = import_onnxruntime()
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -70,10 +76,7 @@ class TagStage(Stage):
         }
 
     def preflight(self, env: PlanEnv, params: TagParams) -> None:
-        try:
-            import onnxruntime  # noqa: F401
-        except Exception:
-            load_session(None)  # raises the message that names the extra
+        import_onnxruntime()
 
     def pool_id(self, env: PlanEnv, params: TagParams) -> str:
         model, _ = self.model_files(env)

@@ -143,9 +143,8 @@ class TeacherStage(Stage):
                 tqdm(todo, desc="teacher", unit="step", disable=not ctx.progress, mininterval=0.5)
             ):
                 chunk = part_rows(part)
-                latents.need(r["latent"] for r in chunk)  # one pass over their chunks; the next step's on a thread:
-                if n + 1 < len(todo):
-                    latents.prefetch(r["latent"] for r in part_rows(todo[n + 1]))
+                following = part_rows(todo[n + 1]) if n + 1 < len(todo) else []
+                latents.need((r["latent"] for r in chunk), then=(r["latent"] for r in following))
                 for kind, arr in delta(chunk, part).items():
                     pool.put(f"{part}.{kind}", arr)
                 fault_point("teacher.step", n + 1)
