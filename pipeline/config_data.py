@@ -43,6 +43,67 @@ class SubsetConfig(Section):
         "epoch holds as many of them as of training images; their loss is weighted by data.prior_loss_weight.",
     )
 
+    # This subset's caption tricks (kohya's subset options): each unset one is data's
+    shuffle_caption: bool | None = Field(None, description="This subset's data.shuffle_caption. Unset: data's.")
+    keep_tokens: int | None = Field(None, ge=0, description="This subset's data.keep_tokens. Unset: data's.")
+    keep_tokens_separator: str | None = Field(
+        None, description="This subset's data.keep_tokens_separator. Unset: data's."
+    )
+    caption_separator: str | None = Field(
+        None, min_length=1, description="This subset's data.caption_separator. Unset: data's."
+    )
+    secondary_separator: str | None = Field(None, description="This subset's data.secondary_separator. Unset: data's.")
+    enable_wildcard: bool | None = Field(None, description="This subset's data.enable_wildcard. Unset: data's.")
+    caption_dropout_rate: float | None = Field(
+        None, ge=0, le=1, description="This subset's data.caption_dropout_rate. Unset: data's."
+    )
+    caption_tag_dropout_rate: float | None = Field(
+        None, ge=0, le=1, description="This subset's data.caption_tag_dropout_rate. Unset: data's."
+    )
+    caption_dropout_every_n_epochs: int | None = Field(
+        None, ge=0, description="This subset's data.caption_dropout_every_n_epochs. Unset: data's."
+    )
+    token_warmup_min: int | None = Field(None, ge=0, description="This subset's data.token_warmup_min. Unset: data's.")
+    token_warmup_step: int | float | str | None = Field(
+        None, description="This subset's data.token_warmup_step. Unset: data's."
+    )
+
+    @field_validator("token_warmup_step")
+    @classmethod
+    def _warmup(cls, v: int | float | str | None) -> int | str | None:
+        return None if v is None else read_warmup(v)
+
+
+# The caption tricks: [data]'s settings that a subset may set for itself (stages/training/captions.py draws them)
+CAPTION_TRICKS = (
+    "shuffle_caption",
+    "keep_tokens",
+    "keep_tokens_separator",
+    "caption_separator",
+    "secondary_separator",
+    "enable_wildcard",
+    "caption_dropout_rate",
+    "caption_tag_dropout_rate",
+    "caption_dropout_every_n_epochs",
+    "token_warmup_min",
+    "token_warmup_step",
+)
+
+
+def read_warmup(v: int | float | str) -> int | str:
+    """token_warmup_step as steps (int) or a percentage (str); kohya's fraction below 1 becomes a percentage."""
+    if isinstance(v, float):  # kohya: a value below 1 is a fraction of the training steps
+        if not 0 <= v < 1:
+            raise ValueError('must be a number of steps, a percentage such as "10%", or a fraction below 1')
+        return f"{v * 100:g}%" if v else 0
+    if isinstance(v, int):
+        if v < 0:
+            raise ValueError("must be 0 or more steps")
+        return v
+    if not re.fullmatch(r"\d+(\.\d+)?%", v) or float(v[:-1]) > 100:
+        raise ValueError('must be a number of steps, a percentage such as "10%", or a fraction below 1')
+    return v
+
 
 class DataConfig(Section):
     """The training images and their captions (stage `caption`)."""
@@ -59,7 +120,8 @@ class DataConfig(Section):
     subsets: list[SubsetConfig] = Field(
         [],
         description="Folders with settings of their own ([[data.subsets]]: images, name, num_repeats, caption_prefix, "
-        "caption_suffix, default_caption), used instead of data.images. See docs/concepts.md#subsets-and-repeats.",
+        "caption_suffix, default_caption, alpha_mask, is_reg and the caption tricks), used instead of data.images. "
+        "See docs/concepts.md#subsets-and-repeats.",
     )
     prior_loss_weight: float = Field(
         1.0,
@@ -150,17 +212,7 @@ class DataConfig(Section):
     @field_validator("token_warmup_step")
     @classmethod
     def _warmup(cls, v: int | float | str) -> int | str:
-        if isinstance(v, float):  # kohya: a value below 1 is a fraction of the training steps
-            if not 0 <= v < 1:
-                raise ValueError('must be a number of steps, a percentage such as "10%", or a fraction below 1')
-            return f"{v * 100:g}%" if v else 0
-        if isinstance(v, int):
-            if v < 0:
-                raise ValueError("must be 0 or more steps")
-            return v
-        if not re.fullmatch(r"\d+(\.\d+)?%", v) or float(v[:-1]) > 100:
-            raise ValueError('must be a number of steps, a percentage such as "10%", or a fraction below 1')
-        return v
+        return read_warmup(v)
 
 
 class LatentsConfig(Section):

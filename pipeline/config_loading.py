@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +97,29 @@ def _closest(model: type[BaseModel], loc: tuple) -> str | None:
     """The closest valid dotted key to an unknown one, walking the schema along loc."""
     cls: Any = model
     for part in loc[:-1]:
-        field = cls.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        if isinstance(part, int):  # an entry of a list of tables ([[data.subsets]]): cls is already its schema
+            continue
+        field = cls.model_fields.get(part)
+        annotation = field.annotation if field is not None else None
+        if typing.get_origin(annotation) is list:
+            annotation = typing.get_args(annotation)[0]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
-        cls = field.annotation
+        cls = annotation
     names = list(cls.model_fields)
     aliases = {a: t for a, t in ALIASES.items() if t in names}
     match = difflib.get_close_matches(str(loc[-1]), names + list(aliases), n=1, cutoff=0.6)
     if not match:
         return None
-    return ".".join([*map(str, loc[:-1]), aliases.get(match[0], match[0])])
+    return _dotted((*loc[:-1], aliases.get(match[0], match[0])))
+
+
+def _dotted(loc: tuple) -> str:
+    """A schema location as the user writes it: data.subsets[1].keep_tokens (list entries counted from 1)."""
+    out = ""
+    for part in loc:
+        out += f"[{part + 1}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 TEXT_ENCODER_FIELDS = ("train_text_encoder", "text_encoder_lr", "loraplus_text_encoder_lr_ratio")
@@ -115,7 +129,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        dotted = ".".join(map(str, loc))
+        dotted = _dotted(loc)
         if e["type"] == "extra_forbidden":
             if loc[0] == "student" and len(loc) == 2 and loc[1] in TEXT_ENCODER_FIELDS:
                 lines.append(

@@ -1,9 +1,10 @@
 """`pipeline import kohya dataset.toml`: a kohya sd-scripts dataset config as our pipeline.toml settings.
 
 kohya reads each option from the subset, then its dataset, then `[general]` (the first that sets it). Ours are
-one data set: per-subset folders, repeats and caption text go to `[[data.subsets]]`; everything else must be the
-same for every subset (it is one setting here) and goes to `[data]`, `[latents]` or `[lora1]`. Every key of the
-file is reported: where it went, or why it did not.
+one data set: per-subset folders, repeats and caption text go to `[[data.subsets]]`; the caption tricks and
+alpha_mask go to `[data]` when every subset has the same, else to each subset; everything else must be the same for
+every subset (it is one setting here) and goes to `[data]`, `[latents]` or `[lora1]`. Every key of the file is
+reported: where it went, or why it did not.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ KOHYA_DEFAULTS = {
     "keep_tokens_separator": "", "caption_separator": ",", "secondary_separator": None, "enable_wildcard": False,
     "caption_dropout_rate": 0.0, "caption_dropout_every_n_epochs": 0, "caption_tag_dropout_rate": 0.0,
     "token_warmup_min": 1, "token_warmup_step": 0, "flip_aug": False, "random_crop": False, "alpha_mask": False,
+}  # fmt: skip
+# SHARED options that a [[data.subsets]] entry may also set for itself: where kohya's subsets differ, each gets its own
+SUBSET_MAY_SET = {
+    "shuffle_caption", "keep_tokens", "keep_tokens_separator", "caption_separator", "secondary_separator",
+    "enable_wildcard", "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
+    "token_warmup_min", "token_warmup_step", "alpha_mask",
 }  # fmt: skip
 # kohya option -> our [[data.subsets]] key
 PER_SUBSET = {
@@ -90,6 +97,7 @@ def import_kohya(path: Path) -> dict:
         if key not in ("general", "datasets"):
             unmapped.append({"kohya": key, "why": "not a section of kohya's dataset config"})
     shared: dict[str, dict] = {}  # our "section.key" -> {value: [where...]}
+    own: dict[str, dict] = {}  # our "section.key" -> {subset number: (value, where)}, for SUBSET_MAY_SET options
     subsets, seen = [], []  # seen: per imported subset, (where, the SHARED options it sets)
     for d_i, dataset in enumerate(datasets, 1):
         for s_i, subset in enumerate(dataset.get("subsets", []), 1):
@@ -109,7 +117,10 @@ def import_kohya(path: Path) -> dict:
                     mapped.append({"kohya": at, "ours": f"data.subsets[{len(subsets) + 1}].{PER_SUBSET[key]}"})
                 elif key in SHARED:
                     section, name = SHARED[key]
-                    shared.setdefault(f"{section}.{name}", {}).setdefault(_convert(key, value, at), []).append(at)
+                    ours_value = _convert(key, value, at)
+                    shared.setdefault(f"{section}.{name}", {}).setdefault(ours_value, []).append(at)
+                    if key in SUBSET_MAY_SET:
+                        own.setdefault(f"{section}.{name}", {})[len(subsets)] = (ours_value, at)
                 else:
                     why = NOT_YET.get(key, "not a kohya dataset option we know; check its spelling")
                     unmapped.append({"kohya": at, "why": why})
@@ -123,6 +134,11 @@ def import_kohya(path: Path) -> dict:
     for dotted, values in shared.items():
         section, name = dotted.split(".")
         sources = sorted({w for ws in values.values() for w in ws})
+        if len(values) > 1 and dotted in own:  # each subset its own (an unset one keeps data's: kohya's default)
+            for n, (value, at) in sorted(own[dotted].items()):
+                subsets[n][name] = value
+                mapped.append({"kohya": at, "ours": f"data.subsets[{n + 1}].{name}"})
+            continue
         if len(values) > 1:
             listed = "; ".join(f"{_show(v)} at {', '.join(ws)}" for v, ws in values.items())
             unmapped.append(

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from cache.store import Manifest
 from stages.base import PlanEnv, Stage, StageContext, StageResult
-from stages.training.captions import CaptionDraw, caption_draw
+from stages.training.captions import CaptionDraw, caption_draw, subset_caption_draws
 from stages.training.params import LoraTrainParams, noise_contract, section_fields
 
 
@@ -18,13 +18,14 @@ class Lora1Params(LoraTrainParams):
     """The shared training params, the text encoder's LoRA (train_text_encoder; its rates None without it), and
     the caption tricks (None when off: the key of a run without them is the key it had before they existed)."""
 
-    UNKEYED_WHEN_NONE = ("captions", "prior_loss_weight")
+    UNKEYED_WHEN_NONE = ("captions", "subset_captions", "prior_loss_weight")
 
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
     loraplus_text_encoder_lr_ratio: float | None = None
     text_encoder_targets: list[str] | None = None  # the family's, when the text encoder is trained
     captions: CaptionDraw | None = None
+    subset_captions: dict[str, CaptionDraw | None] | None = None  # [[data.subsets]] with tricks of their own
     prior_loss_weight: float | None = None  # data.prior_loss_weight, when a subset has is_reg
 
 
@@ -53,6 +54,7 @@ class Lora1Stage(Stage):
             **env.train_fields(c, "lora1"),
             prediction_type=env.prediction_type,
             captions=caption_draw(env.config.data, c.steps),
+            subset_captions=subset_caption_draws(env.config.data, c.steps),
             prior_loss_weight=prior_loss_weight(env.config.data),
         )
 
@@ -106,9 +108,7 @@ class Lora1Stage(Stage):
         text_encoder = env.family.load_text_encoder(env.layout, device) if p.train_text_encoder else None
         data, captions = load_training_data(ctx.store, ctx.upstream, text_encoder, p.prior_loss_weight)
         batches = DiffusionBatches(data, p.seed, p.batch_size)
-        drawn = None
-        if p.captions is not None:
-            drawn = draw_training_captions(ctx, data, captions, p, batches, text_encoder)
+        drawn = draw_training_captions(ctx, data, captions, p, batches, text_encoder)
         preview = ctx.runtime.preview
         job = TrainJob(
             family=env.family,

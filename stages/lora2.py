@@ -10,17 +10,18 @@ from __future__ import annotations
 from cache.store import Manifest
 from core.errors import ConfigError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
-from stages.training.captions import CaptionDraw, caption_draw
+from stages.training.captions import CaptionDraw, caption_draw, subset_caption_draws
 from stages.training.params import LoraTrainParams, section_fields
 
 
 class Lora2Params(LoraTrainParams):
-    UNKEYED_WHEN_NONE = ("captions",)
+    UNKEYED_WHEN_NONE = ("captions", "subset_captions")
 
     lora1_mode: str
     noise_stream: str  # "" replays lora1's draws (paired noise); "lora2" draws its own
     noise_seed: int
     captions: CaptionDraw | None = None  # the caption tricks, None when off
+    subset_captions: dict[str, CaptionDraw | None] | None = None  # [[data.subsets]] with tricks of their own
 
 
 class Lora2Stage(Stage):
@@ -47,6 +48,7 @@ class Lora2Stage(Stage):
             noise_stream="" if d.paired_noise else "lora2",
             noise_seed=l1.seed if d.paired_noise else l2.seed,
             captions=caption_draw(env.config.data, l2.steps),
+            subset_captions=subset_caption_draws(env.config.data, l2.steps),
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -77,9 +79,7 @@ class Lora2Stage(Stage):
         env, p = ctx.env, ctx.params
         data, captions = load_training_data(ctx.store, ctx.upstream)
         batches = DiffusionBatches(data, p.noise_seed, p.batch_size, p.noise_stream)
-        drawn = None
-        if p.captions is not None:
-            drawn = draw_training_captions(ctx, data, captions, p, batches, None)
+        drawn = draw_training_captions(ctx, data, captions, p, batches, None)
         lora1_file = trained_file(ctx.upstream["lora1"].outputs)
         lora1 = ctx.store.read_object(lora1_file["digest"], "the LoRA-1 file")
         preset = read_lora_file(lora1, env.family.kohya_prefix, env.family.lora_component)

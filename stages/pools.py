@@ -330,20 +330,25 @@ class DrawnForTraining:
     path: Path  # captions.json: the distinct strings and each micro-step's rows into them
 
 
-def draw_training_captions(ctx, data, captions: list[str], params, batches, text_encoder) -> DrawnForTraining:
-    """Caption tricks (params.captions) for a DiffusionBatches run of params.steps x params.grad_accum micro-steps:
-    draw every slot's caption, encode each distinct string once (through the shared text pool, or as token ids for
-    a text encoder in training), and point the data's slots at them."""
+def draw_training_captions(ctx, data, captions: list[str], params, batches, text_encoder) -> DrawnForTraining | None:
+    """Caption tricks (params.captions, and params.subset_captions for the items of subsets with their own) for a
+    DiffusionBatches run of params.steps x params.grad_accum micro-steps: draw every slot's caption, encode each
+    distinct string once (through the shared text pool, or as token ids for a text encoder in training), and point
+    the data's slots at them. None when no trick is on (the items' captions are trained as written)."""
     import json
 
     import torch
 
-    from stages.training.captions import draw_slots
+    from stages.training.captions import caption_tricks, draw_slots
 
     env = ctx.env
     p = params
+    tricks = caption_tricks(p)
+    if tricks is None:
+        return None
+    specs = [tricks.of(i) for i in ctx.upstream["caption"].record["items"]]
     drawn = draw_slots(
-        p.captions, captions, batches.seed, batches.stream, batches.batch_size, p.grad_accum, p.steps, batches.order
+        specs, captions, batches.seed, batches.stream, batches.batch_size, p.grad_accum, p.steps, batches.order
     )
     record = {"slots": len(drawn.slots), "distinct": len(drawn.strings)}
     pools = {}

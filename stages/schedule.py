@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 
 from stages.base import PlanEnv, Stage, StageContext, StageResult
-from stages.training.captions import CaptionDraw, caption_draw
+from stages.training.captions import CaptionDraw, caption_draw, caption_tricks, subset_caption_draws
 from stages.training.params import KeyedParams, noise_contract
 
 
 class ScheduleParams(KeyedParams):
-    UNKEYED_WHEN_NONE = ("captions",)
+    UNKEYED_WHEN_NONE = ("captions", "subset_captions")
 
     steps: int
     batch_size: int
@@ -28,6 +28,7 @@ class ScheduleParams(KeyedParams):
     prediction_type: str
     guidance_embed: float | None = None
     captions: CaptionDraw | None = None  # data's caption tricks, drawn into the training rows; None when off
+    subset_captions: dict[str, CaptionDraw | None] | None = None  # [[data.subsets]] with tricks of their own
 
 
 class ScheduleStage(Stage):
@@ -47,15 +48,22 @@ class ScheduleStage(Stage):
                 f"least one must stay for training. Lower it (0: measure fidelity on the training images only)."
             )
         captions = caption_draw(env.config.data, s.steps)
-        if captions is not None and captions.dropout_rate and s.caption_dropout:
+        subsets = subset_caption_draws(env.config.data, s.steps)
+        draws = {"data": captions} | {f"data.subsets ({n})": d for n, d in (subsets or {}).items()}
+        dropping = [(where, d.dropout_rate) for where, d in draws.items() if d is not None and d.dropout_rate]
+        if dropping and s.caption_dropout:
+            where, rate = dropping[0]
             raise ConfigError(
-                f"schedule.caption_dropout = {s.caption_dropout:g} and data.caption_dropout_rate = "
-                f"{env.config.data.caption_dropout_rate:g} both drop captions of the schedule's rows; set one of them "
-                f"to 0."
+                f"schedule.caption_dropout = {s.caption_dropout:g} and {where}.caption_dropout_rate = {rate:g} both "
+                f"drop captions of the schedule's rows; set one of them to 0."
             )
         return ScheduleParams(
-            **s.model_dump(include=set(ScheduleParams.model_fields) - {"timesteps", "guidance_embed", "captions"}),
+            **s.model_dump(
+                include=set(ScheduleParams.model_fields)
+                - {"timesteps", "guidance_embed", "captions", "subset_captions"}
+            ),
             captions=captions,
+            subset_captions=subsets,
             timesteps=env.model.timesteps(s, "schedule", env.config.latents.resolution),
             prediction_type=env.prediction_type,
             guidance_embed=guidance_embed_for(env.model, s.guidance_embed, "schedule.guidance_embed"),
@@ -96,13 +104,14 @@ class ScheduleStage(Stage):
             latent_shape=tuple(ctx.upstream["latents"].record["shape"]),
         )
         views = item_views(ctx.upstream["latents"].record, items)
-        schedule = build_schedule(spec, items, make_process(p.timesteps, p.prediction_type), p.captions, views)
+        tricks = caption_tricks(p)
+        schedule = build_schedule(spec, items, make_process(p.timesteps, p.prediction_type), tricks, views)
         path = ctx.work_dir / "schedule.json"
         doc = {"spec": spec.__dict__, "torch": torch.__version__, **schedule}
         path.write_text(json.dumps(doc, separators=(",", ":"), sort_keys=True))
         strings = sorted({r["caption"] for r in schedule["rows"] + schedule["heldout"] + schedule["fit"]})
         record = {"spec": spec.__dict__, "rows": len(schedule["rows"]), "strings": strings, "torch": torch.__version__}
-        if p.captions is not None:
+        if tricks is not None:
             drawn = {r["caption"] for r in schedule["rows"]}
             record["captions"] = {"slots": len(schedule["rows"]), "distinct": len(drawn)}
             ctx.log(f"schedule: {len(schedule['rows'])} training rows drew {len(drawn)} distinct caption strings")

@@ -84,6 +84,37 @@ def test_caption_draw_is_none_until_a_setting_changes_a_caption():
     assert caption_draw(DataConfig(token_warmup_step=7), 200).warmup_steps == 7
 
 
+def test_a_subset_s_own_tricks_merge_over_data_s():
+    from pipeline.config import SubsetConfig
+    from stages.training.captions import CaptionTricks, subset_caption_draws
+
+    subsets = [
+        {"images": "a"},  # none of its own: data's
+        {"images": "b", "shuffle_caption": True},  # data's keep_tokens and tag dropout still apply
+        {"images": "c", "name": "plain", "caption_tag_dropout_rate": 0.0},  # its only trick turned off
+    ]
+    data = DataConfig(subsets=subsets, keep_tokens=1, caption_tag_dropout_rate=0.5)
+    default = caption_draw(data, 10)
+    assert default == CaptionDraw(tag_dropout_rate=0.5, keep_tokens=1)
+    own = subset_caption_draws(data, 10)
+    assert own == {"b": CaptionDraw(shuffle=True, tag_dropout_rate=0.5, keep_tokens=1), "plain": None}
+    tricks = CaptionTricks(default, own)
+    assert [tricks.of(i) for i in ({"subset": "a"}, {"subset": "plain"}, {})] == [default, None, default]
+    # no subset sets a trick of its own: nothing to key
+    assert subset_caption_draws(DataConfig(subsets=[{"images": "a"}], shuffle_caption=True), 10) is None
+    assert SubsetConfig(images="a", token_warmup_step=0.25).token_warmup_step == "25%"
+    assert caption_draw(data, 200, SubsetConfig(images="a", token_warmup_step="10%")).warmup_steps == 20
+
+
+def test_items_without_tricks_keep_their_written_caption_in_every_slot():
+    captions = [TAGS, "x, y, z"]
+    drawn = draw_slots([CaptionDraw(shuffle=True), None], captions, seed=1, stream="", batch_size=2, grad_accum=1,
+                       steps=20)  # fmt: skip
+    assert "x, y, z" in drawn.strings and not any(sorted(s.split(", ")) == ["x", "y", "z"] and s != "x, y, z"
+                                                  for s in drawn.strings)  # fmt: skip
+    assert len(drawn.strings) > 5  # the first item's shuffles
+
+
 WARMUP_ERRORS = [(1.5, "fraction below 1"), (-1, "0 or more"), ("abc", "percentage"), ("120%", "%")]
 
 

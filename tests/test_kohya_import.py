@@ -32,10 +32,12 @@ color_aug = false
   caption_prefix = 'art, '
   flip_aug = true
   shufle_caption = true
+  caption_dropout_rate = 0.1
 
   [[datasets.subsets]]
   image_dir = 'reg/person'
   is_reg = true
+  shuffle_caption = false
 """
 
 
@@ -49,16 +51,19 @@ def test_every_kohya_key_is_mapped_or_named_with_its_reason(project):
     assert out.exit_code == 0, out.output
     report = json.loads(out.stdout)
     s = report["settings"]
-    assert s["data"] == {"shuffle_caption": True, "caption_extensions": [".txt"], "keep_tokens": 1}
+    assert s["data"] == {"caption_extensions": [".txt"], "keep_tokens": 1}
     assert s["latents"] == {
         "resolution": 32, "buckets": "auto", "min_bucket_reso": 16, "max_bucket_reso": 64, "bucket_reso_steps": 16
     }  # fmt: skip
     assert s["lora1"] == {"batch_size": 2}
+    # the caption tricks the subsets set differently go to each subset (unset: data's, which is kohya's default)
     assert s["data.subsets"] == [
-        {"images": "train/person", "default_caption": "sks person", "num_repeats": 3, "name": "person-1"},
-        {"images": "train/style", "caption_prefix": "art, "},
-        {"images": "reg/person", "is_reg": True, "name": "person-3"},  # two folders named person: numbered
-    ]
+        {"images": "train/person", "default_caption": "sks person", "num_repeats": 3, "shuffle_caption": True,
+         "name": "person-1"},
+        {"images": "train/style", "caption_prefix": "art, ", "shuffle_caption": True, "caption_dropout_rate": 0.1},
+        {"images": "reg/person", "is_reg": True, "shuffle_caption": False, "name": "person-3"},  # numbered names
+    ]  # fmt: skip
+    assert {"kohya": "general.shuffle_caption", "ours": "data.subsets[1].shuffle_caption"} in report["mapped"]
     why = {u["kohya"]: u["why"] for u in report["unmapped"]}
     assert "cached latents" in why["datasets[1].color_aug"]
     assert "check its spelling" in why["datasets[1].subsets[2].shufle_caption"]

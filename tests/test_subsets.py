@@ -97,6 +97,12 @@ def test_subset_mistakes_are_named(project):
     out = project.cli("run", "lora")
     assert out.exit_code != 0 and "data.subsets (subset nowhere): images: the folder" in out.output
     assert "Traceback" not in out.output
+    _subsets(project)
+    project.settings["data"]["subsets"][1].update(shuffle_captions=True, keep_tokens=-1)
+    project.write_config()
+    out = project.cli("run", "lora")
+    assert out.exit_code == 2 and "did you mean `data.subsets[2].shuffle_caption`?" in out.output
+    assert "`data.subsets[2].keep_tokens` in pipeline.toml: Input should be greater than or equal to 0" in out.output
 
 
 @pytest.mark.parametrize("workflow", ["transfer"])
@@ -186,3 +192,82 @@ def test_prior_loss_weight_keys_lora1_only_with_regularization_images(project):
     assert {s for s in base if base[s] != new[s]} == {"lora1"}
     out = project.cli("run", "lora", "--set", "data.subsets=[{images='class', is_reg=true}]")
     assert out.exit_code == 2 and "every subset has is_reg = true" in out.output
+
+
+# -- per-subset caption tricks -----------------------------------------------------------------------------------
+
+
+def _tricks_in_one_subset(project) -> None:
+    """people: three-tag captions used as written; art: shuffled, its trigger kept first."""
+    _subsets(project)
+    people, art = project.settings["data"]["subsets"]
+    people["caption_prefix"] = "photo, portrait, "
+    art.update(caption_suffix=", drawing, flat colours", shuffle_caption=True, keep_tokens=1)
+    project.write_config()
+
+
+def _is_shuffle_of(drawn: str, written: str) -> bool:
+    return sorted(drawn.split(", ")) == sorted(written.split(", "))
+
+
+def test_a_subset_s_own_caption_tricks_apply_to_its_images_only(project):
+    _tricks_in_one_subset(project)
+    out = project.run_json("--set", "lora1.steps=12")
+    assert {s["name"]: s["action"] for s in out["stages"]}["lora1"] == "ran"
+    items = json.loads(project.manifests("caption")[-1].read_text())["record"]["items"]
+    written = {name: [i["caption"] for i in items if i["subset"] == name] for name in ("people", "art")}
+    drawn = json.loads((project.root / "output" / "lora" / "lora1" / "captions.json").read_text())["strings"]
+    for text in drawn:
+        person = [w for w in written["people"] if _is_shuffle_of(text, w)]
+        assert person == [] or text in written["people"]  # people's captions: never shuffled
+        if not person:
+            assert text.startswith("sks, ") and any(_is_shuffle_of(text, w) for w in written["art"])
+    assert set(written["people"]) <= set(drawn)
+    assert any(text not in written["art"] for text in drawn if text.startswith("sks, "))  # art's: shuffled
+    lora1 = json.loads(project.manifests("lora1")[-1].read_text())["record"]["captions"]
+    assert lora1["distinct"] == len(drawn)
+
+
+def test_subset_tricks_key_the_drawing_stages_only_and_unset_ones_key_nothing(project):
+    from test_keys import keys
+
+    _tricks_in_one_subset(project)
+    base = keys(project, workflow="lora")
+    project.settings["data"]["subsets"][1]["keep_tokens"] = 2
+    project.write_config()
+    assert {s for s, k in keys(project, workflow="lora").items() if base[s] != k} == {"lora1"}
+    project.settings["data"]["subsets"][1].pop("shuffle_caption")
+    project.settings["data"]["subsets"][1].pop("keep_tokens")
+    project.settings["data"]["shuffle_caption"] = True
+    project.write_config()
+    # the same tricks from [data] for every subset: lora1's params have no per-subset entry
+    from cache.store import Store
+    from pipeline.config_loading import load_config
+    from stages.base import PlanEnv
+    from stages.lora1 import Lora1Stage
+
+    loaded = load_config(project.config, [])
+    params = Lora1Stage().params(PlanEnv(loaded, Store(loaded.store_dir)))
+    assert params.captions.shuffle and "subset_captions" not in params.model_dump()
+
+
+def test_the_transfer_schedule_draws_each_subset_s_tricks(transfer_project):
+    _tricks_in_one_subset(transfer_project)
+    transfer_project.write_config(schedule={"steps": 6, "batch_size": 2, "heldout_images": 0})
+    out = transfer_project.run_json(workflow="transfer")
+    assert {s["name"]: s["action"] for s in out["stages"]}["student"] == "ran"  # the student checks every caption
+    from cache.store import Store
+
+    items = json.loads(transfer_project.manifests("caption")[-1].read_text())["record"]["items"]
+    written = {i["id"]: i["caption"] for i in items}
+    schedule = json.loads(transfer_project.manifests("schedule")[-1].read_text())["outputs"]["schedule.json"]["digest"]
+    rows = json.loads(Store(transfer_project.store).read_object(schedule).read_text())["rows"]
+    people = [r for r in rows if r["item"].startswith("people/")]
+    art = [r for r in rows if r["item"].startswith("art/")]
+    assert people and all(r["caption"] == written[r["item"]] for r in people)
+    assert all(r["caption"].startswith("sks, ") and _is_shuffle_of(r["caption"], written[r["item"]]) for r in art)
+    assert any(r["caption"] != written[r["item"]] for r in art)
+    transfer_project.settings["data"]["subsets"][1]["caption_dropout_rate"] = 0.1
+    transfer_project.write_config(schedule={"caption_dropout": 0.1})
+    refused = transfer_project.cli("run", "transfer", "--dry-run")
+    assert refused.exit_code == 2 and "data.subsets (art).caption_dropout_rate = 0.1" in refused.output

@@ -38,27 +38,31 @@ class CaptionDraw(BaseModel):
         return self.shuffle or self.warmup_steps > 0 or self.tag_dropout_rate > 0
 
 
-def caption_draw(data, steps: int) -> CaptionDraw | None:
-    """The data section's caption tricks for a stage of `steps` optimizer steps; None when none is on, so that a
-    stage without them keeps its key. Settings only read with another one (keep_tokens without a shuffle, dropout
-    or warmup) are left out until that one is on."""
+def caption_draw(data, steps: int, subset=None) -> CaptionDraw | None:
+    """The data section's caption tricks (a subset's own where it sets them) for a stage of `steps` optimizer
+    steps; None when none is on, so that a stage without them keeps its key. Settings only read with another one
+    (keep_tokens without a shuffle, dropout or warmup) are left out until that one is on."""
+    from pipeline.config_data import CAPTION_TRICKS
     from stages.training.optim import steps_of
 
-    warmup = steps_of(data.token_warmup_step, steps)
+    s = {k: getattr(data, k) for k in CAPTION_TRICKS}
+    if subset is not None:
+        s |= {k: getattr(subset, k) for k in CAPTION_TRICKS if getattr(subset, k) is not None}
+    warmup = steps_of(s["token_warmup_step"], steps)
     draw = CaptionDraw(
-        shuffle=data.shuffle_caption,
-        separator=data.caption_separator,
-        secondary_separator=data.secondary_separator,
-        wildcards=data.enable_wildcard,
-        dropout_rate=data.caption_dropout_rate,
-        tag_dropout_rate=data.caption_tag_dropout_rate,
-        dropout_every_n_epochs=data.caption_dropout_every_n_epochs,
+        shuffle=s["shuffle_caption"],
+        separator=s["caption_separator"],
+        secondary_separator=s["secondary_separator"],
+        wildcards=s["enable_wildcard"],
+        dropout_rate=s["caption_dropout_rate"],
+        tag_dropout_rate=s["caption_tag_dropout_rate"],
+        dropout_every_n_epochs=s["caption_dropout_every_n_epochs"],
         warmup_steps=warmup,
     )
     if draw.splits_tags:
-        draw.keep_tokens, draw.keep_tokens_separator = data.keep_tokens, data.keep_tokens_separator
+        draw.keep_tokens, draw.keep_tokens_separator = s["keep_tokens"], s["keep_tokens_separator"]
         if warmup:
-            draw.warmup_min = data.token_warmup_min
+            draw.warmup_min = s["token_warmup_min"]
     elif not (draw.secondary_separator or draw.wildcards or draw.dropout_rate or draw.dropout_every_n_epochs):
         return None
     if not draw.splits_tags:
@@ -66,12 +70,48 @@ def caption_draw(data, steps: int) -> CaptionDraw | None:
     return draw
 
 
+def subset_caption_draws(data, steps: int) -> dict[str, CaptionDraw | None] | None:
+    """{subset name: its caption tricks} for the [[data.subsets]] that set any of their own (data's merged under
+    them; None: that subset's captions are used as written); None when no subset does, so keys stay as they were."""
+    from pipeline.config_data import CAPTION_TRICKS
+
+    own = {
+        s.name or s.images.name: caption_draw(data, steps, s)
+        for s in data.subsets
+        if any(getattr(s, k) is not None for k in CAPTION_TRICKS)
+    }
+    return own or None
+
+
+class CaptionTricks:
+    """Which caption tricks each item's slots draw with: its subset's own (subset_caption_draws), or data's."""
+
+    def __init__(self, default: CaptionDraw | None, subsets: dict[str, CaptionDraw | None] | None = None):
+        self.default, self.subsets = default, subsets or {}
+
+    def of(self, item: dict) -> CaptionDraw | None:
+        subset = item.get("subset")
+        return self.subsets[subset] if subset in self.subsets else self.default
+
+    def all(self) -> list[CaptionDraw]:
+        return [d for d in (self.default, *self.subsets.values()) if d is not None]
+
+
+def caption_tricks(params) -> CaptionTricks | None:
+    """A drawing stage's tricks from its params (captions, subset_captions); None when no caption changes."""
+    tricks = CaptionTricks(params.captions, params.subset_captions)
+    return tricks if tricks.all() else None
+
+
 _WILDCARD = re.compile(r"\{([^}]+)\}")
 
 
-def draw_caption(caption: str, spec: CaptionDraw, rng: random.Random, epoch: int, step: int) -> str:
+def draw_caption(caption: str, spec: CaptionDraw | None, rng: random.Random, epoch: int, step: int) -> str:
     """One slot's caption: kohya's process_caption (dropout, wildcards, keep/warmup/shuffle/tag dropout,
-    secondary separator) with its randomness from `rng`. epoch counts from 1; step is the optimizer step."""
+    secondary separator) with its randomness from `rng`. epoch counts from 1; step is the optimizer step. No spec
+    (a subset whose tricks are off): the caption as written."""
+    if spec is None:
+        return caption
     if spec.dropout_rate > 0 and rng.random() < spec.dropout_rate:
         return ""
     if spec.dropout_every_n_epochs and epoch % spec.dropout_every_n_epochs == 0:
@@ -132,7 +172,7 @@ class DrawnCaptions:
 
 
 def draw_slots(
-    spec: CaptionDraw,
+    spec: CaptionDraw | list[CaptionDraw | None],
     captions: list[str],
     seed: int,
     stream: str,
@@ -143,13 +183,14 @@ def draw_slots(
 ) -> DrawnCaptions:
     """The caption of every slot of a DiffusionBatches run (items from its BatchOrder: by default the plain one of
     (seed, batch size)); captions are the items' written captions in item order. Epochs count passes over the
-    items, from 1."""
+    items, from 1. spec: one for every item, or each item's own (CaptionTricks.of)."""
+    specs = spec if isinstance(spec, list) else [spec] * len(captions)
     order = order or BatchOrder(seed, batch_size, len(captions))
     rows: dict[str, int] = {}
     slots = []
     for k in range(steps * grad_accum):
         for slot, i in enumerate(order.batch(k)):
             rng = slot_rng(stream, seed, k, slot)
-            text = draw_caption(captions[i], spec, rng, order.epoch(k, slot), k // grad_accum)
+            text = draw_caption(captions[i], specs[i], rng, order.epoch(k, slot), k // grad_accum)
             slots.append(rows.setdefault(text, len(rows)))
     return DrawnCaptions(list(rows), slots, batch_size)

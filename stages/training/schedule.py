@@ -119,10 +119,11 @@ def build_schedule(spec: ScheduleSpec, items: list[dict], process, captions=None
     """Rows for every (micro-step, slot) in order over the training items; `heldout` rows on the held-out images
     (or, with none held out, new draws on the training items); `fit` rows, new draws on the training items.
 
-    captions (a CaptionDraw: data.shuffle_caption, ...) draws the caption of every training row from the row's own
-    randomness; the held-out and fit rows keep the written captions, the ones a user prompts with. views
-    (item_views: buckets, random crops, flips) puts each micro-batch in one bucket and gives each training row the
-    view its slot draws; the held-out and fit rows take view 0 (the first crop, unflipped)."""
+    captions (CaptionTricks: data.shuffle_caption, ..., or the row's subset's own) draws the caption of every
+    training row from the row's own randomness; the held-out and fit rows keep the written captions, the ones a
+    user prompts with. views (item_views: buckets, random crops, flips) puts each micro-batch in one bucket and
+    gives each training row the view its slot draws; the held-out and fit rows take view 0 (the first crop,
+    unflipped)."""
     from stages.buckets import slot_view
     from stages.training.captions import draw_caption, slot_rng
     from stages.training.sampling import BatchOrder
@@ -145,7 +146,8 @@ def build_schedule(spec: ScheduleSpec, items: list[dict], process, captions=None
             row = _row(spec, "schedule", k, slot, train[i], process, view)
             if captions is not None and row["caption"]:
                 rng = slot_rng("schedule", spec.seed, k, slot)
-                row["caption"] = draw_caption(row["caption"], captions, rng, order.epoch(k, slot), k // spec.grad_accum)
+                draw = captions.of(train[i])
+                row["caption"] = draw_caption(row["caption"], draw, rng, order.epoch(k, slot), k // spec.grad_accum)
             rows.append(row)
 
     def extra(stream: str, pool: list[dict]) -> list[dict]:
