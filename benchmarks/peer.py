@@ -15,7 +15,11 @@ Ours runs the whole `lora` workflow (caption, latents, text, lora1) with default
 Printed per repeat: seconds per step (median after a warmup), total wall of the process, peak RSS; then the ratios
 ours / peer.
 
-    .venv/bin/python benchmarks/peer.py [--steps 40] [--repeats 3] [--images 16]
+With --buckets, a third of the images are landscape (2:1) and a third portrait (1:2); the example can only
+centre-crop them to the square (its transform), ours trains them in aspect-ratio buckets (latents.buckets = "auto",
+32 to 128 px in steps of 16: 80x48, 48x80 and 64x64, about the square's pixels), so both see one resolution's area.
+
+    .venv/bin/python benchmarks/peer.py [--steps 40] [--repeats 3] [--images 16] [--buckets]
 """
 
 from __future__ import annotations
@@ -158,16 +162,27 @@ def child(kind: str, root: Path, steps: int) -> None:
     print("PEER-RESULT " + json.dumps(result), flush=True)
 
 
-def setup(root: Path, n_images: int, steps: int) -> None:
+BUCKETS = 'buckets = "auto"\nmin_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 16\n'
+
+
+def setup(root: Path, n_images: int, steps: int, buckets: bool = False) -> None:
     sys.path.insert(0, str(REPO))
+    from PIL import Image
+
     from pipeline.demo import write_images
     from stages.families.tiny import build_tiny_sd15
 
     build_tiny_sd15(root / "model", seed=0)
     write_images(root / "images", count=n_images, size=96)
+    for n, path in enumerate(sorted((root / "images").glob("*.png")) if buckets else []):
+        size = [None, (128, 64), (64, 128)][n % 3]
+        if size:
+            with Image.open(path) as im:
+                im.resize(size, Image.Resampling.BICUBIC).save(path)
     (root / "pipeline.toml").write_text(
         f'[model]\npath = "model"\n[data]\nimages = "images"\n[latents]\nresolution = {SETTINGS["resolution"]}\n'
-        f"[lora1]\nrank = {SETTINGS['rank']}\nalpha = {float(SETTINGS['rank'])}\nlr = {SETTINGS['lr']}\n"
+        + (BUCKETS if buckets else "")
+        + f"[lora1]\nrank = {SETTINGS['rank']}\nalpha = {float(SETTINGS['rank'])}\nlr = {SETTINGS['lr']}\n"
         f'steps = {steps}\nbatch_size = {SETTINGS["batch_size"]}\noptimizer = "adamw"\nmax_grad_norm = 1.0\n'
         f'targets = ["to_k", "to_q", "to_v", "to_out.0"]\n'
     )
@@ -203,6 +218,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--buckets", action="store_true", help="mixed aspect ratios; ours in buckets")
     ap.add_argument("--child", choices=["peer", "ours"])
     ap.add_argument("--root", type=Path)
     args = ap.parse_args()
@@ -214,12 +230,12 @@ def main() -> None:
     print(
         f"tiny SD 1.x, {args.images} images at {SETTINGS['resolution']} px, batch {SETTINGS['batch_size']}, rank "
         f"{SETTINGS['rank']}, {args.steps} steps, {args.repeats} repeats, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads" + (", mixed aspect ratios (ours bucketed)" if args.buckets else "")
     )
     results: dict[str, list[dict]] = {"peer": [], "ours": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        setup(root, args.images, args.steps)
+        setup(root, args.images, args.steps, args.buckets)
         for r in range(args.repeats):
             for kind in ("peer", "ours") if r % 2 == 0 else ("ours", "peer"):
                 res = run(kind, root, args.steps)

@@ -8,7 +8,11 @@ For each size, one fresh project (the demo's tiny model, the demo's shapes drawn
   the layout before chunking (one zarr array per item), written in this run from the same latents (the baseline);
 - `pipeline status lora` seconds on the finished project.
 
-    .venv/bin/python benchmarks/scaling.py [--sizes 50 500 5000]
+With --buckets, a third of the images are stretched to 96x48 (landscape) and a third to 48x96 (portrait), and
+latents.buckets = "auto" (32 to 128 px in steps of 16 at resolution 64) sends them to 80x48, 48x80 and 64x64: a pool
+array per bucket shape, batches drawn within one bucket.
+
+    .venv/bin/python benchmarks/scaling.py [--sizes 50 500 5000] [--buckets]
 """
 
 from __future__ import annotations
@@ -45,7 +49,21 @@ def per_item_layout(latents: dict, folder: Path) -> tuple[int, int, int]:
     return tree_counts(folder)
 
 
-def measure(n: int, root: Path, env: dict) -> dict:
+BUCKETS = 'buckets = "auto"\nmin_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 16\n'
+
+
+def stretch_some(folder: Path) -> None:
+    """Every third image to 96x48 and every third to 48x96 (the rest stay 64x64)."""
+    from PIL import Image
+
+    for n, path in enumerate(sorted(folder.glob("*.png"))):
+        size = [None, (96, 48), (48, 96)][n % 3]
+        if size:
+            with Image.open(path) as im:
+                im.resize(size, Image.Resampling.BICUBIC).save(path)
+
+
+def measure(n: int, root: Path, env: dict, buckets: bool = False) -> dict:
     from cache.store import Store
     from pipeline.demo import ensure_demo, write_images
 
@@ -53,8 +71,10 @@ def measure(n: int, root: Path, env: dict) -> dict:
     project = root / f"p{n}"
     project.mkdir()
     write_images(project / "images", count=n, size=64, seed=n)
+    if buckets:
+        stretch_some(project / "images")
     (project / "pipeline.toml").write_text(
-        f'[model]\npath = "{demo / "models" / "tiny-sd15"}"\n[latents]\nresolution = 64\n'
+        f'[model]\npath = "{demo / "models" / "tiny-sd15"}"\n[latents]\nresolution = 64\n{BUCKETS if buckets else ""}'
         f"[lora1]\nrank = 4\nalpha = 4.0\nsteps = {STEPS}\nbatch_size = 4\n[runtime]\ncheckpoint_every = 0\n"
     )
     cli = [sys.executable, str(REPO / "cli.py")]
@@ -80,7 +100,7 @@ def measure(n: int, root: Path, env: dict) -> dict:
     store = Store(project / ".pipeline")
     manifest = next(store.root.glob("stages/latents/*/manifest.json"))
     record = json.loads(manifest.read_text())["record"]
-    pool = store.pool(record["pool"])
+    pool = store.pool(record["pool"])  # bucketed: one array per shape, in the same pool
     names = sorted(pool.committed())
     latents = pool.get_many(names)
     latent_bytes = sum(a.nbytes for a in latents.values())
@@ -103,12 +123,13 @@ def measure(n: int, root: Path, env: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 500, 5000])
+    ap.add_argument("--buckets", action="store_true", help="mixed aspect ratios, latents.buckets = auto")
     args = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSFORMERS_VERBOSITY": "error"}
     rows = []
     with tempfile.TemporaryDirectory(prefix="lp-scale-") as tmp:
         for n in args.sizes:
-            row = measure(n, Path(tmp), env)
+            row = measure(n, Path(tmp), env, args.buckets)
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
