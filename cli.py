@@ -118,7 +118,8 @@ def run(
     family: str = typer.Option(
         "sd15",
         "--family",
-        help="With --demo: the demo's model family, sd15, zimage or flux2 (./pipeline-demo-<family> for the last two).",
+        help="With --demo: the demo's model family, sd15, sdxl, zimage or flux2 (./pipeline-demo-<family> for all "
+        "but sd15).",
     ),
     as_json: bool = JsonOpt,
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
@@ -132,8 +133,8 @@ def run(
 
         if workflow not in workflow_names():  # before building anything
             raise PipelineError(f"unknown workflow {workflow!r}. Known workflows: {', '.join(workflow_names())}.")
-        if family not in ("sd15", "zimage", "flux2"):
-            raise PipelineError(f"--family {family!r}: the demo has sd15, zimage and flux2.")
+        if family not in ("sd15", "sdxl", "zimage", "flux2"):
+            raise PipelineError(f"--family {family!r}: the demo has sd15, sdxl, zimage and flux2.")
         config = ensure_demo(family=family)
     elif family != "sd15":
         raise PipelineError(
@@ -363,7 +364,7 @@ lora_app = typer.Typer(
 )
 app.add_typer(lora_app, name="lora")
 FamilyOpt = typer.Option(
-    "auto", "--family", help="Model family: sd15, zimage or flux2; auto: from --model, else from the LoRA file."
+    "auto", "--family", help="Model family: sd15, sdxl, zimage or flux2; auto: from --model, else from the LoRA file."
 )
 ModelOpt = typer.Option(None, "--model", help="The model the LoRA was trained for (maps kohya names exactly).")
 UnetOnlyOpt = typer.Option(False, "--unet-only", help="Leave out the text-encoder modules (lora_te_*) on purpose.")

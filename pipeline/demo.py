@@ -2,8 +2,8 @@
 
 `pipeline run transfer --demo` (or `lora`, `differential`) builds ./pipeline-demo/ once (deterministically, so
 its digests never change and a second run reuses every stage), then runs the workflow on its pipeline.toml.
-`--family zimage` / `--family flux2` do the same with tiny Z-Image / FLUX.2 [klein] Base and Turbo pairs in
-./pipeline-demo-zimage/ and ./pipeline-demo-flux2/.
+`--family sdxl` / `--family zimage` / `--family flux2` do the same with tiny SDXL / Z-Image / FLUX.2 [klein] Base
+and Turbo pairs in ./pipeline-demo-sdxl/, ./pipeline-demo-zimage/ and ./pipeline-demo-flux2/.
 """
 
 from __future__ import annotations
@@ -107,6 +107,10 @@ def write_pairs(folder: Path, size: int = 64) -> None:
 # transfer guidance the seed recommends (2.5 FLUX.2, 3.0 Z-Image Turbo), and flow-matching previews (Turbo: no
 # CFG). Images must be a multiple of 16 pixels (8x VAE, 2x2 patches).
 FAMILY_SETTINGS = {
+    "sdxl": {  # SD's settings; an SDXL pair whose student UNet is perturbed, like SD's Turbo
+        "model": {"path": "models/tiny-sdxl", "family": "sdxl"},
+        "transfer": {"student_model": "models/tiny-sdxl-turbo"},
+    },
     "zimage": {
         "model": {"path": "models/tiny-zimage", "family": "zimage"},
         "transfer": {"student_model": "models/tiny-zimage-turbo"},
@@ -146,7 +150,7 @@ def ensure_demo(root: Path | None = None, family: str = "sd15") -> Path:
     """Build the demo folder of a family if it is not there yet; return its config path."""
     root = root or demo_dir(family)
     if family != "sd15":
-        return _ensure_flow_demo(root, family)
+        return _ensure_family_demo(root, family)
     config = root / "pipeline.toml"
     model = root / "models" / "tiny-sd15"
     if not (model / "model_index.json").exists():
@@ -181,15 +185,26 @@ def _ensure_data(root: Path) -> None:
         write_pairs(root / "pairs")
 
 
-def _ensure_flow_demo(root: Path, family: str) -> Path:
+def _ensure_family_demo(root: Path, family: str) -> Path:
     from stages.families import tiny_flow
 
     base = root / FAMILY_SETTINGS[family]["model"]["path"]
     turbo = root / FAMILY_SETTINGS[family]["transfer"]["student_model"]
-    builders = {"zimage": tiny_flow.build_tiny_zimage, "flux2": tiny_flow.build_tiny_flux2}
-    pretty = {"zimage": "a tiny Z-Image model", "flux2": "a tiny FLUX.2 [klein] Base model"}[family]
-    _build(base, pretty, lambda tmp: builders[family](tmp, seed=0))
-    _build(turbo, "its distilled ('Turbo') sibling", lambda tmp: tiny_flow.build_tiny_flow_turbo(base, tmp))
+    from stages.families import tiny
+
+    builders = {
+        "sdxl": tiny.build_tiny_sdxl,
+        "zimage": tiny_flow.build_tiny_zimage,
+        "flux2": tiny_flow.build_tiny_flux2,
+    }
+    pretty = {
+        "sdxl": "a tiny SDXL model",
+        "zimage": "a tiny Z-Image model",
+        "flux2": "a tiny FLUX.2 [klein] Base model",
+    }
+    sibling = tiny.build_tiny_turbo if family == "sdxl" else tiny_flow.build_tiny_flow_turbo
+    _build(base, pretty[family], lambda tmp: builders[family](tmp, seed=0))
+    _build(turbo, "its distilled ('Turbo') sibling", lambda tmp: sibling(base, tmp))
     _ensure_data(root)
     config = root / "pipeline.toml"
     if not config.exists():

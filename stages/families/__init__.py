@@ -6,10 +6,11 @@ from pathlib import Path
 
 from stages.families.base import Conditioning, ModelFamily, ModelLayout
 
-FAMILIES = ("sd15", "zimage", "flux2")
+FAMILIES = ("sd15", "sdxl", "zimage", "flux2")
 # model_index.json `_class_name` -> family
 PIPELINES = {
     "StableDiffusionPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
     "ZImagePipeline": "zimage",
     "Flux2KleinPipeline": "flux2",
     "Flux2Pipeline": "flux2",
@@ -23,6 +24,10 @@ def get_family(name: str) -> ModelFamily:
         from stages.families.sd15 import SD15Family
 
         return SD15Family()
+    if name == "sdxl":
+        from stages.families.sdxl import SDXLFamily
+
+        return SDXLFamily()
     if name == "zimage":
         from stages.families.zimage import ZImageFamily
 
@@ -56,6 +61,10 @@ def detect_family(path: Path) -> tuple[str | None, str]:
             return PIPELINES[cls], f"model_index.json names {cls}"
         for sub in ("transformer", "unet"):
             sub_cls = class_of(path / sub / "config.json")
+            if sub_cls == "UNet2DConditionModel" and _json_get(path / sub / "config.json", "addition_embed_type") == (
+                "text_time"
+            ):
+                return "sdxl", f"{sub}/config.json names an SDXL UNet (addition_embed_type text_time)"
             if sub_cls in DENOISERS:
                 return DENOISERS[sub_cls], f"{sub}/config.json names {sub_cls}"
         return None, f"model_index.json names {cls or 'nothing'}" if (path / "model_index.json").exists() else (
@@ -76,6 +85,15 @@ def detect_family(path: Path) -> tuple[str | None, str]:
     return None, "it is not a folder or a .safetensors file"
 
 
+def _json_get(path: Path, key: str):
+    import json
+
+    try:
+        return json.loads(path.read_text()).get(key)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def detect_lora_family(path: Path) -> str | None:
     """The family a LoRA file is for, from its metadata (ss_base_model_version) or its module names; None when
     the file does not say."""
@@ -94,7 +112,12 @@ def detect_lora_family(path: Path) -> str | None:
         return base
     if base.startswith("sd_"):
         return "sd15"
+    if base.startswith("sdxl_"):
+        return "sdxl"
     names = [k.removeprefix("diffusion_model.").removeprefix("transformer.") for k in header]
+    if any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block", "lora_te1_",
+                         "lora_te2_")) for k in names):  # fmt: skip
+        return "sdxl"  # sd-scripts' SDXL names (SD 1.x files from it use diffusers' block names)
     if any(
         k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block", "unet.", "lora_te"))
         for k in names

@@ -203,6 +203,11 @@ class ModelFamily(ABC):
         """-> callable(prompts, seed, steps, guidance_scale, size) -> list of PIL images. text_encoder: the one
         being trained (train_text_encoder), used in place of the model's own."""
 
+    def kohya_rename(self, denoiser) -> dict[str, str] | None:
+        """{diffusers module name with underscores: the name kohya's files use} where they differ (SDXL's SGM
+        block names); None: kohya's files use the diffusers names."""
+        return None
+
     @abstractmethod
     def lora_metadata(self, layout: ModelLayout | None = None, prediction_type: str | None = None) -> dict[str, str]:
         """kohya `ss_*` and modelspec fields identifying the base model that was trained (family defaults without

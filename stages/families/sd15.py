@@ -49,6 +49,8 @@ class SD15Family(ModelFamily):
     pipeline_class = "StableDiffusionPipeline"
     lora_component = "unet"
     text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    components, weighted = COMPONENTS, WEIGHTED  # a diffusers folder's component folders; those with weights
+    pretty = "Stable Diffusion"
 
     # -- cheap -------------------------------------------------------------------------------------------
     def layout(self, path: Path, single_file_config: Path | None) -> ModelLayout:
@@ -59,7 +61,7 @@ class SD15Family(ModelFamily):
             )
         if path.is_file():
             return self._single_file_layout(path, single_file_config)
-        check_diffusers_folder(path, COMPONENTS, WEIGHTED, "model.path", "Stable Diffusion")
+        check_diffusers_folder(path, self.components, self.weighted, "model.path", self.pretty)
         return ModelLayout(path=path, single_file=False)
 
     def _single_file_layout(self, path: Path, config_dir: Path | None) -> ModelLayout:
@@ -166,15 +168,20 @@ class SD15Family(ModelFamily):
                 "text_encoder": CLIPTextModel,
                 "tokenizer": CLIPTokenizer,
                 "scheduler": DDPMScheduler,
+                **self._more_classes(),
             }
             return tuple(
                 classes[c].from_pretrained(
-                    str(root), subfolder=c, **({"use_safetensors": True} if c in WEIGHTED else {})
+                    str(root), subfolder=c, **({"use_safetensors": True} if c in self.weighted else {})
                 )
                 for c in components
             )
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise ModelError(f"could not load {', '.join(components)} of {layout.path}: {e}") from None
+
+    def _more_classes(self) -> dict:
+        """Classes of the components a subclass adds to SD's (SDXL's second text encoder)."""
+        return {}
 
     def load_vae(self, layout: ModelLayout, device):
         (vae,) = self._load(layout, "vae")
@@ -238,7 +245,7 @@ class SD15Family(ModelFamily):
 
     def load_components(self, layout: ModelLayout) -> dict:
         """Every component, for tools that rewrite a whole model (`pipeline lora merge`)."""
-        return dict(zip(COMPONENTS, self._load(layout, *COMPONENTS), strict=True))
+        return dict(zip(self.components, self._load(layout, *self.components), strict=True))
 
     def save_model(self, components: dict, out: Path) -> None:
         """A diffusers folder, or a single .safetensors checkpoint (LDM layout) when out ends in .safetensors."""

@@ -191,3 +191,90 @@ def build_tiny_turbo(base_dir: Path, out_dir: Path, seed: int = 1, scale: float 
     shutil.rmtree(out_dir / "unet")
     unet.save_pretrained(str(out_dir / "unet"), safe_serialization=True)
     return out_dir
+
+
+def build_tiny_sdxl(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A tiny SDXL-style pipeline as a diffusers folder: a UNet with SDXL's layout in miniature (a first block
+    without attention, layers_per_block 2, two transformer layers in the attention block, text_time added
+    conditioning), CLIP-L and OpenCLIP-bigG-style text encoders (the second with a projection: the pooled
+    output), and the tiny VAE."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from stages.families.base import quiet_libraries
+
+    quiet_libraries()
+    tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
+
+    def clip(cls, s: int, hidden: int):
+        torch.manual_seed(s)
+        return cls(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=hidden,
+                intermediate_size=37,
+                num_hidden_layers=3,  # the pipeline reads the penultimate layer
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                projection_dim=hidden,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+
+    text_encoder = clip(CLIPTextModel, seed, 32)
+    text_encoder_2 = clip(CLIPTextModelWithProjection, seed + 3, 48)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=TINY_VAE_SCALING,
+    )
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=32 + 48,  # the two encoders' hidden states, concatenated
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 48,  # six size values, and the pooled text
+        norm_num_groups=8,
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+    )
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir

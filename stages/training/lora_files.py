@@ -109,8 +109,10 @@ def save_kohya(
     prefix: str,
     metadata: dict[str, str],
     extra: dict | None = None,
+    rename: dict | None = None,
 ) -> None:
-    """state: peft-named denoiser LoRA; extra: tensors already in kohya naming (text-encoder modules)."""
+    """state: peft-named denoiser LoRA; extra: tensors already in kohya naming (text-encoder modules); rename:
+    {module with underscores: kohya's name for it} (SDXL's SGM names)."""
     from collections import Counter
 
     from safetensors.torch import save_file
@@ -123,7 +125,15 @@ def save_kohya(
         "modelspec.title": path.stem,
         **metadata,
     }
-    save_file({**to_kohya(state, alpha, prefix, rank), **(extra or {})}, str(path), metadata=meta)
+    tensors = to_kohya(state, alpha, prefix, rank)
+    if rename:
+        renamed = {}
+        for key, value in tensors.items():
+            base, _, suffix = key.partition(".")
+            module = base[len(prefix) :]
+            renamed[f"{prefix}{rename.get(module, module)}.{suffix}"] = value
+        tensors = renamed
+    save_file({**tensors, **(extra or {})}, str(path), metadata=meta)
     canonicalize_safetensors(path)
 
 
@@ -151,12 +161,15 @@ def save_comfy(
     canonicalize_safetensors(path)
 
 
-def save_single_file_lora(family, state: dict, rank: int, alpha, path: Path, metadata: dict[str, str]) -> None:
-    """The single-file format users share for `family`: kohya for SD, the ComfyUI format for transformers."""
+def save_single_file_lora(
+    family, state: dict, rank: int, alpha, path: Path, metadata: dict[str, str], rename: dict | None = None
+) -> None:
+    """The single-file format users share for `family`: kohya for SD, the ComfyUI format for transformers.
+    rename: family.kohya_rename(denoiser), kohya's module names where they are not diffusers' (SDXL)."""
     if getattr(family, "single_file_lora", "kohya") == "comfy":
         save_comfy(*family.comfy_lora(state, alpha), path, metadata, rank)
     else:
-        save_kohya(state, rank, alpha, path, family.kohya_prefix, metadata)
+        save_kohya(state, rank, alpha, path, family.kohya_prefix, metadata, rename=rename)
 
 
 def save_diffusers(
@@ -278,11 +291,12 @@ def write_lora_outputs(family, outcome, p, work_dir, name: str, base_metadata: d
     def single_file(path: Path, ema: bool, meta: dict) -> None:
         state = unet.ema_state if ema else unet.state
         if text is None:
-            save_single_file_lora(family, state, unet.rank, unet.alpha, path, meta)
+            save_single_file_lora(family, state, unet.rank, unet.alpha, path, meta, family.kohya_rename(o.denoiser))
             return
         prefix = family.kohya_text_prefixes["text_encoder"]
         extra = to_kohya(text.ema_state if ema else text.state, text.alpha, prefix, text.rank)
-        save_kohya(state, unet.rank, unet.alpha, path, family.kohya_prefix, meta, extra=extra)
+        rename = family.kohya_rename(o.denoiser)
+        save_kohya(state, unet.rank, unet.alpha, path, family.kohya_prefix, meta, extra=extra, rename=rename)
 
     kohya = work_dir / f"{name}.safetensors"
     single_file(kohya, False, metadata)
@@ -577,6 +591,10 @@ def match_modules(lora: LoraFile, denoiser, kohya_prefix: str = "lora_unet_") ->
     }
     if lora.format == "kohya":
         by_flat = {n.replace(".", "_"): n for n in layers}
+        from stages.families.sdxl import is_sdxl_unet, ldm_name
+
+        if is_sdxl_unet(denoiser):  # sd-scripts' SDXL files name the SGM UNet's blocks (input_blocks_4_1_...)
+            by_flat |= {ldm_name(n, denoiser.config).replace(".", "_"): n for n in layers}
         names = {k: by_flat.get(k) for k in lora.modules}
     else:
         names = {k: (k if k in layers else None) for k in lora.modules}

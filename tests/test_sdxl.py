@@ -1,0 +1,142 @@
+"""SDXL: detection, text encoding and size conditioning as StableDiffusionXLPipeline does them, the workflows on a
+tiny SDXL with its Turbo-style sibling, and LoRA files in sd-scripts' SDXL naming that diffusers loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import Project, make_images
+
+from stages.families import detect_family, detect_lora_family, get_family
+from stages.families.base import Conditioning, ModelLayout
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from stages.families.tiny import build_tiny_sdxl, build_tiny_turbo
+
+    root = tmp_path_factory.mktemp("tiny-sdxl")
+    build_tiny_sdxl(root / "model", seed=0)
+    build_tiny_turbo(root / "model", root / "student")
+    return root
+
+
+def sdxl_project(tmp_path, tiny_sdxl, **sections) -> Project:
+    shutil.copytree(tiny_sdxl / "model", tmp_path / "model")
+    shutil.copytree(tiny_sdxl / "student", tmp_path / "student")
+    make_images(tmp_path / "images", 6)
+    settings = {
+        "model": {"path": "model"},
+        "latents": {"resolution": 32},
+        "lora1": {"rank": 4, "alpha": 4.0, "lr": 5e-3, "steps": 4, "batch_size": 2},
+        "schedule": {"steps": 4, "batch_size": 2, "heldout": 4},
+        "transfer": {"student_model": "student"},
+        "student": {"rank": 4, "alpha": 4.0, "lr": 1e-3},
+    }
+    for name, values in sections.items():
+        settings.setdefault(name, {}).update(values)
+    return Project(tmp_path, settings)
+
+
+def test_sdxl_is_detected_from_its_folder_and_its_unet(tiny_sdxl, tmp_path):
+    assert detect_family(tiny_sdxl / "model")[0] == "sdxl"
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_sdxl / "model", bare)
+    (bare / "model_index.json").unlink()  # no pipeline class: the UNet's text_time conditioning says it
+    family, why = detect_family(bare)
+    assert family == "sdxl" and "text_time" in why
+    with pytest.raises(Exception, match="single-file SDXL checkpoints are not read yet"):
+        get_family("sdxl").layout(tiny_sdxl / "model" / "unet" / "diffusion_pytorch_model.safetensors", None)
+
+
+def test_captions_and_size_conditioning_are_the_pipeline_s(tiny_sdxl):
+    """Stored per caption: the pipeline's prompt_embeds (77 rows) and its pooled_prompt_embeds (a last row); the
+    UNet call of predict() equals the pipeline's with _get_add_time_ids at the latent's size."""
+    from diffusers import StableDiffusionXLPipeline
+
+    family = get_family("sdxl")
+    layout = ModelLayout(tiny_sdxl / "model", single_file=False)
+    captions = ["a red circle", "a blue square on a dark background"]
+    rows = family.load_text_encoder(layout, torch.device("cpu")).encode(captions)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl / "model"))
+    embeds, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
+    for n, row in enumerate(rows):
+        assert row.shape == (78, 80)
+        assert torch.allclose(torch.from_numpy(row[:77]), embeds[n], atol=1e-6)
+        assert torch.allclose(torch.from_numpy(row[77, :48]), pooled[n], atol=1e-6) and not row[77, 48:].any()
+    cond = Conditioning.stack(rows)
+    x_t, t = torch.randn(2, 4, 6, 4), torch.tensor([10, 700])  # a 48x32 bucket
+    ours = family.predict(pipe.unet, x_t, t, cond)
+    time_ids = pipe._get_add_time_ids((48, 32), (0, 0), (48, 32), torch.float32, 48).repeat(2, 1)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    theirs = pipe.unet(x_t, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_lora_files_use_sd_scripts_sdxl_names_and_load_in_the_diffusers_pipeline(tiny_sdxl, tmp_path):
+    """The kohya file names the SGM UNet's blocks (what sd-scripts' SDXL LoRAs, A1111 and ComfyUI use); diffusers'
+    own SGM-to-diffusers mapping loads it to the same UNet as the diffusers file, and our reader maps it back."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from stages.training.lora_files import match_modules, read_lora_file
+
+    project = sdxl_project(tmp_path, tiny_sdxl)
+    report = project.run_json(workflow="lora")
+    assert {s["action"] for s in report["stages"]} == {"ran"}
+    out = tmp_path / "output" / "lora" / "lora1"
+    with safe_open(out / "lora1.safetensors", "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    modules = {k.split(".")[0] for k in keys}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in modules
+    assert "lora_unet_output_blocks_2_1_transformer_blocks_1_attn2_to_out_0" in modules
+    assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k" in modules
+    assert not any("down_blocks" in m or "up_blocks" in m or "mid_block" in m for m in modules)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert detect_lora_family(out / "lora1.safetensors") == "sdxl"
+
+    torch.manual_seed(0)
+    x, emb = torch.randn(1, 4, 4, 4), torch.randn(1, 77, 80)
+    added = {"text_embeds": torch.randn(1, 48), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+    outs = []
+    for source in (None, out / "lora1.safetensors", out / "diffusers" / "pytorch_lora_weights.safetensors"):
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model"))
+        if source is not None:
+            pipe.load_lora_weights(str(source))
+        with torch.no_grad():
+            outs.append(pipe.unet(x, 500, encoder_hidden_states=emb, added_cond_kwargs=added).sample)
+    assert (outs[1] - outs[2]).abs().max() < 1e-5
+    assert (outs[2] - outs[0]).abs().max() > 1e-3  # the LoRA does something
+
+    unet = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model")).unet
+    matched = match_modules(read_lora_file(out / "lora1.safetensors"), unet)
+    assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" in matched and len(matched) == len(modules)
+
+
+def test_transfer_and_differential_run_on_sdxl_and_a_sd15_pair_is_refused(tiny_sdxl, tiny_model, tmp_path):
+    from conftest import make_pairs
+
+    project = sdxl_project(tmp_path / "xl", tiny_sdxl)
+    report = project.run_json(workflow="transfer")
+    ran = [s["name"] for s in report["stages"] if s["action"] == "ran"]
+    assert ran[-3:] == ["teacher", "prior", "student"]
+    key = next(s["key"] for s in report["stages"] if s["name"] == "student")
+    rec = json.loads((project.store / "stages" / "student" / key / "manifest.json").read_text())["record"]
+    assert rec["fidelity"]["curve"][-1]["cosine"] > 0.5
+    make_pairs(tmp_path / "xl" / "pairs", size=32)
+    project.write_config(
+        differential={"eval_samples": 2},
+        **{
+            "differential.lora1": {"rank": 4, "alpha": 4.0, "lr": 5e-3, "steps": 3, "batch_size": 1},
+            "differential.lora2": {"rank": 4, "alpha": 4.0, "lr": 5e-3, "steps": 3, "batch_size": 1},
+        },
+    )
+    assert "average" in {s["name"] for s in project.run_json(workflow="differential")["stages"]}
+
+    shutil.rmtree(tmp_path / "xl" / "student")
+    shutil.copytree(tiny_model / "model", tmp_path / "xl" / "student")  # an SD 1.x "sibling"
+    refused = project.cli("run", "transfer", "--dry-run")
+    assert refused.exit_code == 2 and "'sdxl'" in refused.output and "'sd15'" in refused.output
