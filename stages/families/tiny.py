@@ -66,6 +66,39 @@ def build_tokenizer(max_length: int = 77):
     )
 
 
+def tiny_vae_kwargs(latent_channels: int) -> dict:
+    """The tiny VAE of every family: downsamples by 8, a few thousand parameters."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def tiny_clip_config(tokenizer, hidden: int, layers: int):
+    """A CLIP text config of the tiny tokenizer's vocabulary (projection_dim = hidden)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def tiny_unet(
     seed: int = 0,
     block_out_channels=(32, 64),
@@ -98,38 +131,17 @@ def build_tiny_sd15(
     """Save a tiny SD 1.5-style pipeline as a diffusers folder (and optionally as a single file too)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     from stages.families.base import quiet_libraries
 
     quiet_libraries()
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(tiny_clip_config(tokenizer, 32, 2))
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8,
-        sample_size=64,
+        **tiny_vae_kwargs(4),
         # A random encoder's latents have std ~0.2; SD's VAE is scaled so that its latents have std ~1 against
         # unit noise. With 0.18215 the tiny latents would be ~0.03: noise would swamp any content to learn.
         scaling_factor=TINY_VAE_SCALING,
@@ -200,45 +212,19 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0, prediction_type: str = "epsilo
     output), and the tiny VAE."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from stages.families.base import quiet_libraries
 
     quiet_libraries()
     tokenizer, tokenizer_2 = build_tokenizer(), build_tokenizer()
 
-    def clip(cls, s: int, hidden: int):
-        torch.manual_seed(s)
-        return cls(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=hidden,
-                intermediate_size=37,
-                num_hidden_layers=3,  # the pipeline reads the penultimate layer
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                projection_dim=hidden,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-
-    text_encoder = clip(CLIPTextModel, seed, 32)
-    text_encoder_2 = clip(CLIPTextModelWithProjection, seed + 3, 48)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(tiny_clip_config(tokenizer, 32, 3))  # the pipeline reads the penultimate layer
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_clip_config(tokenizer, 48, 3))
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=TINY_VAE_SCALING,
-    )
+    vae = AutoencoderKL(**tiny_vae_kwargs(4), scaling_factor=TINY_VAE_SCALING)
     torch.manual_seed(seed + 2)
     unet = UNet2DConditionModel(
         sample_size=8,

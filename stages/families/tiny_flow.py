@@ -163,17 +163,9 @@ def _tiny_decoder(vocab_size: int, hidden: int, layers: int) -> dict:
 
 
 def _vae_kwargs(latent_channels: int) -> dict:
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    from stages.families.tiny import tiny_vae_kwargs
+
+    return tiny_vae_kwargs(latent_channels)
 
 
 def build_tiny_zimage(out_dir: Path, seed: int = 0, single_file: Path | None = None, size: str = "tiny") -> Path:
