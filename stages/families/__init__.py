@@ -44,16 +44,11 @@ def detect_family(path: Path) -> tuple[str | None, str]:
 
     Files and JSON only: model_index.json's pipeline class, a denoiser config's class, or the tensor names of
     a single .safetensors file."""
-    import json
-
     from core.errors import ModelError
     from stages.families.sd15 import read_safetensors_header
 
     def class_of(p: Path) -> str | None:
-        try:
-            return json.loads(p.read_text()).get("_class_name")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            return None
+        return _json_get(p, "_class_name")
 
     if path.is_dir():
         cls = class_of(path / "model_index.json")

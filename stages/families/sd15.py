@@ -50,6 +50,7 @@ class SD15Family(ModelFamily):
     lora_component = "unet"
     text_encoder_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     components, weighted = COMPONENTS, WEIGHTED  # a diffusers folder's component folders; those with weights
+    text_components = ("text_encoder", "tokenizer")  # the folders whose files key the text embeddings
     pretty = "Stable Diffusion"
 
     # -- cheap -------------------------------------------------------------------------------------------
@@ -93,18 +94,18 @@ class SD15Family(ModelFamily):
             return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in PICKLE_SUFFIXES)
 
         if layout.single_file:
-            configs = {c: files(layout.config_dir / c) if layout.config_dir else [] for c in COMPONENTS}
+            configs = {c: files(layout.config_dir / c) if layout.config_dir else [] for c in self.components}
             return {
                 "unet": [layout.path, *configs["unet"]],
                 "vae": [layout.path, *configs["vae"]],
-                "text": [layout.path, *configs["text_encoder"], *configs["tokenizer"]],
+                "text": [layout.path, *(f for c in self.text_components for f in configs[c])],
                 "scheduler": configs["scheduler"],
             }
         p = layout.path
         return {
             "unet": files(p / "unet"),
             "vae": files(p / "vae"),
-            "text": files(p / "text_encoder") + files(p / "tokenizer"),
+            "text": [f for c in self.text_components for f in files(p / c)],
             "scheduler": files(p / "scheduler"),
         }
 

@@ -30,6 +30,7 @@ class SDXLFamily(SD15Family):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
     components, weighted = COMPONENTS, WEIGHTED
+    text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     pretty = "Stable Diffusion XL"
     text_encoder_targets = ()  # text-encoder LoRA (lora_te1_/lora_te2_) is not trained for SDXL yet
 
@@ -40,13 +41,6 @@ class SDXLFamily(SD15Family):
                 f"model's diffusers folder (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, ...)."
             )
         return super().layout(path, single_file_config)
-
-    def component_files(self, layout: ModelLayout) -> dict[str, list[Path]]:
-        files = super().component_files(layout)
-        p = layout.path
-        extra = [f for c in ("text_encoder_2", "tokenizer_2") for f in sorted((p / c).rglob("*")) if f.is_file()]
-        files["text"] = files["text"] + [f for f in extra if f.suffix not in (".ckpt", ".pt", ".pth", ".bin")]
-        return files
 
     def is_v2(self, layout: ModelLayout) -> bool:
         return False

@@ -591,10 +591,10 @@ def match_modules(lora: LoraFile, denoiser, kohya_prefix: str = "lora_unet_") ->
     }
     if lora.format == "kohya":
         by_flat = {n.replace(".", "_"): n for n in layers}
-        from stages.families.sdxl import is_sdxl_unet, ldm_name
+        from stages.families.sdxl import is_sdxl_unet, kohya_renames
 
         if is_sdxl_unet(denoiser):  # sd-scripts' SDXL files name the SGM UNet's blocks (input_blocks_4_1_...)
-            by_flat |= {ldm_name(n, denoiser.config).replace(".", "_"): n for n in layers}
+            by_flat |= {sgm: by_flat[flat] for flat, sgm in kohya_renames(denoiser).items()}
         names = {k: by_flat.get(k) for k in lora.modules}
     else:
         names = {k: (k if k in layers else None) for k in lora.modules}
