@@ -118,8 +118,8 @@ def run(
     family: str = typer.Option(
         "sd15",
         "--family",
-        help="With --demo: the demo's model family, sd15, sdxl, zimage or flux2 (./pipeline-demo-<family> for all "
-        "but sd15).",
+        help="With --demo: the demo's model family, sd15, sdxl, flux1, zimage or flux2 (./pipeline-demo-<family> "
+        "for all but sd15).",
     ),
     as_json: bool = JsonOpt,
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
@@ -130,11 +130,12 @@ def run(
 
     if demo:
         from pipeline.demo import ensure_demo
+        from stages.families import FAMILIES
 
         if workflow not in workflow_names():  # before building anything
             raise PipelineError(f"unknown workflow {workflow!r}. Known workflows: {', '.join(workflow_names())}.")
-        if family not in ("sd15", "sdxl", "zimage", "flux2"):
-            raise PipelineError(f"--family {family!r}: the demo has sd15, sdxl, zimage and flux2.")
+        if family not in FAMILIES:
+            raise PipelineError(f"--family {family!r}: the demo has {', '.join(FAMILIES[:-1])} and {FAMILIES[-1]}.")
         config = ensure_demo(family=family)
     elif family != "sd15":
         raise PipelineError(
@@ -364,7 +365,9 @@ lora_app = typer.Typer(
 )
 app.add_typer(lora_app, name="lora")
 FamilyOpt = typer.Option(
-    "auto", "--family", help="Model family: sd15, sdxl, zimage or flux2; auto: from --model, else from the LoRA file."
+    "auto",
+    "--family",
+    help="Model family: sd15, sdxl, flux1, zimage or flux2; auto: from --model, else from the LoRA file.",
 )
 ModelOpt = typer.Option(None, "--model", help="The model the LoRA was trained for (maps kohya names exactly).")
 UnetOnlyOpt = typer.Option(False, "--unet-only", help="Leave out the text-encoder modules (lora_te_*) on purpose.")

@@ -179,7 +179,10 @@ def teacher_step(env: PlanEnv, m: dict[str, Manifest], batching: str) -> tuple[f
     doc, spec = read_schedule(env.store, m["schedule"])
     unet = env.family.load_denoiser(env.layout, torch.device("cpu")).eval()
     lora = read_lora_file(
-        env.store.object_path(m["teacher"].record["lora"]["digest"]), env.family.kohya_prefix, env.family.lora_component
+        env.store.object_path(m["teacher"].record["lora"]["digest"]),
+        env.family.kohya_prefix,
+        env.family.lora_component,
+        env.family.name,
     )
     teacher = FixedLora(unet, match_modules(lora, unet, env.family.kohya_prefix), "cpu")
     process = make_process(m["schedule"].contract["timesteps"], m["schedule"].contract["prediction_type"])

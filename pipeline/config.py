@@ -28,10 +28,10 @@ from pipeline.config_data import (  # noqa: F401 -- re-exported
 class ModelConfig(Section):
     """The base model that is trained and that encodes latents and text."""
 
-    family: Literal["auto", "sd15", "sdxl", "zimage", "flux2"] = Field(
+    family: Literal["auto", "sd15", "sdxl", "flux1", "zimage", "flux2"] = Field(
         "auto",
         description="Model family: sd15 (Stable Diffusion 1.x/2.x), sdxl (Stable Diffusion XL, SDXL-Turbo; "
-        "diffusers folders), zimage (Z-Image, Z-Image Turbo), flux2 "
+        "diffusers folders), flux1 (FLUX.1 [dev] and [schnell]), zimage (Z-Image, Z-Image Turbo), flux2 "
         "(FLUX.2 [klein] Base and distilled). auto: detected from the model folder (model_index.json) or the "
         "single file's keys. An explicit family that does not fit the model is an error naming both.",
     )
@@ -84,7 +84,7 @@ class LoraSettings(Section):
         None,
         description="Module names (suffixes) in the denoiser that get a LoRA. Unset: the family's attention "
         "projections (sd15 and zimage: to_q, to_k, to_v, to_out.0; flux2 adds the text-stream and fused "
-        "single-block projections). See docs/families.md.",
+        "single-block projections; flux1 the attention and MLP layers of every block). See docs/families.md.",
     )
     lr: float = Field(
         1e-4,
@@ -306,6 +306,13 @@ class NoiseSettings(Section):
 class TrainConfig(LoraSettings, TimestepSettings, NoiseSettings):
     """LoRA training on the base model (stage `lora1`; in `transfer`, the teacher LoRA)."""
 
+    guidance_embed: float | None = Field(
+        None,
+        description="For a model with a guidance embedding (FLUX.1 [dev], FLUX.2 [dev]): the guidance value every "
+        "training forward passes (kohya's guidance_scale). Unset: the pipeline's default (FLUX.1 3.5, FLUX.2 4.0). "
+        "Refused for models without one.",
+    )
+
     steps: int = Field(1000, ge=1, description="Number of optimizer steps.")
     batch_size: int = Field(1, ge=1, description="Images per micro-batch.")
     grad_accum: int = Field(
@@ -358,8 +365,9 @@ class ScheduleConfig(TimestepSettings, NoiseSettings):
     )
     guidance_embed: float | None = Field(
         None,
-        description="For a model with a guidance embedding (a FLUX.2 variant with guidance_embeds): the value the "
-        "teacher passes in every forward. Unset: 4.0 where the model has one. Refused for models without one.",
+        description="For a model with a guidance embedding (FLUX.1 [dev], FLUX.2 [dev]: guidance_embeds): the value "
+        "the teacher passes in every forward. Unset: the pipeline's default where the model has one (FLUX.2 4.0, "
+        "FLUX.1 [dev] 3.5). Refused for models without one (FLUX.1 [schnell], FLUX.2 [klein]).",
     )
 
 

@@ -2,8 +2,8 @@
 
 `pipeline run transfer --demo` (or `lora`, `differential`) builds ./pipeline-demo/ once (deterministically, so
 its digests never change and a second run reuses every stage), then runs the workflow on its pipeline.toml.
-`--family sdxl` / `--family zimage` / `--family flux2` do the same with tiny SDXL / Z-Image / FLUX.2 [klein] Base
-and Turbo pairs in ./pipeline-demo-sdxl/, ./pipeline-demo-zimage/ and ./pipeline-demo-flux2/.
+`--family sdxl|flux1|zimage|flux2` do the same with tiny SDXL and SDXL-Turbo-like, FLUX.1 [dev] and [schnell]-like,
+Z-Image and Z-Image Turbo-like, FLUX.2 [klein] Base and distilled-like pairs in ./pipeline-demo-<family>/.
 """
 
 from __future__ import annotations
@@ -111,6 +111,12 @@ FAMILY_SETTINGS = {
         "model": {"path": "models/tiny-sdxl", "family": "sdxl"},
         "transfer": {"student_model": "models/tiny-sdxl-turbo"},
     },
+    "flux1": {  # [dev] teaches a [schnell]-like student: no guidance embedding, its own scheduler, no CFG
+        "model": {"path": "models/tiny-flux1-dev", "family": "flux1"},
+        "transfer": {"student_model": "models/tiny-flux1-schnell"},
+        "student": {"rank": 4, "alpha": 8.0, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 5, "guidance": 1.0},
+        "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 3.5, "prompts": ["a red circle"]},
+    },
     "zimage": {
         "model": {"path": "models/tiny-zimage", "family": "zimage"},
         "transfer": {"student_model": "models/tiny-zimage-turbo"},
@@ -194,15 +200,19 @@ def _ensure_family_demo(root: Path, family: str) -> Path:
 
     builders = {
         "sdxl": tiny.build_tiny_sdxl,
+        "flux1": tiny_flow.build_tiny_flux1,
         "zimage": tiny_flow.build_tiny_zimage,
         "flux2": tiny_flow.build_tiny_flux2,
     }
     pretty = {
         "sdxl": "a tiny SDXL model",
+        "flux1": "a tiny FLUX.1 [dev] model",
         "zimage": "a tiny Z-Image model",
         "flux2": "a tiny FLUX.2 [klein] Base model",
     }
-    sibling = tiny.build_tiny_turbo if family == "sdxl" else tiny_flow.build_tiny_flow_turbo
+    sibling = {"sdxl": tiny.build_tiny_turbo, "flux1": tiny_flow.build_tiny_flux1_schnell}.get(
+        family, tiny_flow.build_tiny_flow_turbo
+    )
     _build(base, pretty[family], lambda tmp: builders[family](tmp, seed=0))
     _build(turbo, "its distilled ('Turbo') sibling", lambda tmp: sibling(base, tmp))
     _ensure_data(root)

@@ -41,7 +41,7 @@ def read(path: Path, family, model: Path | None = None, single_file_config: Path
     """Read a LoRA file; with a model, map its modules onto the model's (dotted) names and check every shape."""
     from stages.training.lora_files import LoraFile, match_modules, read_lora_file
 
-    lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
+    lora = read_lora_file(path, family.kohya_prefix, family.lora_component, family.name)
     if model is None:
         return lora
     layout = family.layout(model, single_file_config)
@@ -250,7 +250,7 @@ def apply_weighted(unet, family, specs: list[str], text_encoder: Callable[[], ob
     attached = []
     for i, spec in enumerate(specs):
         path, weight = parse_weighted(spec)
-        lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
+        lora = read_lora_file(path, family.kohya_prefix, family.lora_component, family.name)
         lora.require_plain("`pipeline sample` (which weights LoRA adapters in peft)")
         if lora.text_modules and not family.text_encoder_targets:
             lora.refuse_text_modules(f"`pipeline sample` has no LoRA-able text encoder in the {family.name} family")
@@ -301,7 +301,7 @@ def merge(model: Path, specs: list[str], out: Path, family, single_file_config: 
     changed, text_changed = 0, 0
     with torch.no_grad():
         for path, weight in parsed:
-            lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
+            lora = read_lora_file(path, family.kohya_prefix, family.lora_component, family.name)
             matched = {family.lora_component: match_modules(lora, unet, family.kohya_prefix)}
             matched.update({comp: match_text_modules(lora, comp, components) for comp in lora.text_modules})
             for comp, modules in matched.items():

@@ -36,7 +36,7 @@ class AverageStage(Stage):
         for role in sorted(ctx.upstream):
             obj = ctx.upstream[role].outputs["diffusers/pytorch_lora_weights.safetensors"]
             path = ctx.store.read_object(obj["digest"], f"the {role} LoRA")
-            lora = read_lora_file(path, family.kohya_prefix, family.lora_component)
+            lora = read_lora_file(path, family.kohya_prefix, family.lora_component, family.name)
             lora.path = ctx.store.object_path(obj["digest"]).with_name(f"{role}.safetensors")  # names in errors
             loras.append(lora)
         result = average(loras, p.rank or None)

@@ -35,7 +35,7 @@ def resolve_family(name: str, path: Path, field: str) -> ModelFamily:
                 )
             raise ModelError(
                 f"{field}: could not tell the model family of {path} ({why}). Set model.family to one of sd15, "
-                f"sdxl, zimage, flux2 if it is one of them."
+                f"sdxl, flux1, zimage, flux2 if it is one of them."
             )
         return get_family(found)
     if found is not None and found != name:
@@ -46,12 +46,10 @@ def resolve_family(name: str, path: Path, field: str) -> ModelFamily:
     return get_family(name)
 
 
-DEFAULT_GUIDANCE_EMBED = 4.0
-
-
 def guidance_embed_for(model: ModelRef, value: float | None, field: str) -> float | None:
     """The guidance value a model's forwards get: None for models without a guidance embedding (a value set for
-    one is refused by name), the setting or DEFAULT_GUIDANCE_EMBED for models with one."""
+    one is refused by name), the setting or the family's pipeline default for models with one (FLUX.2 4.0, FLUX.1
+    [dev] 3.5)."""
     from core.errors import ConfigError
 
     if not model.family.has_guidance_embed(model.layout):
@@ -61,7 +59,7 @@ def guidance_embed_for(model: ModelRef, value: float | None, field: str) -> floa
                 f"transformer takes no guidance value. Remove {field}."
             )
         return None
-    return value if value is not None else DEFAULT_GUIDANCE_EMBED
+    return value if value is not None else model.family.default_guidance_embed
 
 
 class ModelRef:
@@ -104,12 +102,20 @@ class ModelRef:
     def latent_space(self) -> dict:
         return self.family.latent_space(self.layout)
 
-    def timesteps(self, settings, section: str, resolution: int) -> dict:
-        """The noise process of this model under a section's timestep settings (lora1, schedule, ...)."""
+    def timesteps(self, settings, section: str, resolution: int, schedule_of: ModelRef | None = None) -> dict:
+        """The noise process of this model under a section's timestep settings (lora1, schedule, ...). schedule_of:
+        the teacher, for a flow-matching student: the student trains at the noise levels the teacher's schedule
+        drew, so the teacher's scheduler settings (shift, dynamic shifting) resolve its `auto` shift; its own
+        (FLUX.1 [schnell]: shift 1, no dynamic shifting) are for sampling after training."""
         from stages.families.noise import resolve_timesteps
 
         seq_len = self.family.image_seq_len(self.family.latent_shape(self.layout, resolution))
-        return resolve_timesteps(self.family.noise_schedule_contract(self.layout), settings, seq_len, section)
+        base = self.family.noise_schedule_contract(self.layout)
+        if schedule_of is not None and base["process"] == "flow":
+            other = schedule_of.family.noise_schedule_contract(schedule_of.layout)
+            if other["process"] == "flow":
+                base = {**base, "scheduler": other["scheduler"]}
+        return resolve_timesteps(base, settings, seq_len, section)
 
 
 class PlanEnv:
@@ -164,7 +170,8 @@ class PlanEnv:
 
         model = model or self.model
         check_network(section, name, model.family)
-        timesteps = model.timesteps(timestep_settings or section, name, self.config.latents.resolution)
+        resolution, teacher = self.config.latents.resolution, None if model is self.model else self.model
+        timesteps = model.timesteps(timestep_settings or section, name, resolution, schedule_of=teacher)
         prediction_type = self.prediction_type if model is self.model else model.auto_prediction_type
         return {
             "targets": self.targets(section.targets),

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import contextlib
 
-from pydantic import BaseModel
+from stages.base import PlanEnv, Stage, StageContext, StageResult, guidance_embed_for
+from stages.training.params import KeyedParams
 
-from stages.base import PlanEnv, Stage, StageContext, StageResult
 
+class EvalParams(KeyedParams):
+    UNKEYED_WHEN_NONE = ("guidance_embed",)
 
-class EvalParams(BaseModel):
     samples: int
     seed: int = 1234
     prediction_type: str
     timesteps: dict
+    guidance_embed: float | None = None  # LoRA-2's, for a model with a guidance embedding
 
 
 def pair_names(upstream) -> list[str]:
@@ -41,6 +43,7 @@ class EvalStage(Stage):
             samples=d.eval_samples,
             prediction_type=env.prediction_type,
             timesteps=env.model.timesteps(d.lora1, "differential.lora1", env.config.latents.resolution),
+            guidance_embed=guidance_embed_for(env.model, d.lora2.guidance_embed, "differential.lora2.guidance_embed"),
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -64,7 +67,9 @@ class EvalStage(Stage):
 
         def attach(manifest, adapter):
             obj = trained_file(manifest.outputs)
-            lora = read_lora_file(store.read_object(obj["digest"], adapter), family.kohya_prefix, family.lora_component)
+            lora = read_lora_file(
+                store.read_object(obj["digest"], adapter), family.kohya_prefix, family.lora_component, family.name
+            )
             adapters[adapter] = FixedLora(unet, match_modules(lora, unet, family.kohya_prefix), device)
 
         pairs = pair_names(up)
@@ -118,7 +123,7 @@ class Probe:
         with torch.no_grad(), contextlib.ExitStack() as stack:
             for name in adapters:  # each adds its own ΔW·x to the layers' outputs: the adapters' sum
                 stack.enter_context(self.adapters[name].rows_from(0, n))
-            return self.family.predict(self.unet, x_t, t, cond).float()
+            return self.family.predict(self.unet, x_t, t, cond, guidance=self.p.guidance_embed).float()
 
     def loss(self, data, adapters: list[str]) -> float:
         import torch

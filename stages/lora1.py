@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from cache.store import Manifest
-from stages.base import PlanEnv, Stage, StageContext, StageResult
+from stages.base import PlanEnv, Stage, StageContext, StageResult, guidance_embed_for
 from stages.training.captions import CaptionDraw, caption_draw, subset_caption_draws
 from stages.training.params import LoraTrainParams, noise_contract, section_fields
 
@@ -18,7 +18,7 @@ class Lora1Params(LoraTrainParams):
     """The shared training params, the text encoder's LoRA (train_text_encoder; its rates None without it), and
     the caption tricks (None when off: the key of a run without them is the key it had before they existed)."""
 
-    UNKEYED_WHEN_NONE = ("captions", "subset_captions", "prior_loss_weight")
+    UNKEYED_WHEN_NONE = ("captions", "subset_captions", "prior_loss_weight", "guidance_embed")
 
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
@@ -56,6 +56,7 @@ class Lora1Stage(Stage):
             captions=caption_draw(env.config.data, c.steps),
             subset_captions=subset_caption_draws(env.config.data, c.steps),
             prior_loss_weight=prior_loss_weight(env.config.data),
+            guidance_embed=guidance_embed_for(env.model, c.guidance_embed, "lora1.guidance_embed"),
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -196,7 +197,7 @@ class ImportLoraStage(Stage):
 
         env = ctx.env
         source = self.path(env)
-        lora = read_lora_file(source, env.family.kohya_prefix, env.family.lora_component)
+        lora = read_lora_file(source, env.family.kohya_prefix, env.family.lora_component, env.family.name)
         lora.refuse_text_modules("the teacher applies LoRAs to the UNet only, so its deltas would not be the LoRA's")
         copy = ctx.work_dir / "lora1.safetensors"
         shutil.copyfile(source, copy)

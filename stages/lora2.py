@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from cache.store import Manifest
 from core.errors import ConfigError
-from stages.base import PlanEnv, Stage, StageContext, StageResult
+from stages.base import PlanEnv, Stage, StageContext, StageResult, guidance_embed_for
 from stages.training.captions import CaptionDraw, caption_draw, subset_caption_draws
 from stages.training.params import LoraTrainParams, section_fields
 
 
 class Lora2Params(LoraTrainParams):
-    UNKEYED_WHEN_NONE = ("captions", "subset_captions")
+    UNKEYED_WHEN_NONE = ("captions", "subset_captions", "guidance_embed")
 
     lora1_mode: str
     noise_stream: str  # "" replays lora1's draws (paired noise); "lora2" draws its own
@@ -49,6 +49,7 @@ class Lora2Stage(Stage):
             noise_seed=l1.seed if d.paired_noise else l2.seed,
             captions=caption_draw(env.config.data, l2.steps),
             subset_captions=subset_caption_draws(env.config.data, l2.steps),
+            guidance_embed=guidance_embed_for(env.model, l2.guidance_embed, "differential.lora2.guidance_embed"),
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -82,7 +83,7 @@ class Lora2Stage(Stage):
         drawn = draw_training_captions(ctx, data, captions, p, batches, None)
         lora1_file = trained_file(ctx.upstream["lora1"].outputs)
         lora1 = ctx.store.read_object(lora1_file["digest"], "the LoRA-1 file")
-        preset = read_lora_file(lora1, env.family.kohya_prefix, env.family.lora_component)
+        preset = read_lora_file(lora1, env.family.kohya_prefix, env.family.lora_component, env.family.name)
         preview = ctx.runtime.preview
         job = TrainJob(
             family=env.family,

@@ -52,7 +52,9 @@ class PriorStage(Stage):
         return {
             "latent_space": env.student.latent_space,
             "prediction_type": params.prediction_type,
-            "timesteps": env.student.timesteps(env.config.schedule, "schedule", env.config.latents.resolution),
+            "timesteps": env.student.timesteps(
+                env.config.schedule, "schedule", env.config.latents.resolution, schedule_of=env.model
+            ),
         }
 
     @staticmethod

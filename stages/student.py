@@ -131,7 +131,10 @@ class StudentStage(Stage):
         if p.init == "teacher":
             obj = ctx.upstream["teacher"].record["lora"]["digest"]
             init = read_lora_file(
-                store.read_object(obj, "the teacher LoRA"), student.family.kohya_prefix, student.family.lora_component
+                store.read_object(obj, "the teacher LoRA"),
+                student.family.kohya_prefix,
+                student.family.lora_component,
+                student.family.name,
             )
         preview = ctx.runtime.preview
         job = TrainJob(
@@ -207,7 +210,9 @@ def check_teacher_init(env: PlanEnv, p: StudentParams) -> None:
     if t.teacher_lora is not None:
         from stages.training.lora_files import read_lora_file
 
-        lora = read_lora_file(env.loaded.resolve(t.teacher_lora), env.family.kohya_prefix, env.family.lora_component)
+        lora = read_lora_file(
+            env.loaded.resolve(t.teacher_lora), env.family.kohya_prefix, env.family.lora_component, env.family.name
+        )
         if lora.network != "lora":
             raise ConfigError(f'student.init = "teacher" {plain}: {t.teacher_lora} is a {lora.network.upper()}.')
         rank, alpha, source = max(lora.ranks), max(lora.alphas), "the teacher LoRA file"

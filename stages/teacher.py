@@ -113,6 +113,7 @@ class TeacherStage(Stage):
             store.read_object(lora_obj["digest"], "the teacher LoRA"),
             env.family.kohya_prefix,
             env.family.lora_component,
+            env.family.name,
         )
         # Errors name the file the user gave (transfer.teacher_lora), not its copy in the store.
         lora.path = Path(

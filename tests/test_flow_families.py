@@ -428,7 +428,10 @@ def test_bad_family_and_eval_arguments_are_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     cases = [
-        (["run", "lora", "--demo", "--family", "flux1"], "--family 'flux1': the demo has sd15, sdxl, zimage and flux2"),
+        (
+            ["run", "lora", "--demo", "--family", "flux3"],
+            "--family 'flux3': the demo has sd15, sdxl, flux1, zimage and flux2",
+        ),
         (["run", "lora", "--family", "zimage"], "it goes with --demo (set model.family in a config)"),
         (["eval", "nonsense", "-c", "pipeline.toml"], "eval 'nonsense': choose differential or transfer"),
     ]

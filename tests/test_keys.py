@@ -400,6 +400,10 @@ def test_every_config_field_is_covered_by_this_table():
         # a model with a guidance embedding: tests/test_flow_families.py::test_guidance_embed_is_the_schedule_s_...
         "schedule.guidance_embed",
         "student.guidance_embed",
+        # tests/test_flux1.py::test_the_training_sections_guidance_value_is_keyed_and_refused_without_an_embedding
+        "lora1.guidance_embed",
+        "differential.lora1.guidance_embed",
+        "differential.lora2.guidance_embed",
     }
 
 

@@ -6,17 +6,23 @@ from pathlib import Path
 
 from stages.families.base import Conditioning, ModelFamily, ModelLayout
 
-FAMILIES = ("sd15", "sdxl", "zimage", "flux2")
+FAMILIES = ("sd15", "sdxl", "flux1", "zimage", "flux2")
 # model_index.json `_class_name` -> family
 PIPELINES = {
     "StableDiffusionPipeline": "sd15",
     "StableDiffusionXLPipeline": "sdxl",
+    "FluxPipeline": "flux1",
     "ZImagePipeline": "zimage",
     "Flux2KleinPipeline": "flux2",
     "Flux2Pipeline": "flux2",
 }
 # transformer/ or unet/ config `_class_name` -> family (folders without a model_index.json)
-DENOISERS = {"UNet2DConditionModel": "sd15", "ZImageTransformer2DModel": "zimage", "Flux2Transformer2DModel": "flux2"}
+DENOISERS = {
+    "UNet2DConditionModel": "sd15",
+    "FluxTransformer2DModel": "flux1",
+    "ZImageTransformer2DModel": "zimage",
+    "Flux2Transformer2DModel": "flux2",
+}
 
 
 def get_family(name: str) -> ModelFamily:
@@ -28,6 +34,10 @@ def get_family(name: str) -> ModelFamily:
         from stages.families.sdxl import SDXLFamily
 
         return SDXLFamily()
+    if name == "flux1":
+        from stages.families.flux1 import Flux1Family
+
+        return Flux1Family()
     if name == "zimage":
         from stages.families.zimage import ZImageFamily
 
@@ -72,6 +82,8 @@ def detect_family(path: Path) -> tuple[str | None, str]:
             return None, "it is not a readable .safetensors file"
         if any(k.startswith("input_blocks.") for k in keys):
             return "sd15", "its tensors are a Stable Diffusion UNet's (model.diffusion_model.input_blocks.*)"
+        if "double_blocks.0.img_mod.lin.weight" in keys:
+            return "flux1", "its tensors are a FLUX.1 transformer's (double_blocks.*.img_mod, single_blocks.*)"
         if "layers.0.adaLN_modulation.0.weight" in keys:
             return "zimage", "its tensors are a Z-Image transformer's (layers.*.adaLN_modulation)"
         if "single_stream_modulation.lin.weight" in keys or any(k.startswith("double_blocks.") for k in keys):
@@ -89,9 +101,28 @@ def _json_get(path: Path, key: str):
         return None
 
 
-def detect_lora_family(path: Path) -> str | None:
+def lora_family_conflict(path: Path, family: str) -> str | None:
+    """Why a LoRA file is not for `family` (its metadata names another family, or its module names belong to
+    another kind of model), or None. Module names alone do not tell SD from SDXL, or FLUX.1 from FLUX.2, in every
+    file, so within those pairs only the metadata is trusted."""
+    found, source = detect_lora_family(path, with_source=True)
+    if found is None or found == family:
+        return None
+    kind = {"sd15": "unet", "sdxl": "unet", "flux1": "flux", "flux2": "flux"}
+    if source == "names" and kind.get(found, found) == kind.get(family, family):
+        return None
+    said = "its metadata (ss_base_model_version)" if source == "metadata" else "its module names"
+    return f"{path} is a {found} LoRA ({said} say so), and the model is {family}"
+
+
+def detect_lora_family(path: Path, with_source: bool = False):
     """The family a LoRA file is for, from its metadata (ss_base_model_version) or its module names; None when
-    the file does not say."""
+    the file does not say. with_source: (family, "metadata" | "names" | None)."""
+    found = _lora_family(path)
+    return found if with_source else found[0]
+
+
+def _lora_family(path: Path) -> tuple[str | None, str | None]:
     import json
     import struct
 
@@ -100,15 +131,20 @@ def detect_lora_family(path: Path) -> str | None:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n)) if n < 100_000_000 else {}
     except (OSError, struct.error, ValueError, UnicodeDecodeError):
-        return None
+        return None, None
     meta = header.pop("__metadata__", {}) or {}
     base = str(meta.get("ss_base_model_version", ""))
-    if base in ("zimage", "flux2"):
-        return base
+    if base in ("zimage", "flux2", "flux1"):
+        return base, "metadata"
     if base.startswith("sd_"):
-        return "sd15"
+        return "sd15", "metadata"
     if base.startswith("sdxl_"):
-        return "sdxl"
+        return "sdxl", "metadata"
+    found = _family_of_names(header)
+    return found, "names" if found else None
+
+
+def _family_of_names(header: dict) -> str | None:
     names = [k.removeprefix("diffusion_model.").removeprefix("transformer.") for k in header]
     if any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block", "lora_te1_",
                          "lora_te2_")) for k in names):  # fmt: skip
@@ -118,6 +154,13 @@ def detect_lora_family(path: Path) -> str | None:
         for k in names
     ):
         return "sd15"
+    flux1 = (".img_mod.", ".txt_mod.", ".modulation.lin", ".proj_mlp.", ".ff.net.0.proj.", "_img_mod_lin")
+    if any(k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks")) for k in names) or any(
+        k.startswith(("double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks."))
+        and any(m in k for m in flux1)
+        for k in names
+    ):
+        return "flux1"  # sd-scripts' FLUX.1 names, or modules FLUX.2 does not have (per-block modulation, GELU MLP)
     if any(
         k.startswith(("noise_refiner.", "context_refiner.", "lora_unet_layers_", "lora_unet_noise_refiner"))
         or (k.startswith("layers.") and ".attention." in k)
@@ -125,7 +168,7 @@ def detect_lora_family(path: Path) -> str | None:
     ):
         return "zimage"
     if any(
-        k.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks.", "lora_unet_double_blocks"))
+        k.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks."))
         or (k.startswith("transformer_blocks.") and ".attn." in k)
         for k in names
     ):
@@ -135,6 +178,7 @@ def detect_lora_family(path: Path) -> str | None:
 
 __all__ = [
     "detect_lora_family",
+    "lora_family_conflict",
     "FAMILIES",
     "Conditioning",
     "ModelFamily",

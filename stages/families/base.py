@@ -189,6 +189,8 @@ class ModelFamily(ABC):
     @abstractmethod
     def load_denoiser(self, layout: ModelLayout, device): ...
 
+    default_guidance_embed = 4.0  # the guidance value of its pipeline, for a model with a guidance embedding
+
     def has_guidance_embed(self, layout: ModelLayout) -> bool:
         """Whether the denoiser takes a guidance value (FLUX.2 variants with guidance_embeds)."""
         return False
@@ -207,6 +209,11 @@ class ModelFamily(ABC):
         """{diffusers module name with underscores: the name kohya's files use} where they differ (SDXL's SGM
         block names); None: kohya's files use the diffusers names."""
         return None
+
+    def kohya_lora(self, state: dict, alpha) -> tuple[dict, object]:
+        """(peft-named state, alpha) over the modules kohya's single file names (FLUX.1: the original layout's fused
+        projections); the trained modules themselves by default."""
+        return state, alpha
 
     @abstractmethod
     def lora_metadata(self, layout: ModelLayout | None = None, prediction_type: str | None = None) -> dict[str, str]:

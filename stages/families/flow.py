@@ -40,6 +40,8 @@ class FlowFamily(ModelFamily):
     max_text_tokens = 512  # the pipelines' max_sequence_length
     pixel_multiple = 16  # 2x2 latent patches (Z-Image's patchify, FLUX.2's packed latents)
     text_encoder_classes: tuple[str, ...] = ("Qwen3Model", "Qwen3ForCausalLM")
+    components, weighted = COMPONENTS, WEIGHTED  # the diffusers folder's component folders, and those with weights
+    text_components: tuple[str, ...] = ("text_encoder", "tokenizer")
 
     # -- cheap -------------------------------------------------------------------------------------------
     def is_single_file(self, header: dict) -> bool:
@@ -58,7 +60,7 @@ class FlowFamily(ModelFamily):
         return ModelLayout(path=path, single_file=False)
 
     def _check_folder(self, path: Path, field: str) -> None:
-        check_diffusers_folder(path, COMPONENTS, WEIGHTED, field, self.pretty)
+        check_diffusers_folder(path, self.components, self.weighted, field, self.pretty)
 
     def _single_file_layout(self, path: Path, config_dir: Path | None) -> ModelLayout:
         if path.suffix in PICKLE_SUFFIXES:
@@ -91,7 +93,7 @@ class FlowFamily(ModelFamily):
         return {
             "transformer": transformer,
             "vae": files(root / "vae"),
-            "text": files(root / "text_encoder") + files(root / "tokenizer"),
+            "text": [f for c in self.text_components for f in files(root / c)],
             "scheduler": files(root / "scheduler"),
         }
 
@@ -128,7 +130,7 @@ class FlowFamily(ModelFamily):
     # -- heavy -------------------------------------------------------------------------------------------
     def _from_pretrained(self, layout: ModelLayout, comp: str, cls):
         quiet_libraries()
-        kwargs = {"use_safetensors": True} if comp in WEIGHTED else {}
+        kwargs = {"use_safetensors": True} if comp in self.weighted else {}
         try:
             return cls.from_pretrained(str(self._root(layout)), subfolder=comp, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as e:

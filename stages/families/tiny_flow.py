@@ -1,9 +1,9 @@
-"""Tiny Z-Image, FLUX.2 [klein] and FLUX.2 [dev] models with random weights, saved in the real formats.
+"""Tiny Z-Image, FLUX.2 [klein], FLUX.2 [dev] and FLUX.1 models with random weights, saved in the real formats.
 
 The architectures are the real diffusers classes in miniature (a few hundred thousand parameters), with a
-tiny Qwen3 text encoder (FLUX.2 [dev]: a tiny Mistral3ForConditionalGeneration) and an offline byte-level BPE
-tokenizer that carries the model's chat template, so every code path — chat template, hidden-state selection,
-masking, packing, position ids — is the real one.
+tiny Qwen3 text encoder (FLUX.2 [dev]: a tiny Mistral3ForConditionalGeneration; FLUX.1: tiny CLIP and T5 encoders)
+and an offline byte-level BPE tokenizer that carries the model's chat template (T5: a Unigram one), so every
+code path — chat template, hidden-state selection, masking, packing, position ids — is the real one.
 A "Turbo"/distilled sibling is the same folder with every transformer weight moved by seeded noise.
 """
 
@@ -269,6 +269,105 @@ def build_tiny_flux2(
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     if single_file is not None:
         _save_single_file("flux2", transformer, Path(single_file))
+    return out_dir
+
+
+def build_t5_tokenizer(max_length: int = 512):
+    """A T5-style SentencePiece-Unigram tokenizer over the corpus words (▁word pieces, </s> appended, <pad> 0)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = sorted(set(CORPUS_WORDS.split()))
+    chars = sorted(set("".join(words)) | set("0123456789.,!?'-"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + w, -1.0) for w in words] + [(c, -5.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" {2,}", " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+        model_max_length=max_length,
+    )  # fmt: skip
+
+
+def build_tiny_flux1(out_dir: Path, seed: int = 0, single_file: Path | None = None, size: str = "tiny") -> Path:
+    """A tiny FluxPipeline folder of FLUX.1 [dev]: CLIP-L- and T5-style encoders, the 16-channel tiny VAE with a
+    shift and scale, a transformer with a guidance embedding and dynamic shifting, as the real [dev] has."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from stages.families.base import quiet_libraries
+    from stages.families.tiny import TINY_VAE_SCALING, build_tokenizer, tiny_clip_config
+
+    quiet_libraries()
+    clip_tok, t5_tok = build_tokenizer(), build_t5_tokenizer()
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(tiny_clip_config(clip_tok, 32, 2))
+    torch.manual_seed(seed + 3)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok), d_model=48, d_kv=12, d_ff=64, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )  # fmt: skip
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**_vae_kwargs(16), scaling_factor=TINY_VAE_SCALING, shift_factor=0.05)
+    torch.manual_seed(seed + 2)
+    shape = {
+        "tiny": {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2},
+        "small": {"num_layers": 2, "num_single_layers": 4, "attention_head_dim": 64, "num_attention_heads": 4},
+    }[size]
+    head = shape["attention_head_dim"]
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        joint_attention_dim=48,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(head // 4, 3 * head // 8, 3 * head // 8),
+        **shape,
+    )
+    _scale_up(transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
+        transformer=transformer,
+    )  # fmt: skip
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    if single_file is not None:
+        _save_single_file("flux1", transformer, Path(single_file))
+    return out_dir
+
+
+def build_tiny_flux1_schnell(base_dir: Path, out_dir: Path, seed: int = 1, scale: float = 0.05) -> Path:
+    """The [schnell]-like sibling of a tiny FLUX.1 [dev]: the same encoders and VAE, a timestep-distilled
+    transformer without a guidance embedding (the [dev] weights less guidance_in, moved by seeded noise as
+    build_tiny_flow_turbo does) and [schnell]'s scheduler (shift 1, no dynamic shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    from stages.families.base import quiet_libraries
+
+    quiet_libraries()
+    shutil.copytree(base_dir, out_dir)
+    dev = FluxTransformer2DModel.from_pretrained(str(base_dir), subfolder="transformer", use_safetensors=True)
+    config = {k: v for k, v in dev.config.items() if not k.startswith("_")}
+    schnell = FluxTransformer2DModel.from_config({**config, "guidance_embeds": False})
+    state = {k: v for k, v in dev.state_dict().items() if "guidance_embedder" not in k}
+    schnell.load_state_dict(state, strict=True)
+    perturb(schnell, seed, scale)
+    shutil.rmtree(out_dir / "transformer")
+    schnell.save_pretrained(str(out_dir / "transformer"), safe_serialization=True)
+    shutil.rmtree(out_dir / "scheduler")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False).save_pretrained(
+        str(out_dir / "scheduler")
+    )
     return out_dir
 
 

@@ -169,6 +169,7 @@ def save_single_file_lora(
     if getattr(family, "single_file_lora", "kohya") == "comfy":
         save_comfy(*family.comfy_lora(state, alpha), path, metadata, rank)
     else:
+        state, alpha = family.kohya_lora(state, alpha)
         save_kohya(state, rank, alpha, path, family.kohya_prefix, metadata, rename=rename)
 
 
@@ -407,9 +408,13 @@ KOHYA_TEXT_PREFIXES = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
-def read_lora_file(path: Path, kohya_prefix: str = "lora_unet_", component: str = "unet") -> LoraFile:
+def read_lora_file(
+    path: Path, kohya_prefix: str = "lora_unet_", component: str = "unet", family: str | None = None
+) -> LoraFile:
     """Read a kohya, diffusers or peft-named LoRA .safetensors file, checking every module (shapes agree,
-    values finite, one alpha); raise ModelError naming the file, the module and what is wrong."""
+    values finite, one alpha); raise ModelError naming the file, the module and what is wrong. family: the model
+    family it is read for, which says how a file over the original FLUX layouts maps to diffusers' modules (without
+    one: FLUX.1 for sd-scripts' names or FLUX.1 metadata, else FLUX.2)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -420,6 +425,12 @@ def read_lora_file(path: Path, kohya_prefix: str = "lora_unet_", component: str 
         raise ModelError(f"LoRA file {path} does not exist.")
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
         raise ModelError(f"{path}: LoRA files are read only in the .safetensors format (pickle files can run code).")
+    if family is not None:
+        from stages.families import lora_family_conflict
+
+        conflict = lora_family_conflict(path, family)
+        if conflict:
+            raise ModelError(f"{conflict}: a LoRA only fits the model family it was trained on. Use a {family} LoRA.")
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
@@ -478,11 +489,29 @@ def read_lora_file(path: Path, kohya_prefix: str = "lora_unet_", component: str 
     modules = parsed.pop(component)
     if fmt == "peft" and any(k.startswith(COMFY_PREFIX) for k in tensors):
         fmt = "comfy"
-    if component == "transformer" and any(n.startswith(("double_blocks.", "single_blocks.")) for n in modules):
-        from stages.families.flux2 import split_original_modules  # FLUX.2's original names, fused qkv
-
-        modules = split_original_modules(modules)
+    if component == "transformer":
+        modules = _original_flux_modules(modules, fmt, family, metadata)
     return LoraFile(path, fmt, modules, metadata, parsed)
+
+
+def _original_flux_modules(modules: dict, fmt: str, family: str | None, metadata: dict) -> dict:
+    """A transformer LoRA over the original FLUX layouts (fused qkv) -> diffusers' module names: sd-scripts' FLUX.1
+    names (`double_blocks_0_img_attn_qkv`), or dotted original names of FLUX.1 or FLUX.2."""
+    from stages.families.flux1 import Flux1Family, unflatten
+
+    if fmt == "kohya":
+        flat = {name: unflatten(name) for name in modules}
+        if not any(flat.values()):
+            return modules
+        modules = {flat[name] or name: mod for name, mod in modules.items()}
+        return Flux1Family().split_file_modules(modules)
+    if not any(n.startswith(("double_blocks.", "single_blocks.")) for n in modules):
+        return modules
+    if family == "flux1" or (family is None and metadata.get("ss_base_model_version") == "flux1"):
+        return Flux1Family().split_file_modules(modules)
+    from stages.families.flux2 import split_original_modules  # FLUX.2's original names, fused qkv
+
+    return split_original_modules(modules)
 
 
 def _module(path: Path, base: str, tensors: dict, down_sfx: str, up_sfx: str, default_alpha) -> LoraModule:
@@ -595,7 +624,8 @@ def match_modules(lora: LoraFile, denoiser, kohya_prefix: str = "lora_unet_") ->
 
         if is_sdxl_unet(denoiser):  # sd-scripts' SDXL files name the SGM UNet's blocks (input_blocks_4_1_...)
             by_flat |= {sgm: by_flat[flat] for flat, sgm in kohya_renames(denoiser).items()}
-        names = {k: by_flat.get(k) for k in lora.modules}
+        # (a file over FLUX.1's original modules was read into diffusers' dotted names: read_lora_file)
+        names = {k: k if k in layers else by_flat.get(k) for k in lora.modules}
     else:
         names = {k: (k if k in layers else None) for k in lora.modules}
     missing = sorted(k for k, v in names.items() if v is None)

@@ -49,6 +49,7 @@ class LoraTrainParams(KeyedParams):
     seed: int
     prediction_type: str
     timesteps: dict  # the resolved noise process: sampler, shift, scheduler values, noise options
+    guidance_embed: float | None = None  # the guidance value of a model with a guidance embedding (FLUX [dev])
     loss_weighting: str
     loss: dict  # the resolved loss: type, huber schedule, SNR weightings (losses.resolve_loss)
 
@@ -73,6 +74,9 @@ def train_params(family, layout, cfg, latent_shape: tuple[int, ...], section: st
         loss=resolve_loss(cfg, timesteps, prediction_type, section),
         **resolve_optim(cfg, cfg.steps, cfg.grad_accum, section),
         lokr_factor=cfg.lokr_factor if cfg.network == "lokr" else None,
+        guidance_embed=(
+            (cfg.guidance_embed or family.default_guidance_embed) if family.has_guidance_embed(layout) else None
+        ),
     )
 
 
@@ -88,6 +92,7 @@ RESOLVED = (
     "ema",
     "fused_backward",
     "lokr_factor",
+    "guidance_embed",
 )
 
 
