@@ -118,8 +118,8 @@ def run(
     family: str = typer.Option(
         "sd15",
         "--family",
-        help="With --demo: the demo's model family, sd15, sdxl, flux1, zimage or flux2 (./pipeline-demo-<family> "
-        "for all but sd15).",
+        help="With --demo: the demo's model family, sd15, sdxl, flux1, zimage, flux2 or qwenimage "
+        "(./pipeline-demo-<family> for all but sd15).",
     ),
     as_json: bool = JsonOpt,
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
@@ -367,7 +367,7 @@ app.add_typer(lora_app, name="lora")
 FamilyOpt = typer.Option(
     "auto",
     "--family",
-    help="Model family: sd15, sdxl, flux1, zimage or flux2; auto: from --model, else from the LoRA file.",
+    help="Model family: sd15, sdxl, flux1, zimage, flux2 or qwenimage; auto: from --model, else from the LoRA file.",
 )
 ModelOpt = typer.Option(None, "--model", help="The model the LoRA was trained for (maps kohya names exactly).")
 UnetOnlyOpt = typer.Option(False, "--unet-only", help="Leave out the text-encoder modules (lora_te_*) on purpose.")

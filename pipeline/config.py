@@ -28,12 +28,13 @@ from pipeline.config_data import (  # noqa: F401 -- re-exported
 class ModelConfig(Section):
     """The base model that is trained and that encodes latents and text."""
 
-    family: Literal["auto", "sd15", "sdxl", "flux1", "zimage", "flux2"] = Field(
+    family: Literal["auto", "sd15", "sdxl", "flux1", "zimage", "flux2", "qwenimage"] = Field(
         "auto",
         description="Model family: sd15 (Stable Diffusion 1.x/2.x), sdxl (Stable Diffusion XL, SDXL-Turbo; "
         "diffusers folders), flux1 (FLUX.1 [dev] and [schnell]), zimage (Z-Image, Z-Image Turbo), flux2 "
-        "(FLUX.2 [klein] Base and distilled). auto: detected from the model folder (model_index.json) or the "
-        "single file's keys. An explicit family that does not fit the model is an error naming both.",
+        "(FLUX.2 [klein] Base and distilled, [dev]), qwenimage (Qwen-Image, Lightning-style siblings). auto: "
+        "detected from the model folder (model_index.json) or the single file's keys. An explicit family that does "
+        "not fit the model is an error naming both.",
     )
     path: Path = Field(
         Path("models/sd15"),

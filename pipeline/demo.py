@@ -2,8 +2,9 @@
 
 `pipeline run transfer --demo` (or `lora`, `differential`) builds ./pipeline-demo/ once (deterministically, so
 its digests never change and a second run reuses every stage), then runs the workflow on its pipeline.toml.
-`--family sdxl|flux1|zimage|flux2` do the same with tiny SDXL and SDXL-Turbo-like, FLUX.1 [dev] and [schnell]-like,
-Z-Image and Z-Image Turbo-like, FLUX.2 [klein] Base and distilled-like pairs in ./pipeline-demo-<family>/.
+`--family sdxl|flux1|zimage|flux2|qwenimage` do the same with tiny SDXL and SDXL-Turbo-like, FLUX.1 [dev] and
+[schnell]-like, Z-Image and Z-Image Turbo-like, FLUX.2 [klein] Base and distilled-like, Qwen-Image and
+Lightning-like pairs in ./pipeline-demo-<family>/.
 """
 
 from __future__ import annotations
@@ -129,6 +130,12 @@ FAMILY_SETTINGS = {
         "student": {"rank": 4, "alpha": 8.0, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 5, "guidance": 2.5},
         "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 1.0, "prompts": ["a red circle"]},
     },
+    "qwenimage": {  # a Lightning-style (CFG- and step-distilled) student: no CFG in its previews
+        "model": {"path": "models/tiny-qwenimage", "family": "qwenimage"},
+        "transfer": {"student_model": "models/tiny-qwenimage-lightning"},
+        "student": {"rank": 4, "alpha": 8.0, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 5, "guidance": 3.0},
+        "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 1.0, "prompts": ["a red circle"]},
+    },
 }
 
 
@@ -203,12 +210,14 @@ def _ensure_family_demo(root: Path, family: str) -> Path:
         "flux1": tiny_flow.build_tiny_flux1,
         "zimage": tiny_flow.build_tiny_zimage,
         "flux2": tiny_flow.build_tiny_flux2,
+        "qwenimage": tiny_flow.build_tiny_qwenimage,
     }
     pretty = {
         "sdxl": "a tiny SDXL model",
         "flux1": "a tiny FLUX.1 [dev] model",
         "zimage": "a tiny Z-Image model",
         "flux2": "a tiny FLUX.2 [klein] Base model",
+        "qwenimage": "a tiny Qwen-Image model",
     }
     sibling = {"sdxl": tiny.build_tiny_turbo, "flux1": tiny_flow.build_tiny_flux1_schnell}.get(
         family, tiny_flow.build_tiny_flow_turbo

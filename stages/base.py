@@ -35,7 +35,7 @@ def resolve_family(name: str, path: Path, field: str) -> ModelFamily:
                 )
             raise ModelError(
                 f"{field}: could not tell the model family of {path} ({why}). Set model.family to one of sd15, "
-                f"sdxl, flux1, zimage, flux2 if it is one of them."
+                f"sdxl, flux1, zimage, flux2, qwenimage if it is one of them."
             )
         return get_family(found)
     if found is not None and found != name:

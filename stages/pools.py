@@ -58,6 +58,11 @@ TEXT_POOL_IMPL = 1  # bump when the text embedding code changes what it stores
 TEXT_POOL_PARAMS = {
     "sd15": {"output": "last_hidden_state"},
     "sdxl": {"output": "hidden_states[-2] of both, concatenated; a last row with the pooled text_embeds"},
+    "qwenimage": {
+        "output": "hidden_states[-1]",
+        "template": "QwenImagePipeline's, 34 tokens dropped",
+        "tokens": "masked",
+    },
     "flux1": {"output": "T5 last_hidden_state, 512 tokens; a last row with CLIP's pooler_output"},
     "zimage": {"output": "hidden_states[-2]", "chat_template": "thinking", "tokens": "masked", "max_length": 512},
     "flux2": {"output": "stacked hidden states", "chat_template": "no thinking", "tokens": "all", "max_length": 512},

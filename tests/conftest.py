@@ -203,6 +203,32 @@ def differential_project(tmp_path, tiny_model) -> Project:
     return Project(tmp_path, json.loads(json.dumps(DIFFERENTIAL_SETTINGS)))
 
 
+def pair_project(tmp_path: Path, base_dir: Path, sibling_dir: Path, **sections) -> Project:
+    """A transfer-ready project on a model folder and its distilled sibling (copied to model/ and student/), six
+    images at 32 px and small lora1 / schedule / student settings; `sections` update them."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(base_dir, tmp_path / "model")
+    shutil.copytree(sibling_dir, tmp_path / "student")
+    make_images(tmp_path / "images", 6)
+    settings = {
+        "model": {"path": "model"},
+        "latents": {"resolution": 32},
+        "lora1": {"rank": 4, "alpha": 8.0, "lr": 1e-3, "steps": 4, "batch_size": 2},
+        "schedule": {"steps": 4, "batch_size": 2, "heldout": 4},
+        "transfer": {"student_model": "student"},
+        "student": {"rank": 4, "alpha": 8.0, "lr": 1e-3},
+    }
+    for name, values in sections.items():
+        settings.setdefault(name, {}).update(values)
+    return Project(tmp_path, settings)
+
+
+def stage_manifest(project: Project, report: dict, stage: str) -> dict:
+    """The manifest of the stage a `run --json` report names."""
+    key = next(s["key"] for s in report["stages"] if s["name"] == stage)
+    return json.loads((project.store / "stages" / stage / key / "manifest.json").read_text())
+
+
 def actions(report: dict) -> dict[str, str]:
     return {s["name"]: s["action"] for s in report["stages"]}
 

@@ -68,10 +68,10 @@ def test_differential_demo_prints_the_eval_and_draws_the_grid(tmp_path):
         assert row["direction_lora2_over_lora1"] > 0.05  # and that move points from A towards B
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux1", "zimage", "flux2"])
+@pytest.mark.parametrize("family", ["sdxl", "flux1", "zimage", "flux2", "qwenimage"])
 def test_family_demos_run_every_workflow(tmp_path, family):
-    """`--demo --family sdxl|flux1|zimage|flux2`: tiny Base/Turbo pairs built once, the transfer chain with fit and
-    fidelity printed, then the lora and differential workflows on the same project."""
+    """`--demo --family sdxl|flux1|zimage|flux2|qwenimage`: tiny Base/Turbo pairs built once, the transfer chain with
+    fit and fidelity printed, then the lora and differential workflows on the same project."""
     first = _demo(tmp_path, "transfer", "--family", family)
     assert first.returncode == 0, first.stderr
     assert "fit on training images cos" in first.stdout and "fidelity on held-out images cos" in first.stdout

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import Project, make_images, make_pairs, train_params
+from conftest import Project, make_images, make_pairs, pair_project, stage_manifest, train_params
 
 from stages.families import Conditioning, detect_family, get_family
 
@@ -26,22 +26,8 @@ def family_of(folder: str) -> str:
 
 def flow_project(tmp_path, models, family: str, **sections) -> Project:
     """A project on the tiny model folder `family` (zimage, flux2, flux2-dev) with its distilled sibling."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(models / family, tmp_path / "model")
-    shutil.copytree(models / f"{family}-turbo", tmp_path / "student")
-    make_images(tmp_path / "images", 6)
-    settings = {
-        "model": {"path": "model"},
-        "latents": {"resolution": 32},
-        "lora1": {"rank": 4, "alpha": 8.0, "lr": 1e-3, "steps": 4, "batch_size": 2},
-        "schedule": {"steps": 4, "batch_size": 2, "heldout": 4},
-        "transfer": {"student_model": "student"},
-        "student": {"rank": 4, "alpha": 8.0, "lr": 1e-3},
-        "runtime": {"checkpoint_every": 2},
-    }
-    for name, values in sections.items():
-        settings.setdefault(name, {}).update(values)
-    return Project(tmp_path, settings)
+    sections = {"runtime": {"checkpoint_every": 2}, **sections}
+    return pair_project(tmp_path, models / family, models / f"{family}-turbo", **sections)
 
 
 def run(project, *args: str, workflow: str = "transfer") -> dict:
@@ -49,8 +35,7 @@ def run(project, *args: str, workflow: str = "transfer") -> dict:
 
 
 def record(project, report: dict, stage: str) -> dict:
-    key = next(s["key"] for s in report["stages"] if s["name"] == stage)
-    return json.loads((project.store / "stages" / stage / key / "manifest.json").read_text())
+    return stage_manifest(project, report, stage)
 
 
 def test_the_family_is_detected_from_folders_and_single_files(tiny_flow_models, tiny_model):
@@ -430,7 +415,7 @@ def test_bad_family_and_eval_arguments_are_named(tmp_path, monkeypatch):
     cases = [
         (
             ["run", "lora", "--demo", "--family", "flux3"],
-            "--family 'flux3': the demo has sd15, sdxl, flux1, zimage and flux2",
+            "--family 'flux3': the demo has sd15, sdxl, flux1, zimage, flux2 and qwenimage",
         ),
         (["run", "lora", "--family", "zimage"], "it goes with --demo (set model.family in a config)"),
         (["eval", "nonsense", "-c", "pipeline.toml"], "eval 'nonsense': choose differential or transfer"),

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import Project, make_images, make_pairs, train_params
+from conftest import Project, make_images, make_pairs, pair_project, stage_manifest, train_params
 
 from stages.families import detect_family, detect_lora_family, get_family
 from stages.families.base import Conditioning
@@ -26,26 +26,11 @@ def tiny_flux1(tmp_path_factory):
 
 
 def flux1_project(tmp_path, tiny_flux1, **sections) -> Project:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(tiny_flux1 / "dev", tmp_path / "model")
-    shutil.copytree(tiny_flux1 / "schnell", tmp_path / "student")
-    make_images(tmp_path / "images", 6)
-    settings = {
-        "model": {"path": "model"},
-        "latents": {"resolution": 32},
-        "lora1": {"rank": 4, "alpha": 8.0, "lr": 1e-3, "steps": 4, "batch_size": 2},
-        "schedule": {"steps": 4, "batch_size": 2, "heldout": 4},
-        "transfer": {"student_model": "student"},
-        "student": {"rank": 4, "alpha": 8.0, "lr": 1e-3},
-    }
-    for name, values in sections.items():
-        settings.setdefault(name, {}).update(values)
-    return Project(tmp_path, settings)
+    return pair_project(tmp_path, tiny_flux1 / "dev", tiny_flux1 / "schnell", **sections)
 
 
 def record(project, report: dict, stage: str) -> dict:
-    key = next(s["key"] for s in report["stages"] if s["name"] == stage)
-    return json.loads((project.store / "stages" / stage / key / "manifest.json").read_text())
+    return stage_manifest(project, report, stage)
 
 
 def test_flux1_is_detected_from_folders_single_files_and_lora_files(tiny_flux1, tmp_path):

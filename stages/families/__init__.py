@@ -6,7 +6,7 @@ from pathlib import Path
 
 from stages.families.base import Conditioning, ModelFamily, ModelLayout
 
-FAMILIES = ("sd15", "sdxl", "flux1", "zimage", "flux2")
+FAMILIES = ("sd15", "sdxl", "flux1", "zimage", "flux2", "qwenimage")
 # model_index.json `_class_name` -> family
 PIPELINES = {
     "StableDiffusionPipeline": "sd15",
@@ -15,6 +15,7 @@ PIPELINES = {
     "ZImagePipeline": "zimage",
     "Flux2KleinPipeline": "flux2",
     "Flux2Pipeline": "flux2",
+    "QwenImagePipeline": "qwenimage",
 }
 # transformer/ or unet/ config `_class_name` -> family (folders without a model_index.json)
 DENOISERS = {
@@ -22,6 +23,7 @@ DENOISERS = {
     "FluxTransformer2DModel": "flux1",
     "ZImageTransformer2DModel": "zimage",
     "Flux2Transformer2DModel": "flux2",
+    "QwenImageTransformer2DModel": "qwenimage",
 }
 
 
@@ -46,6 +48,10 @@ def get_family(name: str) -> ModelFamily:
         from stages.families.flux2 import Flux2Family
 
         return Flux2Family()
+    if name == "qwenimage":
+        from stages.families.qwenimage import QwenImageFamily
+
+        return QwenImageFamily()
     raise KeyError(name)  # the config schema only admits known families
 
 
@@ -82,6 +88,8 @@ def detect_family(path: Path) -> tuple[str | None, str]:
             return None, "it is not a readable .safetensors file"
         if any(k.startswith("input_blocks.") for k in keys):
             return "sd15", "its tensors are a Stable Diffusion UNet's (model.diffusion_model.input_blocks.*)"
+        if "txt_norm.weight" in keys and "transformer_blocks.0.img_mod.1.weight" in keys:
+            return "qwenimage", "its tensors are a Qwen-Image transformer's (txt_norm, transformer_blocks.*.img_mod)"
         if "double_blocks.0.img_mod.lin.weight" in keys:
             return "flux1", "its tensors are a FLUX.1 transformer's (double_blocks.*.img_mod, single_blocks.*)"
         if "layers.0.adaLN_modulation.0.weight" in keys:
@@ -108,7 +116,7 @@ def lora_family_conflict(path: Path, family: str) -> str | None:
     found, source = detect_lora_family(path, with_source=True)
     if found is None or found == family:
         return None
-    kind = {"sd15": "unet", "sdxl": "unet", "flux1": "flux", "flux2": "flux"}
+    kind = {"sd15": "unet", "sdxl": "unet", "flux1": "mmdit", "flux2": "mmdit", "qwenimage": "mmdit"}
     if source == "names" and kind.get(found, found) == kind.get(family, family):
         return None
     said = "its metadata (ss_base_model_version)" if source == "metadata" else "its module names"
@@ -136,6 +144,8 @@ def _lora_family(path: Path) -> tuple[str | None, str | None]:
     base = str(meta.get("ss_base_model_version", ""))
     if base in ("zimage", "flux2", "flux1"):
         return base, "metadata"
+    if base in ("qwen_image", "qwenimage"):
+        return "qwenimage", "metadata"
     if base.startswith("sd_"):
         return "sd15", "metadata"
     if base.startswith("sdxl_"):
@@ -154,6 +164,10 @@ def _family_of_names(header: dict) -> str | None:
         for k in names
     ):
         return "sd15"
+    qwen = (".img_mlp.net.", ".txt_mlp.net.", ".img_mod.1", ".txt_mod.1", "_img_mlp_net_", "_img_mod_1")
+    if any(k.startswith(("transformer_blocks.", "lora_unet_transformer_blocks_")) and any(m in k for m in qwen)
+           for k in names):  # fmt: skip
+        return "qwenimage"  # diffusers' (and ComfyUI's) Qwen-Image modules, or musubi-tuner's flattened ones
     flux1 = (".img_mod.", ".txt_mod.", ".modulation.lin", ".proj_mlp.", ".ff.net.0.proj.", "_img_mod_lin")
     if any(k.startswith(("lora_unet_double_blocks", "lora_unet_single_blocks")) for k in names) or any(
         k.startswith(("double_blocks.", "single_blocks.", "transformer_blocks.", "single_transformer_blocks."))

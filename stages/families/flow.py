@@ -1,6 +1,6 @@
-"""What the flow-matching transformer families share (Z-Image, FLUX.2): a diffusers folder with transformer/,
-vae/, text_encoder/ (Qwen3), tokenizer/ and scheduler/ (FlowMatchEulerDiscreteScheduler), or a single-file
-transformer checkpoint as users download it plus that folder for the rest.
+"""What the flow-matching transformer families share (FLUX.1, Z-Image, FLUX.2, Qwen-Image): a diffusers folder
+with transformer/, vae/, text_encoder/ (Qwen3), tokenizer/ and scheduler/ (FlowMatchEulerDiscreteScheduler), or a
+single-file transformer checkpoint as users download it plus that folder for the rest.
 
 Subclasses say which classes load each part, how text becomes conditioning, how latents are laid out, and
 how the transformer is called.
@@ -42,6 +42,7 @@ class FlowFamily(ModelFamily):
     text_encoder_classes: tuple[str, ...] = ("Qwen3Model", "Qwen3ForCausalLM")
     components, weighted = COMPONENTS, WEIGHTED  # the diffusers folder's component folders, and those with weights
     text_components: tuple[str, ...] = ("text_encoder", "tokenizer")
+    converts_single_file = False  # True: the single file is read through from_single_file() below, not diffusers'
 
     # -- cheap -------------------------------------------------------------------------------------------
     def is_single_file(self, header: dict) -> bool:
@@ -143,11 +144,30 @@ class FlowFamily(ModelFamily):
         vae.requires_grad_(False)
         return vae
 
+    def encode_images(self, vae, pixels):
+        """(z − shift_factor)·scaling_factor of the posterior's mode (FLUX.1, Z-Image; FLUX.2 and Qwen-Image differ)."""
+        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    def decode_latents(self, vae, latents):
+        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return vae.decode(z).sample
+
     def load_denoiser(self, layout: ModelLayout, device):
         import diffusers
 
         cls = getattr(diffusers, self.transformer_class)
-        if layout.single_file:
+        if layout.single_file and self.converts_single_file:
+            from safetensors.torch import load_file
+
+            quiet_libraries()
+            try:
+                model = cls.from_config(cls.load_config(str(layout.config_dir), subfolder="transformer"))
+                state = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(layout.path)).items()}
+                model.load_state_dict(self.from_single_file(state), strict=True)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                raise ModelError(f"could not load the transformer from {layout.path}: {str(e)[:300]}") from None
+        elif layout.single_file:
             quiet_libraries()
             try:
                 model = cls.from_single_file(
@@ -222,6 +242,10 @@ class FlowFamily(ModelFamily):
     def to_single_file(self, state: dict) -> dict:
         """The diffusers transformer state dict in the original single-file layout (the inverse of diffusers'
         convert_*_checkpoint_to_diffusers)."""
+        raise NotImplementedError
+
+    def from_single_file(self, state: dict) -> dict:
+        """The single file's state dict (prefix removed) in diffusers' names, for converts_single_file families."""
         raise NotImplementedError
 
     def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str, text_encoder=None):

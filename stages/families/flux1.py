@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 
 from core.errors import ModelError
-from stages.families.base import Conditioning, ModelLayout, pipeline_renderer, quiet_libraries
+from stages.families.base import Conditioning, ModelLayout, pipeline_renderer
 from stages.families.flow import FlowFamily
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -161,6 +161,9 @@ class Flux1Family(FlowFamily):
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     text_encoder_classes = ("CLIPTextModel", "T5EncoderModel")
     default_guidance_embed = 3.5  # FluxPipeline's guidance_scale
+    # diffusers' own single-file conversion assumes FLUX.1's full width (3072) when it splits linear1; ours reads
+    # every width from the tensors, and is checked against it (tests/test_flux1.py)
+    converts_single_file = True
 
     def is_single_file(self, header: dict) -> bool:
         return any(k.removeprefix("model.diffusion_model.") == "double_blocks.0.img_mod.lin.weight" for k in header)
@@ -213,34 +216,6 @@ class Flux1Family(FlowFamily):
     def load_text_encoder(self, layout: ModelLayout, device):
         clip, t5, clip_tok, t5_tok = self._text_parts(layout, device)
         return FluxText((clip_tok, t5_tok), (clip, t5), device, self.max_text_tokens)
-
-    def load_denoiser(self, layout: ModelLayout, device):
-        if not layout.single_file:
-            return super().load_denoiser(layout, device)
-        # diffusers' own single-file conversion assumes FLUX.1's full width (3072) when it splits linear1; this
-        # one reads every width from the tensors, and is checked against it (tests/test_flux1.py)
-        import diffusers
-        from safetensors.torch import load_file
-
-        quiet_libraries()
-        cls = getattr(diffusers, self.transformer_class)
-        try:
-            model = cls.from_config(cls.load_config(str(layout.config_dir), subfolder="transformer"))
-            state = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(layout.path)).items()}
-            model.load_state_dict(self.from_single_file(state), strict=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ModelError(f"could not load the transformer from {layout.path}: {str(e)[:300]}") from None
-        model = model.to(device)
-        model.requires_grad_(False)
-        return model
-
-    def encode_images(self, vae, pixels):
-        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-
-    def decode_latents(self, vae, latents):
-        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return vae.decode(z).sample
 
     def predict(self, denoiser, x_t, t, cond: Conditioning, guidance=None):
         import torch

@@ -1,4 +1,4 @@
-"""Tiny Z-Image, FLUX.2 [klein], FLUX.2 [dev] and FLUX.1 models with random weights, saved in the real formats.
+"""Tiny Z-Image, FLUX.2 [klein] and [dev], FLUX.1 and Qwen-Image models with random weights, in the real formats.
 
 The architectures are the real diffusers classes in miniature (a few hundred thousand parameters), with a
 tiny Qwen3 text encoder (FLUX.2 [dev]: a tiny Mistral3ForConditionalGeneration; FLUX.1: tiny CLIP and T5 encoders)
@@ -343,6 +343,84 @@ def build_tiny_flux1(out_dir: Path, seed: int = 0, single_file: Path | None = No
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     if single_file is not None:
         _save_single_file("flux1", transformer, Path(single_file))
+    return out_dir
+
+
+def tiny_qwen25_vl(vocab_size: int, seed: int, hidden: int = 32):
+    """Qwen2_5_VLForConditionalGeneration in miniature: a one-block vision tower (unused for text) and a two-layer
+    language model with multimodal RoPE whose last hidden state Qwen-Image reads."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = {**_tiny_decoder(vocab_size + 4, hidden, 2), "bos_token_id": None, "eos_token_id": None}
+    text.pop("head_dim")
+    head = hidden // text["num_attention_heads"]
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0])  # fmt: skip
+    config = Qwen2_5_VLConfig(
+        text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [head // 4, head // 8, head // 8]}},
+        vision_config=vision,
+        image_token_id=vocab_size,
+        video_token_id=vocab_size + 1,
+        vision_start_token_id=vocab_size + 2,
+        vision_end_token_id=vocab_size + 3,
+    )
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def build_tiny_qwenimage(out_dir: Path, seed: int = 0, single_file: Path | None = None) -> Path:
+    """A tiny QwenImagePipeline folder: a Qwen2.5-VL-style text encoder, the causal video VAE in miniature (its
+    per-channel latents_mean / latents_std), a two-block transformer, and Qwen-Image's scheduler settings
+    (exponential resolution-dependent shift)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    from stages.families.base import quiet_libraries
+
+    quiet_libraries()
+    tokenizer = build_qwen_tokenizer(1024)
+    text_encoder = tiny_qwen25_vl(len(tokenizer), seed)
+    torch.manual_seed(seed + 1)
+    g = torch.Generator("cpu").manual_seed(seed + 3)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        # a random encoder's latents are small: statistics of that size, so the tiny latents are not drowned in noise
+        latents_mean=[round(float(v), 4) for v in torch.randn(16, generator=g) * 0.02],
+        latents_std=[0.2] * 16,
+    )
+    torch.manual_seed(seed + 2)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    )
+    _scale_up(transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )  # fmt: skip
+    pipe = QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    if single_file is not None:
+        _save_single_file("qwenimage", transformer, Path(single_file))
     return out_dir
 
 

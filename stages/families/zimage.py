@@ -30,14 +30,6 @@ class ZImageFamily(FlowFamily):
     def image_seq_len(self, latent_shape: tuple[int, ...]) -> int:
         return (latent_shape[1] // 2) * (latent_shape[2] // 2)
 
-    def encode_images(self, vae, pixels):
-        z = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-
-    def decode_latents(self, vae, latents):
-        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return vae.decode(z).sample
-
     def load_text_encoder(self, layout: ModelLayout, device):
         model, tokenizer = self._text_parts(layout, device)
         return QwenText(tokenizer, model, device, self.max_text_tokens, (-2,), thinking=True, masked=True)
