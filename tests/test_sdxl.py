@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import Project, make_images
+from conftest import Project, pair_project
 
 from stages.families import detect_family, detect_lora_family, get_family
 from stages.families.base import Conditioning, ModelLayout
@@ -25,20 +25,10 @@ def tiny_sdxl(tmp_path_factory):
 
 
 def sdxl_project(tmp_path, tiny_sdxl, **sections) -> Project:
-    shutil.copytree(tiny_sdxl / "model", tmp_path / "model")
-    shutil.copytree(tiny_sdxl / "student", tmp_path / "student")
-    make_images(tmp_path / "images", 6)
-    settings = {
-        "model": {"path": "model"},
-        "latents": {"resolution": 32},
-        "lora1": {"rank": 4, "alpha": 4.0, "lr": 5e-3, "steps": 4, "batch_size": 2},
-        "schedule": {"steps": 4, "batch_size": 2, "heldout": 4},
-        "transfer": {"student_model": "student"},
-        "student": {"rank": 4, "alpha": 4.0, "lr": 1e-3},
-    }
+    own = {"lora1": {"alpha": 4.0, "lr": 5e-3}, "student": {"alpha": 4.0}}
     for name, values in sections.items():
-        settings.setdefault(name, {}).update(values)
-    return Project(tmp_path, settings)
+        own[name] = {**own.get(name, {}), **values}
+    return pair_project(tmp_path, tiny_sdxl / "model", tiny_sdxl / "student", **own)
 
 
 def test_sdxl_is_detected_from_its_folder_and_its_unet(tiny_sdxl, tmp_path):

@@ -50,3 +50,23 @@ def split_fused(down, up, alpha: float, dims: list[int]) -> list:
             out.append((down[keep].clone(), r[:, keep].clone(), alpha * len(keep) / rank))
         return out
     return [(down.clone(), r.clone(), alpha) for r in rows]
+
+
+def original_layout_modules(modules: dict, fmt: str, family: str | None, metadata: dict) -> dict:
+    """A transformer LoRA over the original FLUX layouts (fused qkv) -> diffusers' module names: sd-scripts' FLUX.1
+    names (`double_blocks_0_img_attn_qkv`), or dotted original names of FLUX.1 or FLUX.2."""
+    from stages.families.flux1 import Flux1Family, unflatten
+
+    if fmt == "kohya":
+        flat = {name: unflatten(name) for name in modules}
+        if not any(flat.values()):
+            return modules
+        modules = {flat[name] or name: mod for name, mod in modules.items()}
+        return Flux1Family().split_file_modules(modules)
+    if not any(n.startswith(("double_blocks.", "single_blocks.")) for n in modules):
+        return modules
+    if family == "flux1" or (family is None and metadata.get("ss_base_model_version") == "flux1"):
+        return Flux1Family().split_file_modules(modules)
+    from stages.families.flux2 import split_original_modules  # FLUX.2's original names, fused qkv
+
+    return split_original_modules(modules)

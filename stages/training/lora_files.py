@@ -490,28 +490,10 @@ def read_lora_file(
     if fmt == "peft" and any(k.startswith(COMFY_PREFIX) for k in tensors):
         fmt = "comfy"
     if component == "transformer":
-        modules = _original_flux_modules(modules, fmt, family, metadata)
+        from stages.families.fused import original_layout_modules  # FLUX files over the original (BFL) modules
+
+        modules = original_layout_modules(modules, fmt, family, metadata)
     return LoraFile(path, fmt, modules, metadata, parsed)
-
-
-def _original_flux_modules(modules: dict, fmt: str, family: str | None, metadata: dict) -> dict:
-    """A transformer LoRA over the original FLUX layouts (fused qkv) -> diffusers' module names: sd-scripts' FLUX.1
-    names (`double_blocks_0_img_attn_qkv`), or dotted original names of FLUX.1 or FLUX.2."""
-    from stages.families.flux1 import Flux1Family, unflatten
-
-    if fmt == "kohya":
-        flat = {name: unflatten(name) for name in modules}
-        if not any(flat.values()):
-            return modules
-        modules = {flat[name] or name: mod for name, mod in modules.items()}
-        return Flux1Family().split_file_modules(modules)
-    if not any(n.startswith(("double_blocks.", "single_blocks.")) for n in modules):
-        return modules
-    if family == "flux1" or (family is None and metadata.get("ss_base_model_version") == "flux1"):
-        return Flux1Family().split_file_modules(modules)
-    from stages.families.flux2 import split_original_modules  # FLUX.2's original names, fused qkv
-
-    return split_original_modules(modules)
 
 
 def _module(path: Path, base: str, tensors: dict, down_sfx: str, up_sfx: str, default_alpha) -> LoraModule:
