@@ -8,11 +8,13 @@
 4. teacher storage per sample-step, fp16 and fp32.
 
 It builds a project on the "small" UNet of benchmarks/overhead.py (cross-attention 32; latents 32x32), or with
---family zimage|flux2 on a small Z-Image- or FLUX.2-shaped transformer (~6.6M parameters, 256 image tokens), runs
-`pipeline run transfer` once, then times the loops on the artifacts that run made. For the flow families it also
-times 5. a lora1 step vs a bare PyTorch loop (diffusers transformer + peft LoRA + AdamW, flow-matching noise).
+--family on the family's "small" tiny model: a Z-Image, FLUX.2, FLUX.1 or Qwen-Image-shaped transformer (~6-7M
+parameters, 256 image tokens) or an SDXL-shaped UNet (three levels, 32x32 latents), with its sibling (FLUX.1:
+the [schnell]-like one), runs `pipeline run transfer` once, then times the loops on the artifacts that run made.
+For every family but sd15 (benchmarks/overhead.py has its own) it also times 5. a lora1 step vs a bare PyTorch
+loop (diffusers model + peft LoRA + AdamW, the family's noise process).
 
-    .venv/bin/python benchmarks/transfer.py [--family sd15|zimage|flux2] [--steps 30] [--repeats 3]
+    .venv/bin/python benchmarks/transfer.py [--family sd15|sdxl|zimage|flux2|flux1|qwenimage] [--steps 30]
 """
 
 from __future__ import annotations
@@ -55,13 +57,21 @@ def make_project(root: Path, steps: int, family: str = "sd15") -> Path:
     if family == "sd15":
         build_model(root / "model", SMALL)
         build_tiny_turbo(root / "model", root / "student")
+    elif family == "sdxl":
+        from stages.families.tiny import build_tiny_sdxl
+
+        build_tiny_sdxl(root / "model", size="small")
+        build_tiny_turbo(root / "model", root / "student")
     else:
         from stages.families import tiny_flow
 
-        {"zimage": tiny_flow.build_tiny_zimage, "flux2": tiny_flow.build_tiny_flux2}[family](
-            root / "model", size="small"
-        )
-        tiny_flow.build_tiny_flow_turbo(root / "model", root / "student")
+        builders = {"zimage": tiny_flow.build_tiny_zimage, "flux2": tiny_flow.build_tiny_flux2,
+                    "flux1": tiny_flow.build_tiny_flux1, "qwenimage": tiny_flow.build_tiny_qwenimage}  # fmt: skip
+        builders[family](root / "model", size="small")
+        if family == "flux1":
+            tiny_flow.build_tiny_flux1_schnell(root / "model", root / "student")
+        else:
+            tiny_flow.build_tiny_flow_turbo(root / "model", root / "student")
     write_images(root / "images", count=8, size=256)
     settings = {
         "model": {"path": "model"},
@@ -116,9 +126,10 @@ def lora1_step(env: PlanEnv, m: dict[str, Manifest], work: Path) -> float:
 
     from stages.pools import load_latent_table, load_text_table
 
-    lat = load_latent_table(env.store, m["latents"].record, [v["array"] for v in m["latents"].record["items"].values()])
+    names = [v["array"] for v in m["latents"].record["items"].values()]
+    lat = load_latent_table(env.store, m["latents"].record, names)
     cond, _ = load_text_table(env.store, m["prior"].record["text"])
-    latents = torch.from_numpy(np.stack(list(lat.values())))
+    latents = torch.from_numpy(np.stack([lat[n] for n in names]))
     data = TrainData(latents, cond, torch.arange(latents.shape[0]) % len(cond))
     cfg = m["student"].preimage["params"]
     pt = cfg["prediction_type"]
@@ -127,8 +138,9 @@ def lora1_step(env: PlanEnv, m: dict[str, Manifest], work: Path) -> float:
 
 
 def bare_step(env: PlanEnv, m: dict[str, Manifest], steps: int) -> float:
-    """A bare PyTorch loop on the same transformer, LoRA, batch and optimizer: diffusers' class + peft + AdamW,
-    flow-matching noise at uniform sigma, the family's model call; no accelerate, progress bar or seeds per step."""
+    """A bare PyTorch loop on the same model, LoRA, batch and optimizer: diffusers' class + peft + AdamW, the
+    family's noise (flow matching at uniform sigma; DDPM's add_noise at a uniform timestep, ε target) and model
+    call; no accelerate, progress bar or seeds per step."""
     import diffusers
     import numpy as np
     import torch.nn.functional as F
@@ -137,12 +149,14 @@ def bare_step(env: PlanEnv, m: dict[str, Manifest], steps: int) -> float:
     from stages.pools import load_latent_table, load_text_table
 
     fam, cfg = env.family, m["student"].preimage["params"]
-    lat = load_latent_table(env.store, m["latents"].record, [v["array"] for v in m["latents"].record["items"].values()])
+    names = [v["array"] for v in m["latents"].record["items"].values()]
+    lat = load_latent_table(env.store, m["latents"].record, names)
     cond, _ = load_text_table(env.store, m["prior"].record["text"])
-    latents = torch.from_numpy(np.stack(list(lat.values())))
-    model = getattr(diffusers, fam.transformer_class).from_pretrained(
-        str(env.student.path), subfolder="transformer", use_safetensors=True
-    )
+    latents = torch.from_numpy(np.stack([lat[n] for n in names]))
+    flow = hasattr(fam, "transformer_class")
+    cls, sub = (fam.transformer_class, "transformer") if flow else ("UNet2DConditionModel", "unet")
+    model = getattr(diffusers, cls).from_pretrained(str(env.student.path), subfolder=sub, use_safetensors=True)
+    ddpm = None if flow else diffusers.DDPMScheduler.from_pretrained(str(env.student.path), subfolder="scheduler")
     model.requires_grad_(False)
     model.add_adapter(
         LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], target_modules=cfg["targets"], init_lora_weights="gaussian")
@@ -156,10 +170,13 @@ def bare_step(env: PlanEnv, m: dict[str, Manifest], steps: int) -> float:
         idx = torch.randint(0, latents.shape[0], (cfg["batch_size"],), generator=g)
         x0, c = latents[idx], cond[idx % len(cond)]
         noise = torch.randn(x0.shape, generator=g)
-        sigma = torch.rand(x0.shape[0], generator=g)
-        s = sigma.view(-1, 1, 1, 1)
-        pred = fam.predict(model, (1 - s) * x0 + s * noise, sigma, c)
-        loss = F.mse_loss(pred, noise - x0)
+        if flow:
+            sigma = torch.rand(x0.shape[0], generator=g)
+            s = sigma.view(-1, 1, 1, 1)
+            loss = F.mse_loss(fam.predict(model, (1 - s) * x0 + s * noise, sigma, c), noise - x0)
+        else:
+            t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+            loss = F.mse_loss(fam.predict(model, ddpm.add_noise(x0, noise, t), t, c), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
         opt.step()
@@ -190,7 +207,10 @@ def teacher_step(env: PlanEnv, m: dict[str, Manifest], batching: str) -> tuple[f
     latents = load_latent_table(env.store, m["latents"].record, {r["latent"] for r in doc["rows"]})
     params = SimpleNamespace(**m["teacher"].preimage["params"])
     plain = env.family.load_denoiser(env.layout, torch.device("cpu")).eval()  # the baseline: no peft at all
-    delta = DeltaComputer(env.family, teacher, process, latents, cond, row_of, spec, params, batching, "cpu")
+    guidance = m["schedule"].contract.get("guidance_embed")
+    delta = DeltaComputer(
+        env.family, teacher, process, latents, cond, row_of, spec, params, batching, "cpu", guidance=guidance
+    )
     ours, bare = [], []
     for s in range(spec.steps):
         rows = step_rows(doc, spec, s)
@@ -201,7 +221,7 @@ def teacher_step(env: PlanEnv, m: dict[str, Manifest], batching: str) -> tuple[f
         c = cond[[row_of[r["caption"]] for r in rows]]
         t2 = time.perf_counter()
         with torch.no_grad():
-            env.family.predict(plain, torch.cat([x_t, x_t]), torch.cat([t, t]), c.doubled())
+            env.family.predict(plain, torch.cat([x_t, x_t]), torch.cat([t, t]), c.doubled(), delta.guidance)
         t3 = time.perf_counter()
         ours.append(t1 - t0)
         bare.append(t3 - t2)
@@ -212,9 +232,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--family", default="sd15", choices=["sd15", "zimage", "flux2"])
+    ap.add_argument("--family", default="sd15", choices=["sd15", "sdxl", "zimage", "flux2", "flux1", "qwenimage"])
     args = ap.parse_args()
-    what = "small UNet" if args.family == "sd15" else f"small {args.family} transformer"
+    what = f"small {args.family} " + ("UNet" if args.family in ("sd15", "sdxl") else "transformer")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {what}, batch 2, rank 4, fp32, CPU")
     tmp = Path(tempfile.mkdtemp(prefix="lp-bench-transfer-"))
     try:

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import Project, pair_project
+from conftest import Project, pair_project, stage_manifest
 
 from stages.families import detect_family, detect_lora_family, get_family
 from stages.families.base import Conditioning, ModelLayout
@@ -19,7 +19,7 @@ def tiny_sdxl(tmp_path_factory):
     from stages.families.tiny import build_tiny_sdxl, build_tiny_turbo
 
     root = tmp_path_factory.mktemp("tiny-sdxl")
-    build_tiny_sdxl(root / "model", seed=0)
+    build_tiny_sdxl(root / "model", seed=0, single_file=root / "sdxl.safetensors")
     build_tiny_turbo(root / "model", root / "student")
     return root
 
@@ -38,8 +38,67 @@ def test_sdxl_is_detected_from_its_folder_and_its_unet(tiny_sdxl, tmp_path):
     (bare / "model_index.json").unlink()  # no pipeline class: the UNet's text_time conditioning says it
     family, why = detect_family(bare)
     assert family == "sdxl" and "text_time" in why
-    with pytest.raises(Exception, match="single-file SDXL checkpoints are not read yet"):
-        get_family("sdxl").layout(tiny_sdxl / "model" / "unet" / "diffusion_pytorch_model.safetensors", None)
+    family, why = detect_family(tiny_sdxl / "sdxl.safetensors")
+    assert family == "sdxl" and "conditioner.embedders" in why
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder", "text_encoder_2"])
+def test_a_single_file_checkpoint_loads_the_folder_s_weights(tiny_sdxl, component):
+    """The SGM single file (OpenCLIP bigG in open_clip's names, fused in_proj) through diffusers' from_single_file
+    with the folder's configs: every tensor equal."""
+    family = get_family("sdxl")
+    folder = family.layout(tiny_sdxl / "model", None)
+    single = family.layout(tiny_sdxl / "sdxl.safetensors", tiny_sdxl / "model")
+    (a,), (b,) = family._load(folder, component), family._load(single, component)
+    a, b = a.state_dict(), b.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_single_file_workflow_merge_and_the_wrong_checkpoint(tiny_sdxl, tiny_model, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from core.errors import ModelError
+
+    project = sdxl_project(tmp_path, tiny_sdxl)
+    shutil.copy(tiny_sdxl / "sdxl.safetensors", tmp_path / "sdxl.safetensors")
+    project.write_config(model={"path": "sdxl.safetensors", "single_file_config": "model"})
+    report = project.run_json(workflow="lora")
+    assert {s["action"] for s in report["stages"]} == {"ran"}
+    lora = tmp_path / "output" / "lora" / "lora1" / "lora1.safetensors"
+    merged = tmp_path / "merged.safetensors"
+    model, config = str(tmp_path / "sdxl.safetensors"), str(tmp_path / "model")
+    result = project.cli(
+        "lora", "merge", str(lora), "--model", model, "--single-file-config", config, "--out", str(merged)
+    )
+    assert result.exit_code == 0, result.output
+    assert detect_family(merged)[0] == "sdxl"
+    pipe = StableDiffusionXLPipeline.from_single_file(
+        str(merged), config=str(tmp_path / "model"), local_files_only=True
+    )
+    reference = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model"))
+    reference.load_lora_weights(str(lora))
+    reference.fuse_lora()
+    x, emb = torch.randn(1, 4, 4, 4), torch.randn(1, 77, 80)
+    added = {"text_embeds": torch.randn(1, 48), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+    with torch.no_grad():
+        a = pipe.unet(x, 500, encoder_hidden_states=emb, added_cond_kwargs=added).sample
+        b = reference.unet(x, 500, encoder_hidden_states=emb, added_cond_kwargs=added).sample
+    assert (a - b).abs().max() < 1e-5
+    with pytest.raises(ModelError, match="not an SDXL one"):
+        get_family("sdxl").layout(tiny_model / "model.safetensors", tiny_sdxl / "model")
+
+
+def test_identity_teacher_equals_student_starts_at_zero_loss(tiny_sdxl, tmp_path):
+    project = sdxl_project(
+        tmp_path,
+        tiny_sdxl,
+        transfer={"student_model": "model", "delta_dtype": "fp32"},
+        student={"init": "teacher", "guidance": 1.0},
+    )
+    report = project.run_json(workflow="transfer")
+    rec = stage_manifest(project, report, "student")["record"]
+    assert rec["first_loss"] < 1e-10
+    assert rec["fidelity"]["curve"][0]["cosine"] > 0.9999
 
 
 def test_captions_and_size_conditioning_are_the_pipeline_s(tiny_sdxl):

@@ -86,6 +86,10 @@ def detect_family(path: Path) -> tuple[str | None, str]:
             keys = {k.removeprefix("model.diffusion_model.") for k in read_safetensors_header(path)}
         except ModelError:
             return None, "it is not a readable .safetensors file"
+        if any(k.startswith("conditioner.embedders.1.") for k in keys) and any(
+            k.startswith("input_blocks.") for k in keys
+        ):
+            return "sdxl", "its tensors are an SDXL checkpoint's (model.diffusion_model.*, conditioner.embedders.*)"
         if any(k.startswith("input_blocks.") for k in keys):
             return "sd15", "its tensors are a Stable Diffusion UNet's (model.diffusion_model.input_blocks.*)"
         if "txt_norm.weight" in keys and "transformer_blocks.0.img_mod.1.weight" in keys:

@@ -80,7 +80,7 @@ class SD15Family(ModelFamily):
                 f"single-file checkpoint (a LoRA file, perhaps?)."
             )
         if config_dir is not None:
-            missing = [c for c in COMPONENTS if not (config_dir / c).is_dir()]
+            missing = [c for c in self.components if not (config_dir / c).is_dir()]
             if missing:
                 raise ModelError(
                     f"model.single_file_config: {config_dir} is missing {', '.join(c + '/' for c in missing)}; "
@@ -122,7 +122,7 @@ class SD15Family(ModelFamily):
         root = self._config_root(layout)
         cfg = _json(root / "vae" / "config.json") if root else {}
         return {
-            "scaling_factor": cfg.get("scaling_factor", 0.18215),
+            "scaling_factor": cfg.get("scaling_factor", self.default_vae_scaling),
             "shift_factor": cfg.get("shift_factor") or 0.0,
             "family": self.name,
             "latent_channels": cfg.get("latent_channels", 4),
@@ -147,18 +147,17 @@ class SD15Family(ModelFamily):
     # -- heavy -------------------------------------------------------------------------------------------
     def _load(self, layout: ModelLayout, *components: str) -> tuple:
         """The named components, from one load: a single file is read once however many are asked for."""
-        from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         quiet_libraries()
         try:
             if layout.single_file and not (components == ("scheduler",) and layout.config_dir):
-                pipe = StableDiffusionPipeline.from_single_file(
+                pipe = self._single_file_pipeline().from_single_file(
                     str(layout.path),
                     config=str(layout.config_dir) if layout.config_dir else None,
                     local_files_only=layout.config_dir is not None,
-                    safety_checker=None,
-                    requires_safety_checker=False,
+                    **self._single_file_kwargs,
                 )
                 return tuple(getattr(pipe, c) for c in components)
             # A diffusers folder, or a single file's scheduler: a config with no weights in the checkpoint.
@@ -179,6 +178,14 @@ class SD15Family(ModelFamily):
             )
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise ModelError(f"could not load {', '.join(components)} of {layout.path}: {e}") from None
+
+    _single_file_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    default_vae_scaling = 0.18215  # the VAE's scaling_factor when no config says it (a single file alone)
+
+    def _single_file_pipeline(self):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
 
     def _more_classes(self) -> dict:
         """Classes of the components a subclass adds to SD's (SDXL's second text encoder)."""

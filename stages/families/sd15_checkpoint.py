@@ -1,8 +1,10 @@
-"""Write a Stable Diffusion 1.x pipeline as an original (LDM-layout) single-file .safetensors checkpoint.
+"""Write a Stable Diffusion 1.x or SDXL pipeline as an original (LDM/SGM-layout) single-file .safetensors checkpoint.
 
 The inverse of diffusers' single-file loader, for any number of blocks, so tiny models can be saved in
 the real single-file format and loaded back through `from_single_file`. Key layout facts follow the
-original `ldm` module tree: `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`.
+original `ldm` module tree: `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`;
+SDXL's (sgm) names its text encoders `conditioner.embedders.0.transformer.*` (CLIP-L, transformers' names) and
+`conditioner.embedders.1.model.*` (OpenCLIP bigG in open_clip's names: fused in_proj, text_projection as x @ P).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ def _unet_prefix_map(config) -> list[tuple[str, str]]:
         ("conv_in.", "input_blocks.0.0."),
         ("conv_norm_out.", "out.0."),
         ("conv_out.", "out.2."),
+        ("add_embedding.linear_1.", "label_emb.0.0."),  # SDXL's size and pooled-text embedding
+        ("add_embedding.linear_2.", "label_emb.0.2."),
         ("mid_block.resnets.0.", "middle_block.0."),
         ("mid_block.attentions.0.", "middle_block.1."),
         ("mid_block.resnets.1.", "middle_block.2."),
@@ -107,15 +111,61 @@ def vae_to_ldm(state_dict: dict, config) -> dict:
     return out
 
 
-def save_single_file(unet, vae, text_encoder, path: Path) -> None:
+def clip_to_ldm(text_encoder, prefix: str) -> dict:
+    # Real checkpoints name CLIP weights `...transformer.text_model.*`; transformers >= 5.6 flattened the
+    # module tree (no `text_model.`), older versions did not.
+    out = {}
+    for k, v in text_encoder.state_dict().items():
+        k = k if k.startswith("text_model.") else "text_model." + k
+        out[prefix + k] = v
+    return out
+
+
+def open_clip_to_ldm(text_encoder, prefix: str = "conditioner.embedders.1.model.") -> dict:
+    """A CLIPTextModelWithProjection in open_clip's names (what diffusers' convert_open_clip_checkpoint reads):
+    resblocks with one in_proj for q, k and v, ln_1/ln_2, mlp.c_fc/c_proj, and the projection transposed."""
+    import torch
+
+    top = {"embeddings.position_embedding.weight": "positional_embedding",
+           "embeddings.token_embedding.weight": "token_embedding.weight",
+           "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}  # fmt: skip
+    inner = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj.",
+             "self_attn.out_proj.": "attn.out_proj."}  # fmt: skip
+    out, qkv = {}, {}
+    for k, v in text_encoder.state_dict().items():
+        if k == "text_projection.weight":
+            out[prefix + "text_projection"] = v.T.contiguous()
+            continue
+        k = k.removeprefix("text_model.")
+        if k in top:
+            out[prefix + top[k]] = v
+        elif k.startswith("encoder.layers."):
+            n, rest = k.removeprefix("encoder.layers.").split(".", 1)
+            block = f"{prefix}transformer.resblocks.{n}."
+            if rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+                kind = rest.split(".")[-1]  # weight | bias
+                qkv.setdefault(f"{block}attn.in_proj_{kind}", {})[rest.split(".")[1]] = v
+                continue
+            for a, b in inner.items():
+                if rest.startswith(a):
+                    rest = b + rest[len(a) :]
+                    break
+            out[block + rest] = v
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    return out
+
+
+def save_single_file(unet, vae, text_encoder, path: Path, text_encoder_2=None) -> None:
+    """An SD 1.x checkpoint; with text_encoder_2, SDXL's (sgm conditioner names for the two text encoders)."""
     from safetensors.torch import save_file
 
     sd = {}
     sd.update(unet_to_ldm(unet.state_dict(), unet.config))
     sd.update(vae_to_ldm(vae.state_dict(), vae.config))
-    # Real checkpoints name CLIP weights `...transformer.text_model.*`; transformers >= 5.6 flattened the
-    # module tree (no `text_model.`), older versions did not.
-    for k, v in text_encoder.state_dict().items():
-        k = k if k.startswith("text_model.") else "text_model." + k
-        sd["cond_stage_model.transformer." + k] = v
+    if text_encoder_2 is None:
+        sd.update(clip_to_ldm(text_encoder, "cond_stage_model.transformer."))
+    else:
+        sd.update(clip_to_ldm(text_encoder, "conditioner.embedders.0.transformer."))
+        sd.update(open_clip_to_ldm(text_encoder_2))
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))

@@ -9,6 +9,11 @@ Size conditioning (`add_time_ids`: original size, crop top-left, target size, ea
 the batch's latent size with no crop: what the pipeline passes at inference by default. Each item's own original
 size and crop (the bucket records hold them) are not passed yet.
 
+Single-file checkpoints (what users download: `model.diffusion_model.*`, `first_stage_model.*`, the text encoders
+as `conditioner.embedders.0.transformer.*` and `conditioner.embedders.1.model.*`) load through diffusers'
+`StableDiffusionXLPipeline.from_single_file` with model.single_file_config (a diffusers SDXL folder; its configs
+are read, its weights are not), as SD 1.x's do.
+
 LoRA files in kohya's format name the UNet's modules as the original (SGM) UNet does, as sd-scripts'
 `sdxl_train_network.py` writes them and A1111 and ComfyUI read them: `lora_unet_input_blocks_4_1_transformer_blocks_0_
 attn1_to_q` (ldm_name below); files with diffusers' names (`lora_unet_down_blocks_...`) are read too.
@@ -20,7 +25,7 @@ from pathlib import Path
 
 from core.errors import ModelError
 from stages.families.base import ModelLayout, pipeline_renderer
-from stages.families.sd15 import SD15Family
+from stages.families.sd15 import SD15Family, read_safetensors_header
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -34,13 +39,24 @@ class SDXLFamily(SD15Family):
     pretty = "Stable Diffusion XL"
     text_encoder_targets = ()  # text-encoder LoRA (lora_te1_/lora_te2_) is not trained for SDXL yet
 
+    _single_file_kwargs: dict = {}
+    default_vae_scaling = 0.13025
+
     def layout(self, path: Path, single_file_config: Path | None) -> ModelLayout:
-        if path.is_file():
+        layout = super().layout(path, single_file_config)
+        if layout.single_file and not any(
+            k.startswith("conditioner.embedders.1.") for k in read_safetensors_header(path)
+        ):
             raise ModelError(
-                f"model.path: {path} is a single file; single-file SDXL checkpoints are not read yet. Use the "
-                f"model's diffusers folder (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, ...)."
+                f"model.path: {path} is a Stable Diffusion 1.x/2.x checkpoint (its text encoder is "
+                f'cond_stage_model.*), not an SDXL one (conditioner.embedders.0/1.*). Set model.family = "sd15".'
             )
-        return super().layout(path, single_file_config)
+        return layout
+
+    def _single_file_pipeline(self):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
 
     def is_v2(self, layout: ModelLayout) -> bool:
         return False
@@ -85,10 +101,15 @@ class SDXLFamily(SD15Family):
         return pipeline_renderer(pipe)
 
     def save_model(self, components: dict, out: Path) -> None:
+        """A diffusers folder, or a single .safetensors checkpoint (SGM layout) when out ends in .safetensors."""
         from diffusers import StableDiffusionXLPipeline
 
         if out.suffix == ".safetensors":
-            raise ModelError(f"{out}: single-file SDXL checkpoints are not written yet; give a folder to write.")
+            from stages.families.sd15_checkpoint import save_single_file
+
+            c = components
+            save_single_file(c["unet"], c["vae"], c["text_encoder"], out, text_encoder_2=c["text_encoder_2"])
+            return
         StableDiffusionXLPipeline(**components).save_pretrained(str(out), safe_serialization=True)
 
     def kohya_rename(self, denoiser) -> dict[str, str] | None:

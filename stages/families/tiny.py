@@ -205,11 +205,14 @@ def build_tiny_turbo(base_dir: Path, out_dir: Path, seed: int = 1, scale: float 
     return out_dir
 
 
-def build_tiny_sdxl(out_dir: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+def build_tiny_sdxl(
+    out_dir: Path, seed: int = 0, prediction_type: str = "epsilon", size: str = "tiny", single_file: Path | None = None
+) -> Path:
     """A tiny SDXL-style pipeline as a diffusers folder: a UNet with SDXL's layout in miniature (a first block
     without attention, layers_per_block 2, two transformer layers in the attention block, text_time added
     conditioning), CLIP-L and OpenCLIP-bigG-style text encoders (the second with a projection: the pooled
-    output), and the tiny VAE."""
+    output), and the tiny VAE. size "small": the benchmarks' wider UNet (64/128/256 channels, SDXL's three
+    levels with 1, 2 and 2 transformer layers)."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -226,17 +229,22 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0, prediction_type: str = "epsilo
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**tiny_vae_kwargs(4), scaling_factor=TINY_VAE_SCALING)
     torch.manual_seed(seed + 2)
+    shape = {
+        "tiny": dict(block_out_channels=(32, 64), transformer_layers_per_block=(1, 2), attention_head_dim=(4, 8),
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+        "small": dict(block_out_channels=(64, 128, 256), transformer_layers_per_block=(1, 1, 2),
+                      attention_head_dim=(4, 4, 8),
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+    }[size]  # fmt: skip
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        **shape,
         layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
         cross_attention_dim=32 + 48,  # the two encoders' hidden states, concatenated
-        attention_head_dim=(4, 8),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
@@ -263,4 +271,8 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0, prediction_type: str = "epsilo
     )
     out_dir = Path(out_dir)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    if single_file is not None:
+        from stages.families.sd15_checkpoint import save_single_file
+
+        save_single_file(unet, vae, text_encoder, Path(single_file), text_encoder_2=text_encoder_2)
     return out_dir

@@ -369,7 +369,7 @@ def tiny_qwen25_vl(vocab_size: int, seed: int, hidden: int = 32):
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def build_tiny_qwenimage(out_dir: Path, seed: int = 0, single_file: Path | None = None) -> Path:
+def build_tiny_qwenimage(out_dir: Path, seed: int = 0, single_file: Path | None = None, size: str = "tiny") -> Path:
     """A tiny QwenImagePipeline folder: a Qwen2.5-VL-style text encoder, the causal video VAE in miniature (its
     per-channel latents_mean / latents_std), a two-block transformer, and Qwen-Image's scheduler settings
     (exponential resolution-dependent shift)."""
@@ -399,15 +399,12 @@ def build_tiny_qwenimage(out_dir: Path, seed: int = 0, single_file: Path | None 
         latents_std=[0.2] * 16,
     )
     torch.manual_seed(seed + 2)
+    shape = {
+        "tiny": {"num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2, "axes_dims_rope": (4, 6, 6)},
+        "small": {"num_layers": 4, "attention_head_dim": 64, "num_attention_heads": 4, "axes_dims_rope": (16, 24, 24)},
+    }[size]
     transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=64,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        axes_dims_rope=(4, 6, 6),
+        patch_size=2, in_channels=64, out_channels=16, joint_attention_dim=32, **shape
     )
     _scale_up(transformer)
     scheduler = FlowMatchEulerDiscreteScheduler(
