@@ -255,8 +255,9 @@ def apply_weighted(unet, family, specs: list[str], text_encoder: Callable[[], ob
         if lora.text_modules and not family.text_encoder_targets:
             lora.refuse_text_modules(f"`pipeline sample` has no LoRA-able text encoder in the {family.name} family")
         for comp in lora.text_modules:
-            model = text_encoder().model
-            matched = match_text_modules(lora, comp, {"text_encoder": model})  # names the component it lacks
+            parts = text_encoder().parts
+            matched = match_text_modules(lora, comp, parts)  # names the component it lacks
+            model = parts[comp]
             # matched names are canonical (`text_model.encoder...`); transformers 5's CLIP has no `text_model` level
             level = has_text_model_level(model)
             modules = {n if level else n.removeprefix("text_model."): m for n, m in matched.items()}
@@ -383,8 +384,10 @@ def sample(
         if attached:
             scaled = {name: s * w for name, w, _ in attached}
             set_adapter_weights(unet, scaled)
-            if text is not None:
-                set_adapter_weights(text.model, {n: w for n, w in scaled.items() if n in text.model.peft_config})
+            for part in text.parts.values() if text is not None else ():
+                config = getattr(part, "peft_config", {})  # an encoder no file had modules for has no adapter
+                if any(n in config for n in scaled):
+                    set_adapter_weights(part, {n: w for n, w in scaled.items() if n in config})
         columns.append(render(prompts, seed, steps, guidance, size))
     header = 14
     grid = Image.new("RGB", (size * len(scales), header + size * len(prompts)), "white")

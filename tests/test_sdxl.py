@@ -130,6 +130,7 @@ def test_lora_files_use_sd_scripts_sdxl_names_and_load_in_the_diffusers_pipeline
     own SGM-to-diffusers mapping loads it to the same UNet as the diffusers file, and our reader maps it back."""
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     from stages.training.lora_files import match_modules, read_lora_file
 
@@ -146,6 +147,7 @@ def test_lora_files_use_sd_scripts_sdxl_names_and_load_in_the_diffusers_pipeline
     assert not any("down_blocks" in m or "up_blocks" in m or "mid_block" in m for m in modules)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert detect_lora_family(out / "lora1.safetensors") == "sdxl"
+    assert detect_lora_family(out / "diffusers" / "pytorch_lora_weights.safetensors") == "sdxl"
 
     torch.manual_seed(0)
     x, emb = torch.randn(1, 4, 4, 4), torch.randn(1, 77, 80)
@@ -159,6 +161,14 @@ def test_lora_files_use_sd_scripts_sdxl_names_and_load_in_the_diffusers_pipeline
             outs.append(pipe.unet(x, 500, encoder_hidden_states=emb, added_cond_kwargs=added).sample)
     assert (outs[1] - outs[2]).abs().max() < 1e-5
     assert (outs[2] - outs[0]).abs().max() > 1e-3  # the LoRA does something
+
+    # `lora convert` from the diffusers file writes the SGM names training writes, tensor for tensor
+    converted = tmp_path / "converted.safetensors"
+    diffusers_file = out / "diffusers" / "pytorch_lora_weights.safetensors"
+    result = project.cli("lora", "convert", str(diffusers_file), "--to", "kohya", "--out", str(converted))
+    assert result.exit_code == 0, result.output
+    trained, again = load_file(out / "lora1.safetensors"), load_file(converted)
+    assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)
 
     unet = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model")).unet
     matched = match_modules(read_lora_file(out / "lora1.safetensors"), unet)
@@ -189,3 +199,63 @@ def test_transfer_and_differential_run_on_sdxl_and_a_sd15_pair_is_refused(tiny_s
     shutil.copytree(tiny_model / "model", tmp_path / "xl" / "student")  # an SD 1.x "sibling"
     refused = project.cli("run", "transfer", "--dry-run")
     assert refused.exit_code == 2 and "'sdxl'" in refused.output and "'sd15'" in refused.output
+
+
+# ComfyUI's key map for SDXL's CLIP LoRAs (comfy/lora.py: model_lora_keys_clip, read from its code): kohya's
+# `lora_te1_text_model_encoder_layers_{b}_{part}` for CLIP-L and `lora_te2_...` for OpenCLIP bigG (clip_g).
+COMFY_CLIP_PARTS = (
+    "mlp_fc1",
+    "mlp_fc2",
+    "self_attn_k_proj",
+    "self_attn_q_proj",
+    "self_attn_v_proj",
+    "self_attn_out_proj",
+)
+
+
+def test_text_encoder_lora_writes_lora_te1_and_lora_te2_that_diffusers_loads(tiny_sdxl, tmp_path):
+    """lora1.train_text_encoder on SDXL: both encoders get the LoRA; the kohya file names them lora_te1_ / lora_te2_
+    as sd-scripts does and ComfyUI's key map reads, and StableDiffusionXLPipeline.load_lora_weights gives the same
+    text encoders (and UNet) from the kohya file as from the diffusers file; `pipeline sample` applies both."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from stages.training.lora_files import read_lora_file
+
+    project = sdxl_project(tmp_path, tiny_sdxl, lora1={"train_text_encoder": True, "text_encoder_lr": 2e-2})
+    report = project.run_json(workflow="lora")
+    assert "text" not in {s["name"] for s in report["stages"]}  # the encoders train: nothing cached
+    out = tmp_path / "output" / "lora" / "lora1"
+    with safe_open(out / "lora1.safetensors", "pt") as f:
+        modules = {k.split(".")[0] for k in f.keys()}
+        meta = f.metadata()
+    assert meta["ss_network_train_unet_only"] == "False"
+    comfy = {
+        f"lora_te{n}_text_model_encoder_layers_{b}_{part}"
+        for n in (1, 2)
+        for b in range(3)
+        for part in COMFY_CLIP_PARTS
+    }
+    text = {m for m in modules if m.startswith("lora_te")}
+    assert text == comfy  # every key ComfyUI maps, for every layer of both encoders
+    lora = read_lora_file(out / "lora1.safetensors", "lora_unet_", "unet", "sdxl")
+    assert set(lora.text_modules) == {"text_encoder", "text_encoder_2"}
+
+    base = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model"))
+    ids = [tok(["a red circle"], padding="max_length", return_tensors="pt").input_ids for tok in (base.tokenizer,) * 2]
+    outs = []
+    for source in (None, out / "lora1.safetensors", out / "diffusers" / "pytorch_lora_weights.safetensors"):
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model"))
+        if source is not None:
+            pipe.load_lora_weights(str(source))
+        with torch.no_grad():
+            outs.append([pipe.text_encoder(ids[0])[0], pipe.text_encoder_2(ids[1])[0]])
+    for n in range(2):
+        assert (outs[1][n] - outs[2][n]).abs().max() < 1e-5
+        assert (outs[2][n] - outs[0][n]).abs().max() > 1e-4  # each encoder's LoRA trained
+    grid = tmp_path / "grid.png"
+    lora_arg = f"{out / 'lora1.safetensors'}:1"
+    sample = ["sample", "--model", str(tmp_path / "model"), "--lora", lora_arg, "--prompt", "a red circle"]
+    result = project.cli(*sample, "--size", "32", "--steps", "2", "--out", str(grid))
+    assert result.exit_code == 0, result.output
+    assert grid.exists()

@@ -163,6 +163,9 @@ def _family_of_names(header: dict) -> str | None:
     if any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block", "lora_te1_",
                          "lora_te2_")) for k in names):  # fmt: skip
         return "sdxl"  # sd-scripts' SDXL names (SD 1.x files from it use diffusers' block names)
+    unet_blocks = tuple(f"{p}{b}" for p in ("unet.", "lora_unet_") for b in ("down_blocks", "up_blocks", "mid_block"))
+    if any(k.startswith(unet_blocks) and ("transformer_blocks.1." in k or "transformer_blocks_1_" in k) for k in names):
+        return "sdxl"  # a second transformer layer in an attention block: SD 1.x/2.x have one
     if any(
         k.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block", "unet.", "lora_te"))
         for k in names

@@ -210,6 +210,10 @@ class ModelFamily(ABC):
         block names); None: kohya's files use the diffusers names."""
         return None
 
+    def kohya_rename_names(self, names) -> dict[str, str] | None:
+        """kohya_rename() without the model, for dotted diffusers module names (LoRA tools re-saving a file)."""
+        return None
+
     def kohya_lora(self, state: dict, alpha) -> tuple[dict, object]:
         """(peft-named state, alpha) over the modules kohya's single file names (FLUX.1: the original layout's fused
         projections); the trained modules themselves by default."""

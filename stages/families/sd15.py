@@ -317,6 +317,15 @@ class ClipText:
         with torch.no_grad():
             return list(self.model(self.token_ids(captions).to(self.device))[0].float().cpu().numpy())
 
+    @property
+    def parts(self) -> dict:
+        """{pipeline component: text encoder model} (a LoRA on .model covers each)."""
+        return {"text_encoder": self.model}
+
+    def component_states(self, state: dict) -> dict[str, dict]:
+        """A peft state of .model's LoRA, split per component of .parts (one here)."""
+        return {"text_encoder": state}
+
     def conditioning(self, ids) -> Conditioning:
         """The conditioning of token ids, with gradients (a text encoder in training): what encode() caches."""
         import torch

@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.errors import ModelError
-from stages.families.base import ModelLayout, pipeline_renderer
+from stages.families.base import Conditioning, ModelLayout, pipeline_renderer
 from stages.families.sd15 import SD15Family, read_safetensors_header
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -37,7 +37,8 @@ class SDXLFamily(SD15Family):
     components, weighted = COMPONENTS, WEIGHTED
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     pretty = "Stable Diffusion XL"
-    text_encoder_targets = ()  # text-encoder LoRA (lora_te1_/lora_te2_) is not trained for SDXL yet
+    # Text-encoder LoRA covers both encoders (sd-scripts' lora_te1_ / lora_te2_ modules; one text_encoder_lr for both)
+    kohya_text_prefixes = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
     _single_file_kwargs: dict = {}
     default_vae_scaling = 0.13025
@@ -85,9 +86,13 @@ class SDXLFamily(SD15Family):
     def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str, text_encoder=None):
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-        te, te2, tok, tok2, vae, scheduler = self._load(
-            layout, "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"
-        )
+        if text_encoder is None:
+            te, te2, tok, tok2, vae, scheduler = self._load(
+                layout, "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"
+            )
+        else:  # the encoders in training, with their LoRA
+            (te, te2), (tok, tok2) = text_encoder.model, text_encoder.tokenizers
+            vae, scheduler = self._load(layout, "vae", "scheduler")
         pipe = StableDiffusionXLPipeline(
             vae=vae.to(device).eval(),
             text_encoder=te.to(device),
@@ -115,6 +120,11 @@ class SDXLFamily(SD15Family):
     def kohya_rename(self, denoiser) -> dict[str, str] | None:
         return kohya_renames(denoiser)
 
+    def kohya_rename_names(self, names) -> dict[str, str]:
+        """SGM names of diffusers-named modules by SDXL's layout (2 layers per block; what sets the SGM numbering;
+        a tiny model with that layout gets the same names)."""
+        return {n.replace(".", "_"): ldm_name(n, SDXL_LAYOUT).replace(".", "_") for n in names if "." in n}
+
     def lora_metadata(self, layout: ModelLayout | None = None, prediction_type: str | None = None) -> dict[str, str]:
         """sd-scripts' SDXL identification (sdxl_train_util: ss_base_model_version sdxl_base_v1-0; sai_model_spec
         stable-diffusion-xl-v1-base), which A1111 reads to show the LoRA with SDXL checkpoints."""
@@ -132,7 +142,8 @@ class SDXLFamily(SD15Family):
 
 class SDXLText:
     """CLIP-L and OpenCLIP bigG: per caption the two penultimate hidden states concatenated, and a last row with
-    the second encoder's pooled output (see the module docstring)."""
+    the second encoder's pooled output (see the module docstring). .model holds both (one LoRA covers both when
+    the text encoders train; component_states() splits it into text_encoder / text_encoder_2)."""
 
     def __init__(self, tokenizers, models, device):
         import torch
@@ -140,33 +151,66 @@ class SDXLText:
         self.tokenizers, self.device = tokenizers, device
         self.model = torch.nn.ModuleList(models)  # one module, so that release() drops both
 
-    def encode(self, captions: list[str]):
+    @property
+    def parts(self) -> dict:
+        return {"text_encoder": self.model[0], "text_encoder_2": self.model[1]}
+
+    def component_states(self, state: dict) -> dict[str, dict]:
+        return {
+            comp: {k[2:]: v for k, v in state.items() if k.startswith(f"{i}.")} for i, comp in enumerate(self.parts)
+        }
+
+    def token_ids(self, captions: list[str]):
+        """(B, 2, 77): each tokenizer's ids, padded and truncated as the pipeline does."""
+        import torch
+
+        ids = [
+            tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+            .input_ids for tok in self.tokenizers
+        ]  # fmt: skip
+        if ids[0].shape != ids[1].shape:
+            raise ModelError(f"SDXL tokenizers pad to {ids[0].shape[1]} and {ids[1].shape[1]} tokens; they must agree.")
+        return torch.stack(ids, dim=1)
+
+    def _embeds(self, ids):
         import torch
 
         hidden, pooled = [], None
+        for n, model in enumerate(self.model):
+            out = model(ids[:, n].to(self.device), output_hidden_states=True)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds, the pooled output
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        embeds = torch.cat(hidden, dim=-1)
+        if pooled.shape[-1] > embeds.shape[-1]:
+            raise ModelError(f"SDXL text encoders: a pooled output of {pooled.shape[-1]} values is wider than "
+                             f"the hidden states ({embeds.shape[-1]}); this is not an SDXL model.")  # fmt: skip
+        pad = embeds.new_zeros(embeds.shape[0], 1, embeds.shape[-1] - pooled.shape[-1])
+        return torch.cat([embeds, torch.cat([pooled[:, None], pad], dim=-1)], dim=1)
+
+    def encode(self, captions: list[str]):
+        import torch
+
         with torch.no_grad():
-            for tokenizer, model in zip(self.tokenizers, self.model, strict=True):
-                ids = tokenizer(
-                    captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt",
-                ).input_ids  # fmt: skip
-                out = model(ids.to(self.device), output_hidden_states=True)
-                if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds, the pooled output
-                    pooled = out[0]
-                hidden.append(out.hidden_states[-2])
-            embeds = torch.cat(hidden, dim=-1)
-            if pooled.shape[-1] > embeds.shape[-1]:
-                raise ModelError(f"SDXL text encoders: a pooled output of {pooled.shape[-1]} values is wider than "
-                                 f"the hidden states ({embeds.shape[-1]}); this is not an SDXL model.")  # fmt: skip
-            row = torch.zeros(embeds.shape[0], 1, embeds.shape[-1], dtype=embeds.dtype, device=embeds.device)
-            row[:, 0, : pooled.shape[-1]] = pooled
-            return list(torch.cat([embeds, row], dim=1).float().cpu().numpy())
+            return list(self._embeds(self.token_ids(captions)).float().cpu().numpy())
+
+    def conditioning(self, ids) -> Conditioning:
+        """The conditioning of token ids, with gradients (the text encoders in training): what encode() caches."""
+        import torch
+
+        embeds = self._embeds(ids)
+        return Conditioning(embeds, torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device))
+
+
+# What ldm_name() reads of an SDXL UNet's config, as SDXL 1.0 base has it
+SDXL_LAYOUT = {"layers_per_block": 2, "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
 
 
 def is_sdxl_unet(denoiser) -> bool:
     """Whether a denoiser is an SDXL-style UNet (text_time added conditioning): its kohya names are SGM names."""
     config = getattr(denoiser, "config", None)
-    return config is not None and config.get("addition_embed_type") == "text_time"
+    # a diffusers config is a dict (FrozenDict); a text encoder's (transformers) is not
+    return isinstance(config, dict) and config.get("addition_embed_type") == "text_time"
 
 
 def kohya_renames(denoiser) -> dict[str, str]:

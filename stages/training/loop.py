@@ -135,6 +135,7 @@ class TextOutcome:
     adapter_config: object
     init_state: dict | None = None
     ema_state: dict | None = None
+    encoder: object | None = None  # the family's text object (.parts, .component_states: the files' components)
 
 
 @dataclass
@@ -325,7 +326,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         with ema.applied():
             ema_state = {k: v.clone() for k, v in lora_state_dict(unwrapped).items()}  # not views of the raw weights
             text_ema = {k: v.clone() for k, v in lora_state_dict(text.model).items()} if text is not None else None
-    text_outcome = None if text is None else TextOutcome(text.model.eval(), text_config, text_init, text_ema)
+    text_outcome = None if text is None else TextOutcome(text.model.eval(), text_config, text_init, text_ema, text)
     return TrainOutcome(
         unwrapped, adapter_config, losses, previews, start, step_times, evals, ema_state, lrs, init_state, text_outcome
     )

@@ -42,7 +42,8 @@ def add_lora(
     try:
         with warnings.catch_warnings():  # differential LoRA-2 trains over a LoRA-1 adapter on purpose
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            denoiser.add_adapter(config)
+            for model in _peft_models(denoiser):  # in order, from the one seed
+                model.add_adapter(config)
     except ValueError as e:
         if "Unknown initialization" in str(e) and init != "gaussian":
             convs = sorted(
@@ -64,6 +65,15 @@ def add_lora(
     return config
 
 
+def _peft_models(model) -> list:
+    """The models that carry an adapter: the model, or each of a ModuleList of them (SDXL's two text encoders)."""
+    import torch
+
+    if isinstance(model, torch.nn.ModuleList) and not hasattr(model, "add_adapter"):
+        return list(model)
+    return [model]
+
+
 def trainable_state(denoiser) -> dict:
     return {n: p.detach() for n, p in denoiser.named_parameters() if p.requires_grad}
 
@@ -72,6 +82,9 @@ def lora_state_dict(denoiser) -> dict:
     """The adapter's weights in peft naming: `<module>.lora_A.weight`, `<module>.lora_B.weight`."""
     from peft.utils import get_peft_model_state_dict
 
+    models = _peft_models(denoiser)
+    if len(models) > 1 or models[0] is not denoiser:  # a ModuleList: its models' states under `<index>.`
+        return {f"{i}.{k}": v for i, m in enumerate(models) for k, v in lora_state_dict(m).items()}
     state = get_peft_model_state_dict(denoiser, save_embedding_layers=False)  # (no vocabulary check: none trained)
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
@@ -88,12 +101,15 @@ def to_kohya(state: dict, alpha: float | dict[str, float], prefix: str, rank: in
     }
 
 
-def canonicalize_safetensors(path: Path) -> None:
-    """Rewrite a .safetensors header with sorted keys. safetensors serializes its metadata from a hash map
-    whose order changes per process, so equal tensors would otherwise give files with different digests."""
+def canonicalize_safetensors(path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Rewrite a .safetensors header with sorted keys (and these metadata fields added). safetensors serializes its
+    metadata from a hash map whose order changes per process, so equal tensors would otherwise give files with
+    different digests."""
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])
+    if metadata:
+        header["__metadata__"] = {**(header.get("__metadata__") or {}), **metadata}
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned; its offsets are relative to it
     tmp = path.with_name(f".{path.name}.tmp")
@@ -174,9 +190,16 @@ def save_single_file_lora(
 
 
 def save_diffusers(
-    state: dict, adapter_config, path: Path, pipeline_class: str, component: str, extra: dict | None = None
+    state: dict,
+    adapter_config,
+    path: Path,
+    pipeline_class: str,
+    component: str,
+    extra: dict | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write the diffusers format with adapter metadata via the pipeline class's own save_lora_weights.
+    """Write the diffusers format with adapter metadata via the pipeline class's own save_lora_weights; metadata:
+    fields added beside diffusers' own (the family's ss_base_model_version, so tools tell SDXL files from SD's).
     extra: more components' LoRAs, {component: (peft-named state, adapter config)} (the text encoders)."""
     import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -202,7 +225,7 @@ def save_diffusers(
         kwargs[f"{comp}_lora_layers"] = comp_state
         kwargs[f"{comp}_lora_adapter_metadata"] = meta(config)
     getattr(diffusers, pipeline_class).save_lora_weights(str(path.parent), weight_name=path.name, **kwargs)
-    canonicalize_safetensors(path)
+    canonicalize_safetensors(path, metadata)
 
 
 def file_alpha(rank: int, alpha: float, rslora: bool) -> float:
@@ -271,31 +294,38 @@ def write_lora_outputs(family, outcome, p, work_dir, name: str, base_metadata: d
     """The trained adapter in the single-file format (kohya or ComfyUI naming) and, for LoRA and DoRA, the
     diffusers format; the loss log and previews. base_metadata identifies the trained model
     (family.lora_metadata(layout, prediction_type)). With a trained text encoder (outcome.text), both files carry
-    its LoRA too: kohya's `lora_te_` modules, diffusers' `text_encoder.` ones."""
+    its LoRA too: kohya's `lora_te_` modules (SDXL: `lora_te1_`, `lora_te2_`), diffusers' `text_encoder.` ones
+    (`text_encoder_2.`)."""
     network = getattr(p, "network", "lora")
     o, t = outcome, outcome.text
     unet = file_part(lora_state_dict(o.denoiser), o.ema_state, o.adapter_config, o.init_state, p)
-    text = None
+    text: dict[str, FilePart] = {}  # per text encoder component (SDXL: text_encoder, text_encoder_2)
     if t is not None:
+        parts = t.encoder.parts
 
-        def named(state):
-            return None if state is None else text_encoder_names(state, t.model)
+        def split(state):  # one LoRA over the encoders -> each component's, under the names every loader uses
+            if state is None:
+                return dict.fromkeys(parts)
+            return {c: text_encoder_names(s, parts[c]) for c, s in t.encoder.component_states(state).items()}
 
-        text = file_part(named(lora_state_dict(t.model)), named(t.ema_state), t.adapter_config, named(t.init_state), p)
+        states, emas, inits = split(lora_state_dict(t.model)), split(t.ema_state), split(t.init_state)
+        text = {c: file_part(states[c], emas[c], t.adapter_config, inits[c], p) for c in parts}
     metadata = {**base_metadata, **network_metadata(network), "lora_pipeline.network": network}
     if outcome.init_state is not None:
         metadata["lora_pipeline.lora_init"] = p.lora_init
-    if text is not None:
+    if text:
         metadata["ss_network_train_unet_only"] = "False"  # kohya's flag; its absence reads as "unknown"
         metadata["ss_text_encoder_lr"] = str(p.text_encoder_lr if p.text_encoder_lr is not None else p.lr)
 
     def single_file(path: Path, ema: bool, meta: dict) -> None:
         state = unet.ema_state if ema else unet.state
-        if text is None:
+        if not text:
             save_single_file_lora(family, state, unet.rank, unet.alpha, path, meta, family.kohya_rename(o.denoiser))
             return
-        prefix = family.kohya_text_prefixes["text_encoder"]
-        extra = to_kohya(text.ema_state if ema else text.state, text.alpha, prefix, text.rank)
+        extra = {}
+        for comp, part in text.items():
+            prefix = family.kohya_text_prefixes[comp]
+            extra.update(to_kohya(part.ema_state if ema else part.state, part.alpha, prefix, part.rank))
         rename = family.kohya_rename(o.denoiser)
         save_kohya(state, unet.rank, unet.alpha, path, family.kohya_prefix, meta, extra=extra, rename=rename)
 
@@ -304,9 +334,15 @@ def write_lora_outputs(family, outcome, p, work_dir, name: str, base_metadata: d
     files = {f"{name}.safetensors": kohya}
     if network in ("lora", "dora"):  # diffusers loads no LoHa/LoKr (docs/training.md, `pipeline lora info`)
         diffusers_file = work_dir / "pytorch_lora_weights.safetensors"
-        extra = {"text_encoder": (text.state, text.adapter_config)} if text is not None else None
+        extra = {comp: (part.state, part.adapter_config) for comp, part in text.items()} or None
         save_diffusers(
-            unet.state, unet.adapter_config, diffusers_file, family.pipeline_class, family.lora_component, extra
+            unet.state,
+            unet.adapter_config,
+            diffusers_file,
+            family.pipeline_class,
+            family.lora_component,
+            extra,
+            metadata,
         )
         files["diffusers/pytorch_lora_weights.safetensors"] = diffusers_file
     loss_csv = work_dir / "loss.csv"

@@ -158,7 +158,8 @@ def save_modules(
             if prefix is None:
                 raise ConfigError(f"the {family.name} family has no {comp}; its LoRA modules cannot be written.")
             extra.update(to_kohya(_peft_state(mods), {n: m.alpha for n, m in mods.items()}, prefix))
-        save_kohya(state, rank, alphas, path, family.kohya_prefix, meta, extra=extra)
+        rename = family.kohya_rename_names(modules)  # SDXL: the SGM block names sd-scripts writes
+        save_kohya(state, rank, alphas, path, family.kohya_prefix, meta, extra=extra, rename=rename)
         return
     if any("." not in name for mods in [modules, *(text_modules or {}).values()] for name in mods):
         raise ConfigError(
@@ -172,7 +173,7 @@ def save_modules(
         comp: (_peft_state(mods), _adapter_config({n.removeprefix("text_model."): m for n, m in mods.items()}))
         for comp, mods in (text_modules or {}).items()
     }
-    save_diffusers(state, _adapter_config(modules), path, family.pipeline_class, family.lora_component, extra)
+    save_diffusers(state, _adapter_config(modules), path, family.pipeline_class, family.lora_component, extra, meta)
 
 
 def _adapter_config(modules: dict[str, LoraModule]):
