@@ -134,7 +134,7 @@ def teacher_sheet(
         cells = []  # per row: clean, teacher, +LoRA (PIL images) and the |Δc| map
         for chunk in row_chunks(rows, spec.batch_size, lat):  # one latent size per forward (buckets)
             x_t, t, _ = rebuild_inputs(chunk, lat, process)
-            c = cond[[row_of[r["caption"]] for r in chunk]]
+            c = lat.sized(cond[[row_of[r["caption"]] for r in chunk]], chunk)
             delta = torch.from_numpy(np.stack(deltas[len(cells) : len(cells) + len(chunk)]))
             with torch.no_grad():
                 base = family.predict(unet, x_t.to(device), t.to(device), c.to(device), guidance=guidance).float().cpu()

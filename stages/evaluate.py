@@ -132,7 +132,7 @@ class Probe:
         x0 = data.latents[idx]
         noise = torch.randn(x0.shape, generator=g)
         x_t = self.process.noisy_input(x0, noise, t)
-        cond = data.cond[data.cond_index[idx]]
+        cond = sized(data, data.cond[data.cond_index[idx]], idx)
         pred = self._predict(adapters, x_t.to(self.device), t.to(self.device), cond.to(self.device)).cpu()
         return float(torch.nn.functional.mse_loss(pred, self.process.target(x0, noise, t)))
 
@@ -145,10 +145,15 @@ class Probe:
         x0 = a.latents[idx]
         noise = torch.randn(x0.shape, generator=g)
         x_t = self.process.noisy_input(x0, noise, t)
-        cond = a.cond[a.cond_index[idx]].to(self.device)
+        cond = sized(a, a.cond[a.cond_index[idx]], idx).to(self.device)
         xd, td = x_t.to(self.device), t.to(self.device)
         base = self.process.predict_x0(x_t, self._predict(list(reference), xd, td, cond).cpu(), t)
         moved = self.process.predict_x0(x_t, self._predict(adapters, xd, td, cond).cpu(), t)
         want = (b.latents[idx % b.latents.shape[0]] - x0).flatten(1)
         got = (moved - base).flatten(1)
         return float(torch.nn.functional.cosine_similarity(got, want, dim=1).mean())
+
+
+def sized(data, cond, rows):
+    """cond with the size conditioning of these latent rows attached (SDXL: TrainData.size_ids), or as it is."""
+    return cond if data.size_ids is None else cond.with_sizes(data.size_ids[rows])

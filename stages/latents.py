@@ -174,6 +174,8 @@ class LatentsStage(Stage):
         for i in items:
             d = i["digest"]
             record["items"][i["id"]] = {"array": d, "digest": committed[d]["digest"]}
+            if plain and env.family.size_conditioned:  # the centre crop's size conditioning (SDXL)
+                record["items"][i["id"]]["size"] = placements[d][0].conditioning(sizes[d])
             if not plain:
                 record["items"][i["id"]].update(
                     bucket=list(placements[d][0].size),

@@ -143,7 +143,20 @@ def latent_arrays(latents_record: dict) -> dict[str, str]:
 def load_latent_table(store: Store, latents_record: dict, names) -> LatentTable:
     """{array name: latent array} for the given views (schedule rows' "latent"; an image digest is its view 0),
     read through the latents manifest's record as they are asked for (LatentTable)."""
-    return LatentTable(store.pool(latents_record["pool"]), latent_arrays(latents_record), names)
+    table = LatentTable(store.pool(latents_record["pool"]), latent_arrays(latents_record), names)
+    table.size_ids = size_ids_of(latents_record)
+    return table
+
+
+def size_ids_of(latents_record: dict) -> dict[str, list[int]]:
+    """{view array name: [original h, w, crop top, left, target h, w]} for the views whose record holds SDXL's size
+    conditioning (every view of a size-conditioned family's latents; stages/buckets.py Placement.conditioning)."""
+    out = {}
+    for item in latents_record["items"].values():
+        for v in item.get("views") or [{"array": item["array"], **item.get("size", {})}]:
+            if "original_size" in v:
+                out[v["array"]] = [*v["original_size"], *v["crop_top_left"], *v["target_size"]]
+    return out
 
 
 def load_training_data(store: Store, upstream: dict, text_encoder=None, prior_loss_weight: float | None = None):
@@ -180,6 +193,10 @@ def load_training_data(store: Store, upstream: dict, text_encoder=None, prior_lo
         for n, i in enumerate(items):
             groups.setdefault(tuple(lat["items"][i["id"]]["bucket"]), []).append(n)
         data.groups = tuple(tuple(groups[b]) for b in sorted(groups))
+    sizes = size_ids_of(lat)
+    if sizes:  # each view's size conditioning (SDXL), per latent row
+        rows = [sizes[v["array"]] for per_item in views for v in per_item]
+        data.size_ids = torch.tensor(rows, dtype=torch.float32)
     if "masks" in lat:  # data.alpha_mask
         names = [v["array"] for per_item in views for v in per_item]
         masks = load_mask_table(store, lat, names)
@@ -289,6 +306,7 @@ class LatentTable:
         self.pool = pool
         self.digests = {n: digests[n] for n in sorted(set(names))}
         self.cache = BoundedCache(LATENT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+        self.size_ids: dict[str, list[int]] = {}  # per view, when the family is size-conditioned (size_ids_of)
         self._executor = None
         self._pending = None
 
@@ -315,6 +333,14 @@ class LatentTable:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()  # a read error surfaces here, in the stage's thread
+
+    def sized(self, cond, rows: list[dict]):
+        """cond with the size conditioning of these schedule rows' views attached (SDXL), or cond as it is."""
+        import torch
+
+        if not self.size_ids:
+            return cond
+        return cond.with_sizes(torch.tensor([self.size_ids[r["latent"]] for r in rows], dtype=torch.float32))
 
     def __getitem__(self, name: str):
         arr = self.cache.get(name)

@@ -108,7 +108,7 @@ class PriorStage(Stage):
                 outs = []
                 for chunk in row_chunks(rows, spec.batch_size, latents):
                     x_t, t, _ = rebuild_inputs(chunk, latents, process)
-                    c = cond[[row_of[r["caption"]] for r in chunk]]
+                    c = latents.sized(cond[[row_of[r["caption"]] for r in chunk]], chunk)
                     with torch.no_grad():
                         pred = student.family.predict(
                             unet, x_t.to(device), t.to(device), c.to(device), guidance=p.guidance_embed

@@ -297,7 +297,7 @@ class TransferBatches:
         following = self.doc["rows"][(k + 1) * b : (k + 2) * b]
         self.latents.need((r["latent"] for r in rows), then=(r["latent"] for r in following))
         x_t, t, _ = rebuild_inputs(rows, self.latents, process)
-        return x_t, t, self.cond[[self.row_of[c] for c in captions]], captions
+        return x_t, t, self.latents.sized(self.cond[[self.row_of[c] for c in captions]], rows), captions
 
     def verify(self, k: int, x_t, t, captions: list[str]) -> None:
         """Hash micro-step k into its step's digest; at the step's last micro-step, compare with the teacher's."""
@@ -382,7 +382,7 @@ class Fidelity:
         start = 0
         for chunk in row_chunks(rows, self.spec.batch_size, self.latents):
             x_t, t, _ = rebuild_inputs(chunk, self.latents, self.process)
-            cond = self.cond[[self.row_of[r["caption"]] for r in chunk]]
+            cond = self.latents.sized(self.cond[[self.row_of[r["caption"]] for r in chunk]], chunk)
             x_t, t, cond = x_t.to(self.device), t.to(self.device), cond.to(self.device)
             base, with_lora = predict_both(self.family, denoiser, "default", x_t, t, cond, self.batching, self.guidance)
             learned.append((with_lora - base).cpu().flatten(1))

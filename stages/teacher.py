@@ -188,7 +188,7 @@ class DeltaComputer:
                 captions = [r["caption"] for r in chunk] if kind == "c" else [self.p.uncond_caption] * len(chunk)
                 if kind == "c":
                     seen.update(inputs_digest(x_t, t, captions))
-                cond = self.cond[[self.row_of[c] for c in captions]].to(self.device)
+                cond = self.latents.sized(self.cond[[self.row_of[c] for c in captions]], chunk).to(self.device)
                 x, tt = x_t.to(self.device), t.to(self.device)
                 base, with_lora = self.lora.predict_both(self.family, x, tt, cond, self.batching, self.guidance)
                 out[kind].append((with_lora - base).cpu())

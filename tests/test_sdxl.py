@@ -259,3 +259,39 @@ def test_text_encoder_lora_writes_lora_te1_and_lora_te2_that_diffusers_loads(tin
     result = project.cli(*sample, "--size", "32", "--steps", "2", "--out", str(grid))
     assert result.exit_code == 0, result.output
     assert grid.exists()
+
+
+def test_each_image_s_size_and_crop_condition_the_unet_in_every_phase(tiny_sdxl, tmp_path, monkeypatch):
+    """The latents record holds each image's original size, crop and target size (the centre crop's; each bucket
+    view's); every UNet call of lora1, teacher, prior and student gets exactly its rows' values as add_time_ids."""
+    from conftest import TINY_BUCKETS, make_mixed_images
+
+    from stages.families.sdxl import SDXLFamily
+
+    project = sdxl_project(tmp_path, tiny_sdxl)
+    shutil.rmtree(tmp_path / "images")
+    make_mixed_images(tmp_path / "images")  # 48x48 squares, 72x24 landscapes and 24x72 portraits
+    seen = []
+    real = SDXLFamily.predict
+
+    def recording(self, denoiser, x_t, t, cond, guidance=None):  # the real method; records what it is given
+        seen.append((tuple(x_t.shape), None if cond.size_ids is None else cond.size_ids.tolist()))
+        return real(self, denoiser, x_t, t, cond, guidance)
+
+    monkeypatch.setattr(SDXLFamily, "predict", recording)
+    report = project.run_json(workflow="transfer")
+    items = stage_manifest(project, report, "latents")["record"]["items"].values()
+    landscape = next(i["size"] for i in items if i["size"]["original_size"] == [24, 72])
+    # 72x24 -> 96x32 (short side to 32), the middle 32x32 square: 32 px in from the left
+    assert landscape == {"original_size": [24, 72], "crop_top_left": [0, 32], "target_size": [32, 32]}
+    assert {tuple(i["size"]["original_size"]) for i in items} == {(48, 48), (24, 72), (72, 24)}
+    allowed = {tuple(i["size"]["original_size"] + i["size"]["crop_top_left"] + i["size"]["target_size"]) for i in items}
+    assert seen and all(ids is not None for _, ids in seen)  # no UNet call fell back to the default
+    assert all(tuple(int(v) for v in row) in allowed for _, ids in seen for row in ids)
+
+    seen.clear()  # buckets with flips: each view's target is its bucket, and lora1 passes them through
+    project.write_config(latents={**TINY_BUCKETS, "flip_aug": True})
+    project.run_json(workflow="lora")
+    assert seen and all(ids is not None for _, ids in seen)
+    assert all(row[4:] == [shape[2] * 8, shape[3] * 8] for shape, ids in seen for row in ids)
+    assert {tuple(row[4:]) for _, ids in seen for row in ids} != {(32.0, 32.0)}  # not all square

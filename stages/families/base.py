@@ -84,6 +84,9 @@ class Conditioning:
 
     embeds: object
     mask: object
+    # (B, 6) per-row size conditioning of the images (SDXL's add_time_ids: original h, w, crop top, left, target
+    # h, w), attached per batch from the latents record (with_sizes); None: the family's default
+    size_ids: object = None
 
     @classmethod
     def stack(cls, arrays: list) -> Conditioning:
@@ -106,17 +109,36 @@ class Conditioning:
         return self.embeds.shape[0]
 
     def to(self, device) -> Conditioning:
-        return Conditioning(self.embeds.to(device), self.mask.to(device))
+        sizes = None if self.size_ids is None else self.size_ids.to(device)
+        return Conditioning(self.embeds.to(device), self.mask.to(device), sizes)
+
+    def with_sizes(self, size_ids) -> Conditioning:
+        return Conditioning(self.embeds, self.mask, size_ids)
 
     def doubled(self) -> Conditioning:
         """The batch twice over (for one forward of base and adapter rows)."""
         import torch
 
-        return Conditioning(torch.cat([self.embeds, self.embeds]), torch.cat([self.mask, self.mask]))
+        sizes = None if self.size_ids is None else torch.cat([self.size_ids, self.size_ids])
+        return Conditioning(torch.cat([self.embeds, self.embeds]), torch.cat([self.mask, self.mask]), sizes)
 
     def rows(self) -> list:
         """Each row's real tokens, (L_i, D) (what a masked transformer like Z-Image's takes)."""
         return [e[m] for e, m in zip(self.embeds, self.mask, strict=True)]
+
+
+@dataclass
+class TokenIds:
+    """A batch's token ids (a text encoder in training encodes them in the step) with its rows' size_ids."""
+
+    ids: object
+    size_ids: object
+
+    def to(self, device) -> TokenIds:
+        return TokenIds(self.ids.to(device), self.size_ids.to(device))
+
+    def encoded(self, text_encoder) -> Conditioning:
+        return text_encoder.conditioning(self.ids).with_sizes(self.size_ids)
 
 
 @dataclass(frozen=True)
@@ -188,6 +210,10 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def load_denoiser(self, layout: ModelLayout, device): ...
+
+    # Whether the denoiser takes each image's size conditioning (SDXL): the latents stage records it per view and
+    # batches attach it to their Conditioning (size_ids)
+    size_conditioned = False
 
     default_guidance_embed = 4.0  # the guidance value of its pipeline, for a model with a guidance embedding
 

@@ -5,9 +5,11 @@ hidden states of CLIP-L and of OpenCLIP bigG, concatenated (77, 768 + 1280), and
 output of the second encoder (its text_embeds, 1280 values, zero-padded to the row): (78, 2048) per string, so
 that one array per caption keeps the text pool's layout. predict() splits them again.
 
-Size conditioning (`add_time_ids`: original size, crop top-left, target size, each (height, width)) is taken from
-the batch's latent size with no crop: what the pipeline passes at inference by default. Each item's own original
-size and crop (the bucket records hold them) are not passed yet.
+Size conditioning (`add_time_ids`: original size, crop top-left, target size, each (height, width)) is each image's
+own, as sd-scripts trains it: the latents stage records it per view (the image's size before resizing, the crop's
+top-left in the resized image, the view's size; stages/buckets.py Placement.conditioning) and every batch attaches
+its rows' values to the Conditioning (size_ids), in lora1 as in the teacher, prior and student phases. A
+Conditioning without them (sampling, tools) gets the pipeline's default: the latent's size, uncropped.
 
 Single-file checkpoints (what users download: `model.diffusion_model.*`, `first_stage_model.*`, the text encoders
 as `conditioner.embedders.0.transformer.*` and `conditioner.embedders.1.model.*`) load through diffusers'
@@ -41,6 +43,12 @@ class SDXLFamily(SD15Family):
     kohya_text_prefixes = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
     _single_file_kwargs: dict = {}
+    size_conditioned = True
+
+    def latent_space(self, layout: ModelLayout) -> dict:
+        # each view's own original size and crop condition the UNet (predict): part of what both phases must share
+        return {**super().latent_space(layout), "size_conditioning": "original_crop_target"}
+
     default_vae_scaling = 0.13025
 
     def layout(self, path: Path, single_file_config: Path | None) -> ModelLayout:
@@ -78,8 +86,11 @@ class SDXLFamily(SD15Family):
 
         embeds = cond.embeds.to(x_t.dtype)
         pooled_dim = denoiser.config.projection_class_embeddings_input_dim - 6 * denoiser.config.addition_time_embed_dim
-        h, w = x_t.shape[-2] * 8, x_t.shape[-1] * 8
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0], 6)
+        if cond.size_ids is not None:  # each image's (latents stage records them per view)
+            time_ids = cond.size_ids.to(x_t.dtype)
+        else:  # the pipeline's default: the latent's size, uncropped
+            h, w = x_t.shape[-2] * 8, x_t.shape[-1] * 8
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0], 6)
         added = {"text_embeds": embeds[:, -1, :pooled_dim], "time_ids": time_ids}
         return denoiser(x_t, t, encoder_hidden_states=embeds[:, :-1], added_cond_kwargs=added, return_dict=False)[0]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from core.errors import ConfigError, PipelineError
 from core.faults import fault_point
+from stages.families.base import Conditioning, TokenIds
 from stages.families.noise import make_process, training_noise
 from stages.training.lora_files import add_lora, trainable_state
 from stages.training.losses import training_loss
@@ -49,6 +50,7 @@ class TrainData:
     groups: tuple | None = None  # the items of each aspect-ratio bucket: a batch holds one bucket's
     repeats: tuple | None = None  # per item, its subset's num_repeats (None: once each)
     weights: object = None  # (N,) float32 loss weight per item (data.prior_loss_weight), or None: all 1
+    size_ids: object = None  # (N * views, 6) float32 size conditioning per latent row (SDXL; stages/pools.py)
 
     @property
     def n_items(self) -> int:
@@ -93,6 +95,9 @@ class DiffusionBatches:
             cond = data.cond[data.cond_index[torch.tensor(items)]]
         else:
             cond = data.cond[data.slot_cond[k * self.batch_size : (k + 1) * self.batch_size].tolist()]
+        if data.size_ids is not None:  # each image's own size conditioning (SDXL)
+            sizes = data.size_ids[idx]
+            cond = cond.with_sizes(sizes) if isinstance(cond, Conditioning) else TokenIds(cond, sizes)
         g = generator("noise", self.seed, k) if not self.stream else generator("noise", self.stream, self.seed, k)
         noise = torch.randn(x0.shape, generator=g)
         t = process.sample_timesteps(x0.shape[0], g)
@@ -402,7 +407,9 @@ def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lo
         if cfg.dropout > 0:
             torch.manual_seed(derive_seed("dropout", cfg.seed, k))
         with accelerator.autocast():
-            if job.text_encoder is not None:  # token ids -> embeddings, through the text encoder's LoRA
+            if isinstance(cond, TokenIds):  # token ids -> embeddings, through the text encoder's LoRA
+                cond = cond.encoded(job.text_encoder)
+            elif job.text_encoder is not None:
                 cond = job.text_encoder.conditioning(cond)
             pred = job.family.predict(denoiser, x_t, t, cond, guidance=getattr(cfg, "guidance_embed", None))
         loss = training_loss(
