@@ -321,9 +321,10 @@ class TrainConfig(LoraSettings, TimestepSettings, NoiseSettings):
     )
     train_text_encoder: bool = Field(
         False,
-        description="Train a LoRA on the text encoder too (sd15's CLIP; same network, rank and alpha as the "
-        "denoiser's, on its attention and MLP projections). The captions are then encoded in every step, not read "
-        "from the text stage's cache. The `lora` workflow only; see docs/training.md.",
+        description="Train a LoRA on the text encoder too (sd15's CLIP; SDXL's CLIP-L and bigG, one rate for both; "
+        "same network, rank and alpha as the denoiser's, on its attention and MLP projections). The captions are "
+        "then encoded in every step, not read from the text stage's cache. The `lora` workflow only; see "
+        "docs/training.md.",
     )
     text_encoder_lr: float | None = Field(
         None,
