@@ -101,6 +101,23 @@ def test_identity_teacher_equals_student_starts_at_zero_loss(tiny_sdxl, tmp_path
     assert rec["fidelity"]["curve"][0]["cosine"] > 0.9999
 
 
+def test_a_v_prediction_sdxl_trains_on_the_velocity_and_says_so_in_its_files(tiny_sdxl, tmp_path):
+    """SDXL v-prediction checkpoints (the scheduler's prediction_type) train with the velocity target, record it in
+    the contract and write sd-scripts' ss_v_parameterization, which A1111/Forge read to pick the sampler's target."""
+    from safetensors import safe_open
+
+    project = sdxl_project(tmp_path, tiny_sdxl)
+    cfg_path = tmp_path / "model" / "scheduler" / "scheduler_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "prediction_type": "v_prediction"}))
+    report = project.run_json(workflow="lora")
+    manifest = stage_manifest(project, report, "lora1")
+    assert manifest["contract"]["prediction_type"] == "v_prediction"
+    assert manifest["preimage"]["params"]["prediction_type"] == "v_prediction"
+    with safe_open(tmp_path / "output" / "lora" / "lora1" / "lora1.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_v_parameterization"] == "True" and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
 def test_captions_and_size_conditioning_are_the_pipeline_s(tiny_sdxl):
     """Stored per caption: the pipeline's prompt_embeds (77 rows) and its pooled_prompt_embeds (a last row); the
     UNet call of predict() equals the pipeline's with _get_add_time_ids at the latent's size."""

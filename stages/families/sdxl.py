@@ -137,11 +137,12 @@ class SDXLFamily(SD15Family):
         return {n.replace(".", "_"): ldm_name(n, SDXL_LAYOUT).replace(".", "_") for n in names if "." in n}
 
     def lora_metadata(self, layout: ModelLayout | None = None, prediction_type: str | None = None) -> dict[str, str]:
-        """sd-scripts' SDXL identification (sdxl_train_util: ss_base_model_version sdxl_base_v1-0; sai_model_spec
-        stable-diffusion-xl-v1-base), which A1111 reads to show the LoRA with SDXL checkpoints."""
+        """sd-scripts' SDXL identification (sdxl_model_util: ss_base_model_version sdxl_base_v1-0, for v-prediction
+        models too, which say so in ss_v_parameterization; sai_model_spec stable-diffusion-xl-v1-base), which A1111
+        reads to show the LoRA with SDXL checkpoints."""
         v = (prediction_type or (self.prediction_type(layout) if layout else "epsilon")) == "v_prediction"
         return {
-            "ss_base_model_version": "sdxl_base_v1-0" + ("_v" if v else ""),
+            "ss_base_model_version": "sdxl_base_v1-0",
             "ss_v2": "False",
             "ss_v_parameterization": str(v),
             "modelspec.sai_model_spec": "1.0.0",
