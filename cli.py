@@ -89,6 +89,15 @@ def _env(config: Path, overrides: list[str]):
     return open_project(config, overrides)
 
 
+def _progress(env, as_json: bool, hidden: bool = False) -> bool:
+    """Pick how long work shows its progress: JSON lines on stderr for --json, a bar on a terminal, a line every
+    runtime.progress_every seconds elsewhere (CI, nohup). -> whether to show it at all."""
+    from core import progress
+
+    progress.configure("json" if as_json else "auto", env.config.runtime.progress_every)
+    return not hidden
+
+
 @app.command()
 @user_errors
 def init(
@@ -122,7 +131,9 @@ def run(
         "(./pipeline-demo-<family> for all but sd15).",
     ),
     as_json: bool = JsonOpt,
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    no_progress: bool = typer.Option(
+        False, "--no-progress", help="Show no progress (bars, lines or, with --json, JSON lines on stderr)."
+    ),
 ):
     """Run a workflow: reuse every fresh stage, run the rest, print what happened."""
     from pipeline import reports
@@ -142,7 +153,7 @@ def run(
             "--family picks the demo's model family; it goes with --demo (set model.family in a config)."
         )
     env = _env(config, set_)
-    runs = run_workflow(env, workflow, only=only, dry_run=dry_run, progress=not no_progress and not as_json)
+    runs = run_workflow(env, workflow, only=only, dry_run=dry_run, progress=_progress(env, as_json, no_progress))
     if as_json:
         typer.echo(
             json.dumps({"workflow": workflow, "dry_run": dry_run, "stages": [r.__dict__ for r in runs]}, indent=1)
@@ -169,7 +180,7 @@ def eval_(
     if workflow not in ("differential", "transfer"):
         raise PipelineError(f"eval {workflow!r}: choose differential or transfer.")
     env = _env(config, set_)
-    runs = run_workflow(env, workflow, progress=not as_json)
+    runs = run_workflow(env, workflow, progress=_progress(env, as_json))
     if workflow == "transfer":
         fidelity = reports.transfer_fidelity(env, runs)
         if as_json:
@@ -315,7 +326,8 @@ def verify(
     files are dropped, so the next run re-makes them."""
     from pipeline import api
 
-    report = api.verify(_env(config, set_), progress=not as_json)
+    env = _env(config, set_)
+    report = api.verify(env, progress=_progress(env, as_json))
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:

@@ -504,6 +504,12 @@ class RuntimeConfig(Section):
         "about a third more compute per step. The trained LoRA is the same.",
     )
     encode_batch_size: int = Field(8, ge=1, description="Images per VAE / text-encoder forward when caching.")
+    progress_every: float = Field(
+        10.0,
+        gt=0,
+        description="Where stderr is not a terminal (CI, nohup, a pipe) and for --json runs (JSON lines on stderr), "
+        "seconds between two progress lines of a long stage; on a terminal progress is a redrawn bar.",
+    )
     max_image_pixels: int = Field(
         100_000_000,
         ge=1,

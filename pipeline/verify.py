@@ -19,12 +19,12 @@ from stages.base import PlanEnv
 
 
 def verify(env: PlanEnv, progress: bool = True) -> dict:
-    from tqdm import tqdm
+    from core.progress import bar as progress_bar
 
     store = env.store
     inputs = _input_files(env)
     objects = sorted(p for p in (store.root / "objects").glob("*/*") if p.is_file() and not p.name.startswith("."))
-    bar = tqdm(total=len(inputs) + len(objects), desc="verify", unit="file", disable=not progress, mininterval=0.5)
+    bar = progress_bar(total=len(inputs) + len(objects), desc="verify", unit="file", enabled=progress)
     report: dict = {"inputs": {"checked": 0, "differ": []}, "objects": {"checked": 0, "damaged": []}}
     for path, field in inputs:
         believed, actual = store.memo.digest(path), sha256_file(path)

@@ -39,14 +39,14 @@ def fill_pool(
 ) -> None:
     """Encode `todo` in batches (encode_batch -> array of len(batch) rows) and commit each row to the pool.
     With `group`, a batch holds items of one group only (one image size): todo comes sorted by it."""
-    from tqdm import tqdm
+    from core.progress import bar as progress_bar
 
     batches: list[list] = []
     for item in todo:
         if not batches or len(batches[-1]) == batch_size or (group and group(batches[-1][0]) != group(item)):
             batches.append([])
         batches[-1].append(item)
-    with tqdm(total=len(todo), desc=desc, unit=unit, disable=not progress) as bar:
+    with progress_bar(total=len(todo), desc=desc, unit=unit, enabled=progress) as bar:
         for chunk in batches:
             rows = encode_batch(chunk)
             pool.put_many([(name_of(item), row) for item, row in zip(chunk, rows, strict=True)], batch_size)

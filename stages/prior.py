@@ -70,9 +70,9 @@ class PriorStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         import torch
-        from tqdm import tqdm
 
         from core.faults import fault_point
+        from core.progress import bar
         from stages.devices import resolve_device
         from stages.families.noise import make_process
         from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
@@ -101,7 +101,7 @@ class PriorStage(Stage):
             process = make_process(ctx.upstream["schedule"].contract["timesteps"], p.prediction_type)
             cond, row_of = load_text_table(store, text)
             latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in doc["rows"]})
-            for n, s in enumerate(tqdm(todo, desc="prior", unit="step", disable=not ctx.progress, mininterval=0.5)):
+            for n, s in enumerate(bar(todo, desc="prior", unit="step", enabled=ctx.progress)):
                 rows = step_rows(doc, spec, s)
                 following = step_rows(doc, spec, todo[n + 1]) if n + 1 < len(todo) else []
                 latents.need((r["latent"] for r in rows), then=(r["latent"] for r in following))

@@ -88,8 +88,8 @@ class TagStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         import numpy as np
-        from tqdm import tqdm
 
+        from core.progress import bar as progress_bar
         from stages.dataset import load_image
 
         env, p = ctx.env, ctx.params
@@ -110,7 +110,7 @@ class TagStage(Stage):
         if todo:
             session = load_session(model)
             side, input_name = input_side(session), session.get_inputs()[0].name
-            with tqdm(total=sum(len(b) for b in todo), desc="tag", unit="img", disable=not ctx.progress) as bar:
+            with progress_bar(total=sum(len(b) for b in todo), desc="tag", unit="img", enabled=ctx.progress) as bar:
                 for batch in todo:
                     pixels, kept = [], []
                     for d in batch:

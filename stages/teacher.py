@@ -82,8 +82,8 @@ class TeacherStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         import numpy as np
-        from tqdm import tqdm
 
+        from core.progress import bar
         from stages.devices import resolve_device
         from stages.families.noise import make_process
         from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
@@ -140,9 +140,7 @@ class TeacherStage(Stage):
                 ctx.upstream["schedule"].contract.get("guidance_embed"),
             )
             part_rows = lambda part: doc[part] if part in EXTRA_PARTS else step_rows(doc, spec, int(part))  # noqa: E731
-            for n, part in enumerate(
-                tqdm(todo, desc="teacher", unit="step", disable=not ctx.progress, mininterval=0.5)
-            ):
+            for n, part in enumerate(bar(todo, desc="teacher", unit="step", enabled=ctx.progress)):
                 chunk = part_rows(part)
                 following = part_rows(todo[n + 1]) if n + 1 < len(todo) else []
                 latents.need((r["latent"] for r in chunk), then=(r["latent"] for r in following))

@@ -106,6 +106,7 @@ RUNTIME = [
     "runtime.log_level='debug'",
     "runtime.checkpoint_every=5",
     "runtime.encode_batch_size=3",
+    "runtime.progress_every=2.5",
     "runtime.max_image_pixels=123456789",
     "runtime.preview.every=2",
     "runtime.preview.prompts=['x']",

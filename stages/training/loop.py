@@ -217,8 +217,8 @@ def make_accelerator(mixed_precision: str, device, fp8_base: bool = False, secti
 def train_lora(job: TrainJob, batches) -> TrainOutcome:
     """Train a LoRA on job.family's denoiser against batches.micro_batch(k, denoiser, process) targets."""
     import torch
-    from tqdm import tqdm
 
+    from core import progress
     from stages.training.lora_files import load_lora_into, lora_state_dict, match_modules
 
     cfg = job.params
@@ -287,7 +287,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     if start == 0:
         evaluate(0)
     trained.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc=job.stage, unit="step", disable=not job.progress, mininterval=0.5)
+    bar = progress.bar(total=cfg.steps, initial=start, desc=job.stage, unit="step", enabled=job.progress)
     smoothed = None
     step_times = [time.perf_counter()]
     lrs = []
