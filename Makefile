@@ -7,7 +7,7 @@ TORCH_PIN ?= $(word 1,$(TORCH_SPEC))
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-lora test test-fast lint docs clean
+.PHONY: setup demo demo-lora test test-fast browser lint docs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,17 @@ demo: setup
 demo-lora: setup
 	$(VENV)/bin/pipeline run lora --demo
 
-test: setup
+# Headless Chromium for the report's browser test (Debian's package). Installed when this user may (root with
+# apt-get); elsewhere the test is skipped with its reason and `sudo make browser` installs it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the report's browser test ..."; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		echo "could not install chromium: the report's browser test will be skipped"; \
+	else echo "no chromium: the report's browser test will be skipped (sudo make browser installs it)"; fi
+
+test: setup browser
 	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
 
 test-fast: setup

@@ -197,6 +197,37 @@ def eval_(
 
 @app.command()
 @user_errors
+def report(
+    workflow: str = typer.Argument(None, help="lora, transfer or differential (default: the last one that ran)."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    out: Path = typer.Option(None, "--out", help="The HTML file (default: <output_dir>/<workflow>/report.html)."),
+    open_: bool = typer.Option(False, "--open", help="Open the page in the default browser."),
+    no_pictures: bool = typer.Option(
+        False, "--no-pictures", help="Leave out what needs the models (teacher x0 sheets, the differential grid)."
+    ),
+    as_json: bool = JsonOpt,
+):
+    """Write one self-contained HTML page for the last run of a workflow: stages, curves, fidelity, teacher |Δ|,
+    the differential eval, previews, the config and what changed since the previous run. Runs nothing."""
+    from pipeline import api
+
+    env = _env(config, set_)
+    result = api.report(env, workflow, out, pictures=not no_pictures)
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        from pipeline.reports import short
+
+        typer.echo(f"wrote {short(result['path'])} ({result['bytes'] / 1024:.0f} KiB, {result['workflow']} run)")
+    if open_:
+        import webbrowser
+
+        webbrowser.open(Path(result["path"]).resolve().as_uri())
+
+
+@app.command()
+@user_errors
 def status(
     workflow: str = typer.Argument(None, help="Workflow to show (default: every workflow with a run, else lora)."),
     config: Path = ConfigOpt,

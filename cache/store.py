@@ -243,14 +243,26 @@ class Store:
         return doc
 
     def write_ref(
-        self, workflow: str, stages: dict[str, str], config: dict | None = None, kinds: dict[str, str] | None = None
+        self,
+        workflow: str,
+        stages: dict[str, str],
+        config: dict | None = None,
+        kinds: dict[str, str] | None = None,
+        run: dict | None = None,
     ) -> None:
-        """stages: node name -> key; kinds: node name -> stage name where they differ (`lora1.car` -> `lora1`)."""
+        """stages: node name -> key; kinds: node name -> stage name where they differ (`lora1.car` -> `lora1`);
+        run: what the last run did per stage (action, seconds, causes, the key it replaced)."""
         old = self._read_ref_doc(workflow)
         kinds = {**old.get("kinds", {}), **(kinds or {})}
         ref = {"stages": stages, "kinds": kinds, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config}
+        if run is not None:
+            ref["run"] = run
         write_json_atomic(self.root / "refs" / f"{workflow}.json", ref)
         self.damage.pop(f"refs/{workflow}.json", None)
+
+    def ref_doc(self, workflow: str) -> dict:
+        """The whole ref of a workflow (stages, kinds, config, the last run); {} when absent or unreadable."""
+        return self._read_ref_doc(workflow)
 
     def _read_ref_doc(self, workflow: str) -> dict:
         try:

@@ -16,6 +16,7 @@ __all__ = [
     "collect_garbage",
     "family",
     "open_project",
+    "report",
     "run_workflow",
     "status",
     "verify",
@@ -30,6 +31,25 @@ def open_project(config: Path, overrides: list[str] = ()) -> PlanEnv:
 
     loaded = load_config(config, overrides)
     return PlanEnv(loaded, Store(loaded.store_dir))
+
+
+def report(env: PlanEnv, workflow: str | None, out: Path | None = None, pictures: bool = True) -> dict:
+    """Write the HTML report of a workflow's last run (default: the workflow that ran last) -> {path, bytes, ...}."""
+    from pipeline import html_report
+    from pipeline.workflows import WORKFLOWS
+
+    if workflow is None:
+        docs = {w: env.store.ref_doc(w) for w in WORKFLOWS}
+        ran = sorted((d.get("updated", ""), w) for w, d in docs.items() if d.get("stages"))
+        if not ran:
+            raise PipelineError("no workflow has run in this store yet: `pipeline run lora` (or transfer, "
+                                "differential) makes one, then `pipeline report` shows it.")  # fmt: skip
+        workflow = ran[-1][1]
+    elif workflow not in WORKFLOWS:
+        raise PipelineError(f"unknown workflow {workflow!r}. Known workflows: {', '.join(WORKFLOWS)}.")
+    if out is None:
+        out = env.loaded.resolve(env.config.runtime.output_dir) / workflow / "report.html"
+    return html_report.write(env, workflow, out, pictures)
 
 
 def workflow_names() -> list[str]:

@@ -37,7 +37,24 @@ def short(path: str) -> str:
 def demo_epilogue(workflow: str, runs, config: Path, overrides: list[str], family: str = "sd15") -> None:
     demo = "--demo" if family == "sd15" else f"--demo --family {family}"
     if workflow == "differential":
-        return _differential_epilogue(runs, config, overrides, demo)
+        _differential_epilogue(runs, config, overrides, demo)
+    else:
+        _epilogue(workflow, runs, config, demo)
+    _report_line(workflow, config, overrides)
+
+
+def _report_line(workflow: str, config: Path, overrides: list[str]) -> None:
+    """Write the run's HTML report (pipeline report) and say where it is."""
+    from pipeline.api import open_project, report
+
+    result = report(open_project(config, overrides), workflow)
+    typer.echo(
+        f"Report: {short(result['path'])}  (one HTML page: stages, curves, pictures; "
+        f"`pipeline report {workflow} -c {config} --open` rewrites and opens it)"
+    )
+
+
+def _epilogue(workflow: str, runs, config: Path, demo: str) -> None:
     outputs = [o for r in runs for o in r.outputs]
     final = "student" if workflow == "transfer" else "lora1"
     lora = next((o for o in outputs if o.endswith(f"{final}.safetensors")), None)

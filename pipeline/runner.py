@@ -80,9 +80,18 @@ def run_workflow(
                 plan.manifest = env.store.load_manifest(plan.stage.name, plan.key)
                 plan.state = "fresh"
         ref = env.store.read_ref(workflow)
+        last_run = {  # what this run did, for `pipeline report`: the key each stage had before it re-ran
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stages": [
+                {"name": r.name, "stage": p.stage.name, "action": r.action, "key": r.key,
+                 "seconds": round(r.seconds, 3), "causes": r.causes,
+                 "replaced": ref.get(p.name) if r.action == "ran" and ref.get(p.name) != r.key else None}
+                for r, p in zip(runs, plans, strict=True)
+            ],
+        }  # fmt: skip
         ref.update({p.name: p.key for p in plans})
         kinds = {p.name: p.stage.name for p in plans if p.name != p.stage.name}
-        env.store.write_ref(workflow, ref, config=env.config.model_dump(mode="json"), kinds=kinds)
+        env.store.write_ref(workflow, ref, config=env.config.model_dump(mode="json"), kinds=kinds, run=last_run)
         output_root = env.loaded.resolve(env.config.runtime.output_dir) / workflow
         for run, plan in zip(runs, plans, strict=True):
             run.outputs = export_outputs(env, plan.manifest, output_root / plan.name) if plan.export else []

@@ -153,9 +153,10 @@ class TrainOutcome:
     step_times: list[float]  # perf_counter() at the end of each step (benchmarks/overhead.py reads these)
     evals: list[dict] = field(default_factory=list)  # {"step": n, **metrics}
     ema_state: dict | None = None  # the EMA of the LoRA in peft naming (lora_state_dict), when ema_decay is set
-    lrs: list[dict[str, float]] = field(default_factory=list)  # per step of this run: {group name: lr it stepped with}
+    lrs: list[dict[str, float]] = field(default_factory=list)  # per step: {group name: lr it stepped with}
     init_state: dict | None = None  # PiSSA/OLoRA: the adapter's starting factors (networks.pissa_to_lora)
     text: TextOutcome | None = None  # the text encoder's LoRA, when it was trained
+    grad_norms: list[float | None] = field(default_factory=list)  # per step: the LoRA's gradient norm before clipping
 
 
 def check_precision(mixed_precision: str, device, fp8_base: bool = False, section: str = "lora1") -> None:
@@ -279,7 +280,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     unwrapped = accelerator.unwrap_model(denoiser)
     trained = unwrapped if text is None else torch.nn.ModuleDict({"denoiser": unwrapped, "text_encoder": text.model})
     ema = LoraEMA(trained, cfg.ema) if cfg.ema else None
-    start, losses, evals, previews = restore_checkpoint(job.work_dir, trained, optimizer, scheduler, ema)
+    start, losses, evals, previews, history = restore_checkpoint(job.work_dir, trained, optimizer, scheduler, ema)
     if start:
         job.log(f"{job.stage}: resuming from the checkpoint at step {start}/{cfg.steps}")
     render = PreviewRenderer(job, unwrapped, ema)
@@ -290,10 +291,11 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     bar = progress.bar(total=cfg.steps, initial=start, desc=job.stage, unit="step", enabled=job.progress)
     smoothed = None
     step_times = [time.perf_counter()]
-    lrs = []
+    lrs, grad_norms = history.get("lrs", []), history.get("grad_norms", [])  # per step, kept across resumes
     for step in range(start, cfg.steps):
         lrs.append({g["name"]: g["lr"] for g in optimizer.param_groups})
-        loss = train_step(step, job, batches, accelerator, denoiser, process, optimizer, lora_params)
+        loss, grad_norm = train_step(step, job, batches, accelerator, denoiser, process, optimizer, lora_params)
+        grad_norms.append(grad_norm)
         if not math.isfinite(loss):
             bar.close()
             raise TrainingDiverged(
@@ -318,7 +320,8 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
             previews[f"previews/step{done:06d}.png"] = render(done)
             trained.train()
         if job.checkpoint_every and done % job.checkpoint_every == 0 and done < cfg.steps:
-            save_checkpoint(job.work_dir, done, trained, optimizer, scheduler, losses, evals, previews, ema)
+            history = {"lrs": lrs, "grad_norms": grad_norms}
+            save_checkpoint(job.work_dir, done, trained, optimizer, scheduler, losses, evals, previews, ema, history)
             fault_point(f"{job.stage}.checkpoint", done)
     bar.close()
     evaluate(cfg.steps)
@@ -333,7 +336,18 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
             text_ema = {k: v.clone() for k, v in lora_state_dict(text.model).items()} if text is not None else None
     text_outcome = None if text is None else TextOutcome(text.model.eval(), text_config, text_init, text_ema, text)
     return TrainOutcome(
-        unwrapped, adapter_config, losses, previews, start, step_times, evals, ema_state, lrs, init_state, text_outcome
+        unwrapped,
+        adapter_config,
+        losses,
+        previews,
+        start,
+        step_times,
+        evals,
+        ema_state,
+        lrs,
+        init_state,
+        text_outcome,
+        grad_norms,
     )
 
 
@@ -425,10 +439,18 @@ def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lo
         accelerator.backward(loss / cfg.grad_accum)
         total += loss.detach()
     if cfg.max_grad_norm > 0:
-        accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
+        norm = accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
+    elif cfg.fused_backward:  # each group stepped in its backward hook: no gradients are left to measure
+        norm = None
+    else:
+        accelerator.unscale_gradients()  # fp16's loss scale out (the optimizer step would do it anyway)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in lora_params if p.grad is not None])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total.item() / cfg.grad_accum  # one device sync per step
+    if norm is None:
+        return total.item() / cfg.grad_accum, None  # one device sync per step
+    loss_sum, grad_norm = torch.stack([total, norm.to(total)]).tolist()
+    return loss_sum / cfg.grad_accum, grad_norm
 
 
 class Evaluator:
@@ -463,8 +485,10 @@ def save_checkpoint(
     evals: list[dict] = (),
     previews: dict[str, Path] | None = None,
     ema=None,
+    history: dict | None = None,
 ) -> None:
-    """Write the resume state to a temp folder and rename it into place: a kill leaves the old one intact."""
+    """Write the resume state to a temp folder and rename it into place: a kill leaves the old one intact.
+    history: per-step figures to carry over a resume (lrs, grad_norms)."""
     import torch
     from safetensors.torch import save_file
 
@@ -482,7 +506,7 @@ def save_checkpoint(
         shutil.copyfile(path, tmp / "previews" / path.name)
     names = {name: path.name for name, path in (previews or {}).items()}
     (tmp / "progress.json").write_text(
-        json.dumps({"step": step, "losses": losses, "evals": list(evals), "previews": names})
+        json.dumps({"step": step, "losses": losses, "evals": list(evals), "previews": names, **(history or {})})
     )
     for f in [f for f in tmp.iterdir() if f.is_file()] + list((tmp / "previews").iterdir()):
         with open(f, "rb") as fh:
@@ -500,14 +524,14 @@ def checkpoint_step(work_dir: Path) -> int:
 
 def restore_checkpoint(
     work_dir: Path, denoiser, optimizer, scheduler, ema=None
-) -> tuple[int, list[float], list[dict], dict[str, Path]]:
-    """(step, losses, evals, previews) of the last checkpoint, its weights and optimizer state loaded."""
+) -> tuple[int, list[float], list[dict], dict[str, Path], dict]:
+    """(step, losses, evals, previews, history) of the last checkpoint, its weights and optimizer state loaded."""
     import torch
     from safetensors.torch import load_file
 
     ckpts = _checkpoints(work_dir)
     if not ckpts:
-        return 0, [], [], {}
+        return 0, [], [], {}, {}
     ckpt = ckpts[-1]
     weights = load_file(str(ckpt / "lora.safetensors"))
     expected = set(trainable_state(denoiser))
@@ -524,7 +548,8 @@ def restore_checkpoint(
     for name, filename in progress.get("previews", {}).items():
         shutil.copyfile(ckpt / "previews" / filename, work_dir / filename)
         previews[name] = work_dir / filename
-    return progress["step"], progress["losses"], progress.get("evals", []), previews
+    history = {k: progress[k] for k in ("lrs", "grad_norms") if k in progress}
+    return progress["step"], progress["losses"], progress.get("evals", []), previews, history
 
 
 # -- previews ---------------------------------------------------------------------------------------------

@@ -346,13 +346,36 @@ def write_lora_outputs(family, outcome, p, work_dir, name: str, base_metadata: d
         )
         files["diffusers/pytorch_lora_weights.safetensors"] = diffusers_file
     loss_csv = work_dir / "loss.csv"
-    loss_csv.write_text("step,loss\n" + "".join(f"{i + 1},{v:.6g}\n" for i, v in enumerate(outcome.losses)))
+    write_loss_csv(loss_csv, outcome)
     files.update({"loss.csv": loss_csv, **outcome.previews})
     if outcome.ema_state is not None:  # the EMA of the weights, in the same single-file format as the raw LoRA
         ema = work_dir / f"{name}-ema.safetensors"
         single_file(ema, True, {**metadata, "lora_pipeline.ema_decay": str(p.ema["decay"])})
         files[f"{name}-ema.safetensors"] = ema
     return files
+
+
+def write_loss_csv(path: Path, outcome) -> None:
+    """Per step: the loss, the gradient norm before clipping (empty when the fused backward pass left none) and the
+    learning rate of each parameter group (lr: the first group's; lr:<group> for each when there are several)."""
+    import csv
+
+    groups = list(outcome.lrs[0]) if outcome.lrs else []
+    header = ["step", "loss", "grad_norm", "lr"] + ([f"lr:{g}" for g in groups] if len(groups) > 1 else [])
+    norms = outcome.grad_norms or [None] * len(outcome.losses)
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f, lineterminator="\n")
+        out.writerow(header)
+        for i, loss in enumerate(outcome.losses):
+            lrs = outcome.lrs[i] if i < len(outcome.lrs) else {}
+            rates = [lrs.get(g) for g in groups]
+            norm = norms[i] if i < len(norms) else None
+            row = [i + 1, f"{loss:.6g}", "" if norm is None else f"{norm:.6g}", _num(rates[0] if rates else None)]
+            out.writerow(row + ([_num(r) for r in rates] if len(groups) > 1 else []))
+
+
+def _num(value) -> str:
+    return "" if value is None else f"{value:.6g}"
 
 
 def trained_file(outputs: dict) -> dict:
