@@ -529,6 +529,24 @@ class RuntimeConfig(Section):
         "at the start and the end only.",
     )
     preview: PreviewConfig = Field(default_factory=PreviewConfig)
+    log_with: list[Literal["tensorboard", "wandb"]] = Field(
+        [],
+        description="Log each stage run's figures while it goes (loss raw and smoothed, lr per group, grad norm, step "
+        "time, fidelity, teacher |delta| per timestep, the differential eval, previews) to TensorBoard and/or W&B; "
+        "each needs its extra (pip install 'lora-pipeline[tensorboard]' / '[wandb]'). One run per stage run, named "
+        "<stage>-<key prefix>.",
+    )
+    log_dir: Path = Field(
+        Path("logs"),
+        description="Where log_with writes: <log_dir>/tensorboard/<run> (tensorboard --logdir <log_dir>/tensorboard) "
+        "and <log_dir>/wandb; relative to the config file.",
+    )
+    wandb_project: str = Field("lora-pipeline", description="The W&B project of log_with = ['wandb'].")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline: W&B runs are written under log_dir with no network (`wandb sync` uploads one); "
+        "online: streamed to your W&B account (after `wandb login`).",
+    )
 
     @field_validator("device")
     @classmethod

@@ -11,8 +11,9 @@ from pathlib import Path
 from cache.store import Manifest
 from core.errors import PlanError
 from stages.base import PlanEnv
+from stages.teacher import TIMESTEP_BINS, timestep_bins
+from stages.teacher import row_timestep as _t
 
-TIMESTEP_BINS = 10
 HEADER = 12  # pixels of column labels above a sheet
 
 
@@ -34,32 +35,6 @@ def find_artifact(env: PlanEnv, workflow: str, stage: str) -> Manifest:
         raise PlanError(f"there is no {stage} artifact yet. Make it with `pipeline run {workflow}`.")
     print(f"note: showing the last run's {stage} artifact; the current config would make a new one.")
     return last
-
-
-def _t(row: dict, num_timesteps: int) -> float:
-    """A row's timestep on the 0..T scale: DDPM rows hold the integer t, flow-matching rows σ in [0, 1] (σ·T)."""
-    return row["t"] * num_timesteps if isinstance(row["t"], float) else row["t"]
-
-
-def _bins(rows: list[dict], num_timesteps: int) -> list[dict]:
-    width = num_timesteps / TIMESTEP_BINS
-    out = []
-    for b in range(TIMESTEP_BINS):
-        lo, hi = round(b * width), round((b + 1) * width)
-        inside = [
-            r
-            for r in rows
-            if lo <= _t(r, num_timesteps) < hi or (b == TIMESTEP_BINS - 1 and _t(r, num_timesteps) >= hi)
-        ]
-        out.append(
-            {
-                "t": f"{lo}-{hi - 1}",
-                "rows": len(inside),
-                "mean_abs": sum(r["mean_abs"] for r in inside) / len(inside) if inside else None,
-                "max_abs": max((r["max_abs"] for r in inside), default=None),
-            }
-        )
-    return out
 
 
 def teacher_report(env: PlanEnv, teacher: Manifest, schedule: Manifest) -> dict:
@@ -94,7 +69,7 @@ def teacher_report(env: PlanEnv, teacher: Manifest, schedule: Manifest) -> dict:
         "delta_mode": teacher.contract["delta"]["mode"],
         "arrays": kinds,
         "bytes_per_sample_step": stored / max(1, samples + spec.heldout),
-        "bins": _bins(teacher.record["stats"]["rows"], spec.num_timesteps),
+        "bins": timestep_bins(teacher.record["stats"]["rows"], spec.num_timesteps),
     }
 
 

@@ -24,6 +24,7 @@ from pipeline.planner import (
 )
 from pipeline.workflows import get_workflow
 from stages.base import PlanEnv, StageContext
+from stages.tracking import check_backends, open_tracker
 
 EXPORT_MARKER = ".lora-pipeline-export"
 
@@ -60,6 +61,7 @@ def run_workflow(
         raise PlanError(f"--only {only}: workflow {workflow!r} has no stage {only!r}; its stages are {names}.")
     if dry_run:
         return [_dry(p) for p in _plans(env, workflow, stages, only)]
+    check_backends(env.config.runtime.log_with)
 
     def waiting(holder):
         print(f"waiting for the store lock held by {describe_holder(holder)} ...", file=sys.stderr, flush=True)
@@ -175,8 +177,14 @@ def _run_stage(env: PlanEnv, plan: StagePlan, upstream: dict[str, Manifest], pro
     started = time.perf_counter()
     work = store.work_dir(plan.stage.name, plan.key)
     print(f"{plan.name}: running ({'; '.join(plan.causes)})", file=sys.stderr, flush=True)
-    ctx = StageContext(env=env, key=plan.key, params=plan.params, upstream=upstream, work_dir=work, progress=progress)
-    result = plan.stage.run(ctx)
+    runtime = env.config.runtime
+    figures = {"stage": plan.stage.name, "key": plan.key, "params": plan.params.model_dump(mode="json")}
+    tracker = open_tracker(runtime, env.loaded.resolve(runtime.log_dir), plan.name, plan.key, figures)
+    ctx = StageContext(env, plan.key, plan.params, upstream, work, progress, tracker)
+    try:
+        result = plan.stage.run(ctx)
+    finally:
+        tracker.close()
     outputs = {name: store.put_object(path) for name, path in result.files.items()}
     seconds = time.perf_counter() - started
     manifest = Manifest(

@@ -265,6 +265,7 @@ class StageContext:
     upstream: dict[str, Manifest]
     work_dir: Path
     progress: bool = True
+    tracker: Any = None  # stages/tracking.py Tracker: TensorBoard / W&B figures of this run (runtime.log_with)
 
     @property
     def store(self) -> Store:

@@ -95,6 +95,8 @@ class EvalStage(Stage):
                 "direction_average": probe.direction(side["a"], side["b"], ["avg"]),
             }
         mean_dir = sum(r["direction_average"] for r in table.values()) / len(table)
+        if ctx.tracker is not None:
+            ctx.tracker.scalars(0, {f"eval/{pair}/{k}": v for pair, row in table.items() for k, v in row.items()})
         record = {"pairs": table, "samples": p.samples, "direction_average_mean": mean_dir}
         return StageResult(record=record, summary=f"{len(pairs)} pairs, LoRA-2 average direction cos {mean_dir:.3f}")
 

@@ -125,6 +125,7 @@ class Lora1Stage(Stage):
             progress=ctx.progress,
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
+            tracker=ctx.tracker,
             text_encoder=text_encoder,
         )
         outcome = train_lora(job, batches)

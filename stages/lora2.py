@@ -99,6 +99,7 @@ class Lora2Stage(Stage):
             progress=ctx.progress,
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
+            tracker=ctx.tracker,
             stage="lora2",
             preset_lora=preset,
             preset_mode=p.lora1_mode,

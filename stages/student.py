@@ -151,6 +151,7 @@ class StudentStage(Stage):
             progress=ctx.progress,
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
+            tracker=ctx.tracker,
             stage="student",
             init_lora=init,
             evaluate=fidelity if fidelity.rows else None,

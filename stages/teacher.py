@@ -157,6 +157,12 @@ class TeacherStage(Stage):
             "stats": stats,
         }
         mean = float(np.mean([r["mean_abs"] for r in stats["rows"]])) if stats["rows"] else 0.0
+        if ctx.tracker is not None and ctx.tracker.active:  # |Δc| against the timestep: the bin's first t as x
+            for b in timestep_bins(stats["rows"], spec.num_timesteps):
+                start = int(b["t"].split("-")[0])
+                ctx.tracker.scalars(
+                    start, {"teacher/mean_abs_delta": b["mean_abs"], "teacher/max_abs_delta": b["max_abs"]}
+                )
         return StageResult(
             pools={pid: names},
             record=record,
@@ -241,3 +247,34 @@ def delta_stats(pool, names: list[str], doc: dict, spec, shapes: dict) -> dict:
             values = np.abs(values)
             rows.append({"t": row["t"], "mean_abs": float(values.mean()), "max_abs": float(values.max())})
     return {"rows": rows, "nonfinite": nonfinite}
+
+
+TIMESTEP_BINS = 10
+
+
+def row_timestep(row: dict, num_timesteps: int) -> float:
+    """A row's timestep on the 0..T scale: DDPM rows hold the integer t, flow-matching rows σ in [0, 1] (σ·T)."""
+    return row["t"] * num_timesteps if isinstance(row["t"], float) else row["t"]
+
+
+def timestep_bins(rows: list[dict], num_timesteps: int) -> list[dict]:
+    """Rows (t, mean_abs, max_abs) in TIMESTEP_BINS equal bins of the 0..T scale: count, mean and max |Δc|."""
+    width = num_timesteps / TIMESTEP_BINS
+    out = []
+    for b in range(TIMESTEP_BINS):
+        lo, hi = round(b * width), round((b + 1) * width)
+        inside = [
+            r
+            for r in rows
+            if lo <= row_timestep(r, num_timesteps) < hi
+            or (b == TIMESTEP_BINS - 1 and row_timestep(r, num_timesteps) >= hi)
+        ]
+        out.append(
+            {
+                "t": f"{lo}-{hi - 1}",
+                "rows": len(inside),
+                "mean_abs": sum(r["mean_abs"] for r in inside) / len(inside) if inside else None,
+                "max_abs": max((r["max_abs"] for r in inside), default=None),
+            }
+        )
+    return out

@@ -130,6 +130,7 @@ class TrainJob:
     # train_text_encoder: the family's text encoder (with .model, .conditioning(ids)), which gets a LoRA of its own
     # and encodes each micro-batch's token ids
     text_encoder: object | None = None
+    tracker: object | None = None  # stages/tracking.py Tracker: per-step figures for TensorBoard / W&B
 
 
 @dataclass
@@ -311,6 +312,11 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         bar.update(1)
         step_times.append(time.perf_counter())
         done = step + 1
+        if job.tracker is not None and job.tracker.active:
+            lr_figures = {f"lr/{name}": value for name, value in lrs[-1].items()}
+            step_seconds = step_times[-1] - step_times[-2]
+            figures = {"loss": loss, "loss_smoothed": smoothed, "grad_norm": grad_norm, "step_seconds": step_seconds}
+            job.tracker.scalars(done, {**figures, **lr_figures})
         fault_point(f"{job.stage}.step", done)
         if job.eval_every and done % job.eval_every == 0 and done < cfg.steps:
             evaluate(done)
@@ -318,6 +324,8 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         # run ends with the same previews as an uninterrupted one.
         if job.preview and job.preview.every and (done % job.preview.every == 0 or done == cfg.steps):
             previews[f"previews/step{done:06d}.png"] = render(done)
+            if job.tracker is not None:
+                job.tracker.image(done, "preview", previews[f"previews/step{done:06d}.png"])
             trained.train()
         if job.checkpoint_every and done % job.checkpoint_every == 0 and done < cfg.steps:
             history = {"lrs": lrs, "grad_norms": grad_norms}
@@ -465,6 +473,9 @@ class Evaluator:
         was_training = self.denoiser.training
         self.denoiser.eval()
         self.evals.append({"step": step, **self.job.evaluate(self.denoiser)})
+        if self.job.tracker is not None:
+            group = "fidelity" if self.job.stage == "student" else "eval"
+            self.job.tracker.scalars(step, {f"{group}/{k}": v for k, v in self.evals[-1].items() if k != "step"})
         self.denoiser.train(was_training)
 
 
