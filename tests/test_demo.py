@@ -28,6 +28,8 @@ def test_transfer_demo_runs_reports_fidelity_then_reruns_only_the_student(tmp_pa
     )
     assert "fidelity on held-out images cos" in first.stdout and "fit on training images cos" in first.stdout
     out = tmp_path / "pipeline-demo" / "output" / "transfer"
+    last = first.stdout.strip().splitlines()[-1]  # the demo ends with the path of its report
+    assert last.startswith("Report: pipeline-demo/output/transfer/report.html") and (out / "report.html").is_file()
     assert (out / "student" / "diffusers" / "pytorch_lora_weights.safetensors").exists()
     assert sorted(p.name for p in (out / "lora1" / "previews").iterdir()) == ["step000060.png", "step000120.png"]
     losses = [float(line.split(",")[1]) for line in (out / "lora1" / "loss.csv").read_text().splitlines()[1:]]
