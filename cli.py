@@ -153,7 +153,12 @@ def run(
             "--family picks the demo's model family; it goes with --demo (set model.family in a config)."
         )
     env = _env(config, set_)
+    from core import dist
+
+    dist.init()  # under torchrun / accelerate launch: join the other processes (docs/distributed.md)
     runs = run_workflow(env, workflow, only=only, dry_run=dry_run, progress=_progress(env, as_json, no_progress))
+    if not dist.is_main():  # rank 0 reports
+        return
     if as_json:
         typer.echo(
             json.dumps({"workflow": workflow, "dry_run": dry_run, "stages": [r.__dict__ for r in runs]}, indent=1)

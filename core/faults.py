@@ -11,5 +11,10 @@ _SPEC = os.environ.get("LORA_PIPELINE_FAULT", "")
 
 
 def fault_point(name: str, count: int) -> None:
-    if _SPEC and _SPEC == f"{name}:{count}":
+    """`<point>:<n>` kills every process that passes there; `<point>:<n>@<rank>` only that rank of a multi-process
+    run (core/dist.py)."""
+    if not _SPEC:
+        return
+    spec, _, rank = _SPEC.partition("@")
+    if spec == f"{name}:{count}" and (not rank or rank == os.environ.get("RANK", "0")):
         os.kill(os.getpid(), signal.SIGKILL)

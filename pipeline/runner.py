@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cache.locks import describe_holder
 from cache.store import Manifest, write_json_atomic
+from core import dist
 from core.errors import PlanError
 from pipeline import __version__
 from pipeline.planner import (
@@ -66,9 +67,16 @@ def run_workflow(
     def waiting(holder):
         print(f"waiting for the store lock held by {describe_holder(holder)} ...", file=sys.stderr, flush=True)
 
-    env.store.lock_for(f"pipeline run {workflow}", on_wait=waiting)
+    main = dist.is_main()
+    if main:  # several processes (core/dist.py): rank 0 alone locks, plans first, commits and writes refs
+        env.store.lock_for(f"pipeline run {workflow}", on_wait=waiting)
     try:
-        plans = _plans(env, workflow, stages, only)
+        plans = _plans(env, workflow, stages, only) if main else None
+        plan_of_rank0 = dist.broadcast([(p.name, p.key, p.state) for p in plans] if main else None)
+        if not main:
+            plans = _plans(env, workflow, stages, only)
+            _same_plan(plans, plan_of_rank0)
+        dist.barrier()  # nothing runs before every rank has planned
         for plan in plans:
             if plan.state != "fresh":
                 plan.stage.preflight(plan.env or env, plan.params)
@@ -77,10 +85,16 @@ def run_workflow(
             if plan.state == "fresh":
                 runs.append(StageRun(plan.name, "reused", plan.key))
             else:
-                upstream = {role: _upstream_manifest(env, plans, plan, role) for role in plan.upstream_nodes}
-                runs.append(_run_stage(plan.env or env, plan, upstream, progress))
+                if main or plan.stage.sharded:
+                    upstream = {role: _upstream_manifest(env, plans, plan, role) for role in plan.upstream_nodes}
+                    runs.append(_run_stage(plan.env or env, plan, upstream, progress))
+                else:  # rank 0 runs this stage alone
+                    runs.append(StageRun(plan.name, "ran", plan.key, causes=plan.causes))
+                dist.barrier()  # rank 0 has committed
                 plan.manifest = env.store.load_manifest(plan.stage.name, plan.key)
                 plan.state = "fresh"
+        if not main:
+            return runs
         ref = env.store.read_ref(workflow)
         last_run = {  # what this run did, for `pipeline report`: the key each stage had before it re-ran
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -101,8 +115,22 @@ def run_workflow(
             run.location = str((output_root / plan.name) if run.outputs else stage_dir) + "/"
         return runs
     finally:
-        env.store.memo.save()
-        env.store.lock.release()
+        if main:
+            env.store.memo.save()
+            env.store.lock.release()
+
+
+def _same_plan(plans: list[StagePlan], rank0: list) -> None:
+    """Every rank must plan what rank 0 planned: the same config, inputs and store (a shared filesystem)."""
+    mine = [(p.name, p.key, p.state) for p in plans]
+    if mine != rank0:
+        pairs = zip(mine + [None] * len(rank0), rank0 + [None] * len(mine), strict=True)
+        diff = next((a, b) for a, b in pairs if a != b)
+        raise PlanError(
+            f"process {dist.rank()} planned {diff[0]} where process 0 planned {diff[1]}: every process must see the "
+            f"same pipeline.toml, inputs and store. Put the store and the data on a filesystem every node mounts "
+            f"at the same path."
+        )
 
 
 def _plans(env: PlanEnv, workflow: str, stages, only: str | None) -> list[StagePlan]:
@@ -176,15 +204,23 @@ def _run_stage(env: PlanEnv, plan: StagePlan, upstream: dict[str, Manifest], pro
     store = env.store
     started = time.perf_counter()
     work = store.work_dir(plan.stage.name, plan.key)
-    print(f"{plan.name}: running ({'; '.join(plan.causes)})", file=sys.stderr, flush=True)
+    main = dist.is_main()
+    if main:
+        print(f"{plan.name}: running ({'; '.join(plan.causes)})", file=sys.stderr, flush=True)
     runtime = env.config.runtime
     figures = {"stage": plan.stage.name, "key": plan.key, "params": plan.params.model_dump(mode="json")}
-    tracker = open_tracker(runtime, env.loaded.resolve(runtime.log_dir), plan.name, plan.key, figures)
+    folder = env.loaded.resolve(runtime.log_dir)
+    tracker = open_tracker(runtime if main else runtime.model_copy(update={"log_with": []}), folder, plan.name,
+                           plan.key, figures)  # fmt: skip
     ctx = StageContext(env, plan.key, plan.params, upstream, work, progress, tracker)
     try:
         result = plan.stage.run(ctx)
     finally:
         tracker.close()
+    if plan.stage.sharded:
+        dist.barrier()  # every rank finished: a rank that failed exited, and nothing of this stage is committed
+    if not main:
+        return StageRun(plan.name, "ran", plan.key, time.perf_counter() - started, causes=plan.causes)
     outputs = {name: store.put_object(path) for name, path in result.files.items()}
     seconds = time.perf_counter() - started
     manifest = Manifest(

@@ -292,6 +292,8 @@ class Stage:
     contract_from: ClassVar[tuple[str, ...] | None] = None
     # A phase-2 stage: `--only` refuses upstream artifacts made under another contract than the config's.
     enforce_contract: ClassVar[bool] = False
+    # Run by every process of a multi-process run (each takes its share); other stages run on rank 0 alone
+    sharded: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def params(self, env: PlanEnv) -> BaseModel:

@@ -9,16 +9,17 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from cache.store import Manifest
+from core import dist
 from stages.base import PlanEnv, Stage, StageContext, StageResult, guidance_embed_for
 from stages.training.captions import CaptionDraw, caption_draw, subset_caption_draws
-from stages.training.params import LoraTrainParams, noise_contract, section_fields
+from stages.training.params import LoraTrainParams, noise_contract, processes, section_fields
 
 
 class Lora1Params(LoraTrainParams):
     """The shared training params, the text encoder's LoRA (train_text_encoder; its rates None without it), and
     the caption tricks (None when off: the key of a run without them is the key it had before they existed)."""
 
-    UNKEYED_WHEN_NONE = ("captions", "subset_captions", "prior_loss_weight", "guidance_embed")
+    UNKEYED_WHEN_NONE = ("captions", "subset_captions", "prior_loss_weight", "guidance_embed", "processes")
 
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
@@ -42,6 +43,7 @@ class Lora1Stage(Stage):
     # workflow leaves the text stage out (pipeline/workflows.py)
     optional_upstream = ("text",)
     description = "LoRA training on the base model"
+    sharded = True  # several processes (torchrun / accelerate launch) share its micro-steps
 
     def params(self, env: PlanEnv) -> Lora1Params:
         c = env.config.lora1
@@ -57,6 +59,7 @@ class Lora1Stage(Stage):
             subset_captions=subset_caption_draws(env.config.data, c.steps),
             prior_loss_weight=prior_loss_weight(env.config.data),
             guidance_embed=guidance_embed_for(env.model, c.guidance_embed, "lora1.guidance_embed"),
+            processes=processes(),
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -109,7 +112,8 @@ class Lora1Stage(Stage):
         text_encoder = env.family.load_text_encoder(env.layout, device) if p.train_text_encoder else None
         data, captions = load_training_data(ctx.store, ctx.upstream, text_encoder, p.prior_loss_weight)
         batches = DiffusionBatches(data, p.seed, p.batch_size)
-        drawn = draw_training_captions(ctx, data, captions, p, batches, text_encoder)
+        with dist.main_first():  # rank 0 encodes drawn captions into the store; the others then read them
+            drawn = draw_training_captions(ctx, data, captions, p, batches, text_encoder)
         preview = ctx.runtime.preview
         job = TrainJob(
             family=env.family,
@@ -122,13 +126,16 @@ class Lora1Stage(Stage):
             preview=preview,
             preview_prompts=preview.prompts or captions[:1],
             preview_size=env.config.latents.resolution,
-            progress=ctx.progress,
+            progress=ctx.progress and dist.is_main(),
+            processes=p.processes or 1,
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
             tracker=ctx.tracker,
             text_encoder=text_encoder,
         )
         outcome = train_lora(job, batches)
+        if not dist.is_main():  # rank 0 writes the files; the runner commits them after every rank finished
+            return StageResult()
         files = write_lora_outputs(
             env.family, outcome, p, ctx.work_dir, "lora1", env.family.lora_metadata(env.layout, p.prediction_type)
         )

@@ -8,14 +8,15 @@ same timesteps and noise as LoRA-1 did at every step, so A and B are learned on 
 from __future__ import annotations
 
 from cache.store import Manifest
+from core import dist
 from core.errors import ConfigError
 from stages.base import PlanEnv, Stage, StageContext, StageResult, guidance_embed_for
 from stages.training.captions import CaptionDraw, caption_draw, subset_caption_draws
-from stages.training.params import LoraTrainParams, section_fields
+from stages.training.params import LoraTrainParams, processes, section_fields
 
 
 class Lora2Params(LoraTrainParams):
-    UNKEYED_WHEN_NONE = ("captions", "subset_captions", "guidance_embed")
+    UNKEYED_WHEN_NONE = ("captions", "subset_captions", "guidance_embed", "processes")
 
     lora1_mode: str
     noise_stream: str  # "" replays lora1's draws (paired noise); "lora2" draws its own
@@ -30,6 +31,7 @@ class Lora2Stage(Stage):
     upstream = ("caption", "latents", "text", "lora1")
     contract_from = ("caption", "latents")
     description = "LoRA-2 on B, over LoRA-1"
+    sharded = True
 
     def params(self, env: PlanEnv) -> Lora2Params:
         d = env.config.differential
@@ -50,6 +52,7 @@ class Lora2Stage(Stage):
             captions=caption_draw(env.config.data, l2.steps),
             subset_captions=subset_caption_draws(env.config.data, l2.steps),
             guidance_embed=guidance_embed_for(env.model, l2.guidance_embed, "differential.lora2.guidance_embed"),
+            processes=processes(),
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -80,7 +83,8 @@ class Lora2Stage(Stage):
         env, p = ctx.env, ctx.params
         data, captions = load_training_data(ctx.store, ctx.upstream)
         batches = DiffusionBatches(data, p.noise_seed, p.batch_size, p.noise_stream)
-        drawn = draw_training_captions(ctx, data, captions, p, batches, None)
+        with dist.main_first():  # rank 0 encodes drawn captions into the store; the others then read them
+            drawn = draw_training_captions(ctx, data, captions, p, batches, None)
         lora1_file = trained_file(ctx.upstream["lora1"].outputs)
         lora1 = ctx.store.read_object(lora1_file["digest"], "the LoRA-1 file")
         preset = read_lora_file(lora1, env.family.kohya_prefix, env.family.lora_component, env.family.name)
@@ -96,7 +100,8 @@ class Lora2Stage(Stage):
             preview=preview,
             preview_prompts=preview.prompts or captions[:1],
             preview_size=env.config.latents.resolution,
-            progress=ctx.progress,
+            progress=ctx.progress and dist.is_main(),
+            processes=p.processes or 1,
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
             tracker=ctx.tracker,
@@ -105,6 +110,8 @@ class Lora2Stage(Stage):
             preset_mode=p.lora1_mode,
         )
         outcome = train_lora(job, batches)
+        if not dist.is_main():  # rank 0 writes the files; the runner commits them after every rank finished
+            return StageResult()
         files = write_lora_outputs(
             env.family, outcome, p, ctx.work_dir, "lora2", env.family.lora_metadata(env.layout, p.prediction_type)
         )

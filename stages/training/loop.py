@@ -6,6 +6,7 @@ It never branches on a model family: the family supplies loading, the noise proc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core import dist
 from core.errors import ConfigError, PipelineError
 from core.faults import fault_point
 from stages.families.base import Conditioning, TokenIds
@@ -131,6 +133,9 @@ class TrainJob:
     # and encodes each micro-batch's token ids
     text_encoder: object | None = None
     tracker: object | None = None  # stages/tracking.py Tracker: per-step figures for TensorBoard / W&B
+    # processes sharing the training (core/dist.py): this rank takes every processes-th micro-step and the
+    # gradients are averaged over the ranks; rank 0 alone writes checkpoints, previews and logs
+    processes: int = 1
 
 
 @dataclass
@@ -224,6 +229,12 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     from stages.training.lora_files import load_lora_into, lora_state_dict, match_modules
 
     cfg = job.params
+    main = dist.is_main() or job.processes == 1
+    if job.processes > 1 and cfg.fused_backward:
+        raise ConfigError(
+            f"{job.stage}.fused_backward steps each parameter group inside the backward pass, before the other "
+            f"processes' gradients are known; set it to false to train on {job.processes} processes."
+        )
     accelerator = make_accelerator(cfg.mixed_precision, job.device, getattr(cfg, "fp8_base", False), job.stage)
     denoiser = job.family.load_denoiser(job.layout, accelerator.device)
     preset_adapter = job.preset_lora is not None and apply_preset(
@@ -275,6 +286,8 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     process = make_process(cfg.timesteps, job.prediction_type)
     if cfg.fused_backward:  # accelerate's optimizer wrapper steps in step(); the fused one steps in backward
         denoiser = accelerator.prepare(denoiser)
+    elif job.processes > 1 or dist.size() > 1:  # no DDP wrapper: train_step averages the LoRA's gradients itself
+        optimizer = accelerator.prepare(optimizer)
     else:
         denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     # what the checkpoint and the EMA hold: the denoiser's LoRA, and the text encoder's under `text_encoder.`
@@ -284,6 +297,8 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     start, losses, evals, previews, history = restore_checkpoint(job.work_dir, trained, optimizer, scheduler, ema)
     if start:
         job.log(f"{job.stage}: resuming from the checkpoint at step {start}/{cfg.steps}")
+    if not main:  # the other ranks train, and leave the files and the figures to rank 0
+        job = dataclasses.replace(job, checkpoint_every=0, preview=None, tracker=None, progress=False)
     render = PreviewRenderer(job, unwrapped, ema)
     evaluate = Evaluator(job, unwrapped, evals)
     if start == 0:
@@ -333,7 +348,8 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
             fault_point(f"{job.stage}.checkpoint", done)
     bar.close()
     evaluate(cfg.steps)
-    accelerator.end_training()
+    if dist.size() == 1:  # accelerate's end_training would leave the process group the run still needs
+        accelerator.end_training()
     unwrapped = accelerator.unwrap_model(denoiser)
     if isinstance(optimizer, FusedOptimizer):
         optimizer.remove_hooks()
@@ -424,7 +440,7 @@ def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lo
     device = accelerator.device
     total = torch.zeros((), device=device)
     for micro in range(cfg.grad_accum):
-        k = step * cfg.grad_accum + micro
+        k = (step * cfg.grad_accum + micro) * job.processes + (dist.rank() if job.processes > 1 else 0)
         x_t, t, cond, target, *mask = (v.to(device) for v in batches.micro_batch(k, denoiser, process))
         if cfg.dropout > 0:
             torch.manual_seed(derive_seed("dropout", cfg.seed, k))
@@ -446,6 +462,8 @@ def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lo
         )
         accelerator.backward(loss / cfg.grad_accum)
         total += loss.detach()
+    if job.processes > 1:  # what DDP does: every rank steps with the mean gradient, and logs the mean loss
+        dist.mean_([p.grad for p in lora_params if p.grad is not None] + [total])
     if cfg.max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
     elif cfg.fused_backward:  # each group stepped in its backward hook: no gradients are left to measure

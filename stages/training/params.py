@@ -47,11 +47,22 @@ class LoraTrainParams(KeyedParams):
     mixed_precision: str
     fp8_base: bool = False
     seed: int
+    # the processes training shares (torchrun / accelerate launch): each takes every processes-th micro-step, so the
+    # global batch is batch_size x grad_accum x processes; None for one (only the sharded stages set it)
+    processes: int | None = None
     prediction_type: str
     timesteps: dict  # the resolved noise process: sampler, shift, scheduler values, noise options
     guidance_embed: float | None = None  # the guidance value of a model with a guidance embedding (FLUX [dev])
     loss_weighting: str
     loss: dict  # the resolved loss: type, huber schedule, SNR weightings (losses.resolve_loss)
+
+
+def processes() -> int | None:
+    """The processes a sharded training stage runs on (torchrun / accelerate launch); None for one, which leaves
+    the field out of the key."""
+    from core import dist
+
+    return dist.size() if dist.size() > 1 else None
 
 
 def train_params(family, layout, cfg, latent_shape: tuple[int, ...], section: str = "lora1") -> LoraTrainParams:
