@@ -1,12 +1,13 @@
 """Two processes against one (torchrun, gloo, the CPU): what the multi-process protocol costs.
 
-On the demo project (tiny SD 1.5-shaped model), lora1 runs `--steps` optimizer steps
-  a) in one process with grad_accum = 2, and
+On the demo project (tiny SD 1.5-shaped model), `pipeline run transfer` with lora1 at `--steps` optimizer steps
+  a) in one process with lora1.grad_accum = 2, and
   b) in two processes (torchrun --nproc_per_node 2) with grad_accum = 1: the same global batch, the same LoRA;
-each in a fresh store, alternated `--repeats` times. It prints the lora1 stage's seconds (the manifest's) and the
-wall time of the whole command for both, and their ratios (b / a). On 2 cores two processes share the cores one
-process's threads had, so ≈1x is the expectation; the point is the protocol's overhead (planning on every rank,
-barriers, one gradient all-reduce per step), not a speed-up.
+each in a fresh store, alternated `--repeats` times. It prints the seconds of the sharded stages (lora1: micro-steps;
+teacher and prior: schedule steps, as rows/s) and the wall time of the whole command for both, and their ratios
+(b / a). On 2 cores two processes share the cores one process's threads had, so ≈1x is the expectation; the point
+is the protocol's overhead (planning on every rank, barriers, the gradient all-reduce, per-rank pool logs), not a
+speed-up.
 
     .venv/bin/python benchmarks/distributed.py [--steps 60] [--repeats 3]
 """
@@ -35,8 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(config: Path, steps: int, processes: int) -> tuple[float, float]:
-    """(lora1 seconds, wall seconds) of one fresh `pipeline run lora`."""
+SHARDED = ("lora1", "teacher", "prior")
+
+
+def run(config: Path, steps: int, processes: int) -> tuple[dict[str, float], float]:
+    """({sharded stage: seconds}, wall seconds) of one fresh `pipeline run transfer`."""
     shutil.rmtree(config.parent / ".pipeline", ignore_errors=True)
     shutil.rmtree(config.parent / "output", ignore_errors=True)
     sets = [
@@ -48,7 +52,7 @@ def run(config: Path, steps: int, processes: int) -> tuple[float, float]:
         "runtime.preview.every=0",
         "--no-progress",
     ]
-    cli = ["-m", "cli", "run", "lora", "-c", str(config), "--json", *sets]
+    cli = ["-m", "cli", "run", "transfer", "-c", str(config), "--json", *sets]
     if processes == 1:
         cmd = [sys.executable, *cli]
     else:
@@ -71,8 +75,8 @@ def run(config: Path, steps: int, processes: int) -> tuple[float, float]:
     wall = time.perf_counter() - started
     if out.returncode != 0:
         sys.exit(f"run failed ({processes} processes):\n{out.stderr[-3000:]}")
-    lora1 = next(s for s in json.loads(out.stdout)["stages"] if s["name"] == "lora1")
-    return lora1["seconds"], wall
+    stages = {s["name"]: s["seconds"] for s in json.loads(out.stdout)["stages"]}
+    return {name: stages[name] for name in SHARDED}, wall
 
 
 def main() -> None:
@@ -90,20 +94,17 @@ def main() -> None:
                 results[processes].append(run(config, args.steps, processes))
         for processes, rows in results.items():
             print(
-                f"{processes} process(es): lora1 {[round(r[0], 2) for r in rows]} s, "
-                f"wall {[round(r[1], 2) for r in rows]} s"
+                f"{processes} process(es): "
+                + ", ".join(f"{name} {[round(r[0][name], 2) for r in rows]} s" for name in SHARDED)
+                + f", wall {[round(r[1], 2) for r in rows]} s"
             )
-        one = [statistics.median(r[i] for r in results[1]) for i in (0, 1)]
-        two = [statistics.median(r[i] for r in results[2]) for i in (0, 1)]
-        print(
-            f"lora1 stage, {args.steps} steps (global batch 2 x 2): 2 processes / 1 process = {two[0] / one[0]:.3f} "
-            f"({two[0]:.2f} vs {one[0]:.2f} s; "
-            f"{1000 * two[0] / args.steps:.1f} vs {1000 * one[0] / args.steps:.1f} ms/step)"
-        )
-        print(
-            f"whole command (planning, caption/latents/text on rank 0, lora1): {two[1] / one[1]:.3f} "
-            f"({two[1]:.2f} vs {one[1]:.2f} s)"
-        )
+        for name in SHARDED:
+            one = statistics.median(r[0][name] for r in results[1])
+            two = statistics.median(r[0][name] for r in results[2])
+            print(f"{name}: 2 processes / 1 process = {two / one:.3f} ({two:.2f} vs {one:.2f} s)")
+        one = statistics.median(r[1] for r in results[1])
+        two = statistics.median(r[1] for r in results[2])
+        print(f"whole command: {two / one:.3f} ({two:.2f} vs {one:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ chunk drops every row of it that fails, so one re-run re-makes them all.
 
 Pools written before chunking hold one zarr array per item (`arrays.zarr/<name>`, log lines without "at"); they
 are read, verified and collected as before.
+
+Several processes of one run (core/dist.py) write one pool side by side: each names itself a writer (`r1`), appends
+its rows to arrays of its own (`f2_4x8x8-r1`) and its lines to a log of its own (`committed.r1.jsonl`), so no two
+processes ever pick the same row or interleave a line. Readers merge every log; rank 0 folds the writers' logs into
+`committed.jsonl` once every rank finished (merge_writers), and a killed writer's committed rows stay committed.
 """
 
 from __future__ import annotations
@@ -52,15 +57,26 @@ def group_name(arr: np.ndarray) -> str:
 
 
 class ArrayPool:
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, writer: str = ""):
+        self.root, self.writer = root, writer
         self.arrays_dir = root / "arrays.zarr"
-        self.log_path = root / "committed.jsonl"
+        self.main_log = root / "committed.jsonl"
+        self.log_path = self.main_log if not writer else root / f"committed.{writer}.jsonl"  # where puts append
         self._group = None
         self._arrays: dict[str, object] = {}
         self._committed: dict[str, dict] | None = None
-        self._log_state: tuple[int, int] | None = None  # (inode, bytes read) of the log behind _committed
+        self._log_state: dict[Path, tuple[int, int]] = {}  # per log: (inode, bytes read) behind _committed
         self._last_row: dict[str, int] = {}  # chunked array -> its highest committed row
+
+    def logs(self) -> list[Path]:
+        """The main commit log and the logs of a multi-process run's writers, those that exist."""
+        writers = sorted(self.root.glob("committed.*.jsonl")) if self.root.is_dir() else []
+        return ([self.main_log] if self.main_log.exists() else []) + writers
+
+    def merge_writers(self) -> None:
+        """Fold the writers' logs into the main one (rank 0, after every writer finished)."""
+        if any(p != self.main_log for p in self.logs()):
+            self.remove(set())
 
     def _open(self):
         if self._group is None:
@@ -72,18 +88,23 @@ class ArrayPool:
 
     # -- the commit log --------------------------------------------------------------------------------
     def committed(self) -> dict[str, dict]:
-        """name -> log entry of every committed item. Re-reads what another writer in this process (a second
-        ArrayPool of the same folder) appended since, so a row is never allocated twice."""
-        try:
-            st = os.stat(self.log_path)
-        except FileNotFoundError:
-            self._committed, self._log_state, self._last_row = {}, None, {}
-            return self._committed
-        if self._committed is None or self._log_state is None or self._log_state[0] != st.st_ino:
-            self._committed, self._log_state, self._last_row = {}, (st.st_ino, 0), {}
-        ino, read = self._log_state
-        if st.st_size > read:
-            with open(self.log_path, "rb") as f:
+        """name -> log entry of every committed item, from every log. Re-reads what another writer (a second
+        ArrayPool of the same folder, another process's log) appended since, so a row is never allocated twice."""
+        stats = {}
+        for path in self.logs():
+            try:
+                stats[path] = os.stat(path)
+            except FileNotFoundError:
+                continue
+        replaced = any(p not in stats or stats[p].st_ino != ino for p, (ino, _) in self._log_state.items())
+        if self._committed is None or replaced:
+            self._committed, self._log_state, self._last_row = {}, {}, {}
+        for path, st in stats.items():
+            ino, read = self._log_state.get(path, (st.st_ino, 0))
+            if st.st_size <= read:
+                self._log_state[path] = (ino, read)
+                continue
+            with open(path, "rb") as f:
                 f.seek(read)
                 tail = f.read()
             end = tail.rfind(b"\n") + 1  # a line still being written is read next time
@@ -96,7 +117,7 @@ class ArrayPool:
                 if entry.get("at"):
                     gname, row = entry["at"]
                     self._last_row[gname] = max(row, self._last_row.get(gname, -1))
-            self._log_state = (ino, read + end)
+            self._log_state[path] = (ino, read + end)
         return self._committed
 
     def has(self, name: str) -> bool:
@@ -114,8 +135,9 @@ class ArrayPool:
 
         by_group: dict[str, list[int]] = {}
         arrays = [np.ascontiguousarray(a) for _, a in items]
+        suffix = f"-{self.writer}" if self.writer else ""  # a writer's rows go to arrays of its own
         for i, arr in enumerate(arrays):
-            by_group.setdefault(group_name(arr), []).append(i)
+            by_group.setdefault(group_name(arr) + suffix, []).append(i)
         entries: list[dict | None] = [None] * len(items)
         for gname, idx in by_group.items():
             rows = np.stack([arrays[i] for i in idx])
@@ -286,11 +308,14 @@ class ArrayPool:
                 freed += dir_size(path)
                 shutil.rmtree(path)
         keep = [e for n, e in self.committed().items() if n not in names]
-        tmp = self.log_path.with_suffix(".tmp")
+        writers = [p for p in self.logs() if p != self.main_log]
+        tmp = self.main_log.with_suffix(".tmp")
         self.root.mkdir(parents=True, exist_ok=True)
         tmp.write_text("".join(json.dumps(e) + "\n" for e in keep))
-        os.replace(tmp, self.log_path)
-        self._committed, self._log_state, self._last_row = None, None, {}
+        os.replace(tmp, self.main_log)
+        for path in writers:  # their lines are in the main log now
+            path.unlink(missing_ok=True)
+        self._committed, self._log_state, self._last_row = None, {}, {}
         for path in self.dead_chunks():
             freed += path.stat().st_size
             path.unlink()

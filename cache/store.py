@@ -202,9 +202,10 @@ class Store:
         return path
 
     # -- pools ---------------------------------------------------------------------------------------
-    def pool(self, pool_id: str) -> ArrayPool:
-        """pool_id is '<pool>/<config key>', e.g. 'latents/3fa2...'."""
-        return ArrayPool(self.root / "pools" / pool_id)
+    def pool(self, pool_id: str, writer: str = "") -> ArrayPool:
+        """pool_id is '<pool>/<config key>', e.g. 'latents/3fa2...'; writer names one process of several that
+        write it at once (cache/arrays.py)."""
+        return ArrayPool(self.root / "pools" / pool_id, writer)
 
     # -- refs ----------------------------------------------------------------------------------------
     def read_ref(self, workflow: str) -> dict[str, str]:

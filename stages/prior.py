@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from cache.store import Manifest
+from core import dist
 from stages.base import PlanEnv, Stage, StageContext, StageResult
 
 
@@ -27,6 +28,7 @@ class PriorStage(Stage):
     upstream = ("latents", "schedule")
     contract_from = ("schedule",)
     description = "student prior S(x_t, t, c) per schedule step"
+    sharded = True  # several processes split the steps, as the teacher does
 
     def params(self, env: PlanEnv) -> PriorParams:
         from stages.student import student_guidance
@@ -82,26 +84,32 @@ class PriorStage(Stage):
         student = env.student
         doc, spec = read_schedule(store, ctx.upstream["schedule"])
         strings = {r["caption"] for r in doc["rows"] + doc["heldout"] + doc.get("fit", [])}
-        text = ensure_text_embeddings(
-            store, student.family, student.layout, student.component_digests["text"], strings, ctx.runtime, ctx.progress
-        )
+        with dist.main_first():  # rank 0 encodes the captions into the store; the others then read them
+            text = ensure_text_embeddings(
+                store, student.family, student.layout, student.component_digests["text"], strings, ctx.runtime,
+                ctx.progress,
+            )  # fmt: skip
         record = {"mode": p.mode, "text": {"pool": text["pool"], "strings": text["strings"]}}
         pools = {text["pool"]: sorted(v["array"] for v in text["strings"].values())}
         if p.mode != "materialized":
             return StageResult(pools=pools, record=record, summary="computed by the student on the fly")
         pid = self.pool_id(ctx.key)
-        pool = store.pool(pid)
+        world, rank = dist.size(), dist.rank()
+        pool = store.pool(pid, f"r{rank}" if world > 1 else "")  # several processes: each its own rows (teacher.py)
         names = [f"{s:07d}" for s in range(spec.steps)]
         todo = [s for s in range(spec.steps) if not pool.has(names[s])]
-        if 0 < len(todo) < spec.steps:
+        dist.barrier()  # every rank has read what is done before any writes
+        computed = len(todo)
+        if 0 < len(todo) < spec.steps and dist.is_main():
             ctx.log(f"prior: resuming, {len(todo)} of {spec.steps} steps to go")
+        todo = todo[rank::world]
         if todo:
             device = resolve_device(ctx.runtime.device)
             unet = student.family.load_denoiser(student.layout, device).eval()
             process = make_process(ctx.upstream["schedule"].contract["timesteps"], p.prediction_type)
             cond, row_of = load_text_table(store, text)
             latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in doc["rows"]})
-            for n, s in enumerate(bar(todo, desc="prior", unit="step", enabled=ctx.progress)):
+            for n, s in enumerate(bar(todo, desc="prior", unit="step", enabled=ctx.progress and dist.is_main())):
                 rows = step_rows(doc, spec, s)
                 following = step_rows(doc, spec, todo[n + 1]) if n + 1 < len(todo) else []
                 latents.need((r["latent"] for r in rows), then=(r["latent"] for r in following))
@@ -116,6 +124,10 @@ class PriorStage(Stage):
                     outs.append(pred.cpu())
                 pool.put(names[s], pack_rows(outs))
                 fault_point("prior.step", n + 1)
+        dist.barrier()  # every rank's rows are committed
+        if not dist.is_main():
+            return StageResult()
+        store.pool(pid).merge_writers()
         record["pool"] = pid
         pools[pid] = names
-        return StageResult(pools=pools, record=record, summary=f"{len(todo)} steps computed")
+        return StageResult(pools=pools, record=record, summary=f"{computed} steps computed")

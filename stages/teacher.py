@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from cache.store import Manifest
+from core import dist
 from core.errors import PipelineError
 from core.faults import fault_point
 from stages.base import PlanEnv, Stage, StageContext, StageResult
@@ -51,6 +52,7 @@ class TeacherStage(Stage):
     upstream = ("latents", "lora1", "schedule")
     contract_from = ("schedule",)
     description = "teacher deltas T_L - T on every schedule row"
+    sharded = True  # several processes split the steps: each writes its own rows of the pool (cache/arrays.py)
 
     def params(self, env: PlanEnv) -> TeacherParams:
         t = env.config.transfer
@@ -96,17 +98,21 @@ class TeacherStage(Stage):
         strings = {r["caption"] for r in doc["rows"] + doc["heldout"] + doc.get("fit", [])}
         if p.delta_mode == "cfg":
             strings.add(p.uncond_caption)
-        text = ensure_text_embeddings(
-            store, env.family, env.layout, env.component_digests["text"], strings, ctx.runtime, ctx.progress
-        )
+        with dist.main_first():  # rank 0 encodes the captions into the store; the others then read them
+            text = ensure_text_embeddings(
+                store, env.family, env.layout, env.component_digests["text"], strings, ctx.runtime, ctx.progress
+            )
         pid = self.pool_id(ctx.key)
-        pool = store.pool(pid)
+        world, rank = dist.size(), dist.rank()
+        pool = store.pool(pid, f"r{rank}" if world > 1 else "")
         names = array_names(spec.steps, p.delta_mode, spec.heldout, bool(doc.get("fit")))
         todo = sorted({n.split(".")[0] for n in names if not pool.has(n)})
+        dist.barrier()  # every rank has read what is done before any writes: all split the same list
         steps_left = sum(1 for part in todo if part not in EXTRA_PARTS)
-        if todo and steps_left < spec.steps:
+        if todo and steps_left < spec.steps and dist.is_main():
             held = " and the held-out sets" if set(EXTRA_PARTS) & set(todo) else ""
             ctx.log(f"teacher: resuming, {steps_left} of {spec.steps} steps{held} to go")
+        todo = todo[rank::world]  # this rank's share, whatever the world size of an earlier, killed run
         outputs = ctx.upstream["lora1"].outputs  # the diffusers file when trained here: exact module names and ranks
         lora_obj = trained_file(outputs)
         lora = read_lora_file(
@@ -140,13 +146,18 @@ class TeacherStage(Stage):
                 ctx.upstream["schedule"].contract.get("guidance_embed"),
             )
             part_rows = lambda part: doc[part] if part in EXTRA_PARTS else step_rows(doc, spec, int(part))  # noqa: E731
-            for n, part in enumerate(bar(todo, desc="teacher", unit="step", enabled=ctx.progress)):
+            for n, part in enumerate(bar(todo, desc="teacher", unit="step", enabled=ctx.progress and dist.is_main())):
                 chunk = part_rows(part)
                 following = part_rows(todo[n + 1]) if n + 1 < len(todo) else []
                 latents.need((r["latent"] for r in chunk), then=(r["latent"] for r in following))
                 for kind, arr in delta(chunk, part).items():
                     pool.put(f"{part}.{kind}", arr)
                 fault_point("teacher.step", n + 1)
+        dist.barrier()  # every rank's rows are committed
+        if not dist.is_main():
+            return StageResult()
+        pool = store.pool(pid)
+        pool.merge_writers()
         stats = delta_stats(pool, names, doc, spec, latent_shapes(ctx.upstream["latents"].record, spec))
         record = {
             "pool": pid,

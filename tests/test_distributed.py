@@ -26,26 +26,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(project: Project, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "cli",
-        "run",
-        "lora",
-        "-c",
-        str(project.config),
-        "--json",
-        *args,
-    ]
+def torchrun(project: Project, *args: str, env: dict | None = None, workflow: str = "lora"):
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port"]
+    cmd = [sys.executable, *launcher, str(free_port()), "-m", "cli", "run", workflow, "-c", str(project.config)]
+    cmd += ["--json", *args]
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     try:
         return subprocess.run(
@@ -101,3 +85,71 @@ def test_a_killed_rank_fails_the_stage_with_nothing_committed_then_the_run_resum
     assert "resuming from the checkpoint at step 2/6" in resumed.stderr
     a, b = lora(project), lora(whole)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the bytes of the uninterrupted run
+
+
+def teacher_arrays(project: Project, stage: str = "teacher") -> dict[str, bytes]:
+    """The bytes of every array a teacher (or prior) artifact references."""
+    from cache.store import Store
+
+    store = Store(project.store)
+    manifest = json.loads(project.manifests(stage)[0].read_text())
+    pool = store.pool(manifest["record"]["pool"])
+    return {n: pool.get(n).tobytes() for n in manifest["pools"][manifest["record"]["pool"]]}
+
+
+def test_the_teacher_splits_its_steps_and_a_run_killed_on_two_resumes_on_one_to_the_same_bytes(
+    transfer_project, tmp_path
+):
+    """Each rank computes every other schedule step and writes its own rows and log; killed with rank 1 at its
+    2nd step, the transfer resumes in ONE process, redoes only the missing steps and writes the bytes of an
+    uninterrupted 1-process run (the teacher's key does not depend on the number of processes)."""
+    project = transfer_project
+    project.run_json()  # a LoRA to import as the teacher's, so nothing upstream depends on the processes
+    shutil.copyfile(project.root / "output/lora/lora1/lora1.safetensors", project.root / "teacher.safetensors")
+    project.write_config(transfer={"student_model": "student", "teacher_lora": "teacher.safetensors"})
+    reference = copy_of(project, tmp_path / "reference")
+    shutil.copytree(project.root / "student", reference.root / "student")
+    shutil.copyfile(project.root / "teacher.safetensors", reference.root / "teacher.safetensors")
+    shutil.copytree(project.store, reference.store)  # the same latents and text: only the teacher on is compared
+    one_thread = {"OMP_NUM_THREADS": "1"}  # as torchrun gives each process: the same float summation order
+    assert reference.subprocess("run", "transfer", "-c", str(reference.config), env=one_thread).returncode == 0
+
+    killed = torchrun(project, workflow="transfer", env={"LORA_PIPELINE_FAULT": "teacher.step:2@1"})
+    assert killed.returncode != 0, killed.stderr[-4000:]
+    assert not project.manifests("teacher")
+    pool_dir = next((project.store / "pools" / "teacher").iterdir())
+    logs = sorted(p.name for p in pool_dir.glob("committed.*.jsonl"))
+    assert logs == ["committed.r0.jsonl", "committed.r1.jsonl"]  # each rank its own log
+
+    result = project.subprocess("run", "transfer", "-c", str(project.config), env=one_thread)
+    assert result.returncode == 0, result.stderr
+    assert "teacher: resuming" in result.stderr
+    assert teacher_arrays(project) == teacher_arrays(reference)
+    assert sorted(p.name for p in pool_dir.glob("committed*.jsonl")) == ["committed.jsonl"]  # folded by rank 0
+    a = load_file(project.root / "output/transfer/student/student.safetensors")
+    b = load_file(reference.root / "output/transfer/student/student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_make_the_teacher_of_one(transfer_project, tmp_path):
+    project = transfer_project
+    project.run_json()
+    shutil.copyfile(project.root / "output/lora/lora1/lora1.safetensors", project.root / "teacher.safetensors")
+    project.write_config(transfer={"student_model": "student", "teacher_lora": "teacher.safetensors"})
+    reference = copy_of(project, tmp_path / "reference")
+    shutil.copytree(project.root / "student", reference.root / "student")
+    shutil.copyfile(project.root / "teacher.safetensors", reference.root / "teacher.safetensors")
+    shutil.copytree(project.store, reference.store)  # the same latents and text: only the teacher on is compared
+    assert (
+        reference.subprocess("run", "transfer", "-c", str(reference.config), env={"OMP_NUM_THREADS": "1"}).returncode
+        == 0
+    )
+    two = torchrun(project, workflow="transfer")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert teacher_arrays(project) == teacher_arrays(reference)
+    assert teacher_arrays(project, "prior") == teacher_arrays(reference, "prior")  # the prior splits its steps too
+    keys = {s["name"]: s["key"] for s in json.loads(two.stdout)["stages"]}
+    assert project.manifests("teacher")[0].parent.name == keys["teacher"]
+    a = load_file(project.root / "output/transfer/student/student.safetensors")
+    b = load_file(reference.root / "output/transfer/student/student.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the student, on rank 0, trains on the same arrays

@@ -301,3 +301,29 @@ def test_teacher_prior_and_student_read_latents_and_text_a_step_at_a_time(tmp_pa
     batch = pooled[[3, 1, 3]]
     assert [r.tolist() for r in batch.rows()] == [r.tolist() for r in whole[[3, 1, 3]].rows()]
     assert pooled[2].embeds.tolist() == whole[2].embeds[: 3 + 2].tolist()  # one row: as Conditioning[i] gives it
+
+
+def test_writers_of_one_pool_never_share_a_row_and_merge_into_the_main_log(tmp_path):
+    """Two processes of one run write one pool at once: each its own arrays and log; readers see both; rank 0
+    folds the logs into committed.jsonl and every row still reads back."""
+    import numpy as np
+
+    from cache.arrays import ArrayPool
+
+    a, b = ArrayPool(tmp_path / "p", "r0"), ArrayPool(tmp_path / "p", "r1")
+    for i in range(3):
+        a.put(f"a{i}", np.full((2, 2), i, np.float32))
+        b.put(f"b{i}", np.full((2, 2), 10 + i, np.float32))
+    reader = ArrayPool(tmp_path / "p")
+    names = {f"{w}{i}" for w in "ab" for i in range(3)}
+    assert set(reader.committed()) == names
+    assert {tuple(e["at"]) for e in reader.committed().values()} == {
+        (f"f4_2x2-r{r}", row) for r in (0, 1) for row in (0, 1, 2)
+    }
+    assert sorted(p.name for p in reader.logs()) == ["committed.r0.jsonl", "committed.r1.jsonl"]
+    reader.merge_writers()
+    assert [p.name for p in reader.logs()] == ["committed.jsonl"]
+    again = ArrayPool(tmp_path / "p")
+    assert float(again.get("b2")[0, 0]) == 12.0 and set(again.committed()) == names
+    a.put("a3", np.zeros((2, 2), np.float32))  # a writer that goes on after a merge starts a fresh chunk
+    assert ArrayPool(tmp_path / "p").committed()["a3"]["at"] == ["f4_2x2-r0", 3]
