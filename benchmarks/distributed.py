@@ -74,7 +74,8 @@ def run(config: Path, steps: int, processes: int) -> tuple[dict[str, float], flo
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if out.returncode != 0:
-        sys.exit(f"run failed ({processes} processes):\n{out.stderr[-3000:]}")
+        lines = [line for line in out.stderr.splitlines() if not line.startswith(("[rank0]:   ", "[rank1]:   "))]
+        sys.exit(f"run failed ({processes} processes):\n" + "\n".join(lines[-60:]))
     stages = {s["name"]: s["seconds"] for s in json.loads(out.stdout)["stages"]}
     return {name: stages[name] for name in SHARDED}, wall
 

@@ -56,6 +56,19 @@ def group_name(arr: np.ndarray) -> str:
     return f"{kind}_{'x'.join(str(n) for n in arr.shape) or 'scalar'}"
 
 
+def _racing_writers(make, tries: int = 5):
+    """Open-or-create a zarr group that another process may be creating at the same moment: its creation then
+    fails on what the other made, and the next try opens that."""
+    import zarr.errors
+
+    for attempt in range(tries):
+        try:
+            return make()
+        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
+            if attempt == tries - 1:
+                raise
+
+
 class ArrayPool:
     def __init__(self, root: Path, writer: str = ""):
         self.root, self.writer = root, writer
@@ -83,7 +96,7 @@ class ArrayPool:
             import zarr
 
             self.root.mkdir(parents=True, exist_ok=True)
-            self._group = zarr.open_group(str(self.arrays_dir), mode="a")
+            self._group = _racing_writers(lambda: zarr.open_group(str(self.arrays_dir), mode="a"))
         return self._group
 
     # -- the commit log --------------------------------------------------------------------------------
@@ -176,7 +189,7 @@ class ArrayPool:
 
     def _array(self, gname: str, shape: tuple[int, ...], dtype, chunk_rows: int):
         if gname not in self._arrays:
-            group = self._open().require_group(ROWS)
+            group = _racing_writers(lambda: self._open().require_group(ROWS))
             if gname in group:
                 self._arrays[gname] = group[gname]
             else:
