@@ -9,11 +9,12 @@ adding 3 images encodes 3, and an interrupted run resumes with the items it had 
 from __future__ import annotations
 
 from cache.store import Manifest
+from core import dist
 from core.errors import DataError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
 from stages.buckets import BucketSpec, ViewSpec, bucket_spec, check_multiple, view_name
 from stages.dataset import load_image, upright_size, view_pixels
-from stages.pools import fill_pool, pool_id, pool_progress
+from stages.pools import fill_pool, finish_shared_pool, pool_id, pool_progress, shared_pool
 from stages.training.params import KeyedParams
 
 
@@ -82,6 +83,7 @@ class LatentsStage(Stage):
     IMPL_VERSION = 3
     upstream = ("caption",)
     description = "VAE latents per image"
+    sharded = True  # several processes split the views (stages/pools.py shared_pool)
 
     def params(self, env: PlanEnv) -> LatentsParams:
         c = env.config.latents
@@ -131,7 +133,7 @@ class LatentsStage(Stage):
 
         env, p = ctx.env, ctx.params
         pid = self.pool_id(env, p)
-        pool = env.store.pool(pid)
+        pool = shared_pool(env.store, pid, True)  # several processes: each its own rows of the pool
         items = ctx.upstream["caption"].record["items"]
         by_digest = {i["digest"]: i for i in items}  # identical images share one latent
         spec = p.views
@@ -142,7 +144,8 @@ class LatentsStage(Stage):
         name = {dv: view_name(dv[0], dv[1], spec) for dv in views}
         by_size = lambda dv: (placements[dv[0]][dv[1]].size, dv)  # noqa: E731 -- a batch to the VAE holds one size
         todo = sorted((dv for dv in views if not pool.has(name[dv])), key=by_size)
-        if len(todo) < len(views):
+        dist.barrier()  # every rank has read what is done before any writes (several processes)
+        if len(todo) < len(views) and dist.is_main():
             what = "views" if len(views) > len(by_digest) else "images"
             ctx.log(f"latents: {len(views) - len(todo)}/{len(views)} {what} already encoded, {len(todo)} to go")
         if todo:
@@ -165,8 +168,11 @@ class LatentsStage(Stage):
                 "view" if len(views) > len(by_digest) else "img",
                 ctx.progress,
                 group=lambda dv: placements[dv[0]][dv[1]].size,
+                shard=True,
             )
-        committed = pool.committed()
+        if not finish_shared_pool(env.store, pid, True):
+            return StageResult()  # a rank > 0 of several: rank 0 records and commits
+        committed = env.store.pool(pid).committed()
         plain = p.buckets is None and spec.count == 1
         record = {"pool": pid, "items": {}, "shape": committed[items[0]["digest"]]["shape"]}
         if not plain:

@@ -10,6 +10,7 @@ from pathlib import Path
 from cache.arrays import ArrayPool
 from cache.keys import canonical_json, sha256_text
 from cache.store import Store
+from core.faults import fault_point
 
 
 def pool_id(kind: str, impl: int, params: dict, component: str, digest: str) -> str:
@@ -36,9 +37,13 @@ def fill_pool(
     unit: str,
     progress: bool,
     group: Callable[[object], object] | None = None,
+    shard: bool = False,
 ) -> None:
     """Encode `todo` in batches (encode_batch -> array of len(batch) rows) and commit each row to the pool.
-    With `group`, a batch holds items of one group only (one image size): todo comes sorted by it."""
+    With `group`, a batch holds items of one group only (one image size): todo comes sorted by it. With shard, in a
+    run of several processes, this rank encodes every world-size-th batch of the ones one process would make (into
+    its writer's rows: shared_pool)."""
+    from core import dist
     from core.progress import bar as progress_bar
 
     batches: list[list] = []
@@ -46,11 +51,15 @@ def fill_pool(
         if not batches or len(batches[-1]) == batch_size or (group and group(batches[-1][0]) != group(item)):
             batches.append([])
         batches[-1].append(item)
-    with progress_bar(total=len(todo), desc=desc, unit=unit, enabled=progress) as bar:
-        for chunk in batches:
+    if shard:
+        batches = batches[dist.rank() :: dist.size()]
+        progress = progress and dist.is_main()
+    with progress_bar(total=sum(map(len, batches)), desc=desc, unit=unit, enabled=progress) as bar:
+        for n, chunk in enumerate(batches):
             rows = encode_batch(chunk)
             pool.put_many([(name_of(item), row) for item, row in zip(chunk, rows, strict=True)], batch_size)
             bar.update(len(chunk))
+            fault_point(f"{desc}.batch", n + 1)  # this process's n-th batch, committed
 
 
 TEXT_POOL_IMPL = 1  # bump when the text embedding code changes what it stores
@@ -94,25 +103,55 @@ def release(encoder) -> None:
         torch.cuda.empty_cache()
 
 
-def ensure_text_embeddings(store: Store, family, layout, text_digest: str, strings, runtime, progress: bool) -> dict:
-    """Encode the strings missing from the text encoder's pool. -> {"pool", "strings": {s: {"array", "digest"}}}."""
+def shared_pool(store: Store, pid: str, shard: bool):
+    """The pool a stage writes: with shard, in a run of several processes, this rank's writer of it (its own rows
+    and log: cache/arrays.py), else the pool itself."""
+    from core import dist
+
+    return store.pool(pid, f"r{dist.rank()}" if shard and dist.size() > 1 else "")
+
+
+def finish_shared_pool(store: Store, pid: str, shard: bool) -> bool:
+    """After a sharded fill: wait for every rank, then rank 0 folds the writers' logs. -> whether this rank goes on
+    (rank 0, or every rank of an unsharded fill)."""
+    from core import dist
+
+    if not shard or dist.size() == 1:
+        return True
+    dist.barrier()
+    if dist.is_main():
+        store.pool(pid).merge_writers()
+    return dist.is_main()
+
+
+def ensure_text_embeddings(
+    store: Store, family, layout, text_digest: str, strings, runtime, progress: bool, shard: bool = False
+) -> dict | None:
+    """Encode the strings missing from the text encoder's pool. -> {"pool", "strings": {s: {"array", "digest"}}}.
+    With shard (the text stage in a run of several processes) every rank encodes its share; None on ranks > 0."""
+    from core import dist
     from stages.devices import resolve_device
 
     pid = text_pool_id(text_digest, family.name)
-    pool = store.pool(pid)
+    pool = shared_pool(store, pid, shard)
     strings = sorted(set(strings))
     names = {s: sha256_text(s) for s in strings}
     todo = [s for s in strings if not pool.has(names[s])]
+    if shard:
+        dist.barrier()  # every rank has read what is done before any writes
     if todo:
         encoder = family.load_text_encoder(layout, resolve_device(runtime.device))
 
         def encode(chunk: list[str]):
             return encoder.encode(chunk)
 
-        fill_pool(pool, todo, names.__getitem__, encode, runtime.encode_batch_size, "text", "caption", progress)
+        batch = runtime.encode_batch_size
+        fill_pool(pool, todo, names.__getitem__, encode, batch, "text", "caption", progress, shard=shard)
         release(encoder)  # a Qwen3 encoder is 4-8B parameters at real size: gone before any transformer loads
         del encode, encoder
-    committed = pool.committed()
+    if not finish_shared_pool(store, pid, shard):
+        return None
+    committed = store.pool(pid).committed()
     return {
         "pool": pid,
         "strings": {s: {"array": names[s], "digest": committed[names[s]]["digest"]} for s in strings},

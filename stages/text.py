@@ -23,6 +23,7 @@ class TextStage(Stage):
     IMPL_VERSION = 1
     upstream = ("caption",)
     description = "text-encoder embeddings per caption string"
+    sharded = True  # several processes split the strings (stages/pools.py shared_pool)
 
     def params(self, env: PlanEnv) -> TextParams:
         return TextParams()
@@ -44,8 +45,10 @@ class TextStage(Stage):
         env = ctx.env
         strings = {i["caption"] for i in ctx.upstream["caption"].record["items"]}
         table = ensure_text_embeddings(
-            env.store, env.family, env.layout, env.component_digests["text"], strings, ctx.runtime, ctx.progress
+            env.store, env.family, env.layout, env.component_digests["text"], strings, ctx.runtime, ctx.progress, True
         )
+        if table is None:  # a rank > 0 of several: rank 0 commits
+            return StageResult()
         record = {"pool": table["pool"], "strings": table["strings"]}
         names = sorted(v["array"] for v in table["strings"].values())
         return StageResult(

@@ -39,6 +39,34 @@ def torchrun(project: Project, *args: str, env: dict | None = None, workflow: st
         pytest.fail(f"time-out: torchrun ran for over {SUBPROCESS_TIMEOUT} s (a hang?)")
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as torchrun gives each process: the same float summation order
+
+
+def pool_arrays(project: Project, stage: str) -> dict[str, bytes]:
+    """The bytes of every array the stage's artifact references in its pools."""
+    from cache.store import Store
+
+    store = Store(project.store)
+    manifest = json.loads(project.manifests(stage)[0].read_text())
+    out = {}
+    for pid, names in manifest["pools"].items():
+        pool = store.pool(pid)
+        out.update({f"{pid}/{n}": pool.get(n).tobytes() for n in names})
+    return out
+
+
+def test_a_rank_killed_while_encoding_latents_leaves_its_rows_for_a_one_process_run(project, tmp_path):
+    project.write_config(runtime={"checkpoint_every": 2, "encode_batch_size": 1})  # 6 batches: 3 per rank
+    reference = copy_of(project, tmp_path / "reference")
+    assert reference.subprocess("run", "lora", "-c", str(reference.config), env=ONE_THREAD).returncode == 0
+    killed = torchrun(project, env={"LORA_PIPELINE_FAULT": "latents.batch:2@1"})  # rank 1, after its 2nd batch
+    assert killed.returncode != 0 and not project.manifests("latents")
+    result = project.subprocess("run", "lora", "-c", str(project.config), env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    assert "already encoded" in result.stderr
+    assert pool_arrays(project, "latents") == pool_arrays(reference, "latents")
+
+
 def lora(project: Project) -> dict[str, torch.Tensor]:
     return load_file(project.root / "output" / "lora" / "lora1" / "lora1.safetensors")
 
@@ -58,7 +86,10 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_accumulation(project
     assert manifest["preimage"]["params"]["processes"] == 2  # not the artifact of a 1-process run
 
     one = copy_of(project, tmp_path / "one")
-    one.run_json("--set", "lora1.grad_accum=2")
+    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=2", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    assert pool_arrays(project, "latents") == pool_arrays(one, "latents")  # split by batch, the same bytes
+    assert pool_arrays(project, "text") == pool_arrays(one, "text")
     a, b = lora(project), lora(one)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
@@ -88,13 +119,7 @@ def test_a_killed_rank_fails_the_stage_with_nothing_committed_then_the_run_resum
 
 
 def teacher_arrays(project: Project, stage: str = "teacher") -> dict[str, bytes]:
-    """The bytes of every array a teacher (or prior) artifact references."""
-    from cache.store import Store
-
-    store = Store(project.store)
-    manifest = json.loads(project.manifests(stage)[0].read_text())
-    pool = store.pool(manifest["record"]["pool"])
-    return {n: pool.get(n).tobytes() for n in manifest["pools"][manifest["record"]["pool"]]}
+    return pool_arrays(project, stage)
 
 
 def test_the_teacher_splits_its_steps_and_a_run_killed_on_two_resumes_on_one_to_the_same_bytes(
