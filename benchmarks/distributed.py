@@ -3,11 +3,11 @@
 On the demo project (tiny SD 1.5-shaped model), `pipeline run transfer` with lora1 at `--steps` optimizer steps
   a) in one process with lora1.grad_accum = 2, and
   b) in two processes (torchrun --nproc_per_node 2) with grad_accum = 1: the same global batch, the same LoRA;
-each in a fresh store, alternated `--repeats` times. It prints the seconds of the sharded stages (latents and text: batches;
-lora1: micro-steps; teacher and prior: schedule steps) and the wall time of the whole command for both, and their ratios
-(b / a). On 2 cores two processes share the cores one process's threads had, so ≈1x is the expectation; the point
-is the protocol's overhead (planning on every rank, barriers, the gradient all-reduce, per-rank pool logs), not a
-speed-up.
+each in a fresh store, alternated `--repeats` times. It prints the seconds of the sharded stages (latents and
+text: batches; lora1: micro-steps; teacher and prior: schedule steps) and the wall time of the whole command for
+both, and their ratios (b / a). On 2 cores two processes share the cores one process's threads had, so ≈1x is the
+expectation; the point is the protocol's overhead (planning on every rank, barriers, the gradient all-reduce,
+per-rank pool logs), not a speed-up.
 
     .venv/bin/python benchmarks/distributed.py [--steps 60] [--repeats 3]
 """

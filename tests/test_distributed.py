@@ -178,3 +178,47 @@ def test_two_processes_make_the_teacher_of_one(transfer_project, tmp_path):
     a = load_file(project.root / "output/transfer/student/student.safetensors")
     b = load_file(reference.root / "output/transfer/student/student.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the student, on rank 0, trains on the same arrays
+
+
+def test_two_nodes_with_two_mounts_of_one_store_train_as_one_node(project, tmp_path):
+    """Two torchrun "nodes" (one process each, their own launcher) that reach the project through two paths to the
+    same folder, as two hosts mounting one shared filesystem: rank 0 alone writes; the LoRA is the 2-process one."""
+    mount = tmp_path / "node1-mount"
+    mount.symlink_to(project.root, target_is_directory=True)
+    port = str(free_port())
+    procs = []
+    for node, root in ((0, project.root), (1, mount)):
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            "-m",
+            "cli",
+            "run",
+            "lora",
+            "-c",
+            str(root / "pipeline.toml"),
+            "--json",
+        ]
+        env = {**os.environ, **ONE_THREAD}
+        procs.append(
+            subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        )
+    outs = [p.communicate(timeout=SUBPROCESS_TIMEOUT) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    report = json.loads(outs[0][0])  # node 0's rank 0 reports; node 1 prints nothing on stdout
+    assert outs[1][0] == "" and [s["action"] for s in report["stages"]] == ["ran"] * 4
+    single = copy_of(project, tmp_path / "single-node")
+    assert torchrun(single).returncode == 0
+    a, b = lora(project), lora(single)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
