@@ -10,9 +10,12 @@ commits a stage only after a barrier that every rank reached, so nothing of a fa
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 from core.errors import PipelineError
+
+WAIT_HOURS = 24
 
 
 def size() -> int:
@@ -36,11 +39,14 @@ def init() -> None:
 
     if td.is_initialized():
         return
+    # the other ranks wait at a barrier while rank 0 runs a stage of its own (a student of hours): no time-out
+    # short of a day stops them
+    wait = datetime.timedelta(hours=WAIT_HOURS)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        td.init_process_group(backend="cpu:gloo,cuda:nccl")
+        td.init_process_group(backend="cpu:gloo,cuda:nccl", timeout=wait)
     else:
-        td.init_process_group(backend="gloo")
+        td.init_process_group(backend="gloo", timeout=wait)
 
 
 class PeerFailed(PipelineError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from cache.store import Manifest
+from core import dist
 from core.errors import ConfigError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
 from stages.training.params import LoraTrainParams, section_fields
@@ -43,6 +44,7 @@ class StudentStage(Stage):
     contract_from = ("teacher", "prior")
     enforce_contract = True
     description = "student LoRA trained on prior + g * teacher delta"
+    sharded = True  # several processes split each step's micro-steps (schedule.grad_accum)
 
     def params(self, env: PlanEnv) -> StudentParams:
         s, sched = env.config.student, env.config.schedule
@@ -107,10 +109,20 @@ class StudentStage(Stage):
         heldout_latents = load_latent_table(
             store, ctx.upstream["latents"].record, {r["latent"] for rows in sets.values() for r in rows}
         )
+        world = dist.size()
+        if world > 1 and spec.grad_accum % world:  # a step's micro-steps cannot be split evenly: rank 0 trains
+            if not dist.is_main():
+                return StageResult()
+            ctx.log(
+                f"student: schedule.grad_accum = {spec.grad_accum} is not a multiple of the {world} processes, so "
+                f"the student trains on process 0 alone; set schedule.grad_accum to a multiple of {world} to split it"
+            )
+            world = 1
         device = resolve_device(ctx.runtime.device)
         batches = TransferBatches(
             student.family, doc, spec, latents, cond, row_of, store, teacher, prior, p.guidance, p.guidance_embed
         )
+        batches.shard = (dist.rank() if world > 1 else 0, world)
         if "masks" in ctx.upstream["latents"].record:  # data.alpha_mask: the student's loss is masked as lora1's
             batches.masks = load_mask_table(store, ctx.upstream["latents"].record, latents)
         fidelity = Fidelity(
@@ -148,7 +160,9 @@ class StudentStage(Stage):
             preview=preview,
             preview_prompts=preview.prompts or [r["caption"] for r in doc["rows"][:1]],
             preview_size=env.config.latents.resolution,
-            progress=ctx.progress,
+            progress=ctx.progress and dist.is_main(),
+            processes=world,
+            split_accum=True,
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
             tracker=ctx.tracker,
@@ -158,6 +172,8 @@ class StudentStage(Stage):
             eval_every=ctx.runtime.fidelity_every,
         )
         outcome = train_lora(job, batches)
+        if not dist.is_main():  # rank 0 writes the files; the runner commits them after every rank finished
+            return StageResult()
         files = write_lora_outputs(
             student.family,
             outcome,
@@ -287,6 +303,7 @@ class TransferBatches:
         self.prior_pool = store.pool(prior.record["pool"]) if prior.record["mode"] == "materialized" else None
         self._prior: tuple[int, object] | None = None
         self.masks: dict | None = None  # {latent digest: (1, h, w) loss mask} with data.alpha_mask
+        self.shard = (0, 1)  # (rank, world) when several processes split each step's micro-steps
 
     def inputs(self, k: int, process):
         """(x_t, t, cond, captions) of micro-step k, rebuilt from the schedule alone."""
@@ -300,8 +317,10 @@ class TransferBatches:
         x_t, t, _ = rebuild_inputs(rows, self.latents, process)
         return x_t, t, self.latents.sized(self.cond[[self.row_of[c] for c in captions]], rows), captions
 
-    def verify(self, k: int, x_t, t, captions: list[str]) -> None:
-        """Hash micro-step k into its step's digest; at the step's last micro-step, compare with the teacher's."""
+    def verify(self, k: int, x_t, t, captions: list[str], process=None) -> None:
+        """Hash micro-step k into its step's digest; at the step's last micro-step, compare with the teacher's. A
+        rank of several (self.shard = (rank, world)) sees every world-th micro-step only: at its first one of a step
+        it rebuilds the step's others to hash them all in order."""
         import hashlib
 
         import numpy as np
@@ -309,9 +328,20 @@ class TransferBatches:
         from stages.training.schedule import ScheduleMismatch, inputs_digest
 
         step, micro = divmod(k, self.spec.grad_accum)
-        if micro == 0:
+        rank, world = self.shard
+        if world > 1:
+            if micro != rank:
+                return
             self._seen = hashlib.sha256()
-        self._seen.update(inputs_digest(x_t, t, captions))
+            for m in range(self.spec.grad_accum):
+                mine = (x_t, t, None, captions)
+                other = mine if m == micro else self.inputs(step * self.spec.grad_accum + m, process)
+                self._seen.update(inputs_digest(other[0], other[1], other[3]))
+            micro = self.spec.grad_accum - 1
+        else:
+            if micro == 0:
+                self._seen = hashlib.sha256()
+            self._seen.update(inputs_digest(x_t, t, captions))
         if micro == self.spec.grad_accum - 1:
             want = bytes(np.asarray(self.deltas.pool.get(f"{step:07d}.inputs"), dtype=np.uint8))
             if self._seen.digest() != want:
@@ -328,7 +358,7 @@ class TransferBatches:
         step, micro = divmod(k, self.spec.grad_accum)
         b = self.spec.batch_size
         x_t, t, cond, captions = self.inputs(k, process)
-        self.verify(k, x_t, t, captions)
+        self.verify(k, x_t, t, captions, process)
         rows = slice(micro * b, (micro + 1) * b)
         n = self.spec.rows_per_step
         shapes = [tuple(self.latents[r["latent"]].shape) for r in self.doc["rows"][step * n : (step + 1) * n]]

@@ -156,8 +156,12 @@ def test_the_teacher_splits_its_steps_and_a_run_killed_on_two_resumes_on_one_to_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_make_the_teacher_of_one(transfer_project, tmp_path):
+@pytest.mark.parametrize("accum", [2, 1])
+def test_two_processes_make_the_teacher_and_student_of_one(transfer_project, tmp_path, accum):
+    """The teacher's and prior's steps split, the same bytes; the student splits each step's micro-steps when
+    schedule.grad_accum is a multiple of the processes (the same LoRA to fp32 rounding), else trains on rank 0."""
     project = transfer_project
+    project.write_config(schedule={"grad_accum": accum})
     project.run_json()
     shutil.copyfile(project.root / "output/lora/lora1/lora1.safetensors", project.root / "teacher.safetensors")
     project.write_config(transfer={"student_model": "student", "teacher_lora": "teacher.safetensors"})
@@ -177,7 +181,12 @@ def test_two_processes_make_the_teacher_of_one(transfer_project, tmp_path):
     assert project.manifests("teacher")[0].parent.name == keys["teacher"]
     a = load_file(project.root / "output/transfer/student/student.safetensors")
     b = load_file(reference.root / "output/transfer/student/student.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the student, on rank 0, trains on the same arrays
+    if accum == 2:  # each rank one micro-step of every step; the gradients averaged
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+        assert "trains on process 0 alone" not in two.stderr
+    else:
+        assert all(torch.equal(a[k], b[k]) for k in a)  # rank 0 alone: the 1-process bytes
+        assert "student: schedule.grad_accum = 1 is not a multiple of the 2 processes" in two.stderr
 
 
 def test_two_nodes_with_two_mounts_of_one_store_train_as_one_node(project, tmp_path):

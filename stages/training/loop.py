@@ -136,6 +136,9 @@ class TrainJob:
     # processes sharing the training (core/dist.py): this rank takes every processes-th micro-step and the
     # gradients are averaged over the ranks; rank 0 alone writes checkpoints, previews and logs
     processes: int = 1
+    # the global accumulation is fixed (the student replays the schedule's grad_accum micro-steps): each rank runs
+    # grad_accum / processes of them instead of grad_accum
+    split_accum: bool = False
 
 
 @dataclass
@@ -298,7 +301,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     if start:
         job.log(f"{job.stage}: resuming from the checkpoint at step {start}/{cfg.steps}")
     if not main:  # the other ranks train, and leave the files and the figures to rank 0
-        job = dataclasses.replace(job, checkpoint_every=0, preview=None, tracker=None, progress=False)
+        job = dataclasses.replace(job, checkpoint_every=0, preview=None, tracker=None, progress=False, evaluate=None)
     render = PreviewRenderer(job, unwrapped, ema)
     evaluate = Evaluator(job, unwrapped, evals)
     if start == 0:
@@ -439,8 +442,13 @@ def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lo
     cfg = job.params
     device = accelerator.device
     total = torch.zeros((), device=device)
-    for micro in range(cfg.grad_accum):
-        k = (step * cfg.grad_accum + micro) * job.processes + (dist.rank() if job.processes > 1 else 0)
+    rank = dist.rank() if job.processes > 1 else 0
+    per_rank = cfg.grad_accum // job.processes if job.split_accum else cfg.grad_accum
+    for micro in range(per_rank):
+        if job.split_accum:  # this rank's micro-steps of the step: rank, rank + W, ...
+            k = step * cfg.grad_accum + micro * job.processes + rank
+        else:  # every rank runs grad_accum micro-steps: the global batch grows with the processes
+            k = (step * cfg.grad_accum + micro) * job.processes + rank
         x_t, t, cond, target, *mask = (v.to(device) for v in batches.micro_batch(k, denoiser, process))
         if cfg.dropout > 0:
             torch.manual_seed(derive_seed("dropout", cfg.seed, k))
@@ -460,7 +468,7 @@ def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lo
             mask[0] if mask else None,
             batches.sample_weights(k) if hasattr(batches, "sample_weights") else None,
         )
-        accelerator.backward(loss / cfg.grad_accum)
+        accelerator.backward(loss / per_rank)
         total += loss.detach()
     if job.processes > 1:  # what DDP does: every rank steps with the mean gradient, and logs the mean loss
         dist.mean_([p.grad for p in lora_params if p.grad is not None] + [total])
@@ -474,9 +482,9 @@ def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lo
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if norm is None:
-        return total.item() / cfg.grad_accum, None  # one device sync per step
+        return total.item() / per_rank, None  # one device sync per step
     loss_sum, grad_norm = torch.stack([total, norm.to(total)]).tolist()
-    return loss_sum / cfg.grad_accum, grad_norm
+    return loss_sum / per_rank, grad_norm
 
 
 class Evaluator:
