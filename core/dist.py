@@ -30,8 +30,26 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def check_launcher() -> None:
+    """Refuse what an accelerate config asks for that the stages do not do: DeepSpeed ZeRO and FSDP shard the
+    model and the optimizer inside accelerate's wrappers, which the training stages do not use."""
+    from core.errors import ConfigError
+
+    for flag, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed ZeRO"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(flag, "").lower() in ("1", "true", "yes"):
+            import torch
+
+            where = "CUDA GPUs; this run has none" if not torch.cuda.is_available() else "support lora-pipeline lacks"
+            raise ConfigError(
+                f"the accelerate config asks for {name} ({flag}), which needs {where}. lora-pipeline shards its "
+                f"training stages itself (docs/distributed.md): launch with torchrun, or an accelerate config "
+                f"without {name} (distributed_type MULTI_GPU)."
+            )
+
+
 def init() -> None:
     """Join the launcher's process group (gloo for the CPU, NCCL beside it for CUDA tensors)."""
+    check_launcher()
     if size() == 1:
         return
     import torch

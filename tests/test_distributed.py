@@ -231,3 +231,13 @@ def test_two_nodes_with_two_mounts_of_one_store_train_as_one_node(project, tmp_p
     assert torchrun(single).returncode == 0
     a, b = lora(project), lora(single)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("flag", "name"), [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed ZeRO"), ("ACCELERATE_USE_FSDP", "FSDP")]
+)
+def test_an_accelerate_config_with_deepspeed_or_fsdp_is_refused_by_name(project, monkeypatch, flag, name):
+    monkeypatch.setenv(flag, "true")
+    result = project.cli("run", "lora")
+    assert result.exit_code == 2 and f"asks for {name} ({flag})" in result.output and "torchrun" in result.output
+    assert "Traceback" not in result.output and not project.manifests("caption")
