@@ -118,6 +118,21 @@ def test_a_killed_rank_fails_the_stage_with_nothing_committed_then_the_run_resum
     assert all(torch.equal(a[k], b[k]) for k in a)  # the bytes of the uninterrupted run
 
 
+def imported_teacher_and_reference(project: Project, tmp_path: Path) -> Project:
+    """Train a LoRA and import it as the teacher's (nothing upstream of the teacher then depends on the number of
+    processes); -> a copy of the project, store included (the same latents and text), that ran the transfer in one
+    process of one thread."""
+    project.run_json()
+    shutil.copyfile(project.root / "output/lora/lora1/lora1.safetensors", project.root / "teacher.safetensors")
+    project.write_config(transfer={"student_model": "student", "teacher_lora": "teacher.safetensors"})
+    reference = copy_of(project, tmp_path / "reference")
+    shutil.copytree(project.root / "student", reference.root / "student")
+    shutil.copyfile(project.root / "teacher.safetensors", reference.root / "teacher.safetensors")
+    shutil.copytree(project.store, reference.store)
+    assert reference.subprocess("run", "transfer", "-c", str(reference.config), env=ONE_THREAD).returncode == 0
+    return reference
+
+
 def teacher_arrays(project: Project, stage: str = "teacher") -> dict[str, bytes]:
     return pool_arrays(project, stage)
 
@@ -129,15 +144,8 @@ def test_the_teacher_splits_its_steps_and_a_run_killed_on_two_resumes_on_one_to_
     2nd step, the transfer resumes in ONE process, redoes only the missing steps and writes the bytes of an
     uninterrupted 1-process run (the teacher's key does not depend on the number of processes)."""
     project = transfer_project
-    project.run_json()  # a LoRA to import as the teacher's, so nothing upstream depends on the processes
-    shutil.copyfile(project.root / "output/lora/lora1/lora1.safetensors", project.root / "teacher.safetensors")
-    project.write_config(transfer={"student_model": "student", "teacher_lora": "teacher.safetensors"})
-    reference = copy_of(project, tmp_path / "reference")
-    shutil.copytree(project.root / "student", reference.root / "student")
-    shutil.copyfile(project.root / "teacher.safetensors", reference.root / "teacher.safetensors")
-    shutil.copytree(project.store, reference.store)  # the same latents and text: only the teacher on is compared
-    one_thread = {"OMP_NUM_THREADS": "1"}  # as torchrun gives each process: the same float summation order
-    assert reference.subprocess("run", "transfer", "-c", str(reference.config), env=one_thread).returncode == 0
+    reference = imported_teacher_and_reference(project, tmp_path)
+    one_thread = ONE_THREAD
 
     killed = torchrun(project, workflow="transfer", env={"LORA_PIPELINE_FAULT": "teacher.step:2@1"})
     assert killed.returncode != 0, killed.stderr[-4000:]
@@ -162,17 +170,7 @@ def test_two_processes_make_the_teacher_and_student_of_one(transfer_project, tmp
     schedule.grad_accum is a multiple of the processes (the same LoRA to fp32 rounding), else trains on rank 0."""
     project = transfer_project
     project.write_config(schedule={"grad_accum": accum})
-    project.run_json()
-    shutil.copyfile(project.root / "output/lora/lora1/lora1.safetensors", project.root / "teacher.safetensors")
-    project.write_config(transfer={"student_model": "student", "teacher_lora": "teacher.safetensors"})
-    reference = copy_of(project, tmp_path / "reference")
-    shutil.copytree(project.root / "student", reference.root / "student")
-    shutil.copyfile(project.root / "teacher.safetensors", reference.root / "teacher.safetensors")
-    shutil.copytree(project.store, reference.store)  # the same latents and text: only the teacher on is compared
-    assert (
-        reference.subprocess("run", "transfer", "-c", str(reference.config), env={"OMP_NUM_THREADS": "1"}).returncode
-        == 0
-    )
+    reference = imported_teacher_and_reference(project, tmp_path)
     two = torchrun(project, workflow="transfer")
     assert two.returncode == 0, two.stderr[-3000:]
     assert teacher_arrays(project) == teacher_arrays(reference)

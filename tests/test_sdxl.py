@@ -88,6 +88,21 @@ def test_single_file_workflow_merge_and_the_wrong_checkpoint(tiny_sdxl, tiny_mod
         get_family("sdxl").layout(tiny_model / "model.safetensors", tiny_sdxl / "model")
 
 
+def with_each_lora(model, out, call) -> list:
+    """call(pipeline) of StableDiffusionXLPipeline on the model: without a LoRA, with the kohya file, with the
+    diffusers file (both loaded through load_lora_weights)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    outs = []
+    for source in (None, out / "lora1.safetensors", out / "diffusers" / "pytorch_lora_weights.safetensors"):
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(model))
+        if source is not None:
+            pipe.load_lora_weights(str(source))
+        with torch.no_grad():
+            outs.append(call(pipe))
+    return outs
+
+
 def test_identity_teacher_equals_student_starts_at_zero_loss(tiny_sdxl, tmp_path):
     project = sdxl_project(
         tmp_path,
@@ -169,13 +184,11 @@ def test_lora_files_use_sd_scripts_sdxl_names_and_load_in_the_diffusers_pipeline
     torch.manual_seed(0)
     x, emb = torch.randn(1, 4, 4, 4), torch.randn(1, 77, 80)
     added = {"text_embeds": torch.randn(1, 48), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
-    outs = []
-    for source in (None, out / "lora1.safetensors", out / "diffusers" / "pytorch_lora_weights.safetensors"):
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model"))
-        if source is not None:
-            pipe.load_lora_weights(str(source))
-        with torch.no_grad():
-            outs.append(pipe.unet(x, 500, encoder_hidden_states=emb, added_cond_kwargs=added).sample)
+    outs = with_each_lora(
+        tmp_path / "model",
+        out,
+        lambda pipe: pipe.unet(x, 500, encoder_hidden_states=emb, added_cond_kwargs=added).sample,
+    )
     assert (outs[1] - outs[2]).abs().max() < 1e-5
     assert (outs[2] - outs[0]).abs().max() > 1e-3  # the LoRA does something
 
@@ -260,13 +273,9 @@ def test_text_encoder_lora_writes_lora_te1_and_lora_te2_that_diffusers_loads(tin
 
     base = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model"))
     ids = [tok(["a red circle"], padding="max_length", return_tensors="pt").input_ids for tok in (base.tokenizer,) * 2]
-    outs = []
-    for source in (None, out / "lora1.safetensors", out / "diffusers" / "pytorch_lora_weights.safetensors"):
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "model"))
-        if source is not None:
-            pipe.load_lora_weights(str(source))
-        with torch.no_grad():
-            outs.append([pipe.text_encoder(ids[0])[0], pipe.text_encoder_2(ids[1])[0]])
+    outs = with_each_lora(
+        tmp_path / "model", out, lambda pipe: [pipe.text_encoder(ids[0])[0], pipe.text_encoder_2(ids[1])[0]]
+    )
     for n in range(2):
         assert (outs[1][n] - outs[2][n]).abs().max() < 1e-5
         assert (outs[2][n] - outs[0][n]).abs().max() > 1e-4  # each encoder's LoRA trained
