@@ -210,8 +210,8 @@ def _run_stage(env: PlanEnv, plan: StagePlan, upstream: dict[str, Manifest], pro
     runtime = env.config.runtime
     figures = {"stage": plan.stage.name, "key": plan.key, "params": plan.params.model_dump(mode="json")}
     folder = env.loaded.resolve(runtime.log_dir)
-    tracker = open_tracker(runtime if main else runtime.model_copy(update={"log_with": []}), folder, plan.name,
-                           plan.key, figures)  # fmt: skip
+    logged = runtime if main else runtime.model_copy(update={"log_with": []})  # rank 0 alone logs
+    tracker = open_tracker(logged, folder, plan.name, plan.key, figures)
     ctx = StageContext(env, plan.key, plan.params, upstream, work, progress, tracker)
     try:
         result = plan.stage.run(ctx)

@@ -298,7 +298,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     trained = unwrapped if text is None else torch.nn.ModuleDict({"denoiser": unwrapped, "text_encoder": text.model})
     ema = LoraEMA(trained, cfg.ema) if cfg.ema else None
     start, losses, evals, previews, history = restore_checkpoint(job.work_dir, trained, optimizer, scheduler, ema)
-    if start:
+    if start and main:
         job.log(f"{job.stage}: resuming from the checkpoint at step {start}/{cfg.steps}")
     if not main:  # the other ranks train, and leave the files and the figures to rank 0
         job = dataclasses.replace(job, checkpoint_every=0, preview=None, tracker=None, progress=False, evaluate=None)
