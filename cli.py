@@ -17,6 +17,18 @@ import typer  # noqa: E402
 
 from core.errors import PipelineError  # noqa: E402
 
+
+def _flag_types_hidden() -> None:
+    """typer's rich help prints `<bool>` after every flag (`--version <bool>`), as if it took a value; a flag takes
+    none, so its type column stays empty."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else shown(self, ctx)
+
+
+_flag_types_hidden()
+
 app = typer.Typer(
     help="Staged, content-hashed LoRA training for diffusion models.",
     no_args_is_help=True,
@@ -25,7 +37,9 @@ app = typer.Typer(
 )
 
 ConfigOpt = typer.Option(Path("pipeline.toml"), "--config", "-c", help="The config file.")
-SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set lora1.lr=5e-5 (repeatable).")
+SetOpt = typer.Option(
+    [], "--set", "-s", metavar="KEY=VALUE", help="Override a config key: --set lora1.lr=5e-5 (repeatable)."
+)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
 
 
@@ -103,6 +117,7 @@ def _progress(env, as_json: bool, hidden: bool = False) -> bool:
 def init(
     path: Path = typer.Argument(Path("pipeline.toml"), help="Where to write the example config."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    as_json: bool = JsonOpt,
 ):
     """Write a commented example config with every key at its default."""
     from pipeline.schema_docs import example_config_toml
@@ -110,7 +125,11 @@ def init(
     if path.exists() and not force:
         raise PipelineError(f"{path} already exists; pass --force to overwrite it.")
     path.write_text(example_config_toml())
-    typer.echo(f"wrote {path}: set data.images and model.path, then run `pipeline run lora`.")
+    next_step = "set data.images and model.path, then run `pipeline run lora`"
+    if as_json:
+        typer.echo(json.dumps({"written": str(path), "next": next_step}, indent=1))
+    else:
+        typer.echo(f"wrote {path}: {next_step}.")
 
 
 @app.command()
@@ -134,6 +153,7 @@ def run(
     no_progress: bool = typer.Option(
         False, "--no-progress", help="Show no progress (bars, lines or, with --json, JSON lines on stderr)."
     ),
+    resume: bool = typer.Option(False, "--resume", hidden=True),  # kohya's habit: resuming needs no flag
 ):
     """Run a workflow: reuse every fresh stage, run the rest, print what happened."""
     from pipeline import reports
@@ -151,6 +171,12 @@ def run(
     elif family != "sd15":
         raise PipelineError(
             "--family picks the demo's model family; it goes with --demo (set model.family in a config)."
+        )
+    if resume:
+        typer.echo(
+            "note: --resume is not needed: every `pipeline run` resumes what an interrupted run left (the last "
+            "checkpoint of a training stage, every committed row of the others). Running as usual.",
+            err=True,
         )
     env = _env(config, set_)
     from core import dist
@@ -319,16 +345,21 @@ def config(
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
     keys: bool = typer.Option(False, "--keys", help="Print every config key with its type, default and meaning."),
+    as_json: bool = JsonOpt,
 ):
     """Print the resolved config (file plus --set overrides) as TOML, or the reference of every key."""
-    from pipeline.schema_docs import config_reference_markdown, resolved_config_toml
+    from pipeline.schema_docs import config_reference, config_reference_markdown, resolved_config_toml
 
     if keys:
-        typer.echo(config_reference_markdown())
+        typer.echo(json.dumps(config_reference(), indent=1) if as_json else config_reference_markdown())
         return
     from pipeline.config_loading import load_config
 
-    typer.echo(resolved_config_toml(load_config(config, set_).config), nl=False)
+    resolved = load_config(config, set_).config
+    if as_json:
+        typer.echo(json.dumps(resolved.model_dump(mode="json"), indent=1))
+    else:
+        typer.echo(resolved_config_toml(resolved), nl=False)
 
 
 @app.command()

@@ -20,13 +20,21 @@ HEADER = 12  # pixels of column labels above a sheet
 def find_artifact(env: PlanEnv, workflow: str, stage: str) -> Manifest:
     """The artifact the current config resolves to, else the one the workflow's last run used."""
     from pipeline.planner import plan_workflow
-    from pipeline.workflows import get_workflow
+    from pipeline.workflows import WORKFLOWS, get_workflow
 
+    ref = env.store.read_ref(workflow)
+    if not ref:  # before planning, which would name whatever setting the workflow lacks
+        others = [w for w in WORKFLOWS if w != workflow and stage in env.store.read_ref(w)]
+        hint = f"; the last {others[0]} run made one: add --workflow {others[0]}" if others else ""
+        needs = " (set transfer.student_model to the Turbo / distilled model first)" if workflow == "transfer" else ""
+        raise PlanError(
+            f"there is no {workflow} run in this store yet, so no {stage} artifact to inspect. "
+            f"`pipeline run {workflow}` makes one{needs}{hint}."
+        )
     stages = get_workflow(workflow, env)
     if stage not in {s.name for s in stages}:
         names = ", ".join(s.name for s in stages)
         raise PlanError(f"workflow {workflow!r} has no stage {stage!r}; its stages are {names}.")
-    ref = env.store.read_ref(workflow)
     plan = next(p for p in plan_workflow(env, stages, ref) if p.name == stage)
     if plan.manifest is not None:
         return plan.manifest

@@ -22,7 +22,9 @@ def print_runs(runs, dry_run: bool) -> None:
         if dry_run:
             table.add_row(r.name, r.action, r.key[:12], "; ".join(r.causes))
         else:
-            table.add_row(r.name, r.action, r.key[:12], f"{r.seconds:.1f}", short(r.location))
+            # a stage without exported files is found in the store by its short key (`pipeline status`, --json)
+            where = short(r.location) if r.outputs else f"store: {r.name.split('.')[0]} {r.key[:12]}"
+            table.add_row(r.name, r.action, r.key[:12], f"{r.seconds:.1f}", where)
     Console(width=160).print(table)
 
 
@@ -66,7 +68,7 @@ def _epilogue(workflow: str, runs, config: Path, demo: str) -> None:
         typer.echo(f"Student: {student.summary or 'reused (see pipeline status transfer)'}")
         typer.echo(
             f"Try: pipeline run transfer {demo} --set student.lr=1e-3   (re-runs the student only)\n"
-            f"     pipeline inspect teacher -c {config} --out teacher-sheet"
+            f"     pipeline inspect teacher -c {config} --out {short(str(Path(config).parent / 'sheets'))}"
         )
     else:
         typer.echo(f"Try: pipeline status lora -c {config}   or   pipeline run lora {demo} --set lora1.lr=5e-4")

@@ -212,7 +212,7 @@ def _run_stage(env: PlanEnv, plan: StagePlan, upstream: dict[str, Manifest], pro
     folder = env.loaded.resolve(runtime.log_dir)
     logged = runtime if main else runtime.model_copy(update={"log_with": []})  # rank 0 alone logs
     tracker = open_tracker(logged, folder, plan.name, plan.key, figures)
-    ctx = StageContext(env, plan.key, plan.params, upstream, work, progress, tracker)
+    ctx = StageContext(env, plan.key, plan.params, upstream, work, progress, tracker, plan.name)
     try:
         result = plan.stage.run(ctx)
     finally:

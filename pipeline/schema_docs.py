@@ -74,6 +74,24 @@ def _type_name(field) -> str:
     return text
 
 
+def config_reference() -> list[dict]:
+    """Every key: {"key", "type", "default", "meaning"} (what `pipeline config --keys --json` prints)."""
+    rows = []
+    for dotted, section in _sections(PipelineConfig):
+        defaults = _section_info(dotted, section)[1]
+        for name, field in _leaf_fields(section):
+            default = getattr(defaults, name)
+            rows.append(
+                {
+                    "key": f"{dotted}.{name}",
+                    "type": _type_name(field),
+                    "default": str(default) if isinstance(default, Path) else default,
+                    "meaning": field.description or "",
+                }
+            )
+    return rows
+
+
 def config_reference_markdown() -> str:
     lines = [
         "# Configuration reference",

@@ -266,6 +266,7 @@ class StageContext:
     work_dir: Path
     progress: bool = True
     tracker: Any = None  # stages/tracking.py Tracker: TensorBoard / W&B figures of this run (runtime.log_with)
+    node: str = ""  # the workflow's name for this stage (`lora1.red-circle`): what its progress bars say
 
     @property
     def store(self) -> Store:

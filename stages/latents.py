@@ -169,6 +169,7 @@ class LatentsStage(Stage):
                 ctx.progress,
                 group=lambda dv: placements[dv[0]][dv[1]].size,
                 shard=True,
+                label=ctx.node,
             )
         if not finish_shared_pool(env.store, pid, True):
             return StageResult()  # a rank > 0 of several: rank 0 records and commits

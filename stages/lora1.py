@@ -131,6 +131,7 @@ class Lora1Stage(Stage):
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
             tracker=ctx.tracker,
+            label=ctx.node,
             text_encoder=text_encoder,
         )
         outcome = train_lora(job, batches)

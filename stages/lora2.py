@@ -105,6 +105,7 @@ class Lora2Stage(Stage):
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
             tracker=ctx.tracker,
+            label=ctx.node,
             stage="lora2",
             preset_lora=preset,
             preset_mode=p.lora1_mode,

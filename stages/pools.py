@@ -38,6 +38,7 @@ def fill_pool(
     progress: bool,
     group: Callable[[object], object] | None = None,
     shard: bool = False,
+    label: str = "",
 ) -> None:
     """Encode `todo` in batches (encode_batch -> array of len(batch) rows) and commit each row to the pool.
     With `group`, a batch holds items of one group only (one image size): todo comes sorted by it. With shard, in a
@@ -54,7 +55,7 @@ def fill_pool(
     if shard:
         batches = batches[dist.rank() :: dist.size()]
         progress = progress and dist.is_main()
-    with progress_bar(total=sum(map(len, batches)), desc=desc, unit=unit, enabled=progress) as bar:
+    with progress_bar(total=sum(map(len, batches)), desc=label or desc, unit=unit, enabled=progress) as bar:
         for n, chunk in enumerate(batches):
             rows = encode_batch(chunk)
             pool.put_many([(name_of(item), row) for item, row in zip(chunk, rows, strict=True)], batch_size)

@@ -166,6 +166,7 @@ class StudentStage(Stage):
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
             log=ctx.log,
             tracker=ctx.tracker,
+            label=ctx.node,
             stage="student",
             init_lora=init,
             evaluate=fidelity if fidelity.rows else None,

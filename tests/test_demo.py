@@ -30,6 +30,7 @@ def test_transfer_demo_runs_reports_fidelity_then_reruns_only_the_student(tmp_pa
     out = tmp_path / "pipeline-demo" / "output" / "transfer"
     last = first.stdout.strip().splitlines()[-1]  # the demo ends with the path of its report
     assert last.startswith("Report: pipeline-demo/output/transfer/report.html") and (out / "report.html").is_file()
+    assert "--out pipeline-demo/sheets" in first.stdout  # sheets go under the demo folder, as the README says
     assert (out / "student" / "diffusers" / "pytorch_lora_weights.safetensors").exists()
     assert sorted(p.name for p in (out / "lora1" / "previews").iterdir()) == ["step000060.png", "step000120.png"]
     losses = [float(line.split(",")[1]) for line in (out / "lora1" / "loss.csv").read_text().splitlines()[1:]]

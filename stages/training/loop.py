@@ -139,6 +139,7 @@ class TrainJob:
     # the global accumulation is fixed (the student replays the schedule's grad_accum micro-steps): each rank runs
     # grad_accum / processes of them instead of grad_accum
     split_accum: bool = False
+    label: str = ""  # what the progress bar says: the workflow's name for the stage (`lora1.red-circle`)
 
 
 @dataclass
@@ -307,7 +308,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     if start == 0:
         evaluate(0)
     trained.train()
-    bar = progress.bar(total=cfg.steps, initial=start, desc=job.stage, unit="step", enabled=job.progress)
+    bar = progress.bar(total=cfg.steps, initial=start, desc=job.label or job.stage, unit="step", enabled=job.progress)
     smoothed = None
     step_times = [time.perf_counter()]
     lrs, grad_norms = history.get("lrs", []), history.get("grad_norms", [])  # per step, kept across resumes
