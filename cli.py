@@ -193,6 +193,8 @@ def run(
     reports.print_runs(runs, dry_run)
     if demo and not dry_run and not only:  # the epilogue reads the whole workflow's outputs
         reports.demo_epilogue(workflow, runs, config, set_, family)
+    elif not dry_run:
+        reports.run_epilogue(workflow, runs, config)
 
 
 @app.command("eval")

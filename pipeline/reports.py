@@ -45,6 +45,35 @@ def demo_epilogue(workflow: str, runs, config: Path, overrides: list[str], famil
     _report_line(workflow, config, overrides)
 
 
+def run_epilogue(workflow: str, runs, config: Path) -> None:
+    """After a run that trained something: the LoRA files it wrote and for which programs, the final loss, and the
+    next useful commands. Nothing after a run that reused everything (the table says it all)."""
+    trained = [r for r in runs if r.action == "ran" and r.name.split(".")[0] in ("lora1", "lora2", "student")]
+    if not trained:
+        return
+    outputs = [o for r in runs for o in r.outputs]
+    typer.echo("")
+    for r in trained:
+        mine = [o for o in r.outputs if o.endswith(".safetensors")]
+        kohya = [o for o in mine if "/diffusers/" not in o and "-ema." not in o]
+        diffusers = [o for o in mine if "/diffusers/" in o]
+        typer.echo(f"{r.name} trained: final {r.summary}" if r.summary.startswith("loss") else f"{r.name} trained")
+        for path in kohya:
+            typer.echo(f"  {short(path)}  (kohya format: ComfyUI, A1111/Forge, kohya's tools, diffusers)")
+        for path in diffusers:
+            typer.echo(f"  {short(path)}  (diffusers format: load_lora_weights)")
+        if not mine:
+            typer.echo(f"  its LoRA stays in the store ({r.key[:12]}); the workflow's own output is below")
+    average = [o for o in outputs if o.endswith("lora2_average.safetensors")]
+    if average:
+        typer.echo(f"LoRA-2, the average of the pairs: {short(average[0])}")
+    stage = "student" if workflow == "transfer" else ("lora1" if workflow == "lora" else "differential.lora2")
+    typer.echo(
+        f"Next: pipeline report {workflow} -c {config}   (curves, previews, what changed)\n"
+        f"      pipeline run {workflow} -c {config} --set {stage}.lr=...   (re-runs only what that changes)"
+    )
+
+
 def _report_line(workflow: str, config: Path, overrides: list[str]) -> None:
     """Write the run's HTML report (pipeline report) and say where it is."""
     from pipeline.api import open_project, report

@@ -74,3 +74,16 @@ def test_progress_of_a_per_pair_stage_names_the_pair(differential_project):
     assert result.exit_code == 0, result.output
     tasks = {json.loads(line)["task"] for line in result.stderr.splitlines() if line.startswith("{")}
     assert {"lora1.red-circle", "lora2.yellow-square"} <= tasks
+
+
+def test_a_run_that_trained_ends_with_its_files_loss_and_next_commands(project):
+    result = project.cli("run", "lora")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    final = json.loads((project.manifests("lora1")[0]).read_text())["record"]["final_loss"]
+    assert f"lora1 trained: final loss {final:.4f}" in lines
+    assert any("output/lora/lora1/lora1.safetensors  (kohya format: ComfyUI" in line for line in lines)
+    assert any("diffusers/pytorch_lora_weights.safetensors  (diffusers format" in line for line in lines)
+    assert any(line.startswith("Next: pipeline report lora") for line in lines)
+    again = project.cli("run", "lora")  # nothing trained: the table alone
+    assert "Next:" not in again.stdout
