@@ -84,11 +84,11 @@ class PriorStage(Stage):
         student = env.student
         doc, spec = read_schedule(store, ctx.upstream["schedule"])
         strings = {r["caption"] for r in doc["rows"] + doc["heldout"] + doc.get("fit", [])}
+        text_model = student.component_digests["text"]
         with dist.main_first():  # rank 0 encodes the captions into the store; the others then read them
             text = ensure_text_embeddings(
-                store, student.family, student.layout, student.component_digests["text"], strings, ctx.runtime,
-                ctx.progress,
-            )  # fmt: skip
+                store, student.family, student.layout, text_model, strings, ctx.runtime, ctx.progress
+            )
         record = {"mode": p.mode, "text": {"pool": text["pool"], "strings": text["strings"]}}
         pools = {text["pool"]: sorted(v["array"] for v in text["strings"].values())}
         if p.mode != "materialized":

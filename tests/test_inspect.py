@@ -16,7 +16,8 @@ def inspect(project, *args: str) -> dict:
 def test_inspect_before_any_run_names_the_command_that_makes_the_artifact(transfer_project):
     result = transfer_project.cli("inspect", "teacher", "-c", str(transfer_project.config))
     assert result.exit_code == 2
-    assert "there is no teacher artifact yet. Make it with `pipeline run transfer`" in result.output
+    assert "there is no transfer run in this store yet, so no teacher artifact" in result.output
+    assert "`pipeline run transfer` makes one" in result.output
     assert transfer_project.cli("inspect", "nonsense", "-c", str(transfer_project.config)).exit_code == 2
 
 
