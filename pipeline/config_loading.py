@@ -93,6 +93,54 @@ ALIASES = {
 }
 
 
+# The same names written at the top of a file, as a kohya / OneTrainer / diffusers config has them (no sections),
+# and kohya's section names: where each lives here, or why it has no place yet. Hints only, as ALIASES.
+TOP_LEVEL = {
+    "learning_rate": "lora1.lr", "unet_lr": "lora1.lr", "lr": "lora1.lr", "text_encoder_lr": "lora1.text_encoder_lr",
+    "network_dim": "lora1.rank", "network_alpha": "lora1.alpha", "lora_rank": "lora1.rank",
+    "lora_alpha": "lora1.alpha", "rank": "lora1.rank", "alpha": "lora1.alpha", "network_dropout": "lora1.dropout",
+    "network_module": "lora1.network", "max_train_steps": "lora1.steps", "steps": "lora1.steps",
+    "train_batch_size": "lora1.batch_size", "batch_size": "lora1.batch_size",
+    "gradient_accumulation_steps": "lora1.grad_accum", "optimizer_type": "lora1.optimizer",
+    "optimizer": "lora1.optimizer", "lr_scheduler": "lora1.lr_scheduler", "lr_warmup_steps": "lora1.warmup_steps",
+    "max_grad_norm": "lora1.max_grad_norm", "mixed_precision": "lora1.mixed_precision", "seed": "lora1.seed",
+    "noise_offset": "lora1.noise_offset", "min_snr_gamma": "lora1.min_snr_gamma",
+    "train_data_dir": "data.images", "caption_extension": "data.caption_extensions",
+    "shuffle_caption": "data.shuffle_caption", "keep_tokens": "data.keep_tokens",
+    "caption_dropout_rate": "data.caption_dropout_rate", "resolution": "latents.resolution",
+    "enable_bucket": "latents.buckets", "pretrained_model_name_or_path": "model.path",
+    "base_model_name": "model.path", "output_dir": "runtime.output_dir",
+    "gradient_checkpointing": "runtime.gradient_checkpointing", "save_every_n_steps": "runtime.checkpoint_every",
+    "max_train_epochs": None, "epochs": None, "save_every_n_epochs": None, "output_name": None,
+    "save_precision": None, "sample_prompts": "runtime.preview.prompts",
+    "sample_every_n_steps": "runtime.preview.every",
+    # kohya's config-file sections and a few generic ones
+    "model_arguments": "model", "dataset_arguments": "data", "training_arguments": "lora1",
+    "optimizer_arguments": "lora1", "additional_network_arguments": "lora1", "saving_arguments": "runtime",
+    "sample_prompt_arguments": "runtime.preview", "train": "lora1", "training": "lora1", "network": "lora1",
+    "dataset": "data", "datasets": "data", "general": "data",
+}  # fmt: skip
+NOT_YET = (
+    "not supported yet: lora-pipeline counts optimizer steps (lora1.steps) and names its files by stage; epochs, "
+    "output names and save precision are planned (issue 15)"
+)
+
+
+def _foreign(loc: tuple) -> str | None:
+    """The hint for a key or section written the way another trainer writes it, at the top of the file."""
+    if len(loc) != 1 or loc[0] not in TOP_LEVEL:
+        return None
+    target = TOP_LEVEL[loc[0]]
+    if target is None:
+        return NOT_YET
+    if ("." not in target and target in PipelineConfig.model_fields) or target == "runtime.preview":
+        return (
+            f"`[{loc[0]}]` is another trainer's section; its settings go under `[{target}]` here (for a kohya "
+            f"config, `pipeline import kohya FILE` translates it)"
+        )
+    return f"did you mean `{target}`? (settings live in sections here: `[{target.rsplit('.', 1)[0]}]`)"
+
+
 def _closest(model: type[BaseModel], loc: tuple) -> str | None:
     """The closest valid dotted key to an unknown one, walking the schema along loc."""
     cls: Any = model
@@ -144,8 +192,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
                     f"so that both phases see the same x_t; set `schedule.{loc[1]}` instead (it re-runs the teacher)."
                 )
                 continue
-            hint = _closest(PipelineConfig, loc)
-            fix = f"did you mean `{hint}`?" if hint else "see `pipeline init` or docs/config.md for the valid keys"
+            foreign, hint = _foreign(loc), _closest(PipelineConfig, loc)
+            fix = foreign or (
+                f"did you mean `{hint}`?" if hint else "see `pipeline init` or docs/config.md for the valid keys"
+            )
             lines.append(f"unknown key `{dotted}` in {source}: {fix}")
         else:
             got = e.get("input")

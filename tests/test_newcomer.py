@@ -87,3 +87,24 @@ def test_a_run_that_trained_ends_with_its_files_loss_and_next_commands(project):
     assert any(line.startswith("Next: pipeline report lora") for line in lines)
     again = project.cli("run", "lora")  # nothing trained: the table alone
     assert "Next:" not in again.stdout
+
+
+def test_keys_written_as_other_trainers_write_them_name_ours(project):
+    """A config in kohya's or OneTrainer's spelling: every such key or section is named with its place here, or
+    said to be not supported yet; nothing is accepted silently."""
+    cases = {
+        "learning_rate = 1e-4": "did you mean `lora1.lr`?",
+        "network_dim = 16": "did you mean `lora1.rank`?",
+        "train_data_dir = 'x'": "did you mean `data.images`?",
+        "max_train_epochs = 10": "not supported yet",
+        "[train]\nlr = 1e-4": "its settings go under `[lora1]`",
+        "[training_arguments]\nlearning_rate = 1e-4": "`pipeline import kohya FILE`",
+    }
+    text = project.config.read_text()
+    for line, hint in cases.items():
+        project.config.write_text(line + "\n" + text if not line.startswith("[") else text + "\n" + line + "\n")
+        result = project.cli("config", "-c", str(project.config))
+        assert result.exit_code == 2 and hint in result.output, (line, result.output)
+    project.config.write_text(text)
+    project.write_config(data={"images": "images", "shuffle_caption": True})  # a kohya name that is ours too
+    assert project.cli("config", "-c", str(project.config)).exit_code == 0
