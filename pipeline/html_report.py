@@ -111,9 +111,10 @@ def _teacher(env: PlanEnv, teacher, manifests: dict, pictures: bool) -> dict:
     from pipeline.inspect import teacher_report, teacher_sheet
 
     schedule, latents = manifests.get("schedule"), manifests.get("latents")
-    out = {"bins": teacher_report(env, teacher, schedule)["bins"], "sheets": [], "note": None}
+    numbers = teacher_report(env, teacher, schedule)  # reads every array once: |Δc| per bin
+    out = {"bins": numbers["bins"], "sheets": [], "note": None}
     if pictures and latents is not None:
-        steps = sorted({0, teacher_report(env, teacher, schedule)["steps"] - 1})
+        steps = sorted({0, numbers["steps"] - 1})
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 paths = teacher_sheet(env, teacher, schedule, latents, steps, Path(tmp))
