@@ -55,7 +55,8 @@ class EvalStage(Stage):
         from stages.families.noise import make_process
         from stages.pools import load_training_data
         from stages.training.adapters import FixedLora
-        from stages.training.lora_files import match_modules, read_lora_file, trained_file
+        from stages.training.lora_files import match_modules, read_lora_file
+        from stages.training.outputs import trained_file
 
         env, p, store, up = ctx.env, ctx.params, ctx.store, ctx.upstream
         family = env.family

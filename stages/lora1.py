@@ -105,7 +105,7 @@ class Lora1Stage(Stage):
         from stages.devices import resolve_device
         from stages.pools import draw_training_captions, load_training_data
         from stages.training.loop import DiffusionBatches, TrainJob, train_lora
-        from stages.training.lora_files import write_lora_outputs
+        from stages.training.outputs import write_lora_outputs
 
         env, p = ctx.env, ctx.params
         device = resolve_device(ctx.runtime.device)

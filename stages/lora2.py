@@ -78,7 +78,8 @@ class Lora2Stage(Stage):
         from stages.devices import resolve_device
         from stages.pools import draw_training_captions, load_training_data
         from stages.training.loop import DiffusionBatches, TrainJob, train_lora
-        from stages.training.lora_files import read_lora_file, trained_file, write_lora_outputs
+        from stages.training.lora_files import read_lora_file
+        from stages.training.outputs import trained_file, write_lora_outputs
 
         env, p = ctx.env, ctx.params
         data, captions = load_training_data(ctx.store, ctx.upstream)

@@ -96,7 +96,8 @@ class StudentStage(Stage):
         from stages.devices import resolve_device
         from stages.pools import load_latent_table, load_mask_table, load_text_table
         from stages.training.loop import TrainJob, train_lora
-        from stages.training.lora_files import read_lora_file, write_lora_outputs
+        from stages.training.lora_files import read_lora_file
+        from stages.training.outputs import write_lora_outputs
         from stages.training.schedule import read_schedule
 
         env, p, store = ctx.env, ctx.params, ctx.store

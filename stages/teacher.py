@@ -90,7 +90,8 @@ class TeacherStage(Stage):
         from stages.families.noise import make_process
         from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
         from stages.training.adapters import FixedLora
-        from stages.training.lora_files import match_modules, read_lora_file, trained_file
+        from stages.training.lora_files import match_modules, read_lora_file
+        from stages.training.outputs import trained_file
         from stages.training.schedule import read_schedule, step_rows
 
         env, p, store = ctx.env, ctx.params, ctx.store

@@ -276,7 +276,7 @@ def test_lora_files_load_in_the_diffusers_pipeline_and_reproduce_the_trained_tra
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
-    from stages.training.lora_files import write_lora_outputs
+    from stages.training.outputs import write_lora_outputs
 
     fam, layout, params, outcome, (shape, cond) = _train(tiny_flow_models, tmp_path, folder)
     pipeline = fam.model_pipeline_class(fam.text_encoder_class(layout))
@@ -332,7 +332,7 @@ def _comfy_zimage_key_map(config: dict) -> dict[str, tuple[str, int]]:
 def test_every_key_of_the_single_file_lora_maps_through_comfyui_s_rule(tiny_flow_models, tmp_path, family):
     from safetensors.torch import load_file
 
-    from stages.training.lora_files import write_lora_outputs
+    from stages.training.outputs import write_lora_outputs
 
     fam, layout, params, outcome, _ = _train(tiny_flow_models, tmp_path, family)
     files = write_lora_outputs(fam, outcome, params, tmp_path, "lora1", fam.lora_metadata(layout))
@@ -366,7 +366,7 @@ def test_every_key_of_the_single_file_lora_maps_through_comfyui_s_rule(tiny_flow
 def test_lora_tools_work_on_both_families(tiny_flow_models, tmp_path, folder):
     from pipeline.api import family as tool_family
     from pipeline.lora_tools import convert, info, merge, mix, sample
-    from stages.training.lora_files import write_lora_outputs
+    from stages.training.outputs import write_lora_outputs
 
     family = family_of(folder)
     fam, layout, params, outcome, _ = _train(tiny_flow_models, tmp_path, folder)

@@ -300,7 +300,7 @@ def test_lora_files_load_in_flux_pipeline_and_reproduce_the_trained_transformer(
     """The diffusers file, and the sd-scripts file (without linear1: diffusers' converter splits a single block's
     linear1 at FLUX.1's full width only, so the tiny model's is checked through ComfyUI's rule below), go through
     FluxPipeline.load_lora_weights and give the trained predictions to 1e-5."""
-    from stages.training.lora_files import write_lora_outputs
+    from stages.training.outputs import write_lora_outputs
 
     # Every kind of block module but linear1: the single blocks' q/k/v share their names with the double block's,
     # the block's path keeps them out. (diffusers' converter also drops the top-level modules of sd-scripts files,
@@ -327,7 +327,8 @@ def test_every_key_of_the_sd_scripts_file_maps_through_comfyui_s_rule_to_the_tra
     splits the file back to the same ΔW per diffusers module."""
     from safetensors.torch import load_file
 
-    from stages.training.lora_files import match_modules, read_lora_file, write_lora_outputs
+    from stages.training.lora_files import match_modules, read_lora_file
+    from stages.training.outputs import write_lora_outputs
 
     fam, layout, params, outcome, probe, want = _train(tiny_flux1, tmp_path, targets=fam_all_targets())
     files = write_lora_outputs(fam, outcome, params, tmp_path, "lora1", fam.lora_metadata(layout))
@@ -373,7 +374,7 @@ def test_lora_tools_and_cross_family_refusal_on_flux1(tiny_flux1, tmp_path):
     from core.errors import ModelError
     from pipeline.api import family as tool_family
     from pipeline.lora_tools import convert, info, merge, sample
-    from stages.training.lora_files import write_lora_outputs
+    from stages.training.outputs import write_lora_outputs
 
     fam, layout, params, outcome, _, _ = _train(tiny_flux1, tmp_path)
     files = write_lora_outputs(fam, outcome, params, tmp_path, "lora1", fam.lora_metadata(layout))
@@ -398,7 +399,7 @@ def test_lora_tools_and_cross_family_refusal_on_flux1(tiny_flux1, tmp_path):
 def test_a_flux1_teacher_lora_with_an_sd_model_is_refused(tmp_path, tiny_flux1, tiny_model):
     """A FLUX.1 LoRA given as the teacher LoRA of an SD transfer names the file, before any teacher work."""
     fam, layout, params, outcome, _, _ = _train(tiny_flux1, tmp_path / "train")
-    from stages.training.lora_files import write_lora_outputs
+    from stages.training.outputs import write_lora_outputs
 
     files = write_lora_outputs(fam, outcome, params, tmp_path / "train", "lora1", fam.lora_metadata(layout))
     shutil.copyfile(files["lora1.safetensors"], tmp_path / "flux.safetensors")

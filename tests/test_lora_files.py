@@ -56,7 +56,8 @@ def test_rslora_files_carry_its_scale_for_every_loader(tiny_model, tmp_path):
     """rsLoRA scales by alpha/sqrt(r); the files store alpha*sqrt(r), which loaders divide by r: the same model."""
     import math
 
-    from stages.training.lora_files import read_lora_file, write_lora_outputs
+    from stages.training.lora_files import read_lora_file
+    from stages.training.outputs import write_lora_outputs
 
     family = SD15Family()
     layout = family.layout(tiny_model / "model", None)
@@ -83,7 +84,7 @@ def test_rslora_files_carry_its_scale_for_every_loader(tiny_model, tmp_path):
 def test_conv_targets_locon_style_reproduce_the_trained_unet(tiny_model, tmp_path):
     """LoCon-style targets: the ResNet convolutions (3x3) and the 1x1 projections beside the attention LoRA; the
     kohya file holds 4-D lora_down/lora_up weights, which diffusers (and kohya/ComfyUI) load as conv LoRAs."""
-    from stages.training.lora_files import write_lora_outputs
+    from stages.training.outputs import write_lora_outputs
 
     targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out"]
     family, _, params, outcome = train_tiny_sd15(

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from core.errors import ConfigError
 from stages.training.adapters import FixedLora
-from stages.training.lora_files import LoraModule, match_modules, read_lora_file, write_lora_outputs
+from stages.training.lora_files import LoraModule, match_modules, read_lora_file
 from stages.training.networks import LycoModule, effective_delta
+from stages.training.outputs import write_lora_outputs
 from tests.conftest import train_tiny_sd15
 
 # -- ΔW by hand ----------------------------------------------------------------------------------------------

@@ -252,7 +252,8 @@ def test_gradient_checkpointing_trains_the_same_lora(tiny_model, tmp_path):
 
 
 def test_ema_is_its_own_lora_file(tiny_model, tmp_path):
-    from stages.training.lora_files import read_lora_file, write_lora_outputs
+    from stages.training.lora_files import read_lora_file
+    from stages.training.outputs import write_lora_outputs
 
     family = get_family("sd15")
     outcome = train(tiny_model, tmp_path, ema_decay=0.5, ema_warmup=False)

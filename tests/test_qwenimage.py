@@ -142,7 +142,7 @@ def test_lora_and_differential_run_on_qwenimage(tmp_path, tiny_qwen):
 def _train(tiny_qwen, tmp_path):
     from pipeline.config import TrainConfig
     from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
-    from stages.training.lora_files import write_lora_outputs
+    from stages.training.outputs import write_lora_outputs
 
     fam = get_family("qwenimage")
     layout = fam.layout(tiny_qwen / "base", None)

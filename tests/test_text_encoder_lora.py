@@ -65,7 +65,7 @@ def _train(tiny_model, work, preview=None, **settings):
     from stages.families.sd15 import SD15Family
     from stages.lora1 import Lora1Params
     from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
-    from stages.training.lora_files import write_lora_outputs
+    from stages.training.outputs import write_lora_outputs
     from stages.training.params import train_params
 
     settings = {"rank": 4, "alpha": 8.0, "lr": 2e-2, "steps": 4, "batch_size": 2, **settings}
