@@ -53,3 +53,13 @@ def build_preimage(
 
 def stage_key(preimage: dict) -> str:
     return sha256_text(canonical_json(preimage))
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted key: leaf}: {"lora1": {"lr": 1e-4}} -> {"lora1.lr": 1e-4}; an empty dict is a leaf."""
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}

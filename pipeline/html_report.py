@@ -14,6 +14,7 @@ import io
 import tempfile
 from pathlib import Path
 
+from cache.keys import flatten
 from core.errors import PlanError
 from stages.base import PlanEnv
 
@@ -152,7 +153,7 @@ def _change(env: PlanEnv, kind: str, name: str, old_key: str, new) -> dict:
     old = env.store.load_manifest(kind, old_key)
     if old is None or new is None:
         return {"stage": name, "old_key": old_key, "rows": [], "note": "the earlier artifact is gone (gc)"}
-    before, after = _flat(old.preimage.get("params", {})), _flat(new.preimage.get("params", {}))
+    before, after = flatten(old.preimage.get("params") or {}), flatten(new.preimage.get("params") or {})
     rows = [
         {"field": k, "before": before.get(k), "after": after.get(k)}
         for k in sorted(set(before) | set(after))
@@ -167,23 +168,13 @@ def _change(env: PlanEnv, kind: str, name: str, old_key: str, new) -> dict:
     return {"stage": name, "old_key": old_key, "rows": rows, "note": None}
 
 
-def _flat(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _config_rows(config: dict) -> list[dict]:
     from pipeline.config import PipelineConfig
 
-    defaults = _flat(PipelineConfig().model_dump(mode="json"))
+    defaults = flatten(PipelineConfig().model_dump(mode="json"))
     return [
         {"field": k, "value": v, "default": defaults.get(k), "changed": k not in defaults or defaults[k] != v}
-        for k, v in sorted(_flat(config).items())
+        for k, v in sorted((flatten(config) if config else {}).items())
     ]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cache.keys import build_preimage, stage_key
+from cache.keys import build_preimage, flatten, stage_key
 from cache.store import Manifest
 from core.errors import PlanError
 from stages.base import PlanEnv, Stage
@@ -119,13 +119,13 @@ def contract_diff(expected: dict, actual: dict, labels: tuple[str, str] = ("upst
     """`field: <label a> a, <label b> b` for every differing field under a top-level key both sides define."""
     if not expected or not actual:
         return []
-    a, b = _flatten("", expected, {}), _flatten("", actual, {})
-    shared_roots = {k.split(".")[1] for k in a} & {k.split(".")[1] for k in b}
+    a, b = flatten(expected), flatten(actual)
+    shared_roots = {k.split(".")[0] for k in a} & {k.split(".")[0] for k in b}
     out = []
     for k in sorted(a.keys() | b.keys()):
-        if k.split(".")[1] not in shared_roots or a.get(k) == b.get(k):
+        if k.split(".")[0] not in shared_roots or a.get(k) == b.get(k):
             continue
-        out.append(f"{k[1:]}: {labels[0]} {_fmt(a.get(k, 'unset'))}, {labels[1]} {_fmt(b.get(k, 'unset'))}")
+        out.append(f"{k}: {labels[0]} {_fmt(a.get(k, 'unset'))}, {labels[1]} {_fmt(b.get(k, 'unset'))}")
     return out
 
 
@@ -172,15 +172,6 @@ def _fmt(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _flatten(prefix: str, value, out: dict) -> dict:
-    if isinstance(value, dict) and value:
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}", v, out)
-    else:
-        out[prefix] = value
-    return out
-
-
 def diff_preimages(old: dict, new: dict) -> list[str]:
     """Human causes, e.g. `params lora1.lr 0.0001 → 5e-05`, `input: 3 images added`, `model vae changed`."""
     stage = new["stage"]
@@ -189,7 +180,7 @@ def diff_preimages(old: dict, new: dict) -> list[str]:
         causes.append(f"key schema {old.get('schema')} → {new['schema']}")
     if old.get("impl") != new["impl"]:
         causes.append(f"code: {stage} implementation v{old.get('impl')} → v{new['impl']}")
-    a, b = _flatten(stage, old.get("params", {}), {}), _flatten(stage, new["params"], {})
+    a, b = flatten(old.get("params", {}), stage), flatten(new["params"], stage)
     for k in sorted(a.keys() | b.keys()):
         if a.get(k) != b.get(k):
             causes.append(f"params {k} {_fmt(a.get(k, 'unset'))} → {_fmt(b.get(k, 'unset'))}")

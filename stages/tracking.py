@@ -12,6 +12,7 @@ import importlib
 import os
 from pathlib import Path
 
+from cache.keys import flatten
 from core.errors import ConfigError
 
 EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}  # backend -> (module, extra)
@@ -48,7 +49,7 @@ class Tracker:
 
             self._tb = SummaryWriter(log_dir=str(Path(folder) / "tensorboard" / run_name))
             if config:
-                self._tb.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in sorted(_flat(config).items())))
+                self._tb.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in sorted(flatten(config).items())))
         if "wandb" in backends:
             import wandb
 
@@ -105,13 +106,3 @@ def open_tracker(runtime, folder: Path, node: str, key: str, config: dict) -> Tr
         return Tracker()
     name = f"{node}-{key[:8]}"
     return Tracker(list(runtime.log_with), name, folder, config, runtime.wandb_project, runtime.wandb_mode)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
