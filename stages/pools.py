@@ -113,16 +113,16 @@ def shared_pool(store: Store, pid: str, shard: bool):
 
 
 def finish_shared_pool(store: Store, pid: str, shard: bool) -> bool:
-    """After a sharded fill: wait for every rank, then rank 0 folds the writers' logs. -> whether this rank goes on
-    (rank 0, or every rank of an unsharded fill)."""
+    """After a fill: with shard, wait for every rank; then rank 0 folds the writers' logs (also those a killed
+    multi-process run left for this one-process run). -> whether this rank goes on (rank 0, or every rank of an
+    unsharded fill)."""
     from core import dist
 
-    if not shard or dist.size() == 1:
-        return True
-    dist.barrier()
+    if shard and dist.size() > 1:
+        dist.barrier()
     if dist.is_main():
         store.pool(pid).merge_writers()
-    return dist.is_main()
+    return dist.is_main() or not shard
 
 
 def ensure_text_embeddings(

@@ -77,7 +77,13 @@ class PriorStage(Stage):
         from core.progress import bar
         from stages.devices import resolve_device
         from stages.families.noise import make_process
-        from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
+        from stages.pools import (
+            ensure_text_embeddings,
+            finish_shared_pool,
+            load_latent_table,
+            load_text_table,
+            shared_pool,
+        )
         from stages.training.schedule import pack_rows, read_schedule, rebuild_inputs, row_chunks, step_rows
 
         env, p, store = ctx.env, ctx.params, ctx.store
@@ -95,7 +101,7 @@ class PriorStage(Stage):
             return StageResult(pools=pools, record=record, summary="computed by the student on the fly")
         pid = self.pool_id(ctx.key)
         world, rank = dist.size(), dist.rank()
-        pool = store.pool(pid, f"r{rank}" if world > 1 else "")  # several processes: each its own rows (teacher.py)
+        pool = shared_pool(store, pid, True)  # several processes: each its own rows and log
         names = [f"{s:07d}" for s in range(spec.steps)]
         todo = [s for s in range(spec.steps) if not pool.has(names[s])]
         dist.barrier()  # every rank has read what is done before any writes
@@ -124,10 +130,8 @@ class PriorStage(Stage):
                     outs.append(pred.cpu())
                 pool.put(names[s], pack_rows(outs))
                 fault_point("prior.step", n + 1)
-        dist.barrier()  # every rank's rows are committed
-        if not dist.is_main():
-            return StageResult()
-        store.pool(pid).merge_writers()
+        if not finish_shared_pool(store, pid, True):
+            return StageResult()  # a rank > 0 of several: rank 0 records and commits
         record["pool"] = pid
         pools[pid] = names
         return StageResult(pools=pools, record=record, summary=f"{computed} steps computed")

@@ -88,7 +88,13 @@ class TeacherStage(Stage):
         from core.progress import bar
         from stages.devices import resolve_device
         from stages.families.noise import make_process
-        from stages.pools import ensure_text_embeddings, load_latent_table, load_text_table
+        from stages.pools import (
+            ensure_text_embeddings,
+            finish_shared_pool,
+            load_latent_table,
+            load_text_table,
+            shared_pool,
+        )
         from stages.training.adapters import FixedLora
         from stages.training.lora_files import match_modules, read_lora_file
         from stages.training.outputs import trained_file
@@ -105,7 +111,7 @@ class TeacherStage(Stage):
             )
         pid = self.pool_id(ctx.key)
         world, rank = dist.size(), dist.rank()
-        pool = store.pool(pid, f"r{rank}" if world > 1 else "")
+        pool = shared_pool(store, pid, True)  # several processes: each its own rows and log
         names = array_names(spec.steps, p.delta_mode, spec.heldout, bool(doc.get("fit")))
         todo = sorted({n.split(".")[0] for n in names if not pool.has(n)})
         dist.barrier()  # every rank has read what is done before any writes: all split the same list
@@ -154,11 +160,9 @@ class TeacherStage(Stage):
                 for kind, arr in delta(chunk, part).items():
                     pool.put(f"{part}.{kind}", arr)
                 fault_point("teacher.step", n + 1)
-        dist.barrier()  # every rank's rows are committed
-        if not dist.is_main():
-            return StageResult()
+        if not finish_shared_pool(store, pid, True):
+            return StageResult()  # a rank > 0 of several: rank 0 records and commits
         pool = store.pool(pid)
-        pool.merge_writers()
         stats = delta_stats(pool, names, doc, spec, latent_shapes(ctx.upstream["latents"].record, spec))
         record = {
             "pool": pid,
