@@ -436,8 +436,11 @@ def freeze_preset(denoiser) -> None:
             param.requires_grad_(False)  # ... so the preset is frozen again by hand
 
 
-def train_step(step, job, batches, accelerator, denoiser, process, optimizer, lora_params) -> float:
-    """One optimizer step over grad_accum micro-batches; every draw derives from (seed, micro-step)."""
+def train_step(
+    step, job, batches, accelerator, denoiser, process, optimizer, lora_params
+) -> tuple[float, float | None]:
+    """One optimizer step over grad_accum micro-batches (this rank's share of them) -> (loss, gradient norm before
+    clipping, None with the fused backward pass); every draw derives from (seed, micro-step)."""
     import torch
 
     cfg = job.params
