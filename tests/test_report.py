@@ -118,6 +118,10 @@ def test_no_run_yet_is_a_clear_error(project):
     result = project.cli("report", "transfer", "-c", str(project.config))
     assert result.exit_code == 2 and "no transfer run in this store yet" in result.output
     assert "Traceback" not in result.output
+    result = project.cli("report", "-c", str(project.config))  # the default: the workflow that ran last
+    assert result.exit_code == 2 and "no workflow has run in this store yet" in result.output
+    result = project.cli("report", "lorra", "-c", str(project.config))
+    assert result.exit_code == 2 and "unknown workflow 'lorra'" in result.output
 
 
 def _browser() -> str | None:
