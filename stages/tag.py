@@ -3,7 +3,8 @@
 The stage stores scores, not tags: thresholds, renames and the way tags meet sidecar captions are the caption
 stage's settings (stages/tagging.py), so changing them runs no model. Scores are keyed by image content within a
 pool keyed by the tagger's weights; an interrupted run resumes with the images it had committed. Images are
-batched at fixed places in the data set's order, so a resumed run stores the bytes of an uninterrupted one.
+batched at fixed places in the data set's order, so a resumed run stores the bytes of an uninterrupted one; in a
+run of several processes each rank tags every world-size-th of the batches left, into its own rows of the pool.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 from cache.store import Manifest
 from core.errors import ConfigError, DataError, ModelError
 from stages.base import PlanEnv, Stage, StageContext, StageResult
-from stages.pools import pool_id, pool_progress
+from core.faults import fault_point
+from stages.pools import finish_shared_pool, pool_id, pool_progress, shared_pool
 from stages.tagging import DEFAULT_SIZE, prepare, read_tags, tagger_files
 from stages.training.params import KeyedParams
 
@@ -61,6 +63,7 @@ class TagStage(Stage):
     name = "tag"
     IMPL_VERSION = 1
     description = "WD14 tag scores per image"
+    sharded = True  # several processes split the batches (stages/pools.py shared_pool)
 
     def params(self, env: PlanEnv) -> TagParams:
         return TagParams(batch_size=env.config.tag.batch_size)
@@ -89,6 +92,7 @@ class TagStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         import numpy as np
 
+        from core import dist
         from core.progress import bar as progress_bar
         from stages.dataset import load_image
 
@@ -96,7 +100,7 @@ class TagStage(Stage):
         model, tags_csv = self.model_files(env)
         tags = read_tags(tags_csv)
         pid = self.pool_id(env, p)
-        pool = env.store.pool(pid)
+        pool = shared_pool(env.store, pid, True)
         paths = {}
         for e in env.images:  # identical images share one row
             paths.setdefault(e.digest, e.path)
@@ -106,19 +110,21 @@ class TagStage(Stage):
         done = len(order) - sum(len(b) for b in todo)
         if done:
             ctx.log(f"tag: {done}/{len(order)} images already tagged")
-        unreadable = []
+        if dist.size() > 1:
+            dist.barrier()  # every rank has read what is done before any writes
+            todo = todo[dist.rank() :: dist.size()]
         if todo:
             session = load_session(model)
             side, input_name = input_side(session), session.get_inputs()[0].name
-            with progress_bar(total=sum(len(b) for b in todo), desc="tag", unit="img", enabled=ctx.progress) as bar:
-                for batch in todo:
+            total = sum(len(b) for b in todo)
+            with progress_bar(total=total, desc="tag", unit="img", enabled=ctx.progress and dist.is_main()) as bar:
+                for n, batch in enumerate(todo):
                     pixels, kept = [], []
                     for d in batch:
                         try:
                             image = load_image(paths[d], ctx.runtime.max_image_pixels)
                         except DataError:
-                            unreadable.append(d)  # the caption stage reports it, or skips it
-                            continue
+                            continue  # the caption stage reports it, or skips it
                         pixels.append(prepare(image, side))
                         kept.append(d)
                     if kept:
@@ -129,7 +135,10 @@ class TagStage(Stage):
                         if new:
                             pool.put_many(new, p.batch_size)
                     bar.update(len(batch))
-        committed = pool.committed()
+                    fault_point("tag.batch", n + 1)  # this process's n-th batch, committed
+        if not finish_shared_pool(env.store, pid, True):
+            return StageResult()  # a rank > 0 of several: rank 0 commits
+        committed = env.store.pool(pid).committed()
         items = {d: {"array": d, "digest": committed[d]["digest"]} for d in order if d in committed}
         record = {
             "pool": pid,
@@ -137,12 +146,13 @@ class TagStage(Stage):
             "tags": [name for name, _ in tags],
             "categories": "".join(c if len(c) == 1 else "?" for _, c in tags),
         }
+        unreadable = len(order) - len(items)  # images no rank could read
         if unreadable:
-            record["unreadable"] = len(unreadable)
+            record["unreadable"] = unreadable
         return StageResult(
             pools={pid: sorted(items)},
             record=record,
-            summary=f"{len(order) - done - len(unreadable)} tagged, {done} reused",
+            summary=f"{len(order) - done - unreadable} tagged, {done} reused",
         )
 
     @staticmethod

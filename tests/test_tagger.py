@@ -230,10 +230,7 @@ def test_transfer_and_differential_tag_their_images(tagged, tiny_model):
 @pytest.mark.slow
 def test_a_killed_tag_run_resumes_to_the_bytes_of_an_uninterrupted_one(tagged, tmp_path):
     tagged.write_config(tag={"model": "tagger", "batch_size": 2})
-    (tmp_path / "twin").mkdir()
-    twin = Project(tmp_path / "twin", tagged.settings)
-    for folder in ("model", "images", "tagger"):
-        shutil.copytree(tagged.root / folder, twin.root / folder)
+    twin = twin_of(tagged, tmp_path / "twin")
     killed = tagged.subprocess("run", "lora", "--only", "tag", env={"LORA_PIPELINE_FAULT": "pool.put:3"})
     assert killed.returncode == -9, killed.stderr  # batch 1 committed, batch 2 written in part
     assert not tagged.manifests("tag")
@@ -242,13 +239,43 @@ def test_a_killed_tag_run_resumes_to_the_bytes_of_an_uninterrupted_one(tagged, t
     assert "2/5 images already tagged" in resumed.stderr
     whole = run_cli(["run", "lora", "--only", "tag"], twin.root)
     assert whole.returncode == 0, whole.stderr
+    assert tag_scores(tagged) == tag_scores(twin)
 
-    def scores(project):
-        from cache.store import Store
 
-        record = json.loads(project.manifests("tag")[0].read_text())["record"]
-        pool = Store(project.store).pool(record["pool"])
-        got = pool.get_many(sorted(record["items"]), [record["items"][n]["digest"] for n in sorted(record["items"])])
-        return {name: a.tobytes() for name, a in got.items()}
+def tag_scores(project) -> dict[str, bytes]:
+    from cache.store import Store
 
-    assert scores(tagged) == scores(twin)
+    record = json.loads(project.manifests("tag")[0].read_text())["record"]
+    pool = Store(project.store).pool(record["pool"])
+    got = pool.get_many(sorted(record["items"]), [record["items"][n]["digest"] for n in sorted(record["items"])])
+    return {name: a.tobytes() for name, a in got.items()}
+
+
+def twin_of(project: Project, where) -> Project:
+    where.mkdir()
+    twin = Project(where, project.settings)
+    for folder in ("model", "images", "tagger"):
+        shutil.copytree(project.root / folder, twin.root / folder)
+    return twin
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_tagging_and_a_killed_rank_s_rows_are_redone_by_one(tagged, tmp_path):
+    from test_distributed import torchrun
+
+    tagged.write_config(tag={"model": "tagger", "batch_size": 1})  # 5 batches: 3 on rank 0, 2 on rank 1
+    one, two = twin_of(tagged, tmp_path / "one"), twin_of(tagged, tmp_path / "two")
+    assert run_cli(["run", "lora", "--only", "tag"], one.root).returncode == 0
+    both = torchrun(two, "--only", "tag")
+    assert both.returncode == 0, both.stderr
+    assert len(tag_scores(two)) == 5 and tag_scores(two) == tag_scores(one)
+    pool = json.loads(two.manifests("tag")[0].read_text())["record"]["pool"]
+    logs = sorted(p.name for p in (two.store / "pools" / pool).glob("committed*.jsonl"))
+    assert logs == ["committed.jsonl"], logs  # rank 0 folded rank 1's log into the pool's
+
+    killed = torchrun(tagged, "--only", "tag", env={"LORA_PIPELINE_FAULT": "tag.batch:1@1"})  # rank 1's 1st batch
+    assert killed.returncode != 0 and not tagged.manifests("tag")
+    resumed = tagged.subprocess("run", "lora", "--only", "tag")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "images already tagged" in resumed.stderr
+    assert tag_scores(tagged) == tag_scores(one)
