@@ -366,6 +366,81 @@ def config(
 
 @app.command()
 @user_errors
+def history(
+    stage: str = typer.Argument(..., help="A stage (lora1, student, lora2, teacher, ...) or node (lora1.red-circle)."),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    as_json: bool = JsonOpt,
+):
+    """Every run of a stage the store keeps (until `pipeline gc`), oldest first: key, time, what changed, final loss
+    and the LoRA files it kept. `pipeline export STAGE --key K` copies one out."""
+    from pipeline.api import stage_history
+
+    report = stage_history(_env(config, set_), stage)
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    runs = report["runs"]
+    typer.echo(f"{report['stage']}: {len(runs)} artifact(s) in the store, oldest first")
+    for n, r in enumerate(runs, 1):
+        loss = f"loss {r['final_loss']:.4f}" if isinstance(r["final_loss"], float) else ""
+        steps = f"{r['steps']} steps" if r["steps"] else ""
+        used = f"  <- {', '.join(r['current'])}" if r["current"] else ""
+        when = (r["committed"] or "")[:16].replace("T", " ")
+        typer.echo(f"  #{n}  {when}  key {r['key'][:12]}  {steps:>10}  {loss}{used}")
+        for change in r["changes"][:6]:
+            typer.echo(f"        {change}")
+        if len(r["changes"]) > 6:
+            typer.echo(f"        ... and {len(r['changes']) - 6} more changes")
+        if r["saved_steps"]:
+            typer.echo(f"        LoRA kept at steps {', '.join(map(str, r['saved_steps']))} (export with --step N)")
+    if runs and report["stage"] in ("lora1", "student", "lora2"):
+        typer.echo(f"Copy one out: pipeline export {report['stage']} --key {runs[0]['key'][:8]} --out FILE.safetensors")
+
+
+@app.command()
+@user_errors
+def export(
+    stage: str = typer.Argument(..., help="lora1, student or lora2 (or a node such as lora1.red-circle)."),
+    key: str = typer.Option(
+        None,
+        "--key",
+        help="The artifact's key, or its first characters (`pipeline history`). Default: the one the last run uses.",
+    ),
+    out: Path = typer.Option(None, "--out", help="The file to write (default: <output_name>-<key>.safetensors here)."),
+    step: int = typer.Option(None, "--step", help="The LoRA kept at this step (save_every_steps) instead of the last."),
+    fmt: str = typer.Option(
+        "kohya",
+        "--format",
+        help="kohya (the single file ComfyUI, A1111 and kohya load) or diffusers (load_lora_weights).",
+    ),
+    precision: str = typer.Option(
+        None, "--precision", help="fp32, fp16 or bf16 (default: the section's save_precision)."
+    ),
+    config: Path = ConfigOpt,
+    set_: list[str] = SetOpt,
+    as_json: bool = JsonOpt,
+):
+    """Copy a LoRA file of any run the store keeps (`pipeline history`) to a file; never overwrites one."""
+    from pipeline.api import export_lora
+
+    if fmt not in ("kohya", "diffusers"):
+        raise PipelineError(f"--format {fmt}: use kohya or diffusers.")
+    if precision is not None and precision not in ("fp32", "float", "fp16", "bf16"):
+        raise PipelineError(f"--precision {precision}: use fp32, fp16 or bf16.")
+    result = export_lora(_env(config, set_), stage, key, out, step, fmt, precision)
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    verb = "wrote" if result["written"] else "already there:"
+    typer.echo(f"{verb} {result['file']} ({result['stage']} {result['key'][:12]}, {result['from']})")
+
+
+TRAINED = ("lora1", "student", "lora2")
+
+
+@app.command()
+@user_errors
 def gc(
     config: Path = ConfigOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
@@ -382,6 +457,12 @@ def gc(
         typer.echo(f"{'would remove' if dry_run else 'removed'} {r['kind']:7} {r['bytes']:>12,} B  {r['path']}")
     verb = "would free" if dry_run else "freed"
     typer.echo(f"{verb} {report['bytes']:,} bytes in {len(report['removed'])} entries")
+    loras = sorted({Path(r["path"]).parent.name for r in report["removed"] if r["kind"] == "stage"} & set(TRAINED))
+    if dry_run and loras:
+        typer.echo(
+            f"Earlier LoRAs of {', '.join(loras)} are among them. To keep one, copy it out first: "
+            f"`pipeline history {loras[0]}` lists them, `pipeline export {loras[0]} --key K --out FILE` copies one."
+        )
 
 
 @app.command()
@@ -474,7 +555,8 @@ def lora_info(
     if as_json:
         typer.echo(json.dumps(report, indent=1))
         return
-    for key in ("file", "format", "network", "loads_in", "family", "modules", "rank", "alpha", "parameters", "bytes"):
+    names = ("file", "format", "network", "loads_in", "family", "base_model", "modules", "rank", "alpha", "parameters")
+    for key in (*names, "bytes"):
         typer.echo(f"{key.replace('_', ' '):11} {report[key]}")
     typer.echo(f"{'targets':11} " + ", ".join(f"{k} ×{v}" for k, v in report["targets"].items()))
     for comp, n in report["text_encoder_modules"].items():

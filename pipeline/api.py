@@ -14,10 +14,12 @@ from stages.base import PlanEnv
 __all__ = [
     "StageRun",
     "collect_garbage",
+    "export_lora",
     "family",
     "open_project",
     "report",
     "run_workflow",
+    "stage_history",
     "status",
     "verify",
     "workflow_names",
@@ -120,6 +122,20 @@ def _mark_running(plans, holder: dict) -> None:
         if plan.state != "fresh":
             plan.state, plan.causes = "running", [f"{who} is running it"]
             return
+
+
+def stage_history(env: PlanEnv, stage: str) -> dict:
+    """`pipeline history`: every artifact of a stage the store keeps (pipeline/history.py)."""
+    from pipeline.history import history
+
+    return history(env, stage)
+
+
+def export_lora(env: PlanEnv, stage: str, key=None, out=None, step=None, fmt="kohya", precision=None) -> dict:
+    """`pipeline export`: one LoRA file of a kept artifact, copied out (pipeline/history.py)."""
+    from pipeline.history import export
+
+    return export(env, stage, key, out, step, fmt, precision)
 
 
 def collect_garbage(config: Path, dry_run: bool) -> dict:

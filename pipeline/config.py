@@ -246,6 +246,27 @@ class LoraSettings(Section):
                 )
         return v
 
+    # What the stage's LoRA files are called and kept as: output settings, in no key (a change re-exports only)
+    output_name: str | None = Field(
+        None,
+        pattern=r"^[^/\\:*?\"<>|]+$",
+        description="The LoRA file's name in the output folder, without .safetensors (kohya's output_name), also "
+        "written as its ss_output_name. Unset: the stage's name (lora1, student, lora2). Changing it re-exports the "
+        "files; nothing trains again.",
+    )
+    save_precision: Literal["fp32", "float", "fp16", "bf16"] = Field(
+        "fp32",
+        description="The precision of the exported LoRA files (kohya's save_precision; float = fp32). The store keeps "
+        "the trained fp32 weights, so changing it re-exports the files; nothing trains again.",
+    )
+    save_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Also keep the LoRA as it is every N optimizer steps (kohya's save_every_n_steps), in steps/ "
+        "beside the final file and listed by `pipeline history`; `pipeline export <stage> --step N` writes one. "
+        "Unset: the final LoRA only.",
+    )
+
 
 class TimestepSettings(Section):
     """How training draws noise levels. Flow-matching models only, except `uniform` (every family's default)."""
@@ -315,6 +336,13 @@ class TrainConfig(LoraSettings, TimestepSettings, NoiseSettings):
     )
 
     steps: int = Field(1000, ge=1, description="Number of optimizer steps.")
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        description="Train this many epochs instead of a number of steps (kohya's max_train_epochs): an epoch shows "
+        "every image its num_repeats times (and as many regularization images), so it is ceil(ceil(images x repeats "
+        "/ batch_size) / (grad_accum x processes)) optimizer steps. Set steps or epochs, not both.",
+    )
     batch_size: int = Field(1, ge=1, description="Images per micro-batch.")
     grad_accum: int = Field(
         1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x grad_accum)."
@@ -475,12 +503,41 @@ class DifferentialConfig(Section):
     )
 
 
-class PreviewConfig(Section):
-    """Preview images rendered during training."""
+class PreviewPrompt(Section):
+    """One preview with settings of its own ([[runtime.preview.prompts]]); each unset one is runtime.preview's."""
 
-    every: int = Field(0, ge=0, description="Render previews every N optimizer steps and at the end; 0 disables.")
-    prompts: list[str] = Field([], description="Prompts to render; empty: the first caption of the data set.")
+    prompt: str = Field(..., min_length=1, description="The prompt.")
+    negative_prompt: str | None = Field(None, description="Its negative prompt (kohya's --n).")
+    seed: int | None = Field(None, description="Its noise seed (kohya's --d).")
+    width: int | None = Field(None, ge=16, multiple_of=16, description="Its width in pixels (kohya's --w).")
+    height: int | None = Field(None, ge=16, multiple_of=16, description="Its height in pixels (kohya's --h).")
+    steps: int | None = Field(None, ge=1, description="Its sampling steps (kohya's --s).")
+    guidance_scale: float | None = Field(None, description="Its guidance scale (kohya's --l).")
+
+
+class PreviewConfig(Section):
+    """Preview images rendered during training (in previews/ of the stage's output, and in `pipeline report`)."""
+
+    every: int | None = Field(
+        None,
+        ge=0,
+        description="Render previews every N optimizer steps and at the end. Unset: a quarter of the stage's steps "
+        "(four previews a run); 0: none.",
+    )
+    prompts: list[str | PreviewPrompt] = Field(
+        [],
+        description="What to render: prompts, each a string (kohya's sample-prompt options work in it: --n negative "
+        "--w width --h height --s steps --l guidance --d seed) or a table (prompt, negative_prompt, seed, width, "
+        "height, steps, guidance_scale). Empty: the first caption of the data set.",
+    )
+    negative_prompt: str = Field("", description="The negative prompt of every preview without its own.")
     seed: int = Field(0, description="Seed of each preview's initial noise (the same for every preview).")
+    width: int | None = Field(
+        None, ge=16, multiple_of=16, description="Preview width in pixels. Unset: the model's native resolution."
+    )
+    height: int | None = Field(
+        None, ge=16, multiple_of=16, description="Preview height in pixels. Unset: the model's native resolution."
+    )
     steps: int = Field(20, ge=1, description="Sampling steps per preview.")
     guidance_scale: float = Field(7.5, description="Classifier-free guidance scale of previews.")
     ema: bool = Field(

@@ -110,9 +110,10 @@ TOP_LEVEL = {
     "caption_dropout_rate": "data.caption_dropout_rate", "resolution": "latents.resolution",
     "enable_bucket": "latents.buckets", "pretrained_model_name_or_path": "model.path",
     "base_model_name": "model.path", "output_dir": "runtime.output_dir",
-    "gradient_checkpointing": "runtime.gradient_checkpointing", "save_every_n_steps": "runtime.checkpoint_every",
-    "max_train_epochs": None, "epochs": None, "save_every_n_epochs": None, "output_name": None,
-    "save_precision": None, "sample_prompts": "runtime.preview.prompts",
+    "gradient_checkpointing": "runtime.gradient_checkpointing", "save_every_n_steps": "lora1.save_every_steps",
+    "max_train_epochs": "lora1.epochs", "epochs": "lora1.epochs", "num_epochs": "lora1.epochs",
+    "save_every_n_epochs": None, "output_name": "lora1.output_name", "save_precision": "lora1.save_precision",
+    "save_model_as": None, "sample_prompts": "runtime.preview.prompts",
     "sample_every_n_steps": "runtime.preview.every",
     # kohya's config-file sections and a few generic ones
     "model_arguments": "model", "dataset_arguments": "data", "training_arguments": "lora1",
@@ -121,8 +122,8 @@ TOP_LEVEL = {
     "dataset": "data", "datasets": "data", "general": "data",
 }  # fmt: skip
 NOT_YET = (
-    "not supported yet: lora-pipeline counts optimizer steps (lora1.steps) and names its files by stage; epochs, "
-    "output names and save precision are planned (issue 15)"
+    "not supported: LoRA files are kept every N optimizer steps (lora1.save_every_steps; lora1.epochs sets the "
+    "length in epochs) and always saved as .safetensors, in kohya's and the diffusers format"
 )
 
 

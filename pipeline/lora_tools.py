@@ -125,7 +125,8 @@ def info(path: Path, family) -> dict:
             if lora.network in ("loha", "lokr") or (lora.network == "dora" and lora.format == "kohya")
             else CONSUMERS[lora.format]
         ),
-        "family": base or f"{family.name} ({family.lora_component} keys)",
+        "family": family.name,  # the same name for every format of one LoRA (its keys, or --family)
+        "base_model": base or "not recorded in the file",
         "modules": len(lora.modules),
         "text_encoder_modules": {comp: len(mods) for comp, mods in lora.text_modules.items()},
         "rank": sorted(lora.ranks),
@@ -358,9 +359,8 @@ def sample(
     single_file_config: Path | None = None,
 ) -> dict:
     """A PNG grid: one row per prompt, one column per scale s (every LoRA at s x its weight), same seed everywhere."""
-    from PIL import Image, ImageDraw
-
     from stages.devices import resolve_device
+    from stages.training.previews import PreviewSpec, labelled_grid
 
     if not prompts:
         raise ConfigError("give at least one --prompt")
@@ -388,14 +388,10 @@ def sample(
                 config = getattr(part, "peft_config", {})  # an encoder no file had modules for has no adapter
                 if any(n in config for n in scaled):
                     set_adapter_weights(part, {n: w for n, w in scaled.items() if n in config})
-        columns.append(render(prompts, seed, steps, guidance, size))
-    header = 14
-    grid = Image.new("RGB", (size * len(scales), header + size * len(prompts)), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, (s, images) in enumerate(zip(scales, columns, strict=True)):
-        draw.text((j * size + 2, 1), f"scale {s:g}", fill="black")
-        for i, im in enumerate(images):
-            grid.paste(im, (j * size, header + i * size))
+        columns.append([render(PreviewSpec(p, "", seed, size, size, steps, guidance)) for p in prompts])
+    rows = [[column[i] for column in columns] for i in range(len(prompts))]
+    title = f"seed {seed} · {steps} steps · cfg {guidance:g} · {size}x{size}"
+    grid = labelled_grid(rows, prompts, [f"scale {s:g}" for s in scales], title)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     return {

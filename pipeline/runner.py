@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cache.hashing import sha256_file
 from cache.locks import describe_holder
 from cache.store import Manifest, write_json_atomic
 from core import dist
@@ -110,7 +111,8 @@ def run_workflow(
         env.store.write_ref(workflow, ref, config=env.config.model_dump(mode="json"), kinds=kinds, run=last_run)
         output_root = env.loaded.resolve(env.config.runtime.output_dir) / workflow
         for run, plan in zip(runs, plans, strict=True):
-            run.outputs = export_outputs(env, plan.manifest, output_root / plan.name) if plan.export else []
+            settings = plan.stage.export_settings(plan.env or env) if plan.export else None
+            run.outputs = export_outputs(env, plan.manifest, output_root / plan.name, settings) if plan.export else []
             stage_dir = env.store.stage_dir(plan.stage.name, plan.key)
             run.location = str((output_root / plan.name) if run.outputs else stage_dir) + "/"
         return runs
@@ -244,8 +246,9 @@ def _run_stage(env: PlanEnv, plan: StagePlan, upstream: dict[str, Manifest], pro
     return StageRun(plan.name, "ran", plan.key, seconds, summary=result.summary, causes=plan.causes)
 
 
-def export_outputs(env: PlanEnv, manifest: Manifest | None, dest: Path) -> list[str]:
-    """Copy a manifest's files to the output folder. The folder's record (EXPORT_MARKER: relative path -> digest
+def export_outputs(env: PlanEnv, manifest: Manifest | None, dest: Path, settings=None) -> list[str]:
+    """Copy a manifest's files to the output folder, named and stored as the stage's ExportSettings ask
+    (output_name, save_precision; None: as they are). The folder's record (EXPORT_MARKER: relative path -> digest
     of every file this tool wrote there) decides what may be replaced or removed: a file the pipeline did not
     write, or one changed since, is never touched, only reported."""
     if manifest is None or not manifest.outputs:
@@ -253,33 +256,44 @@ def export_outputs(env: PlanEnv, manifest: Manifest | None, dest: Path) -> list[
     marker = dest / EXPORT_MARKER
     if dest.exists() and not marker.exists():
         raise PlanError(f"{dest} exists and was not written by lora-pipeline; move it or change runtime.output_dir.")
-    wanted = {name: obj["digest"] for name, obj in manifest.outputs.items()}
+    sources = {(settings.file_name(n) if settings else n): n for n in manifest.outputs}  # exported name -> output
     record = _read_export_record(marker)
     if record is None:  # a marker from before the record: it claimed the stage's own file names
-        record = {n: env.store.memo.digest(dest / n) for n in wanted if (dest / n).is_file()}
+        record = {n: env.store.memo.digest(dest / n) for n in sources if (dest / n).is_file()}
     kept = []
     for name, digest in sorted(record.items()):  # an earlier export's files that this artifact does not have
         path = dest / name
-        if name not in wanted and path.is_file():
+        if name not in sources and path.is_file():
             if env.store.memo.digest(path) == digest:
                 path.unlink()
-        if name not in wanted:
+        if name not in sources:
             record.pop(name)
     dest.mkdir(parents=True, exist_ok=True)
-    for name, digest in wanted.items():
+    for name, output in sources.items():
         path = dest / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        source = env.store.read_object(manifest.outputs[output]["digest"], f"{manifest.stage} output {output}")
+        tmp, digest = None, manifest.outputs[output]["digest"]
+        if settings is not None and settings.rewrites(output):
+            from stages.training.outputs import export_lora_file
+
+            tmp = path.with_name(f".{path.name}.tmp")
+            export_lora_file(source, tmp, settings)
+            digest = sha256_file(tmp)
         if path.is_file():
             current = env.store.memo.digest(path)
-            if current == digest:
-                record[name] = digest
+            if current == digest or record.get(name) != current:
+                if tmp is not None:
+                    tmp.unlink()
+                if current == digest:
+                    record[name] = digest
+                else:  # not the file this tool wrote there (or changed since): leave it
+                    kept.append(name)
+                    record.pop(name, None)
                 continue
-            if record.get(name) != current:  # not the file this tool wrote there (or changed since): leave it
-                kept.append(name)
-                record.pop(name, None)
-                continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        shutil.copyfile(env.store.read_object(digest, f"{manifest.stage} output {name}"), tmp)
+        if tmp is None:
+            tmp = path.with_name(f".{path.name}.tmp")
+            shutil.copyfile(source, tmp)
         os.replace(tmp, path)
         record[name] = digest
     write_json_atomic(marker, {"exported": dict(sorted(record.items()))})
@@ -294,7 +308,7 @@ def export_outputs(env: PlanEnv, manifest: Manifest | None, dest: Path) -> list[
             f"left as they are: {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}",
             file=sys.stderr,
         )
-    return [str(dest / n) for n in wanted if n not in kept]
+    return [str(dest / n) for n in sources if n not in kept]
 
 
 def _read_export_record(marker: Path) -> dict[str, str] | None:

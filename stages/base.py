@@ -181,12 +181,40 @@ class PlanEnv:
             "loss": resolve_loss(section, timesteps, prediction_type, name),
             **resolve_optim(
                 section,
-                steps or section.steps,
+                steps or self.section_steps(section, name),
                 grad_accum or section.grad_accum,
                 name,
                 grad_accum_field,
             ),
         }
+
+    def section_steps(self, section, name: str) -> int:
+        """A training section's optimizer steps: its `steps`, or its `epochs` of this data set (kohya's epoch: every
+        training image num_repeats times, regularization images as many again, in batches of batch_size; an
+        optimizer step takes grad_accum of them on each process)."""
+        import math
+
+        from core import dist
+        from core.errors import ConfigError
+
+        epochs = getattr(section, "epochs", None)
+        if epochs is None:
+            return section.steps
+        if "steps" in section.model_fields_set:
+            raise ConfigError(
+                f"{name}.steps and {name}.epochs are both set: one says how long to train. Remove one of them."
+            )
+        subsets = {s.name or s.images.name: s for s in self.config.data.subsets}
+        images = reg = 0
+        for entry in self.images:
+            subset = subsets.get(entry.subset) if entry.subset is not None else None
+            if subset is not None and subset.is_reg:
+                reg += 1
+            else:
+                images += subset.num_repeats if subset is not None else 1
+        shown = images * (2 if reg else 1)  # kohya repeats or cuts the regularization images to as many
+        per_epoch = math.ceil(math.ceil(shown / section.batch_size) / (section.grad_accum * dist.size()))
+        return max(1, epochs * per_epoch)
 
     def targets(self, section_targets: list[str] | None) -> list[str]:
         return list(section_targets) if section_targets is not None else list(self.family.default_targets)
@@ -315,6 +343,11 @@ class Stage:
     def artifact_notes(self, manifest: Manifest) -> list[str]:
         """What a committed artifact should tell its user (`pipeline status`), e.g. the files it left out."""
         return []
+
+    def export_settings(self, env: PlanEnv):
+        """A training stage's ExportSettings (stages/training/outputs.py: output_name, save_precision); None: its
+        files are exported as the store holds them."""
+        return None
 
     def preflight(self, env: PlanEnv, params: BaseModel) -> None:
         """Checks that need the machine (devices, optional packages), run before any stage of a run starts."""

@@ -19,7 +19,10 @@ class Lora1Params(LoraTrainParams):
     """The shared training params, the text encoder's LoRA (train_text_encoder; its rates None without it), and
     the caption tricks (None when off: the key of a run without them is the key it had before they existed)."""
 
-    UNKEYED_WHEN_NONE = ("captions", "subset_captions", "prior_loss_weight", "guidance_embed", "processes")
+    UNKEYED_WHEN_NONE = (
+        *LoraTrainParams.UNKEYED_WHEN_NONE,
+        *("captions", "subset_captions", "prior_loss_weight", "guidance_embed", "processes"),
+    )
 
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
@@ -37,7 +40,9 @@ def prior_loss_weight(data) -> float | None:
 
 class Lora1Stage(Stage):
     name = "lora1"
-    IMPL_VERSION = 2  # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version)
+    # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version); v3: the files carry the
+    # training settings, dataset and tag frequencies (ss_*), and ss_output_name
+    IMPL_VERSION = 3
     upstream = ("caption", "latents", "text")
     # train_text_encoder: the captions are encoded in every step by the text encoder in training, so the `lora`
     # workflow leaves the text stage out (pipeline/workflows.py)
@@ -47,20 +52,27 @@ class Lora1Stage(Stage):
 
     def params(self, env: PlanEnv) -> Lora1Params:
         c = env.config.lora1
+        steps = env.section_steps(c, "lora1")
         if c.train_text_encoder:
             text = {"text_encoder_targets": list(text_encoder_targets(env, "lora1"))}
         else:  # its rates are read only with a trained text encoder
             text = {"text_encoder_lr": None, "loraplus_text_encoder_lr_ratio": None}
         return Lora1Params(
-            **{**section_fields(c, Lora1Params), **text},
-            **env.train_fields(c, "lora1"),
+            **{**section_fields(c, Lora1Params), **text, "steps": steps},
+            **env.train_fields(c, "lora1", steps=steps),
             prediction_type=env.prediction_type,
-            captions=caption_draw(env.config.data, c.steps),
-            subset_captions=subset_caption_draws(env.config.data, c.steps),
+            captions=caption_draw(env.config.data, steps),
+            subset_captions=subset_caption_draws(env.config.data, steps),
             prior_loss_weight=prior_loss_weight(env.config.data),
             guidance_embed=guidance_embed_for(env.model, c.guidance_embed, "lora1.guidance_embed"),
             processes=processes(),
         )
+
+    def export_settings(self, env: PlanEnv):
+        from stages.training.outputs import ExportSettings
+
+        c = env.config.lora1
+        return ExportSettings("lora1", c.output_name, c.save_precision)
 
     def inputs(self, env: PlanEnv) -> dict:
         d, denoiser = env.component_digests, env.family.lora_component
@@ -99,15 +111,18 @@ class Lora1Stage(Stage):
 
         if not env.store.has_work(self.name, key):
             return None
-        return checkpoint_step(env.store.work_dir(self.name, key, create=False)), env.config.lora1.steps
+        steps = env.section_steps(env.config.lora1, "lora1")
+        return checkpoint_step(env.store.work_dir(self.name, key, create=False)), steps
 
     def run(self, ctx: StageContext) -> StageResult:
         from stages.devices import resolve_device
         from stages.pools import draw_training_captions, load_training_data
         from stages.training.loop import DiffusionBatches, TrainJob, train_lora
-        from stages.training.outputs import write_lora_outputs
+        from stages.training.outputs import snapshot_writer, write_lora_outputs
+        from stages.training.previews import preview_specs
 
         env, p = ctx.env, ctx.params
+        metadata = lora_metadata(ctx, p)
         device = resolve_device(ctx.runtime.device)
         text_encoder = env.family.load_text_encoder(env.layout, device) if p.train_text_encoder else None
         data, captions = load_training_data(ctx.store, ctx.upstream, text_encoder, p.prior_loss_weight)
@@ -124,8 +139,7 @@ class Lora1Stage(Stage):
             work_dir=ctx.work_dir,
             checkpoint_every=ctx.runtime.checkpoint_every,
             preview=preview,
-            preview_prompts=preview.prompts or captions[:1],
-            preview_size=env.config.latents.resolution,
+            preview_prompts=preview_specs(preview, captions[:1]),
             progress=ctx.progress and dist.is_main(),
             processes=p.processes or 1,
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
@@ -133,13 +147,12 @@ class Lora1Stage(Stage):
             tracker=ctx.tracker,
             label=ctx.node,
             text_encoder=text_encoder,
+            snapshot=snapshot_writer(env.family, p, ctx.work_dir, "lora1", metadata),
         )
         outcome = train_lora(job, batches)
         if not dist.is_main():  # rank 0 writes the files; the runner commits them after every rank finished
             return StageResult()
-        files = write_lora_outputs(
-            env.family, outcome, p, ctx.work_dir, "lora1", env.family.lora_metadata(env.layout, p.prediction_type)
-        )
+        files = write_lora_outputs(env.family, outcome, p, ctx.work_dir, "lora1", metadata)
         pools = {}
         if drawn is not None:
             files["captions.json"], pools = drawn.path, drawn.pools
@@ -154,6 +167,17 @@ class Lora1Stage(Stage):
         if drawn is not None:
             record["captions"] = drawn.record
         return StageResult(files=files, pools=pools, record=record, summary=f"loss {record['final_loss']:.4f}")
+
+
+def lora_metadata(ctx: StageContext, p) -> dict[str, str]:
+    """What the LoRA files of a stage trained on the data set say about the model and the training (ss_*)."""
+    from stages.training.outputs import training_metadata
+
+    env = ctx.env
+    items = ctx.upstream["caption"].record["items"]
+    model = env.loaded.resolve(env.config.model.path).name
+    training = training_metadata(p, env.config.latents.resolution, model, items, env.config.data.images.name)
+    return {**env.family.lora_metadata(env.layout, p.prediction_type), **training}
 
 
 def text_encoder_targets(env: PlanEnv, section: str) -> tuple[str, ...]:

@@ -16,7 +16,13 @@ from stages.training.params import LoraTrainParams, processes, section_fields
 
 
 class Lora2Params(LoraTrainParams):
-    UNKEYED_WHEN_NONE = ("captions", "subset_captions", "guidance_embed", "processes")
+    UNKEYED_WHEN_NONE = (
+        *LoraTrainParams.UNKEYED_WHEN_NONE,
+        "captions",
+        "subset_captions",
+        "guidance_embed",
+        "processes",
+    )
 
     lora1_mode: str
     noise_stream: str  # "" replays lora1's draws (paired noise); "lora2" draws its own
@@ -27,7 +33,9 @@ class Lora2Params(LoraTrainParams):
 
 class Lora2Stage(Stage):
     name = "lora2"
-    IMPL_VERSION = 2  # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version)
+    # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version); v3: training settings, dataset
+    # and tag frequencies in the files (ss_*), and ss_output_name
+    IMPL_VERSION = 3
     upstream = ("caption", "latents", "text", "lora1")
     contract_from = ("caption", "latents")
     description = "LoRA-2 on B, over LoRA-1"
@@ -36,24 +44,31 @@ class Lora2Stage(Stage):
     def params(self, env: PlanEnv) -> Lora2Params:
         d = env.config.differential
         l1, l2 = d.lora1, d.lora2
+        steps = env.section_steps(l2, "differential.lora2")
         if d.paired_noise and l1.batch_size != l2.batch_size:
             raise ConfigError(
                 f"differential.paired_noise replays LoRA-1's noise step by step, so it needs the same batch size: "
                 f"differential.lora1.batch_size = {l1.batch_size}, differential.lora2.batch_size = {l2.batch_size}."
             )
         return Lora2Params(
-            **section_fields(l2, Lora2Params),
+            **{**section_fields(l2, Lora2Params), "steps": steps},
             # paired noise replays LoRA-1's draws, so LoRA-1's sampler and shift
-            **env.train_fields(l2, "differential.lora2", timestep_settings=l1 if d.paired_noise else l2),
+            **env.train_fields(l2, "differential.lora2", timestep_settings=l1 if d.paired_noise else l2, steps=steps),
             prediction_type=env.prediction_type,
             lora1_mode=d.lora1_mode,
             noise_stream="" if d.paired_noise else "lora2",
             noise_seed=l1.seed if d.paired_noise else l2.seed,
-            captions=caption_draw(env.config.data, l2.steps),
-            subset_captions=subset_caption_draws(env.config.data, l2.steps),
+            captions=caption_draw(env.config.data, steps),
+            subset_captions=subset_caption_draws(env.config.data, steps),
             guidance_embed=guidance_embed_for(env.model, l2.guidance_embed, "differential.lora2.guidance_embed"),
             processes=processes(),
         )
+
+    def export_settings(self, env: PlanEnv):
+        from stages.training.outputs import ExportSettings
+
+        c = env.config.differential.lora2
+        return ExportSettings("lora2", c.output_name, c.save_precision)
 
     def inputs(self, env: PlanEnv) -> dict:
         d, denoiser = env.component_digests, env.family.lora_component
@@ -72,16 +87,20 @@ class Lora2Stage(Stage):
 
         if not env.store.has_work(self.name, key):
             return None
-        return checkpoint_step(env.store.work_dir(self.name, key, create=False)), env.config.differential.lora2.steps
+        steps = env.section_steps(env.config.differential.lora2, "differential.lora2")
+        return checkpoint_step(env.store.work_dir(self.name, key, create=False)), steps
 
     def run(self, ctx: StageContext) -> StageResult:
         from stages.devices import resolve_device
+        from stages.lora1 import lora_metadata
         from stages.pools import draw_training_captions, load_training_data
         from stages.training.loop import DiffusionBatches, TrainJob, train_lora
         from stages.training.lora_files import read_lora_file
-        from stages.training.outputs import trained_file, write_lora_outputs
+        from stages.training.outputs import snapshot_writer, trained_file, write_lora_outputs
+        from stages.training.previews import preview_specs
 
         env, p = ctx.env, ctx.params
+        metadata = lora_metadata(ctx, p)
         data, captions = load_training_data(ctx.store, ctx.upstream)
         batches = DiffusionBatches(data, p.noise_seed, p.batch_size, p.noise_stream)
         with dist.main_first():  # rank 0 encodes drawn captions into the store; the others then read them
@@ -99,8 +118,7 @@ class Lora2Stage(Stage):
             work_dir=ctx.work_dir,
             checkpoint_every=ctx.runtime.checkpoint_every,
             preview=preview,
-            preview_prompts=preview.prompts or captions[:1],
-            preview_size=env.config.latents.resolution,
+            preview_prompts=preview_specs(preview, captions[:1]),
             progress=ctx.progress and dist.is_main(),
             processes=p.processes or 1,
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
@@ -110,13 +128,12 @@ class Lora2Stage(Stage):
             stage="lora2",
             preset_lora=preset,
             preset_mode=p.lora1_mode,
+            snapshot=snapshot_writer(env.family, p, ctx.work_dir, "lora2", metadata),
         )
         outcome = train_lora(job, batches)
         if not dist.is_main():  # rank 0 writes the files; the runner commits them after every rank finished
             return StageResult()
-        files = write_lora_outputs(
-            env.family, outcome, p, ctx.work_dir, "lora2", env.family.lora_metadata(env.layout, p.prediction_type)
-        )
+        files = write_lora_outputs(env.family, outcome, p, ctx.work_dir, "lora2", metadata)
         pools = {}
         if drawn is not None:
             files["captions.json"], pools = drawn.path, drawn.pools

@@ -39,7 +39,9 @@ def student_guidance(env: PlanEnv) -> float | None:
 
 class StudentStage(Stage):
     name = "student"
-    IMPL_VERSION = 2  # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version)
+    # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version); v3: the training settings in
+    # the files (ss_*), and ss_output_name
+    IMPL_VERSION = 3
     upstream = ("latents", "schedule", "teacher", "prior")
     contract_from = ("teacher", "prior")
     enforce_contract = True
@@ -73,6 +75,12 @@ class StudentStage(Stage):
             guidance_embed=student_guidance(env),
         )
 
+    def export_settings(self, env: PlanEnv):
+        from stages.training.outputs import ExportSettings
+
+        c = env.config.student
+        return ExportSettings("student", c.output_name, c.save_precision)
+
     def inputs(self, env: PlanEnv) -> dict:
         d, denoiser = env.student.component_digests, env.student.family.lora_component
         return {"model": {f"student {denoiser}": d[denoiser], "student scheduler": d["scheduler"]}}
@@ -97,11 +105,17 @@ class StudentStage(Stage):
         from stages.pools import load_latent_table, load_mask_table, load_text_table
         from stages.training.loop import TrainJob, train_lora
         from stages.training.lora_files import read_lora_file
-        from stages.training.outputs import write_lora_outputs
+        from stages.training.outputs import snapshot_writer, training_metadata, write_lora_outputs
+        from stages.training.previews import preview_specs
         from stages.training.schedule import read_schedule
 
         env, p, store = ctx.env, ctx.params, ctx.store
         student = env.student
+        model_name = env.loaded.resolve(env.config.transfer.student_model).name
+        metadata = {
+            **student.family.lora_metadata(student.layout, p.prediction_type),
+            **training_metadata(p, env.config.latents.resolution, model_name),
+        }
         doc, spec = read_schedule(store, ctx.upstream["schedule"])
         teacher, prior = ctx.upstream["teacher"], ctx.upstream["prior"]
         cond, row_of = load_text_table(store, prior.record["text"])
@@ -159,8 +173,7 @@ class StudentStage(Stage):
             work_dir=ctx.work_dir,
             checkpoint_every=ctx.runtime.checkpoint_every,
             preview=preview,
-            preview_prompts=preview.prompts or [r["caption"] for r in doc["rows"][:1]],
-            preview_size=env.config.latents.resolution,
+            preview_prompts=preview_specs(preview, [r["caption"] for r in doc["rows"][:1]]),
             progress=ctx.progress and dist.is_main(),
             processes=world,
             split_accum=True,
@@ -172,18 +185,12 @@ class StudentStage(Stage):
             init_lora=init,
             evaluate=fidelity if fidelity.rows else None,
             eval_every=ctx.runtime.fidelity_every,
+            snapshot=snapshot_writer(student.family, p, ctx.work_dir, "student", metadata),
         )
         outcome = train_lora(job, batches)
         if not dist.is_main():  # rank 0 writes the files; the runner commits them after every rank finished
             return StageResult()
-        files = write_lora_outputs(
-            student.family,
-            outcome,
-            p,
-            ctx.work_dir,
-            "student",
-            student.family.lora_metadata(student.layout, p.prediction_type),
-        )
+        files = write_lora_outputs(student.family, outcome, p, ctx.work_dir, "student", metadata)
         fid_csv = ctx.work_dir / "fidelity.csv"
         columns = ["cosine", "rel_error"] + (["fit_cosine", "fit_rel_error"] if sets["fit"] else [])
         lines = [",".join([str(e["step"])] + [f"{e[c]:.6g}" for c in columns]) + "\n" for e in outcome.evals]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from cache.store import Manifest
 from core.errors import ConfigError, DataError, ModelError
-from stages.base import PlanEnv, Stage, StageContext, StageResult
 from core.faults import fault_point
+from stages.base import PlanEnv, Stage, StageContext, StageResult
 from stages.pools import finish_shared_pool, pool_id, pool_progress, shared_pool
 from stages.tagging import DEFAULT_SIZE, prepare, read_tags, tagger_files
 from stages.training.params import KeyedParams

@@ -82,6 +82,11 @@ def tiny_flow_models(tmp_path_factory) -> Path:
 def toml_config(settings: dict) -> str:
     from pipeline.schema_docs import toml_value
 
+    if "runtime.preview" not in settings:
+        # Previews are on by default (every quarter of a stage's steps); rendering them in every test run would cost
+        # a minute of the suite, so a config leaves them off unless it has a [runtime.preview] of its own (the tests
+        # of previews, and test_newcomer's of the defaults, set one).
+        settings = {**settings, "runtime.preview": {"every": 0}}
     lines = []
     for section, values in settings.items():
         lines.append(f"[{section}]")

@@ -128,3 +128,24 @@ def test_kill_during_teacher_resumes_per_step_to_the_same_deltas(transfer_projec
         return {e["name"]: e["digest"] for e in map(json.loads, log.read_text().splitlines())}
 
     assert deltas(project.root) == deltas(twin_root)  # every stored delta bit-identical to the uninterrupted run's
+
+
+def test_a_killed_run_keeps_its_save_every_steps_files_to_the_same_bytes(project, tmp_path):
+    """The LoRA files kept at steps ride in the checkpoints, as previews do: a resumed run ends with those of an
+    uninterrupted one."""
+    import shutil
+
+    project.write_config(lora1={"save_every_steps": 2})
+    twin_root = tmp_path / "twin"
+    shutil.copytree(project.root, twin_root)
+    killed = _run(project, fault="lora1.step:5")  # after the checkpoint and the file of step 4
+    assert killed.returncode == -signal.SIGKILL and not project.manifests("lora1")
+    assert _run(project).returncode == 0
+    from conftest import run_cli
+
+    assert run_cli(["run", "lora", "--json"], twin_root).returncode == 0
+    steps = "output/lora/lora1/steps"
+    names = sorted(p.name for p in (project.root / steps).iterdir())
+    assert names == ["lora1-step000002.safetensors", "lora1-step000004.safetensors"]
+    for name in names:
+        assert (project.root / steps / name).read_bytes() == (twin_root / steps / name).read_bytes()

@@ -54,6 +54,7 @@ SEMANTIC = [
             ("max_grad_norm", 0.5),
             ("mixed_precision", "'bf16'"),
             ("seed", 7),
+            ("save_every_steps", 2),
         ]
     ],
     *[
@@ -84,6 +85,7 @@ SEMANTIC = [
             ("seed", 7),
             ("guidance", 2.5),
             ("init", "'teacher'"),
+            ("save_every_steps", 2),
         ]
     ],
 ]
@@ -121,6 +123,11 @@ RUNTIME = [
     "runtime.fidelity_every=2",
     "runtime.gradient_checkpointing=true",
     "runtime.preview.ema=true",
+    # what the exported files are called and their precision: the store keeps the trained fp32 files
+    "lora1.output_name='my-lora'",
+    "lora1.save_precision='fp16'",
+    "student.output_name='my-turbo-lora'",
+    "student.save_precision='bf16'",
 ]
 
 
@@ -382,6 +389,11 @@ def test_every_config_field_is_covered_by_this_table():
         ("data.prior_loss_weight", None),  # read only with is_reg subsets: tests/test_subsets.py
         # a project with a tagger: tests/test_tagger.py::test_tag_settings_change_exactly_the_caption_table_and_...
         *[(f"tag.{k}", None) for k in TagConfig.model_fields],
+        # epochs instead of steps, and the output settings of the differential sections (tests/test_newcomer.py)
+        ("lora1.epochs", None),
+        *[(f"differential.{s}.epochs", None) for s in ("lora1", "lora2")],
+        *[(f"differential.{s}.{k}", None) for s in ("lora1", "lora2") for k in ("output_name", "save_precision")],
+        *[(f"differential.{s}.save_every_steps", None) for s in ("lora1", "lora2")],
     ]
     covered = {o.split("=")[0] for o, _ in tables} | {o.split("=")[0] for o in RUNTIME}
     fields = set()

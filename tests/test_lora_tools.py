@@ -88,7 +88,9 @@ def test_info_convert_and_mix_on_real_files(project, trained_lora, tmp_path):
     info = json.loads(result.stdout)
     assert info["format"] == "kohya" and info["rank"] == [4] and info["alpha"] == [8.0] and info["modules"] == 32
     assert info["targets"] == {"to_k": 8, "to_out.0": 8, "to_q": 8, "to_v": 8}
-    assert info["family"] == "sd_v1"
+    assert info["family"] == "sd15" and info["base_model"] == "sd_v1"
+    other = json.loads(cli(project, "lora", "info", str(diffusers_file), "--json").stdout)
+    assert other["format"] in ("diffusers", "peft") and other["family"] == "sd15" and other["base_model"] == "sd_v1"
 
     # kohya -> diffusers needs the model to restore dotted names; then back to kohya: the same tensors.
     no_model = cli(

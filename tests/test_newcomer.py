@@ -91,12 +91,14 @@ def test_a_run_that_trained_ends_with_its_files_loss_and_next_commands(project):
 
 def test_keys_written_as_other_trainers_write_them_name_ours(project):
     """A config in kohya's or OneTrainer's spelling: every such key or section is named with its place here, or
-    said to be not supported yet; nothing is accepted silently."""
+    said to be not supported; nothing is accepted silently."""
     cases = {
         "learning_rate = 1e-4": "did you mean `lora1.lr`?",
         "network_dim = 16": "did you mean `lora1.rank`?",
         "train_data_dir = 'x'": "did you mean `data.images`?",
-        "max_train_epochs = 10": "not supported yet",
+        "max_train_epochs = 10": "did you mean `lora1.epochs`?",
+        "output_name = 'x'": "did you mean `lora1.output_name`?",
+        "save_every_n_epochs = 1": "lora1.save_every_steps",
         "[train]\nlr = 1e-4": "its settings go under `[lora1]`",
         "[training_arguments]\nlearning_rate = 1e-4": "`pipeline import kohya FILE`",
     }
@@ -108,3 +110,193 @@ def test_keys_written_as_other_trainers_write_them_name_ours(project):
     project.config.write_text(text)
     project.write_config(data={"images": "images", "shuffle_caption": True})  # a kohya name that is ours too
     assert project.cli("config", "-c", str(project.config)).exit_code == 0
+
+
+# -- results a user can find and keep ----------------------------------------------------------------------------
+
+
+def tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def cli_in(project, *args):
+    return project.cli(*args, "-c", str(project.config))
+
+
+def test_history_lists_earlier_runs_and_export_brings_one_back(project, tmp_path):
+    project.run_json()
+    out = project.root / "output" / "lora" / "lora1"
+    first = (out / "lora1.safetensors").read_bytes()
+    assert project.run_json("--set", "lora1.lr=0.0005")["stages"][3]["action"] == "ran"
+    assert (out / "lora1.safetensors").read_bytes() != first  # the output folder holds the last run's LoRA
+
+    report = json.loads(cli_in(project, "history", "lora1", "--json").stdout)
+    runs = report["runs"]
+    assert len(runs) == 2 and runs[0]["changes"] == []
+    assert "params lora1.lr 0.001 → 0.0005" in runs[1]["changes"]
+    assert runs[0]["current"] == [] and runs[1]["current"] == ["lora: lora1"]
+    assert runs[0]["steps"] == 6 and isinstance(runs[0]["final_loss"], float)
+    text = cli_in(project, "history", "lora1").stdout
+    assert "params lora1.lr 0.001 → 0.0005" in text and f"pipeline export lora1 --key {runs[0]['key'][:8]}" in text
+
+    back = tmp_path / "first.safetensors"
+    done = cli_in(project, "export", "lora1", "--key", runs[0]["key"][:8], "--out", str(back))
+    assert done.exit_code == 0, done.output
+    assert back.read_bytes() == first  # the first run's file, byte for byte
+    again = cli_in(project, "export", "lora1", "--key", runs[0]["key"][:8], "--out", str(back))
+    assert again.exit_code == 0 and "already there" in again.stdout
+    other = cli_in(project, "export", "lora1", "--key", runs[1]["key"][:8], "--out", str(back))
+    assert other.exit_code == 2 and "not overwritten" in other.output and back.read_bytes() == first
+    diffusers = tmp_path / "d.safetensors"
+    assert cli_in(project, "export", "lora1", "--format", "diffusers", "--out", str(diffusers)).exit_code == 0
+    assert diffusers.read_bytes() == (out / "diffusers" / "pytorch_lora_weights.safetensors").read_bytes()
+
+    missing = cli_in(project, "export", "lora1", "--key", "ffffffff", "--out", str(tmp_path / "x.safetensors"))
+    assert missing.exit_code == 2 and "pipeline history lora1" in missing.output
+    unknown = cli_in(project, "history", "lora9")
+    assert unknown.exit_code == 2 and "unknown stage 'lora9'" in unknown.output and "lora1" in unknown.output
+    dry = cli_in(project, "gc", "--dry-run")
+    assert "pipeline export" in dry.stdout  # gc says how to keep an earlier LoRA before it goes
+
+
+def test_output_name_and_save_precision_re_export_without_training(project):
+    import torch
+
+    project.run_json()
+    out = project.root / "output" / "lora" / "lora1"
+    fp32 = tensors(out / "lora1.safetensors")
+    assert metadata(out / "lora1.safetensors")["ss_output_name"] == "lora1"
+    report = project.run_json("--set", "lora1.output_name='my-char'", "--set", "lora1.save_precision='fp16'")
+    assert {s["action"] for s in report["stages"]} == {"reused"}  # nothing trains again
+    assert not (out / "lora1.safetensors").exists()  # the old export was ours: replaced by the new name
+    half = tensors(out / "my-char.safetensors")
+    assert half.keys() == fp32.keys() and all(v.dtype == torch.float16 for v in half.values())
+    assert all(torch.equal(half[k], fp32[k].half()) for k in fp32)
+    assert metadata(out / "my-char.safetensors")["ss_output_name"] == "my-char"
+    diffusers = tensors(out / "diffusers" / "pytorch_lora_weights.safetensors")
+    assert all(v.dtype == torch.float16 for v in diffusers.values())
+    bf16 = project.root / "bf16.safetensors"
+    named = ("--set", "lora1.output_name='my-char'")  # export reads the config: --set works there too
+    assert cli_in(project, "export", "lora1", "--precision", "bf16", "--out", str(bf16), *named).exit_code == 0
+    assert all(v.dtype == torch.bfloat16 for v in tensors(bf16).values())
+    assert metadata(bf16)["ss_output_name"] == "my-char"
+
+
+def test_the_lora_files_carry_the_training_settings_and_tag_frequencies(project):
+    project.run_json()
+    meta = metadata(project.root / "output" / "lora" / "lora1" / "lora1.safetensors")
+    assert meta["ss_learning_rate"] == "0.001" and meta["ss_max_train_steps"] == "6"
+    assert meta["ss_optimizer"].startswith("torch.optim.adamw.AdamW(") and meta["ss_lr_scheduler"] == "constant"
+    assert meta["ss_resolution"] == "(32, 32)" and meta["ss_num_train_images"] == "6"
+    assert meta["ss_batch_size_per_device"] == "2" and meta["ss_sd_model_name"] == "model"
+    captions = [p.read_text() for p in sorted((project.root / "images").glob("*.txt"))]
+    expected: dict[str, int] = {}
+    for caption in captions:
+        for tag in (t.strip() for t in caption.split(",")):
+            expected[tag] = expected.get(tag, 0) + 1
+    assert json.loads(meta["ss_tag_frequency"]) == {"images": expected}
+    assert json.loads(meta["ss_dataset_dirs"]) == {"images": {"n_repeats": 1, "img_count": 6}}
+    info = json.loads(
+        project.cli("lora", "info", str(project.root / "output/lora/lora1/lora1.safetensors"), "--json").stdout
+    )
+    assert info["family"] == "sd15" and info["metadata"]["ss_output_name"] == "lora1"
+
+
+def test_save_every_steps_keeps_the_lora_of_those_steps(project, tmp_path):
+    import torch
+
+    project.write_config(lora1={"save_every_steps": 2})
+    project.run_json()
+    steps = project.root / "output" / "lora" / "lora1" / "steps"
+    assert sorted(p.name for p in steps.iterdir()) == ["lora1-step000002.safetensors", "lora1-step000004.safetensors"]
+    assert metadata(steps / "lora1-step000002.safetensors")["ss_steps"] == "2"
+    runs = json.loads(cli_in(project, "history", "lora1", "--json").stdout)["runs"]
+    assert runs[-1]["saved_steps"] == [2, 4]
+    kept = tmp_path / "s2.safetensors"
+    assert cli_in(project, "export", "lora1", "--step", "2", "--out", str(kept)).exit_code == 0
+    nope = cli_in(project, "export", "lora1", "--step", "3", "--out", str(tmp_path / "s3.safetensors"))
+    assert nope.exit_code == 2 and "the steps kept are 2, 4" in nope.output
+    # with a constant lr, the LoRA kept at step 2 is the LoRA of a 2-step run
+    project.settings["lora1"].pop("save_every_steps")
+    project.write_config(lora1={"steps": 2})
+    project.run_json()
+    two = tensors(project.root / "output" / "lora" / "lora1" / "lora1.safetensors")
+    assert all(torch.equal(v, two[k]) for k, v in tensors(kept).items()) and kept.exists()
+
+
+def test_epochs_count_images_times_repeats_per_batch(project):
+    import math
+
+    def lora1_steps(*sets):
+        report = project.run_json("--dry-run", *sets)
+        return next(s for s in report["stages"] if s["name"] == "lora1")
+
+    del project.settings["lora1"]["steps"]
+    project.write_config(lora1={"epochs": 2})  # 6 images, batch 2: 3 steps an epoch
+    by_epochs = lora1_steps()
+    project.settings["lora1"].pop("epochs")
+    project.write_config(lora1={"steps": 2 * math.ceil(6 / 2)})
+    assert lora1_steps()["key"] == by_epochs["key"]  # 2 epochs are those 6 steps, in the key
+    both = project.cli("run", "lora", "--set", "lora1.epochs=2")
+    assert both.exit_code == 2 and "lora1.steps and lora1.epochs are both set" in both.output
+
+
+# -- previews ----------------------------------------------------------------------------------------------------
+
+
+def test_previews_are_on_by_default_four_a_run_in_labelled_cells(project):
+    from PIL import Image
+
+    project.write_config(**{"runtime.preview": {}})  # the defaults (tests otherwise leave previews off: conftest)
+    project.run_json()
+    previews = sorted((project.root / "output" / "lora" / "lora1" / "previews").glob("*.png"))
+    assert [p.name for p in previews] == ["step000002.png", "step000004.png", "step000006.png"]  # 6 steps / 4
+    with Image.open(previews[0]) as im:
+        # one cell (the model's native 64 px, shown at 256) with the title above it and the label under it
+        assert im.width >= 256 and im.height >= 256 + 2 * 18
+    init = project.cli("init", str(project.root / "fresh.toml"))
+    assert init.exit_code == 0 and "[runtime.preview]" in (project.root / "fresh.toml").read_text()
+
+
+def test_each_preview_prompt_takes_its_own_settings():
+    from pipeline.config import PreviewConfig
+    from stages.training.previews import preview_specs
+
+    pv = PreviewConfig(
+        prompts=["a cat --n blurry, dark --w 512 --h 768 --s 28 --l 5.5 --d 42", {"prompt": "a dog", "seed": 7}],
+        negative_prompt="lowres",
+        steps=10,
+    )
+    cat, dog = preview_specs(pv, ["unused"])
+    assert (cat.prompt, cat.negative_prompt, cat.width, cat.height) == ("a cat", "blurry, dark", 512, 768)
+    assert (cat.steps, cat.guidance_scale, cat.seed) == (28, 5.5, 42)
+    assert (dog.prompt, dog.negative_prompt, dog.seed, dog.steps, dog.width) == ("a dog", "lowres", 7, 10, None)
+    assert [s.prompt for s in preview_specs(PreviewConfig(), ["the first caption"])] == ["the first caption"]
+    import pytest
+
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--x"):
+        preview_specs(PreviewConfig(prompts=["a cat --x 3"]), [])
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        preview_specs(PreviewConfig(prompts=["a cat --w 500"]), [])
+
+
+def test_previews_render_each_prompt_at_its_size_seed_and_negative(project):
+    from PIL import Image
+
+    prompts = ["a red circle --w 32 --h 48 --s 2 --d 3 --n blue", {"prompt": "a square", "steps": 1, "seed": 5}]
+    project.write_config(**{"runtime.preview": {"every": 6, "steps": 2, "prompts": prompts}})
+    project.run_json()
+    (preview,) = (project.root / "output" / "lora" / "lora1" / "previews").glob("*.png")
+    with Image.open(preview) as im:
+        assert im.width >= 2 * 192 and im.height >= 288  # 32x48 shown at 192x288 beside the native 64 px one

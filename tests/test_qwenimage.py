@@ -211,7 +211,7 @@ def test_lora_tools_work_on_qwenimage(tiny_qwen, tmp_path):
     single = files["lora1.safetensors"]
     assert tool_family("auto", None, [single]).name == "qwenimage"
     report = info(single, fam)
-    assert report["format"] == "comfy" and report["family"] == "qwen_image"  # its ss_base_model_version
+    assert report["format"] == "comfy" and report["family"] == "qwenimage" and report["base_model"] == "qwen_image"
     assert convert(single, "diffusers", tmp_path / "d.safetensors", fam, tiny_qwen / "base")["to_format"] == "diffusers"
     assert merge(tiny_qwen / "base", [str(single)], tmp_path / "merged", fam, None, False)["modules_changed"] > 0
     assert json.loads((tmp_path / "merged" / "model_index.json").read_text())["_class_name"] == "QwenImagePipeline"

@@ -49,26 +49,29 @@ def check_diffusers_folder(path: Path, components, weighted, field: str, pretty:
 
 
 def pipeline_renderer(pipe, **call_kwargs):
-    """render(prompts, seed, steps, guidance_scale, size) -> PIL images, through a diffusers pipeline, one
-    prompt at a time from the same seeded noise."""
+    """render(spec) -> one PIL image through a diffusers pipeline: the spec's prompt (and negative prompt, where
+    the pipeline takes one), seed, steps, guidance and size (None: the pipeline's default, the model's native
+    resolution). stages/training/previews.py PreviewSpec."""
+    import inspect
 
-    def render(prompts: list[str], seed: int, steps: int, guidance_scale: float, size: int):
+    takes_negative = "negative_prompt" in inspect.signature(pipe.__call__).parameters
+
+    def render(spec):
         import torch
 
-        images = []
-        for prompt in prompts:
-            out = pipe(
-                prompt=prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                height=size,
-                width=size,
-                generator=torch.Generator("cpu").manual_seed(seed),
-                output_type="pil",
-                **call_kwargs,
-            )
-            images.append(out.images[0])
-        return images
+        negative = {"negative_prompt": spec.negative_prompt} if takes_negative and spec.negative_prompt else {}
+        out = pipe(
+            prompt=spec.prompt,
+            num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance_scale,
+            height=spec.height,
+            width=spec.width,
+            generator=torch.Generator("cpu").manual_seed(spec.seed),
+            output_type="pil",
+            **call_kwargs,
+            **negative,
+        )
+        return out.images[0]
 
     return render
 
@@ -228,8 +231,8 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def preview_pipeline(self, layout: ModelLayout, denoiser, device, prediction_type: str, text_encoder=None):
-        """-> callable(prompts, seed, steps, guidance_scale, size) -> list of PIL images. text_encoder: the one
-        being trained (train_text_encoder), used in place of the model's own."""
+        """-> render(PreviewSpec) -> one PIL image (pipeline_renderer). text_encoder: the one being trained
+        (train_text_encoder), used in place of the model's own."""
 
     def kohya_rename(self, denoiser) -> dict[str, str] | None:
         """{diffusers module name with underscores: the name kohya's files use} where they differ (SDXL's SGM

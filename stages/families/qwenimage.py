@@ -118,15 +118,21 @@ class QwenImageFamily(FlowFamily):
         )
         pipe.set_progress_bar_config(disable=True)
 
-        def render(prompts: list[str], seed: int, steps: int, guidance_scale: float, size: int):
-            cfg = {"true_cfg_scale": guidance_scale, "negative_prompt": " "} if guidance_scale > 1 else {}
-            return [
-                pipe(
-                    prompt=p, num_inference_steps=steps, height=size, width=size, output_type="pil",
-                    generator=torch.Generator("cpu").manual_seed(seed), **cfg,
-                ).images[0]
-                for p in prompts
-            ]  # fmt: skip
+        def render(spec):
+            negative = spec.negative_prompt or " "
+            cfg = (
+                {"true_cfg_scale": spec.guidance_scale, "negative_prompt": negative} if spec.guidance_scale > 1 else {}
+            )
+            out = pipe(
+                prompt=spec.prompt,
+                num_inference_steps=spec.steps,
+                height=spec.height,
+                width=spec.width,
+                output_type="pil",
+                generator=torch.Generator("cpu").manual_seed(spec.seed),
+                **cfg,
+            )
+            return out.images[0]
 
         return render
 

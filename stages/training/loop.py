@@ -118,8 +118,7 @@ class TrainJob:
     work_dir: Path
     checkpoint_every: int = 0
     preview: object | None = None  # PreviewConfig
-    preview_prompts: list[str] = field(default_factory=list)
-    preview_size: int = 512
+    preview_prompts: list = field(default_factory=list)  # PreviewSpec (stages/training/previews.py) per preview
     progress: bool = True
     log: Callable[[str], None] = print
     stage: str = "lora1"  # names the progress bar, messages and the config section in errors
@@ -140,6 +139,8 @@ class TrainJob:
     # grad_accum / processes of them instead of grad_accum
     split_accum: bool = False
     label: str = ""  # what the progress bar says: the workflow's name for the stage (`lora1.red-circle`)
+    # save_every_steps: (outcome so far, step) -> (output name, path) of the LoRA file as it is after that step
+    snapshot: Callable | None = None
 
 
 @dataclass
@@ -231,6 +232,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
 
     from core import progress
     from stages.training.lora_files import load_lora_into, lora_state_dict, match_modules
+    from stages.training.previews import preview_every
 
     cfg = job.params
     main = dist.is_main() or job.processes == 1
@@ -302,8 +304,11 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     if start and main:
         job.log(f"{job.stage}: resuming from the checkpoint at step {start}/{cfg.steps}")
     if not main:  # the other ranks train, and leave the files and the figures to rank 0
-        job = dataclasses.replace(job, checkpoint_every=0, preview=None, tracker=None, progress=False, evaluate=None)
+        job = dataclasses.replace(
+            job, checkpoint_every=0, preview=None, tracker=None, progress=False, evaluate=None, snapshot=None
+        )
     render = PreviewRenderer(job, unwrapped, ema)
+    every = preview_every(job.preview, cfg.steps) if job.preview_prompts else 0
     evaluate = Evaluator(job, unwrapped, evals)
     if start == 0:
         evaluate(0)
@@ -341,11 +346,19 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
             evaluate(done)
         # The preview of a step comes before its checkpoint, which carries every preview so far: a resumed
         # run ends with the same previews as an uninterrupted one.
-        if job.preview and job.preview.every and (done % job.preview.every == 0 or done == cfg.steps):
+        if every and (done % every == 0 or done == cfg.steps):
             previews[f"previews/step{done:06d}.png"] = render(done)
             if job.tracker is not None:
                 job.tracker.image(done, "preview", previews[f"previews/step{done:06d}.png"])
             trained.train()
+        save_every = getattr(cfg, "save_every_steps", None)
+        if job.snapshot and save_every and done % save_every == 0 and done < cfg.steps:  # kept like a preview
+            text_so_far = None if text is None else TextOutcome(text.model, text_config, text_init, None, text)
+            so_far = TrainOutcome(
+                unwrapped, adapter_config, losses, {}, start, [], init_state=init_state, text=text_so_far
+            )
+            name, path = job.snapshot(so_far, done)
+            previews[name] = path
         if job.checkpoint_every and done % job.checkpoint_every == 0 and done < cfg.steps:
             history = {"lrs": lrs, "grad_norms": grad_norms}
             save_checkpoint(job.work_dir, done, trained, optimizer, scheduler, losses, evals, previews, ema, history)
@@ -604,9 +617,9 @@ class PreviewRenderer:
         self.ema = ema if job.preview is not None and job.preview.ema else None
 
     def __call__(self, step: int) -> Path:
-        from PIL import Image
+        from stages.training.previews import labelled_row
 
-        job, pv = self.job, self.job.preview
+        job = self.job
         if self._render is None:
             text = {"text_encoder": job.text_encoder} if job.text_encoder is not None else {}
             self._render = job.family.preview_pipeline(
@@ -616,10 +629,12 @@ class PreviewRenderer:
         if job.text_encoder is not None:
             job.text_encoder.model.eval()
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
-            images = self._render(job.preview_prompts, pv.seed, pv.steps, pv.guidance_scale, job.preview_size)
-        strip = Image.new("RGB", (job.preview_size * len(images), job.preview_size))
-        for i, im in enumerate(images):
-            strip.paste(im, (i * job.preview_size, 0))
+            images = [self._render(spec) for spec in job.preview_prompts]
+        strip = labelled_row(
+            images,
+            [s.label(im.size) for s, im in zip(job.preview_prompts, images, strict=True)],
+            f"{job.label or job.stage}, step {step}",
+        )
         path = job.work_dir / f"preview-step{step:06d}.png"
         strip.save(path)
         return path

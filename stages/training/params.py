@@ -23,6 +23,8 @@ class KeyedParams(BaseModel):
 
 
 class LoraTrainParams(KeyedParams):
+    UNKEYED_WHEN_NONE = ("save_every_steps",)
+
     rank: int
     alpha: float
     dropout: float
@@ -47,6 +49,7 @@ class LoraTrainParams(KeyedParams):
     mixed_precision: str
     fp8_base: bool = False
     seed: int
+    save_every_steps: int | None = None  # the LoRA is also kept every N steps (steps/ in the artifact)
     # the processes training shares (torchrun / accelerate launch): each takes every processes-th micro-step, so the
     # global batch is batch_size x grad_accum x processes; None for one (only the sharded stages set it)
     processes: int | None = None
