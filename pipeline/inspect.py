@@ -14,8 +14,6 @@ from stages.base import PlanEnv
 from stages.teacher import TIMESTEP_BINS, timestep_bins
 from stages.teacher import row_timestep as _t
 
-HEADER = 12  # pixels of column labels above a sheet
-
 
 def find_artifact(env: PlanEnv, workflow: str, stage: str) -> Manifest:
     """The artifact the current config resolves to, else the one the workflow's last run used."""
@@ -86,14 +84,15 @@ def teacher_sheet(
 ) -> list[str]:
     """PNG per chosen step: per row (slot), the clean image, the teacher's x0 prediction without and with its
     LoRA (T and T + Δc, one denoising step), and a heatmap of |Δc| over the latent (brighter = larger, scaled to
-    the step's maximum), labelled with the row's timestep."""
+    the step's maximum, with a colour scale under the sheet); rows labelled with their timestep and caption, each
+    cell at least 256 px high."""
     import numpy as np
     import torch
-    from PIL import Image, ImageDraw
 
     from stages.devices import resolve_device
     from stages.families.noise import make_process
     from stages.pools import load_latent_table, load_text_table
+    from stages.training.previews import heatmap, labelled_grid, with_colour_scale
     from stages.training.schedule import read_schedule, rebuild_inputs, row_chunks, step_rows, unpack_rows
 
     doc, spec = read_schedule(env.store, schedule)
@@ -126,19 +125,16 @@ def teacher_sheet(
                 pictures = [_to_images(family.decode_latents(vae, z).cpu()) for z in columns]
             cells += [([pics[i] for pics in pictures], delta[i].abs().mean(0)) for i in range(len(chunk))]
         top = max(float(h.max()) for _, h in cells)
-        width = max(p[0].size[0] for p, _ in cells)
-        heights = [p[0].size[1] for p, _ in cells]
-        sheet = Image.new("RGB", (width * 4, HEADER + sum(heights)), "white")
-        draw = ImageDraw.Draw(sheet)
-        for j, label in enumerate(("clean", "teacher", "+LoRA", "|delta|")):
-            draw.text((j * width + 2, 1), label, fill="black")
-        y = HEADER
-        for (pics, heat), row, h in zip(cells, rows, heights, strict=True):
-            for j, pic in enumerate(pics):
-                sheet.paste(pic, (j * width, y))
-            sheet.paste(_heatmap((heat / max(top, 1e-12)).numpy(), pics[0].size), (3 * width, y))
-            draw.text((3 * width + 2, y + 1), f"t={row['t']}", fill="cyan")
-            y += h
+        grid_rows = [[*pics, heatmap((heat / max(top, 1e-12)).numpy(), pics[0].size)] for pics, heat in cells]
+        row_labels = [f"slot {i} · t = {row['t']}\n{row['caption'][:80]}" for i, row in enumerate(rows)]
+        columns = [
+            "clean image",
+            "teacher x0 (no LoRA)",
+            "teacher x0 + LoRA (T + delta c)",
+            "|delta c|, mean over channels",
+        ]
+        title = f"teacher, schedule step {step}: one denoising step per row"
+        sheet = with_colour_scale(labelled_grid(grid_rows, row_labels, columns, title)[0], top, "|delta c|")
         path = out / f"teacher-step{step:06d}.png"
         sheet.save(path)
         written.append(str(path))
@@ -150,16 +146,6 @@ def _to_images(pixels) -> list:
 
     arr = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in arr]
-
-
-def _heatmap(values, size: tuple[int, int]):
-    """A black-red-yellow-white ramp of values in [0, 1], scaled up to size (width, height)."""
-    import numpy as np
-    from PIL import Image
-
-    v = np.clip(values, 0, 1)
-    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
-    return Image.fromarray((rgb * 255).astype(np.uint8)).resize(size, Image.NEAREST)
 
 
 def schedule_report(env: PlanEnv, schedule: Manifest, steps: list[int]) -> dict:
@@ -224,11 +210,11 @@ def latents_report(env: PlanEnv, latents: Manifest) -> dict:
 
 
 def latents_sheet(env: PlanEnv, latents: Manifest, out: Path, limit: int = 16) -> list[str]:
-    """The first `limit` latents decoded by the VAE, side by side: what training actually sees."""
+    """The first `limit` latents decoded by the VAE, side by side and named: what training actually sees."""
     import torch
-    from PIL import Image
 
     from stages.devices import resolve_device
+    from stages.training.previews import labelled_row
 
     pool = env.store.pool(latents.record["pool"])
     items = sorted(latents.record["items"].items())[:limit]
@@ -236,10 +222,7 @@ def latents_sheet(env: PlanEnv, latents: Manifest, out: Path, limit: int = 16) -
     z = torch.stack([torch.from_numpy(pool.get(v["array"], v["digest"])) for _, v in items])
     with torch.no_grad():
         images = _to_images(env.family.decode_latents(vae, z).cpu())
-    size = images[0].size[0]
-    sheet = Image.new("RGB", (size * len(images), size))
-    for i, im in enumerate(images):
-        sheet.paste(im, (i * size, 0))
+    sheet, _ = labelled_row(images, [name for name, _ in items], "latents, decoded by the VAE")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "latents.png"
     sheet.save(path)

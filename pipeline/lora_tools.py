@@ -391,13 +391,14 @@ def sample(
         columns.append([render(PreviewSpec(p, "", seed, size, size, steps, guidance)) for p in prompts])
     rows = [[column[i] for column in columns] for i in range(len(prompts))]
     title = f"seed {seed} · {steps} steps · cfg {guidance:g} · {size}x{size}"
-    grid = labelled_grid(rows, prompts, [f"scale {s:g}" for s in scales], title)
+    grid, cells = labelled_grid(rows, prompts, [f"scale {s:g}" for s in scales], title)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     return {
         "out": str(out),
         "prompts": prompts,
         "scales": scales,
+        "cells": cells,  # per prompt and scale: [x, y, scale] of its image in the grid
         "seed": seed,
         "loras": [{"file": str(p), "weight": w} for _, w, p in attached],
     }

@@ -82,7 +82,7 @@ def tiny_flow_models(tmp_path_factory) -> Path:
 def toml_config(settings: dict) -> str:
     from pipeline.schema_docs import toml_value
 
-    if "runtime.preview" not in settings:
+    if "runtime.preview" not in settings and "preview" not in settings.get("runtime", {}):
         # Previews are on by default (every quarter of a stage's steps); rendering them in every test run would cost
         # a minute of the suite, so a config leaves them off unless it has a [runtime.preview] of its own (the tests
         # of previews, and test_newcomer's of the defaults, set one).
@@ -310,3 +310,9 @@ def make_tiny_tagger(folder: Path, side: int = 448, tags=TINY_TAGS) -> Path:
     lines = ["tag_id,name,category,count"] + [f"{i},{name},{cat},{100 - i}" for i, (name, cat, *_) in enumerate(tags)]
     (folder / "selected_tags.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
+
+
+def grid_cell(grid, box, size: int):
+    """The image at box ([x, y, scale]: `pipeline sample --json` cells) of a grid, at its own size x size pixels."""
+    x, y, scale = box
+    return grid[y : y + size * scale : scale, x : x + size * scale : scale]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 from PIL import Image
 
 
@@ -22,6 +23,8 @@ def test_inspect_before_any_run_names_the_command_that_makes_the_artifact(transf
 
 
 def test_inspect_teacher_schedule_and_latents(transfer_project, tmp_path):
+    from stages.training.previews import heat_colours
+
     # 6 steps x 2 slots on 4 of the 6 images (2 held out), 4 rows on the held-out images and 4 more on the training
     # images (the fit set: one array each); latents at 32 px are (4, 4, 4).
     assert transfer_project.cli("run", "transfer", "--no-progress").exit_code == 0
@@ -33,8 +36,13 @@ def test_inspect_teacher_schedule_and_latents(transfer_project, tmp_path):
     assert all(b["max_abs"] >= b["mean_abs"] > 0 for b in teacher["bins"] if b["rows"])
     assert teacher["bytes_per_sample_step"] > 0
     (sheet,) = teacher["sheets"]
-    # 4 columns (clean, teacher, +LoRA, |delta|) of 32 px; a 12 px header, then one 32 px row per slot.
-    assert Image.open(sheet).size == (4 * 32, 12 + 2 * 32)
+    # 4 columns (clean, teacher, +LoRA, |delta|) of 32 px shown at 256 px, one row per slot with its label on the
+    # left, and under them the colour scale of the |delta| maps: the heatmaps' ramp from black to white.
+    picture = np.asarray(Image.open(sheet).convert("RGB"))
+    assert picture.shape[1] >= 200 + 4 * 256 and picture.shape[0] >= 2 * 256
+    bar = min(picture.shape[1] - 16, 512)
+    ramp = heat_colours(np.linspace(0, 1, bar))
+    assert any(np.array_equal(picture[y, 8 : 8 + bar], ramp) for y in range(picture.shape[0])), "no colour scale"
 
     schedule = inspect(transfer_project, "schedule", "--step", "5")
     assert schedule["rows"] == 12 and schedule["heldout"] == 4
@@ -44,7 +52,7 @@ def test_inspect_teacher_schedule_and_latents(transfer_project, tmp_path):
     latents = inspect(transfer_project, "latents", "--out", str(tmp_path / "sheets"))
     assert latents["items"] == 6 and latents["shape"] == [4, 4, 4] and latents["nonfinite"] == 0
     assert len(latents["channels"]) == 4
-    assert Image.open(latents["sheets"][0]).size == (6 * 32, 32)
+    assert Image.open(latents["sheets"][0]).size[0] >= 6 * 256  # six cells of at least 256 px
 
     bad = transfer_project.cli("inspect", "teacher", "-c", str(transfer_project.config), "--out", "x", "--step", "6")
     assert bad.exit_code == 2 and "the schedule has steps 0 to 5" in bad.output

@@ -123,6 +123,9 @@ RUNTIME = [
     "runtime.fidelity_every=2",
     "runtime.gradient_checkpointing=true",
     "runtime.preview.ema=true",
+    "runtime.preview.negative_prompt='blurry'",
+    "runtime.preview.width=64",
+    "runtime.preview.height=48",
     # what the exported files are called and their precision: the store keeps the trained fp32 files
     "lora1.output_name='my-lora'",
     "lora1.save_precision='fp16'",

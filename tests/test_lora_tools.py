@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import grid_cell
 
 from stages.training.lora_files import LoraFile, LoraModule, read_lora_file
 from stages.training.lora_ops import average, combine, compress, delta_weight
@@ -228,11 +229,12 @@ def test_sample_grid_equals_diffusers_set_adapters(project, strong_lora, tmp_pat
 
     model, grid_path = project.root / "model", tmp_path / "grid.png"
     args = ["--model", str(model), "--lora", f"{strong_lora}:0.7", "--prompt", "a red circle", "--prompt", "a cat"]
-    args += ["--scales", "0,1", "--seed", "3", "--steps", "4", "--size", "32", "--out", str(grid_path)]
+    args += ["--scales", "0,1", "--seed", "3", "--steps", "4", "--size", "32", "--out", str(grid_path), "--json"]
     result = cli(project, "sample", *args)
     assert result.exit_code == 0, result.output
+    boxes = json.loads(result.stdout)["cells"]  # rows = prompts, columns = scales, each shown at least 256 px high
     grid = np.asarray(Image.open(grid_path).convert("RGB")).astype(int)
-    assert grid.shape == (14 + 2 * 32, 2 * 32, 3)  # a 14 px header, rows = prompts, columns = scales
+    assert len(boxes) == 2 and all(len(r) == 2 and all(b[2] * 32 >= 256 for b in r) for r in boxes)
     for col, weight in ((0, 0.0), (1, 0.7)):
         pipe = diffusers_unet_with(model, strong_lora, weight)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
@@ -245,9 +247,10 @@ def test_sample_grid_equals_diffusers_set_adapters(project, strong_lora, tmp_pat
                 width=32,
                 generator=torch.Generator().manual_seed(3),
             ).images[0]
-            cell = grid[14 + row * 32 : 14 + (row + 1) * 32, col * 32 : (col + 1) * 32]
+            cell = grid_cell(grid, boxes[row][col], 32)
             assert np.abs(cell - np.asarray(image).astype(int)).max() <= 1, (prompt, weight)
-    assert np.abs(grid[14:46, :32] - grid[14:46, 32:]).max() > 10  # the LoRA changes the picture
+    changed = np.abs(grid_cell(grid, boxes[0][0], 32) - grid_cell(grid, boxes[0][1], 32)).max()
+    assert changed > 10  # the LoRA changes the picture
 
 
 def test_sample_rejects_a_bad_weight_before_loading_anything(project):

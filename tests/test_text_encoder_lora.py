@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import grid_cell
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -61,7 +62,7 @@ CAPTIONS = ["a red circle", "a blue square"]
 
 def _train(tiny_model, work, preview=None, **settings):
     """The real lora1 loop with the text encoder in training, on random latents and two captions' token ids;
-    preview: a PreviewConfig (its strip renders CAPTIONS[0] at 32 px)."""
+    preview: a PreviewConfig (its strip renders CAPTIONS[0])."""
     from stages.families.sd15 import SD15Family
     from stages.lora1 import Lora1Params
     from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
@@ -83,7 +84,9 @@ def _train(tiny_model, work, preview=None, **settings):
     data = TrainData(torch.randn(4, 4, 4, 4, generator=g), text.token_ids(CAPTIONS), torch.tensor([0, 1, 0, 1]))
     job = TrainJob(family, layout, "epsilon", params, torch.device("cpu"), work, progress=False, text_encoder=text)
     if preview is not None:
-        job.preview, job.preview_prompts, job.preview_size = preview, CAPTIONS[:1], 32
+        from stages.training.previews import preview_specs
+
+        job.preview, job.preview_prompts = preview, preview_specs(preview, CAPTIONS[:1])
     outcome = train_lora(job, DiffusionBatches(data, params.seed, params.batch_size))
     files = write_lora_outputs(family, outcome, params, work, "lora1", family.lora_metadata(layout))
     return text, outcome, files
@@ -171,10 +174,13 @@ def test_previews_render_with_the_text_encoder_in_training(tiny_model, tmp_path)
     from PIL import Image
 
     from pipeline.config import PreviewConfig
+    from stages.training.previews import labelled_row
 
-    preview = PreviewConfig(every=4, steps=3, seed=2)
+    preview = PreviewConfig(every=4, steps=3, seed=2, width=32, height=32)
     _, outcome, files = _train(tiny_model, tmp_path, preview=preview, text_encoder_lr=5e-2)
     strip = np.asarray(Image.open(outcome.previews["previews/step000004.png"]).convert("RGB")).astype(int)
+    _, (box,) = labelled_row([Image.new("RGB", (32, 32))], [""], "title")  # where the strip's one image lies
+    strip = grid_cell(strip, box, 32)
     images = []
     for text_lora in (True, False):
         pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model / "model"), safety_checker=None)

@@ -634,7 +634,7 @@ class PreviewRenderer:
             images,
             [s.label(im.size) for s, im in zip(job.preview_prompts, images, strict=True)],
             f"{job.label or job.stage}, step {step}",
-        )
+        )[0]
         path = job.work_dir / f"preview-step{step:06d}.png"
         strip.save(path)
         return path

@@ -107,7 +107,7 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
 
 def labelled_row(images, labels: list[str], title: str = ""):
     """Images side by side, each shown at least MIN_CELL px high (scaled up pixel for pixel when smaller), with its
-    label written under it and an optional title above the row."""
+    label written under it and an optional title above the row. -> (sheet, per image its [x, y, scale])."""
     from PIL import Image, ImageDraw
 
     cells = [_scaled(im) for im in images]
@@ -124,12 +124,14 @@ def labelled_row(images, labels: list[str], title: str = ""):
     if title:
         draw.text((pad, pad), title, fill="black", font=font)
     x, under = pad, title_h + max(c.height for c in cells) + pad  # every label on one line under the tallest
-    for cell, lines in zip(cells, wrapped, strict=True):
+    boxes = []
+    for cell, im, lines in zip(cells, images, wrapped, strict=True):
         sheet.paste(cell, (x, title_h))
+        boxes.append([x, title_h, cell.height // im.height])
         for i, line in enumerate(lines):
             draw.text((x + pad // 2, under + i * line_h), line, fill="black", font=font)
         x += cell.width + pad
-    return sheet
+    return sheet, boxes
 
 
 def _scaled(im):
@@ -141,7 +143,8 @@ def _scaled(im):
 
 def labelled_grid(rows: list[list], row_labels: list[str], column_labels: list[str], title: str = ""):
     """A grid of images (rows x columns), each cell at least MIN_CELL px high, with a label left of every row and
-    above every column (and a title above all)."""
+    above every column (and a title above all). -> (sheet, per row and column the image's [x, y, scale]: it lies at
+    (x, y), each of its pixels shown as scale x scale)."""
     from PIL import Image, ImageDraw
 
     cells = [[_scaled(im) for im in row] for row in rows]
@@ -163,10 +166,53 @@ def labelled_grid(rows: list[list], row_labels: list[str], column_labels: list[s
     for j, lines in enumerate(wrapped_cols):
         for k, line in enumerate(lines):
             draw.text((left + pad + j * (cell_w + pad), title_h + pad + k * line_h), line, fill="black", font=font)
+    boxes = []
     for i, row in enumerate(cells):
         y = title_h + head + i * (cell_h + pad)
         for k, line in enumerate(wrapped_rows[i] if left else []):
             draw.text((pad, y + k * line_h), line, fill="black", font=font)
+        boxes.append([])
         for j, cell in enumerate(row):
-            sheet.paste(cell, (left + pad + j * (cell_w + pad), y))
-    return sheet
+            x = left + pad + j * (cell_w + pad)
+            sheet.paste(cell, (x, y))
+            boxes[-1].append([x, y, cell.height // rows[i][j].height])
+    return sheet, boxes
+
+
+def heat_colours(values):
+    """A black-red-yellow-white ramp of values in [0, 1] -> uint8 RGB array."""
+    import numpy as np
+
+    v = np.clip(values, 0, 1)
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def heatmap(values, size: tuple[int, int]):
+    """values in [0, 1] as heat_colours, scaled up pixel for pixel to size (width, height)."""
+    from PIL import Image
+
+    return Image.fromarray(heat_colours(values)).resize(size, Image.NEAREST)
+
+
+def with_colour_scale(sheet, top: float, what: str):
+    """The sheet with a colour scale under it: the heatmaps' ramp from 0 to `top` (the value shown as white)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    font, pad, bar_h = _font(14), 8, 16
+    bar_w = min(sheet.width - 2 * pad, 512)
+    out = Image.new("RGB", (sheet.width, sheet.height + bar_h + 3 * pad + 18), "white")
+    out.paste(sheet, (0, 0))
+    ramp = heat_colours(np.linspace(0, 1, bar_w)[None, :].repeat(bar_h, axis=0))
+    y = sheet.height + pad
+    out.paste(Image.fromarray(ramp), (pad, y))
+    draw = ImageDraw.Draw(out)
+    draw.rectangle((pad - 1, y - 1, pad + bar_w, y + bar_h), outline="black")
+    text_y = y + bar_h + 4
+    draw.text((pad, text_y), "0", fill="black", font=font)
+    right = f"{top:.3g}"
+    draw.text((pad + bar_w - draw.textlength(right, font=font), text_y), right, fill="black", font=font)
+    middle = f"{what} (black -> red -> yellow -> white)"
+    draw.text((pad + (bar_w - draw.textlength(middle, font=font)) / 2, text_y), middle, fill="black", font=font)
+    return out
