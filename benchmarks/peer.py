@@ -184,7 +184,7 @@ def setup(root: Path, n_images: int, steps: int, buckets: bool = False) -> None:
         + (BUCKETS if buckets else "")
         + f"[lora1]\nrank = {SETTINGS['rank']}\nalpha = {float(SETTINGS['rank'])}\nlr = {SETTINGS['lr']}\n"
         f'steps = {steps}\nbatch_size = {SETTINGS["batch_size"]}\noptimizer = "adamw"\nmax_grad_norm = 1.0\n'
-        f'targets = ["to_k", "to_q", "to_v", "to_out.0"]\n'
+        f'targets = ["to_k", "to_q", "to_v", "to_out.0"]\n[runtime.preview]\nevery = 0\n'
     )
 
 

@@ -76,6 +76,7 @@ def measure(n: int, root: Path, env: dict, buckets: bool = False) -> dict:
     (project / "pipeline.toml").write_text(
         f'[model]\npath = "{demo / "models" / "tiny-sd15"}"\n[latents]\nresolution = 64\n{BUCKETS if buckets else ""}'
         f"[lora1]\nrank = 4\nalpha = 4.0\nsteps = {STEPS}\nbatch_size = 4\n[runtime]\ncheckpoint_every = 0\n"
+        "[runtime.preview]\nevery = 0\n"
     )
     cli = [sys.executable, str(REPO / "cli.py")]
     t0 = time.perf_counter()

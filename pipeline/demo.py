@@ -47,9 +47,11 @@ DEMO_SETTINGS = {
     "differential.lora1": {"rank": 8, "alpha": 8.0, "lr": 5e-3, "steps": 150, "batch_size": 1},
     "differential.lora2": {"rank": 8, "alpha": 8.0, "lr": 5e-3, "steps": 150, "batch_size": 1, "seed": 43},
     "runtime": {"checkpoint_every": 40, "fidelity_every": 20},
-    "runtime.preview": {
+    "runtime.preview": {  # at the demo's 64 px: the tiny models' "native" size is the real models' (up to 1024 px)
         "every": 60,
         "steps": 10,
+        "width": 64,
+        "height": 64,
         "prompts": ["a red circle on a blue background", "a yellow square on a black background"],
     },
 }
@@ -107,6 +109,7 @@ def write_pairs(folder: Path, size: int = 64) -> None:
 # The transformer families: their own models, a lower learning rate for attention-only LoRAs on a DiT, the
 # transfer guidance the seed recommends (2.5 FLUX.2, 3.0 Z-Image Turbo), and flow-matching previews (Turbo: no
 # CFG). Images must be a multiple of 16 pixels (8x VAE, 2x2 patches).
+SMALL = {"width": 64, "height": 64}  # previews at the demo's resolution
 FAMILY_SETTINGS = {
     "sdxl": {  # SD's settings; an SDXL pair whose student UNet is perturbed, like SD's Turbo
         "model": {"path": "models/tiny-sdxl", "family": "sdxl"},
@@ -116,25 +119,25 @@ FAMILY_SETTINGS = {
         "model": {"path": "models/tiny-flux1-dev", "family": "flux1"},
         "transfer": {"student_model": "models/tiny-flux1-schnell"},
         "student": {"rank": 4, "alpha": 8.0, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 5, "guidance": 1.0},
-        "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 3.5, "prompts": ["a red circle"]},
+        "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 3.5, "prompts": ["a red circle"], **SMALL},
     },
     "zimage": {
         "model": {"path": "models/tiny-zimage", "family": "zimage"},
         "transfer": {"student_model": "models/tiny-zimage-turbo"},
         "student": {"rank": 4, "alpha": 8.0, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 5, "guidance": 3.0},
-        "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 0.0, "prompts": ["a red circle"]},
+        "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 0.0, "prompts": ["a red circle"], **SMALL},
     },
     "flux2": {
         "model": {"path": "models/tiny-flux2", "family": "flux2"},
         "transfer": {"student_model": "models/tiny-flux2-distilled"},
         "student": {"rank": 4, "alpha": 8.0, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 5, "guidance": 2.5},
-        "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 1.0, "prompts": ["a red circle"]},
+        "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 1.0, "prompts": ["a red circle"], **SMALL},
     },
     "qwenimage": {  # a Lightning-style (CFG- and step-distilled) student: no CFG in its previews
         "model": {"path": "models/tiny-qwenimage", "family": "qwenimage"},
         "transfer": {"student_model": "models/tiny-qwenimage-lightning"},
         "student": {"rank": 4, "alpha": 8.0, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_steps": 5, "guidance": 3.0},
-        "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 1.0, "prompts": ["a red circle"]},
+        "runtime.preview": {"every": 60, "steps": 4, "guidance_scale": 1.0, "prompts": ["a red circle"], **SMALL},
     },
 }
 

@@ -79,8 +79,9 @@ def history(env: PlanEnv, name: str) -> dict:
     return {"stage": kind, "name": name, "store": str(env.store.root), "runs": runs}
 
 
-def _find(env: PlanEnv, kind: str, key: str | None) -> Manifest:
-    """The artifact a (prefix of a) key names; without one, the one the workflows' last runs use."""
+def _find(env: PlanEnv, kind: str, key: str | None, node: str) -> Manifest:
+    """The artifact a (prefix of a) key names; without one, the one the workflows' last runs use for the node (a
+    stage's name: any of its nodes)."""
     manifests = _manifests(env, kind)
     if key:
         hits = [m for m in manifests if m.key.startswith(key.lower())]
@@ -94,7 +95,9 @@ def _find(env: PlanEnv, kind: str, key: str | None) -> Manifest:
             f"no {kind} artifact with key {key} in the store (it has: {keys}). `pipeline history {kind}` lists "
             f"them; `pipeline gc` removes those no workflow's last run uses."
         )
-    current = [m for m in manifests if m.key in _current(env, kind)]
+    users = _current(env, kind)
+    mine = {k for k, nodes in users.items() if node == kind or any(n.endswith(f": {node}") for n in nodes)}
+    current = [m for m in manifests if m.key in mine]
     if len(current) == 1:
         return current[0]
     if not manifests:
@@ -125,8 +128,9 @@ def export(
             f"`pipeline export` copies LoRA files out of the store; {kind} artifacts hold none (the LoRA stages are "
             f"{', '.join(TRAINING)}). `pipeline inspect` reads the teacher's and the schedule's data."
         )
-    manifest = _find(env, kind, key)
-    c = {"lora1": env.config.lora1, "student": env.config.student, "lora2": env.config.differential.lora2}[kind]
+    manifest = _find(env, kind, key, name)
+    sections = {"lora1": env.config.lora1, "student": env.config.student, "lora2": env.config.differential.lora2}
+    c = env.config.differential.lora1 if kind == "lora1" and name != kind else sections[kind]  # lora1.<pair>
     settings = ExportSettings(kind, c.output_name, precision or c.save_precision)
     if step is not None:
         output = f"steps/{kind}-step{step:06d}.safetensors"

@@ -55,15 +55,24 @@ def run_epilogue(workflow: str, runs, config: Path) -> None:
     typer.echo("")
     for r in trained:
         mine = [o for o in r.outputs if o.endswith(".safetensors")]
-        kohya = [o for o in mine if "/diffusers/" not in o and "-ema." not in o]
+        kohya = [o for o in mine if "/diffusers/" not in o and "-ema." not in o and "/steps/" not in o]
+        kept = [o for o in mine if "/steps/" in o]
         diffusers = [o for o in mine if "/diffusers/" in o]
         typer.echo(f"{r.name} trained: final {r.summary}" if r.summary.startswith("loss") else f"{r.name} trained")
         for path in kohya:
             typer.echo(f"  {short(path)}  (kohya format: ComfyUI, A1111/Forge, kohya's tools, diffusers)")
         for path in diffusers:
             typer.echo(f"  {short(path)}  (diffusers format: load_lora_weights)")
+        if kept:
+            typer.echo(f"  and {len(kept)} LoRA(s) of earlier steps in {short(str(Path(kept[0]).parent))}/")
         if not mine:
             typer.echo(f"  its LoRA stays in the store ({r.key[:12]}); the workflow's own output is below")
+        if r.replaced:
+            kind = r.name.split(".")[0]
+            typer.echo(
+                f"  the {r.name} it replaces ({r.replaced[:8]}) stays in the store: `pipeline history {kind} -c "
+                f"{config}` lists it, `pipeline export {kind} --key {r.replaced[:8]} -c {config}` copies it out"
+            )
     average = [o for o in outputs if o.endswith("lora2_average.safetensors")]
     if average:
         typer.echo(f"LoRA-2, the average of the pairs: {short(average[0])}")

@@ -41,6 +41,7 @@ class StageRun:
     location: str = ""  # where to look: the export folder, or the artifact's store folder for stages without files
     summary: str = ""
     causes: list[str] = field(default_factory=list)
+    replaced: str | None = None  # the key the workflow's last run had for this stage, when this run made another
 
 
 def _git_describe() -> str | None:
@@ -106,6 +107,8 @@ def run_workflow(
                 for r, p in zip(runs, plans, strict=True)
             ],
         }  # fmt: skip
+        for run, entry in zip(runs, last_run["stages"], strict=True):
+            run.replaced = entry["replaced"]
         ref.update({p.name: p.key for p in plans})
         kinds = {p.name: p.stage.name for p in plans if p.name != p.stage.name}
         env.store.write_ref(workflow, ref, config=env.config.model_dump(mode="json"), kinds=kinds, run=last_run)

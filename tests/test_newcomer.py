@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -136,7 +137,10 @@ def test_history_lists_earlier_runs_and_export_brings_one_back(project, tmp_path
     project.run_json()
     out = project.root / "output" / "lora" / "lora1"
     first = (out / "lora1.safetensors").read_bytes()
-    assert project.run_json("--set", "lora1.lr=0.0005")["stages"][3]["action"] == "ran"
+    rerun = project.cli("run", "lora", "-c", str(project.config), "--set", "lora1.lr=0.0005", "--no-progress")
+    assert rerun.exit_code == 0, rerun.output
+    old_key = json.loads((project.store / "refs" / "lora.json").read_text())["run"]["stages"][3]["replaced"]
+    assert f"pipeline export lora1 --key {old_key[:8]}" in rerun.stdout  # the run says how to get the old one back
     assert (out / "lora1.safetensors").read_bytes() != first  # the output folder holds the last run's LoRA
 
     report = json.loads(cli_in(project, "history", "lora1", "--json").stdout)
@@ -281,8 +285,6 @@ def test_each_preview_prompt_takes_its_own_settings():
     assert (cat.steps, cat.guidance_scale, cat.seed) == (28, 5.5, 42)
     assert (dog.prompt, dog.negative_prompt, dog.seed, dog.steps, dog.width) == ("a dog", "lowres", 7, 10, None)
     assert [s.prompt for s in preview_specs(PreviewConfig(), ["the first caption"])] == ["the first caption"]
-    import pytest
-
     from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--x"):
@@ -300,3 +302,24 @@ def test_previews_render_each_prompt_at_its_size_seed_and_negative(project):
     (preview,) = (project.root / "output" / "lora" / "lora1" / "previews").glob("*.png")
     with Image.open(preview) as im:
         assert im.width >= 2 * 192 and im.height >= 288  # 32x48 shown at 192x288 beside the native 64 px one
+
+
+@pytest.mark.slow
+def test_history_and_export_know_the_pairs_of_a_differential_run(differential_project, tmp_path):
+    project = differential_project
+    assert project.cli("run", "differential", "--no-progress").exit_code == 0
+    runs = json.loads(cli_in(project, "history", "lora2", "--json").stdout)["runs"]
+    assert sorted(u for r in runs for u in r["current"]) == [
+        "differential: lora2.red-circle",
+        "differential: lora2.yellow-square",
+    ]
+    ambiguous = cli_in(project, "export", "lora2", "--out", str(tmp_path / "x.safetensors"))
+    assert ambiguous.exit_code == 2 and "several lora2 artifacts" in ambiguous.output
+    out = tmp_path / "pair.safetensors"
+    assert cli_in(project, "export", "lora1.red-circle", "--out", str(out)).exit_code == 0
+    from cache.store import Store
+
+    store = Store(project.store)
+    key = store.read_ref("differential")["lora1.red-circle"]  # LoRA-1s are not exported: only the store has them
+    digest = store.load_manifest("lora1", key).outputs["lora1.safetensors"]["digest"]
+    assert out.read_bytes() == store.object_path(digest).read_bytes()
