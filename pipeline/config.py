@@ -374,6 +374,12 @@ class ScheduleConfig(TimestepSettings, NoiseSettings):
     Every field here is part of the cross-phase contract: changing one re-runs the teacher."""
 
     steps: int = Field(500, ge=1, description="Optimizer steps in the schedule (the student may stop earlier).")
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        description="The schedule's length in epochs instead of steps: every training image (not the held-out ones) "
+        "its num_repeats times per epoch, batch_size x grad_accum rows a step. Set steps or epochs, not both.",
+    )
     batch_size: int = Field(1, ge=1, description="Samples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     seed: int = Field(42, description="Seed of the item order, timesteps, noise and caption dropout.")

@@ -188,10 +188,11 @@ class PlanEnv:
             ),
         }
 
-    def section_steps(self, section, name: str) -> int:
+    def section_steps(self, section, name: str, held_out: int = 0, sharded: bool = True) -> int:
         """A training section's optimizer steps: its `steps`, or its `epochs` of this data set (kohya's epoch: every
         training image num_repeats times, regularization images as many again, in batches of batch_size; an
-        optimizer step takes grad_accum of them on each process)."""
+        optimizer step takes grad_accum of them on each process, or in all with sharded=False: the transfer
+        schedule, whose global batch is fixed). held_out: images kept out of training (schedule.heldout_images)."""
         import math
 
         from core import dist
@@ -212,9 +213,15 @@ class PlanEnv:
                 reg += 1
             else:
                 images += subset.num_repeats if subset is not None else 1
-        shown = images * (2 if reg else 1)  # kohya repeats or cuts the regularization images to as many
-        per_epoch = math.ceil(math.ceil(shown / section.batch_size) / (section.grad_accum * dist.size()))
+        shown = max(1, images - held_out) * (2 if reg else 1)  # kohya repeats or cuts reg images to as many
+        processes = dist.size() if sharded else 1
+        per_epoch = math.ceil(math.ceil(shown / section.batch_size) / (section.grad_accum * processes))
         return max(1, epochs * per_epoch)
+
+    def schedule_steps(self) -> int:
+        """The transfer schedule's steps: schedule.steps, or schedule.epochs of the images it trains on."""
+        s = self.config.schedule
+        return self.section_steps(s, "schedule", held_out=s.heldout_images, sharded=False)
 
     def targets(self, section_targets: list[str] | None) -> list[str]:
         return list(section_targets) if section_targets is not None else list(self.family.default_targets)

@@ -67,7 +67,7 @@ class PriorStage(Stage):
         if not env.store.has_work(self.name, key) or env.config.student.prior != "materialized":
             return None
         pool = env.store.pool(self.pool_id(key))
-        steps = env.config.schedule.steps
+        steps = env.schedule_steps()
         return sum(pool.has(f"{s:07d}") for s in range(steps)), steps
 
     def run(self, ctx: StageContext) -> StageResult:

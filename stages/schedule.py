@@ -47,8 +47,9 @@ class ScheduleStage(Stage):
                 f"schedule.heldout_images = {s.heldout_images}, but the data set has {len(env.images)} images: at "
                 f"least one must stay for training. Lower it (0: measure fidelity on the training images only)."
             )
-        captions = caption_draw(env.config.data, s.steps)
-        subsets = subset_caption_draws(env.config.data, s.steps)
+        steps = env.schedule_steps()
+        captions = caption_draw(env.config.data, steps)
+        subsets = subset_caption_draws(env.config.data, steps)
         draws = {"data": captions} | {f"data.subsets ({n})": d for n, d in (subsets or {}).items()}
         dropping = [(where, d.dropout_rate) for where, d in draws.items() if d is not None and d.dropout_rate]
         if dropping and s.caption_dropout:
@@ -60,8 +61,9 @@ class ScheduleStage(Stage):
         return ScheduleParams(
             **s.model_dump(
                 include=set(ScheduleParams.model_fields)
-                - {"timesteps", "guidance_embed", "captions", "subset_captions"}
+                - {"timesteps", "guidance_embed", "captions", "subset_captions", "steps"}
             ),
+            steps=steps,
             captions=captions,
             subset_captions=subsets,
             timesteps=env.model.timesteps(s, "schedule", env.config.latents.resolution),

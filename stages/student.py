@@ -49,12 +49,12 @@ class StudentStage(Stage):
     sharded = True  # several processes split each step's micro-steps (schedule.grad_accum)
 
     def params(self, env: PlanEnv) -> StudentParams:
-        s, sched = env.config.student, env.config.schedule
-        steps = s.steps or sched.steps
-        if steps > sched.steps:
+        s, sched, total = env.config.student, env.config.schedule, env.schedule_steps()
+        steps = s.steps or total
+        if steps > total:
             raise ConfigError(
-                f"student.steps = {steps} is more than schedule.steps = {sched.steps}: the teacher records deltas "
-                f"for {sched.steps} steps. Lower student.steps, or raise schedule.steps (which re-runs the teacher)."
+                f"student.steps = {steps} is more than the schedule's {total} steps: the teacher records deltas "
+                f"for {total} steps. Lower student.steps, or raise schedule.steps (which re-runs the teacher)."
             )
         fields = section_fields(s, StudentParams, exclude={"steps", "guidance_embed"})
         return StudentParams(

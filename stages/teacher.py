@@ -78,7 +78,7 @@ class TeacherStage(Stage):
         if not env.store.has_work(self.name, key):
             return None
         s = env.config.schedule
-        names = array_names(s.steps, env.config.transfer.delta_mode, s.heldout, s.heldout_images > 0)
+        names = array_names(env.schedule_steps(), env.config.transfer.delta_mode, s.heldout, s.heldout_images > 0)
         pool = env.store.pool(self.pool_id(key))
         return sum(pool.has(n) for n in names), len(names)
 

@@ -394,6 +394,7 @@ def test_every_config_field_is_covered_by_this_table():
         *[(f"tag.{k}", None) for k in TagConfig.model_fields],
         # epochs instead of steps, and the output settings of the differential sections (tests/test_newcomer.py)
         ("lora1.epochs", None),
+        ("schedule.epochs", None),
         *[(f"differential.{s}.epochs", None) for s in ("lora1", "lora2")],
         *[(f"differential.{s}.{k}", None) for s in ("lora1", "lora2") for k in ("output_name", "save_precision")],
         *[(f"differential.{s}.save_every_steps", None) for s in ("lora1", "lora2")],

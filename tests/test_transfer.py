@@ -193,7 +193,7 @@ def test_a_student_outside_the_teachers_space_is_refused_before_any_work(transfe
 def test_student_steps_beyond_the_schedule_is_a_config_error(transfer_project):
     result = transfer_project.cli("run", "transfer", "--set", "student.steps=9")
     assert result.exit_code == 2
-    assert "student.steps = 9 is more than schedule.steps = 6" in result.output
+    assert "student.steps = 9 is more than the schedule's 6 steps" in result.output
 
 
 def test_teacher_init_with_another_rank_is_refused_before_any_work(transfer_project):
