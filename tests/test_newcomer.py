@@ -268,3 +268,74 @@ def test_the_transfer_schedule_takes_epochs_too(transfer_project):
     transfer_project.settings["schedule"].pop("epochs")
     transfer_project.write_config(schedule={"steps": 6})
     assert keys() == every_image
+
+
+# -- previews ----------------------------------------------------------------------------------------------------
+
+
+def test_previews_are_on_by_default_four_a_run_in_labelled_cells(project):
+    from PIL import Image
+
+    project.write_config(**{"runtime.preview": {}})  # the defaults (tests otherwise leave previews off: conftest)
+    project.run_json()
+    previews = sorted((project.root / "output" / "lora" / "lora1" / "previews").glob("*.png"))
+    assert [p.name for p in previews] == ["step000002.png", "step000004.png", "step000006.png"]  # 6 steps / 4
+    with Image.open(previews[0]) as im:
+        # one cell (the model's native 64 px, shown at 256) with the title above it and the label under it
+        assert im.width >= 256 and im.height >= 256 + 2 * 18
+    init = project.cli("init", str(project.root / "fresh.toml"))
+    assert init.exit_code == 0 and "[runtime.preview]" in (project.root / "fresh.toml").read_text()
+
+
+def test_each_preview_prompt_takes_its_own_settings():
+    from pipeline.config import PreviewConfig
+    from stages.training.previews import preview_specs
+
+    pv = PreviewConfig(
+        prompts=["a cat --n blurry, dark --w 512 --h 768 --s 28 --l 5.5 --d 42", {"prompt": "a dog", "seed": 7}],
+        negative_prompt="lowres",
+        steps=10,
+    )
+    cat, dog = preview_specs(pv, ["unused"])
+    assert (cat.prompt, cat.negative_prompt, cat.width, cat.height) == ("a cat", "blurry, dark", 512, 768)
+    assert (cat.steps, cat.guidance_scale, cat.seed) == (28, 5.5, 42)
+    assert (dog.prompt, dog.negative_prompt, dog.seed, dog.steps, dog.width) == ("a dog", "lowres", 7, 10, None)
+    assert [s.prompt for s in preview_specs(PreviewConfig(), ["the first caption"])] == ["the first caption"]
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--x"):
+        preview_specs(PreviewConfig(prompts=["a cat --x 3"]), [])
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        preview_specs(PreviewConfig(prompts=["a cat --w 500"]), [])
+
+
+def test_previews_render_each_prompt_at_its_size_seed_and_negative(project):
+    from PIL import Image
+
+    prompts = ["a red circle --w 32 --h 48 --s 2 --d 3 --n blue", {"prompt": "a square", "steps": 1, "seed": 5}]
+    project.write_config(**{"runtime.preview": {"every": 6, "steps": 2, "prompts": prompts}})
+    project.run_json()
+    (preview,) = (project.root / "output" / "lora" / "lora1" / "previews").glob("*.png")
+    with Image.open(preview) as im:
+        assert im.width >= 2 * 192 and im.height >= 288  # 32x48 shown at 192x288 beside the native 64 px one
+
+
+@pytest.mark.slow
+def test_history_and_export_know_the_pairs_of_a_differential_run(differential_project, tmp_path):
+    project = differential_project
+    assert project.cli("run", "differential", "--no-progress").exit_code == 0
+    runs = json.loads(cli_in(project, "history", "lora2", "--json").stdout)["runs"]
+    assert sorted(u for r in runs for u in r["current"]) == [
+        "differential: lora2.red-circle",
+        "differential: lora2.yellow-square",
+    ]
+    ambiguous = cli_in(project, "export", "lora2", "--out", str(tmp_path / "x.safetensors"))
+    assert ambiguous.exit_code == 2 and "several lora2 artifacts" in ambiguous.output
+    out = tmp_path / "pair.safetensors"
+    assert cli_in(project, "export", "lora1.red-circle", "--out", str(out)).exit_code == 0
+    from cache.store import Store
+
+    store = Store(project.store)
+    key = store.read_ref("differential")["lora1.red-circle"]  # LoRA-1s are not exported: only the store has them
+    digest = store.load_manifest("lora1", key).outputs["lora1.safetensors"]["digest"]
+    assert out.read_bytes() == store.object_path(digest).read_bytes()
