@@ -436,9 +436,6 @@ def export(
     typer.echo(f"{verb} {result['file']} ({result['stage']} {result['key'][:12]}, {result['from']})")
 
 
-TRAINED = ("lora1", "student", "lora2")
-
-
 @app.command()
 @user_errors
 def gc(
@@ -457,7 +454,9 @@ def gc(
         typer.echo(f"{'would remove' if dry_run else 'removed'} {r['kind']:7} {r['bytes']:>12,} B  {r['path']}")
     verb = "would free" if dry_run else "freed"
     typer.echo(f"{verb} {report['bytes']:,} bytes in {len(report['removed'])} entries")
-    loras = sorted({Path(r["path"]).parent.name for r in report["removed"] if r["kind"] == "stage"} & set(TRAINED))
+    from pipeline.history import TRAINING
+
+    loras = sorted({Path(r["path"]).parent.name for r in report["removed"] if r["kind"] == "stage"} & set(TRAINING))
     if dry_run and loras:
         typer.echo(
             f"Earlier LoRAs of {', '.join(loras)} are among them. To keep one, copy it out first: "

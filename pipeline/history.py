@@ -6,6 +6,7 @@ save_precision.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -120,7 +121,7 @@ def export(
     diffusers file) or the one kept at `step`, named and stored as the section's output_name and save_precision
     ask (precision overrides it). Never overwrites a file: an existing one with other bytes is refused."""
     from cache.hashing import sha256_file
-    from stages.training.outputs import ExportSettings, export_lora_file
+    from stages.training.outputs import export_lora_file, export_settings
 
     kind = stage_kind(env, name)
     if kind not in TRAINING:
@@ -129,9 +130,14 @@ def export(
             f"{', '.join(TRAINING)}). `pipeline inspect` reads the teacher's and the schedule's data."
         )
     manifest = _find(env, kind, key, name)
-    sections = {"lora1": env.config.lora1, "student": env.config.student, "lora2": env.config.differential.lora2}
-    c = env.config.differential.lora1 if kind == "lora1" and name != kind else sections[kind]  # lora1.<pair>
-    settings = ExportSettings(kind, c.output_name, precision or c.save_precision)
+    from stages.lora1 import Lora1Stage
+    from stages.lora2 import Lora2Stage
+    from stages.student import StudentStage
+
+    section = {s.name: s.trained_section for s in (Lora1Stage, Lora2Stage, StudentStage)}[kind]
+    section = "differential.lora1" if kind == "lora1" and name != kind else section  # a pair's LoRA-1
+    settings = export_settings(env.config, kind, section)
+    settings = dataclasses.replace(settings, save_precision=precision or settings.save_precision)
     if step is not None:
         output = f"steps/{kind}-step{step:06d}.safetensors"
         if output not in manifest.outputs:

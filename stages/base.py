@@ -351,10 +351,15 @@ class Stage:
         """What a committed artifact should tell its user (`pipeline status`), e.g. the files it left out."""
         return []
 
+    # a training stage's config section (dotted), whose output_name and save_precision name and convert its files
+    trained_section: str | None = None
+
     def export_settings(self, env: PlanEnv):
-        """A training stage's ExportSettings (stages/training/outputs.py: output_name, save_precision); None: its
-        files are exported as the store holds them."""
-        return None
+        """A training stage's ExportSettings (stages/training/outputs.py); None: its files are exported as the store
+        holds them."""
+        from stages.training.outputs import export_settings
+
+        return export_settings(env.config, self.name, self.trained_section) if self.trained_section else None
 
     def preflight(self, env: PlanEnv, params: BaseModel) -> None:
         """Checks that need the machine (devices, optional packages), run before any stage of a run starts."""

@@ -44,6 +44,7 @@ class Lora1Stage(Stage):
     # training settings, dataset and tag frequencies (ss_*), and ss_output_name
     IMPL_VERSION = 3
     upstream = ("caption", "latents", "text")
+    trained_section = "lora1"
     # train_text_encoder: the captions are encoded in every step by the text encoder in training, so the `lora`
     # workflow leaves the text stage out (pipeline/workflows.py)
     optional_upstream = ("text",)
@@ -67,12 +68,6 @@ class Lora1Stage(Stage):
             guidance_embed=guidance_embed_for(env.model, c.guidance_embed, "lora1.guidance_embed"),
             processes=processes(),
         )
-
-    def export_settings(self, env: PlanEnv):
-        from stages.training.outputs import ExportSettings
-
-        c = env.config.lora1
-        return ExportSettings("lora1", c.output_name, c.save_precision)
 
     def inputs(self, env: PlanEnv) -> dict:
         d, denoiser = env.component_digests, env.family.lora_component

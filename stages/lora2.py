@@ -37,6 +37,7 @@ class Lora2Stage(Stage):
     # and tag frequencies in the files (ss_*), and ss_output_name
     IMPL_VERSION = 3
     upstream = ("caption", "latents", "text", "lora1")
+    trained_section = "differential.lora2"
     contract_from = ("caption", "latents")
     description = "LoRA-2 on B, over LoRA-1"
     sharded = True
@@ -63,12 +64,6 @@ class Lora2Stage(Stage):
             guidance_embed=guidance_embed_for(env.model, l2.guidance_embed, "differential.lora2.guidance_embed"),
             processes=processes(),
         )
-
-    def export_settings(self, env: PlanEnv):
-        from stages.training.outputs import ExportSettings
-
-        c = env.config.differential.lora2
-        return ExportSettings("lora2", c.output_name, c.save_precision)
 
     def inputs(self, env: PlanEnv) -> dict:
         d, denoiser = env.component_digests, env.family.lora_component

@@ -43,6 +43,7 @@ class StudentStage(Stage):
     # the files (ss_*), and ss_output_name
     IMPL_VERSION = 3
     upstream = ("latents", "schedule", "teacher", "prior")
+    trained_section = "student"
     contract_from = ("teacher", "prior")
     enforce_contract = True
     description = "student LoRA trained on prior + g * teacher delta"
@@ -74,12 +75,6 @@ class StudentStage(Stage):
             prediction_type=env.student.auto_prediction_type,
             guidance_embed=student_guidance(env),
         )
-
-    def export_settings(self, env: PlanEnv):
-        from stages.training.outputs import ExportSettings
-
-        c = env.config.student
-        return ExportSettings("student", c.output_name, c.save_precision)
 
     def inputs(self, env: PlanEnv) -> dict:
         d, denoiser = env.student.component_digests, env.student.family.lora_component

@@ -283,6 +283,13 @@ class ExportSettings:
         return lora and (SAVE_DTYPES[self.save_precision] != "float32" or self.output_name is not None)
 
 
+def export_settings(config, stage: str, section: str) -> ExportSettings:
+    """The ExportSettings of a training stage whose settings are the config section `section` (dotted)."""
+    for part in section.split("."):
+        config = getattr(config, part)
+    return ExportSettings(stage, config.output_name, config.save_precision)
+
+
 def export_lora_file(source: Path, dest: Path, settings: ExportSettings) -> None:
     """A LoRA file of the store as the section exports it: every floating tensor in save_precision (as kohya's
     save_precision converts every tensor), ss_output_name the section's output_name; the rest as it is."""
