@@ -272,34 +272,41 @@ def export_outputs(env: PlanEnv, manifest: Manifest | None, dest: Path, settings
         if name not in sources:
             record.pop(name)
     dest.mkdir(parents=True, exist_ok=True)
+    made_from = _read_export_sources(marker)  # a rewritten file -> the object and settings it was made from
     for name, output in sources.items():
         path = dest / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        source = env.store.read_object(manifest.outputs[output]["digest"], f"{manifest.stage} output {output}")
-        tmp, digest = None, manifest.outputs[output]["digest"]
-        if settings is not None and settings.rewrites(output):
+        digest = manifest.outputs[output]["digest"]
+        rewrite = settings is not None and settings.rewrites(output)
+        origin = f"{digest} {settings.save_precision} {settings.name}" if rewrite else None
+        current = env.store.memo.digest(path) if path.is_file() else None
+        if rewrite and current is not None and current == record.get(name) and made_from.get(name) == origin:
+            continue  # this export of this object, with these settings, is there already: not rewritten each run
+        made_from.pop(name, None)
+        what = f"{manifest.stage} output {output}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        if rewrite:
             from stages.training.outputs import export_lora_file
 
-            tmp = path.with_name(f".{path.name}.tmp")
-            export_lora_file(source, tmp, settings)
+            export_lora_file(env.store.read_object(digest, what), tmp, settings)
             digest = sha256_file(tmp)
-        if path.is_file():
-            current = env.store.memo.digest(path)
-            if current == digest or record.get(name) != current:
-                if tmp is not None:
-                    tmp.unlink()
-                if current == digest:
-                    record[name] = digest
-                else:  # not the file this tool wrote there (or changed since): leave it
-                    kept.append(name)
-                    record.pop(name, None)
+        if current is not None and (current == digest or record.get(name) != current):
+            tmp.unlink(missing_ok=True)
+            if current == digest:
+                record[name] = digest
+            else:  # not the file this tool wrote there (or changed since): leave it
+                kept.append(name)
+                record.pop(name, None)
                 continue
-        if tmp is None:
-            tmp = path.with_name(f".{path.name}.tmp")
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, path)
-        record[name] = digest
-    write_json_atomic(marker, {"exported": dict(sorted(record.items()))})
+        else:
+            if not rewrite:
+                shutil.copyfile(env.store.read_object(digest, what), tmp)
+            os.replace(tmp, path)
+            record[name] = digest
+        if rewrite:
+            made_from[name] = origin
+    made_from = {n: o for n, o in made_from.items() if n in record}
+    write_json_atomic(marker, {"exported": dict(sorted(record.items())), "from": dict(sorted(made_from.items()))})
     foreign = sorted(
         p.relative_to(dest).as_posix()
         for p in dest.rglob("*")
@@ -312,6 +319,16 @@ def export_outputs(env: PlanEnv, manifest: Manifest | None, dest: Path, settings
             file=sys.stderr,
         )
     return [str(dest / n) for n in sources if n not in kept]
+
+
+def _read_export_sources(marker: Path) -> dict[str, str]:
+    """The export record's `from`: each rewritten file's object digest and settings (output_name, save_precision)."""
+    try:
+        doc = json.loads(marker.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    made = doc.get("from") if isinstance(doc, dict) else None
+    return {k: v for k, v in made.items() if isinstance(v, str)} if isinstance(made, dict) else {}
 
 
 def _read_export_record(marker: Path) -> dict[str, str] | None:

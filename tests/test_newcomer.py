@@ -195,6 +195,22 @@ def test_output_name_and_save_precision_re_export_without_training(project):
     assert metadata(bf16)["ss_output_name"] == "my-char"
 
 
+def test_a_converted_export_is_not_rewritten_by_every_run(project, monkeypatch):
+    from stages.training import outputs
+
+    converted = []
+    real = outputs.export_lora_file
+    monkeypatch.setattr(outputs, "export_lora_file", lambda *a: converted.append(a[1].name) or real(*a))
+    named = ("--set", "lora1.output_name='my-char'", "--set", "lora1.save_precision='bf16'")
+    project.run_json(*named)
+    assert sorted(converted) == [".my-char.safetensors.tmp", ".pytorch_lora_weights.safetensors.tmp"]
+    converted.clear()
+    project.run_json(*named)  # everything reused: the converted files of the same objects are not made again
+    assert converted == []
+    project.run_json("--set", "lora1.output_name='my-char'", "--set", "lora1.save_precision='fp16'")
+    assert len(converted) == 2  # other settings: converted again
+
+
 def test_the_lora_files_carry_the_training_settings_and_tag_frequencies(project):
     project.run_json()
     meta = metadata(project.root / "output" / "lora" / "lora1" / "lora1.safetensors")
