@@ -355,3 +355,21 @@ def test_history_and_export_know_the_pairs_of_a_differential_run(differential_pr
     key = store.read_ref("differential")["lora1.red-circle"]  # LoRA-1s are not exported: only the store has them
     digest = store.load_manifest("lora1", key).outputs["lora1.safetensors"]["digest"]
     assert out.read_bytes() == store.object_path(digest).read_bytes()
+
+
+def test_export_names_what_is_wrong_with_its_arguments(project, tmp_path):
+    none_yet = cli_in(project, "history", "lora1")
+    assert none_yet.exit_code == 2 and "no lora1 artifact in the store" in none_yet.output
+    project.run_json()
+    cases = {
+        ("--format", "onnx"): "--format onnx: use kohya or diffusers",
+        ("--precision", "fp8"): "--precision fp8: use fp32, fp16 or bf16",
+        ("--out", str(tmp_path / "missing" / "x.safetensors")): "does not exist",
+        ("--out", str(tmp_path)): "is a folder; give a file name",
+    }
+    for args, message in cases.items():
+        result = cli_in(project, "export", "lora1", *args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    latents = cli_in(project, "export", "latents", "--out", str(tmp_path / "l.safetensors"))
+    assert latents.exit_code == 2 and "latents artifacts hold none" in latents.output
