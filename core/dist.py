@@ -10,6 +10,7 @@ commits a stage only after a barrier that every rank reached, so nothing of a fa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 
@@ -30,21 +31,102 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def check_launcher() -> None:
-    """Refuse what an accelerate config asks for that the stages do not do: DeepSpeed ZeRO and FSDP shard the
-    model and the optimizer inside accelerate's wrappers, which the training stages do not use."""
+@dataclasses.dataclass(frozen=True)
+class FsdpSettings:
+    """What an accelerate FSDP config asks of the training stages (accelerate launch puts it in the environment:
+    ACCELERATE_USE_FSDP, FSDP_*). lora-pipeline applies it itself with torch's fully_shard (stages/training/fsdp.py)."""
+
+    strategy: str  # FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD or HYBRID_SHARD_ZERO2 (NO_SHARD: no FSDP at all)
+    wrap: str = "TRANSFORMER_BASED_WRAP"  # or SIZE_BASED_WRAP, NO_WRAP
+    classes: tuple[str, ...] = ()  # the transformer classes to wrap; () = the model's own (_no_split_modules)
+    min_params: int = 100_000_000  # SIZE_BASED_WRAP: a module of at least this many parameters is one unit
+    offload: bool = False  # the sharded weights kept in CPU memory between uses (GPU runs)
+    activation_checkpointing: bool = False
+    ignored_modules: str = ""  # a regular expression: modules whose weights every process keeps whole
+
+    @property
+    def reshard_after_forward(self) -> bool:
+        """FULL_SHARD (ZeRO-3) frees the gathered weights after each unit's forward; SHARD_GRAD_OP (ZeRO-2) keeps
+        them to the backward."""
+        return self.strategy in ("FULL_SHARD", "HYBRID_SHARD")
+
+    @property
+    def hybrid(self) -> bool:
+        return self.strategy.startswith("HYBRID_SHARD")
+
+
+_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")  # accelerate's 1..5
+_WRAPS = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
+_fsdp: FsdpSettings | None = None
+
+
+def _flag(name: str, default: str = "false") -> bool:
+    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
+
+
+def read_fsdp() -> FsdpSettings | None:
+    """The FSDP settings of the environment accelerate launch made from its config, None when it asks for none
+    (or for NO_SHARD). A value this project cannot apply is a ConfigError that names the config key."""
     from core.errors import ConfigError
 
-    for flag, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed ZeRO"), ("ACCELERATE_USE_FSDP", "FSDP")):
-        if os.environ.get(flag, "").lower() in ("1", "true", "yes"):
-            import torch
-
-            where = "CUDA GPUs; this run has none" if not torch.cuda.is_available() else "support lora-pipeline lacks"
+    if not _flag("ACCELERATE_USE_FSDP"):
+        return None
+    if os.environ.get("FSDP_VERSION", "1").strip() == "2":  # FSDP2 configs say only whether to reshard
+        strategy = "FULL_SHARD" if _flag("FSDP_RESHARD_AFTER_FORWARD", "true") else "SHARD_GRAD_OP"
+    else:
+        raw = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
+        strategy = _STRATEGIES[int(raw) - 1] if raw.isdigit() and 1 <= int(raw) <= 5 else raw
+        if strategy not in _STRATEGIES:
             raise ConfigError(
-                f"the accelerate config asks for {name} ({flag}), which needs {where}. lora-pipeline shards its "
-                f"training stages itself (docs/distributed.md): launch with torchrun, or an accelerate config "
-                f"without {name} (distributed_type MULTI_GPU)."
+                f"the accelerate config's fsdp_sharding_strategy is {raw!r} (FSDP_SHARDING_STRATEGY); use one of "
+                f"{', '.join(_STRATEGIES)}."
             )
+    if strategy == "NO_SHARD":  # DDP by another name: what the stages do without FSDP
+        return None
+    wrap = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP").strip().upper() or _WRAPS[0]
+    if wrap not in _WRAPS:
+        raise ConfigError(
+            f"the accelerate config's fsdp_auto_wrap_policy is {wrap!r} (FSDP_AUTO_WRAP_POLICY); use one of "
+            f"{', '.join(_WRAPS)}."
+        )
+    classes = tuple(c.strip() for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip())
+    raw_min = os.environ.get("FSDP_MIN_NUM_PARAMS", "100000000").strip()
+    if not raw_min.isdigit():
+        raise ConfigError(
+            f"the accelerate config's fsdp_min_num_params is {raw_min!r} (FSDP_MIN_NUM_PARAMS); it is a whole "
+            f"number of parameters."
+        )
+    return FsdpSettings(
+        strategy=strategy,
+        wrap=wrap,
+        classes=classes,
+        min_params=int(raw_min),
+        offload=_flag("FSDP_OFFLOAD_PARAMS"),
+        activation_checkpointing=_flag("FSDP_ACTIVATION_CHECKPOINTING"),
+        ignored_modules=os.environ.get("FSDP_IGNORED_MODULES", "").strip(),
+    )
+
+
+def fsdp() -> FsdpSettings | None:
+    """The run's FSDP settings (read by init()), None without FSDP."""
+    return _fsdp
+
+
+def check_launcher() -> None:
+    """Read what the launcher's accelerate config asks for. FSDP is applied by the training stages themselves, so
+    accelerate's own FSDP set-up is switched off (its flag leaves the environment); DeepSpeed is refused by name."""
+    from core.errors import ConfigError
+
+    global _fsdp
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError(
+            "the accelerate config asks for DeepSpeed ZeRO (ACCELERATE_USE_DEEPSPEED), which lora-pipeline does not "
+            "run. Its FSDP shards the frozen model as ZeRO does: use an accelerate config with distributed_type FSDP "
+            "(fsdp_sharding_strategy FULL_SHARD for ZeRO-3, SHARD_GRAD_OP for ZeRO-2; docs/distributed.md), or "
+            "launch with torchrun or distributed_type MULTI_GPU to replicate the model on every process."
+        )
+    _fsdp = read_fsdp()
+    os.environ.pop("ACCELERATE_USE_FSDP", None)  # accelerate's Accelerator would otherwise set up FSDP of its own
 
 
 def init() -> None:

@@ -207,6 +207,8 @@ class StudentStage(Stage):
                 "heldout_images": doc.get("heldout_items", []),
             },
         }
+        if outcome.sharding:  # FSDP: how the base model was sharded
+            record["fsdp"] = outcome.sharding
         summary = f"loss {record['final_loss']:.4g}"
         if final and "fit_cosine" in final:
             summary += (

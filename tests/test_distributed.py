@@ -231,11 +231,149 @@ def test_two_nodes_with_two_mounts_of_one_store_train_as_one_node(project, tmp_p
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
-@pytest.mark.parametrize(
-    ("flag", "name"), [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed ZeRO"), ("ACCELERATE_USE_FSDP", "FSDP")]
-)
-def test_an_accelerate_config_with_deepspeed_or_fsdp_is_refused_by_name(project, monkeypatch, flag, name):
-    monkeypatch.setenv(flag, "true")
+def test_an_accelerate_config_with_deepspeed_is_refused_by_name_and_points_to_fsdp(project, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     result = project.cli("run", "lora")
-    assert result.exit_code == 2 and f"asks for {name} ({flag})" in result.output and "torchrun" in result.output
-    assert "Traceback" not in result.output and not project.manifests("caption")
+    assert result.exit_code == 2 and "asks for DeepSpeed ZeRO (ACCELERATE_USE_DEEPSPEED)" in result.output
+    assert "FULL_SHARD for ZeRO-3" in result.output and "Traceback" not in result.output
+    assert not project.manifests("caption")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("FSDP_SHARDING_STRATEGY", "HALF_SHARD", "fsdp_sharding_strategy is 'HALF_SHARD'"),
+        ("FSDP_AUTO_WRAP_POLICY", "LAYER_WRAP", "fsdp_auto_wrap_policy is 'LAYER_WRAP'"),
+        ("FSDP_MIN_NUM_PARAMS", "1e6", "fsdp_min_num_params is '1e6'"),
+    ],
+)
+def test_an_fsdp_setting_this_project_cannot_apply_is_a_config_error(project, monkeypatch, variable, value, named):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv(variable, value)
+    result = project.cli("run", "lora")
+    assert result.exit_code == 2 and named in result.output and "Traceback" not in result.output
+    assert not project.manifests("caption")
+
+
+FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_sharding_strategy: {strategy}
+  fsdp_offload_params: false
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_use_orig_params: true
+machine_rank: 0
+main_training_function: main
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+rdzv_backend: static
+same_network: true
+use_cpu: false
+"""
+
+
+def accelerate_launch(project: Project, strategy: str, *args: str, env: dict | None = None, workflow: str = "lora"):
+    """`accelerate launch --config_file fsdp.yaml -m cli run ...` with the kind of config `accelerate config` writes."""
+    config = project.root / f"fsdp-{strategy}.yaml"
+    config.write_text(FSDP_CONFIG.format(strategy=strategy))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    cmd = [*launcher, "--main_process_port", str(free_port()), "-m", "cli", "run", workflow, "-c", str(project.config)]
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    try:
+        return subprocess.run(
+            [*cmd, "--json", *args],
+            cwd=project.root,
+            capture_output=True,
+            text=True,
+            env=environ,
+            timeout=SUBPROCESS_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"time-out: accelerate launch ran for over {SUBPROCESS_TIMEOUT} s (a hang?)")
+
+
+@pytest.mark.parametrize("strategy", ["FULL_SHARD", "HYBRID_SHARD"])
+def test_fsdp_shards_the_base_model_and_trains_the_lora_of_one_process(project, tmp_path, strategy):
+    """An accelerate FSDP config (the model's transformer blocks as units): each process keeps half the UNet's
+    weights (HYBRID_SHARD: shards within the node, of 2 processes here), every process renders the previews'
+    forwards, and the LoRA is the 1-process one with twice the accumulation, as without FSDP."""
+    project.write_config(**{"runtime.preview": {"every": 3, "width": 64, "height": 64, "steps": 2}})
+    fsdp = accelerate_launch(project, strategy)
+    assert fsdp.returncode == 0, fsdp.stderr[-4000:]
+    assert f"lora1: FSDP {strategy} over 2 processes" in fsdp.stderr
+    record = json.loads(project.manifests("lora1")[0].read_text())["record"]["fsdp"]
+    assert record["processes"] == 2 and "BasicTransformerBlock" in record["classes"] and record["units"] > 4
+    assert record["local_bytes"] <= 0.55 * record["base_bytes"]  # half, and the padding of odd shapes
+    previews = sorted(p.name for p in (project.root / "output/lora/lora1/previews").iterdir())
+    assert previews == ["step000003.png", "step000006.png"]
+
+    one = copy_of(project, tmp_path / "one")
+    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=2", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    a, b = lora(project), lora(one)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_a_run_killed_under_fsdp_resumes_from_its_checkpoint_with_or_without_fsdp(project, tmp_path):
+    """The checkpoint of an FSDP run is a whole LoRA and its optimizer, as without FSDP: a run killed at step 3
+    resumes under SHARD_GRAD_OP, or under plain torchrun, to the LoRA of an uninterrupted FSDP run."""
+    whole = copy_of(project, tmp_path / "whole")
+    assert accelerate_launch(whole, "SHARD_GRAD_OP").returncode == 0
+
+    for resume in ("fsdp", "torchrun"):
+        run = copy_of(project, tmp_path / resume)
+        killed = accelerate_launch(run, "SHARD_GRAD_OP", env={"LORA_PIPELINE_FAULT": "lora1.step:3@1"})
+        assert killed.returncode != 0 and not run.manifests("lora1")
+        resumed = accelerate_launch(run, "SHARD_GRAD_OP") if resume == "fsdp" else torchrun(run)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming from the checkpoint at step 2/6" in resumed.stderr
+        a, b = lora(run), lora(whole)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_fsdp_trains_the_student_of_one_process_and_measures_its_fidelity_on_every_process(transfer_project, tmp_path):
+    """The student under FSDP: each rank one micro-step of every schedule step, the held-out fidelity's forwards
+    run on both processes (rank 0 records them): the student and its fidelity curve of a 1-process run."""
+    project = transfer_project
+    project.write_config(schedule={"grad_accum": 2})
+    reference = imported_teacher_and_reference(project, tmp_path)
+    fsdp = accelerate_launch(project, "FULL_SHARD", workflow="transfer")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "student: FSDP FULL_SHARD over 2 processes" in fsdp.stderr
+    assert teacher_arrays(project) == teacher_arrays(reference)
+    a = load_file(project.root / "output/transfer/student/student.safetensors")
+    b = load_file(reference.root / "output/transfer/student/student.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    curve = [line.split(",") for line in (project.root / "output/transfer/student/fidelity.csv").read_text().split()]
+    wanted = [line.split(",") for line in (reference.root / "output/transfer/student/fidelity.csv").read_text().split()]
+    assert len(curve) > 2 and curve[0] == wanted[0]
+    assert all(
+        abs(float(x) - float(y)) < 1e-4
+        for r, w in zip(curve[1:], wanted[1:], strict=True)
+        for x, y in zip(r, w, strict=True)
+    )
+
+
+def test_fsdp_trains_lora2_over_a_frozen_lora1_as_two_plain_processes_do(differential_project, tmp_path):
+    """Differential LoRA under FSDP: LoRA-1 of each pair, then LoRA-2 over it as a frozen adapter (sharded with
+    the base weights): the LoRA-2 files of a torchrun run without FSDP."""
+    project = differential_project
+    shutil.copytree(project.root / "model", tmp_path / "plain" / "model")
+    shutil.copytree(project.root / "pairs", tmp_path / "plain" / "pairs")
+    plain = Project(tmp_path / "plain", json.loads(json.dumps(project.settings)))
+    fsdp = accelerate_launch(project, "FULL_SHARD", workflow="differential")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "lora2.red-circle: FSDP FULL_SHARD" in fsdp.stderr
+    assert torchrun(plain, workflow="differential").returncode == 0
+    files = sorted((project.root / "output/differential").rglob("lora2*.safetensors"))
+    assert len(files) == 3  # each pair's LoRA-2 and their average
+    # FSDP's backward hooks sum a few gradients in another order (1e-11 apart, measured), which Adam's step, the
+    # same size for a tiny gradient as for a large one, carries to ~3e-5 over LoRA-1's and LoRA-2's 8 steps at
+    # lr 5e-3; a LoRA-2 trained over anything else moves by the order of lr x steps
+    for path in files:
+        a, b = load_file(path), load_file(plain.root / path.relative_to(project.root))
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

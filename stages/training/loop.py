@@ -168,6 +168,7 @@ class TrainOutcome:
     init_state: dict | None = None  # PiSSA/OLoRA: the adapter's starting factors (networks.pissa_to_lora)
     text: TextOutcome | None = None  # the text encoder's LoRA, when it was trained
     grad_norms: list[float | None] = field(default_factory=list)  # per step: the LoRA's gradient norm before clipping
+    sharding: dict | None = None  # FSDP: how the base model was sharded (stages/training/fsdp.py Sharding.record)
 
 
 def check_precision(mixed_precision: str, device, fp8_base: bool = False, section: str = "lora1") -> None:
@@ -241,8 +242,15 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
             f"{job.stage}.fused_backward steps each parameter group inside the backward pass, before the other "
             f"processes' gradients are known; set it to false to train on {job.processes} processes."
         )
+    fsdp = dist.fsdp() if job.processes > 1 and dist.size() > 1 else None  # an accelerate FSDP config
+    if fsdp is not None and getattr(cfg, "fp8_base", False):
+        raise ConfigError(
+            f"{job.stage}.fp8_base and FSDP do not go together (FSDP gathers the weights as they are stored); set "
+            f"{job.stage}.fp8_base = false, or launch without the FSDP config."
+        )
     accelerator = make_accelerator(cfg.mixed_precision, job.device, getattr(cfg, "fp8_base", False), job.stage)
-    denoiser = job.family.load_denoiser(job.layout, accelerator.device)
+    # under FSDP the model is sharded from the CPU: no process ever holds all of it on its GPU
+    denoiser = job.family.load_denoiser(job.layout, torch.device("cpu") if fsdp else accelerator.device)
     preset_adapter = job.preset_lora is not None and apply_preset(
         denoiser, job.preset_lora, job.preset_mode, job.family.kohya_prefix
     )
@@ -275,6 +283,13 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         freeze_preset(denoiser)
     if job.init_lora is not None:
         load_lora_into(denoiser, match_modules(job.init_lora, denoiser, job.family.kohya_prefix))
+    sharding = None
+    if fsdp is not None:  # after every change to the base weights (PiSSA, a merged LoRA-1), before the optimizer
+        from stages.training.fsdp import shard_denoiser
+
+        sharding = shard_denoiser(denoiser, fsdp, accelerator.device)
+        if main:
+            job.log(sharding.line(job.label or job.stage))
     if getattr(cfg, "fp8_base", False):  # after PiSSA took its start from the fp32 weights
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
         store_base_in_fp8(denoiser, compute)
@@ -287,7 +302,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     else:
         optimizer = build_optimizer(groups, cfg, accelerator.device)
     scheduler = LrSchedule(optimizer, cfg.lr_schedule, cfg.steps)
-    if job.gradient_checkpointing:
+    if job.gradient_checkpointing or (fsdp is not None and fsdp.activation_checkpointing):
         enable_gradient_checkpointing(denoiser)
     process = make_process(cfg.timesteps, job.prediction_type)
     if cfg.fused_backward:  # accelerate's optimizer wrapper steps in step(); the fused one steps in backward
@@ -303,11 +318,11 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     start, losses, evals, previews, history = restore_checkpoint(job.work_dir, trained, optimizer, scheduler, ema)
     if start and main:
         job.log(f"{job.stage}: resuming from the checkpoint at step {start}/{cfg.steps}")
-    if not main:  # the other ranks train, and leave the files and the figures to rank 0
-        job = dataclasses.replace(
-            job, checkpoint_every=0, preview=None, tracker=None, progress=False, evaluate=None, snapshot=None
-        )
-    render = PreviewRenderer(job, unwrapped, ema)
+    if not main:  # the other ranks train, and leave the files and the figures to rank 0 ...
+        job = dataclasses.replace(job, checkpoint_every=0, tracker=None, progress=False, snapshot=None)
+        if fsdp is None:  # ... and, under FSDP, run the previews' and measurements' forwards beside it
+            job = dataclasses.replace(job, preview=None, evaluate=None)
+    render = PreviewRenderer(job, unwrapped, ema, write=main)
     every = preview_every(job.preview, cfg.steps) if job.preview_prompts else 0
     evaluate = Evaluator(job, unwrapped, evals)
     if start == 0:
@@ -389,6 +404,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         init_state,
         text_outcome,
         grad_norms,
+        None if sharding is None else sharding.record(),
     )
 
 
@@ -612,11 +628,12 @@ def restore_checkpoint(
 class PreviewRenderer:
     """Renders the preview prompts at fixed seeds into one PNG strip; builds its pipeline on first use."""
 
-    def __init__(self, job: TrainJob, denoiser, ema=None):
-        self.job, self.denoiser, self._render = job, denoiser, None
+    def __init__(self, job: TrainJob, denoiser, ema=None, write: bool = True):
+        self.job, self.denoiser, self._render, self.write = job, denoiser, None, write
         self.ema = ema if job.preview is not None and job.preview.ema else None
 
-    def __call__(self, step: int) -> Path:
+    def __call__(self, step: int) -> Path | None:
+        """The strip's file; None on a process that renders only to keep FSDP's gathers in step (write=False)."""
         from stages.training.previews import labelled_row
 
         job = self.job
@@ -630,6 +647,8 @@ class PreviewRenderer:
             job.text_encoder.model.eval()
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
             images = [self._render(spec) for spec in job.preview_prompts]
+        if not self.write:
+            return None
         strip = labelled_row(
             images,
             [s.label(im.size) for s, im in zip(job.preview_prompts, images, strict=True)],
