@@ -9,7 +9,11 @@ both, and their ratios (b / a). On 2 cores two processes share the cores one pro
 expectation; the point is the protocol's overhead (planning on every rank, barriers, the gradient all-reduce,
 per-rank pool logs), not a speed-up.
 
-    .venv/bin/python benchmarks/distributed.py [--steps 60] [--repeats 3]
+With --fsdp it compares, on `pipeline run lora`, two plain processes (torchrun) with two under an accelerate FSDP
+config (FULL_SHARD and SHARD_GRAD_OP, `accelerate launch`): lora1's seconds (ratio to the plain run) and the bytes
+of the base model each process keeps (the artifact's record), the saving FSDP is for.
+
+    .venv/bin/python benchmarks/distributed.py [--steps 60] [--repeats 3] [--fsdp]
 """
 
 from __future__ import annotations
@@ -39,8 +43,25 @@ def free_port() -> int:
 SHARDED = ("latents", "text", "lora1", "teacher", "prior")
 
 
-def run(config: Path, steps: int, processes: int) -> tuple[dict[str, float], float]:
-    """({sharded stage: seconds}, wall seconds) of one fresh `pipeline run transfer`."""
+FSDP_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_sharding_strategy: {strategy}
+machine_rank: 0
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+use_cpu: false
+"""
+
+
+def run(
+    config: Path, steps: int, processes: int, workflow: str = "transfer", fsdp: str = ""
+) -> tuple[dict[str, float], float, dict]:
+    """({sharded stage: seconds}, wall seconds, lora1's record) of one fresh `pipeline run <workflow>`; fsdp: an
+    accelerate FSDP config's sharding strategy (2 processes under `accelerate launch`)."""
     shutil.rmtree(config.parent / ".pipeline", ignore_errors=True)
     shutil.rmtree(config.parent / "output", ignore_errors=True)
     sets = [
@@ -52,9 +73,14 @@ def run(config: Path, steps: int, processes: int) -> tuple[dict[str, float], flo
         "runtime.preview.every=0",
         "--no-progress",
     ]
-    cli = ["-m", "cli", "run", "transfer", "-c", str(config), "--json", *sets]
+    cli = ["-m", "cli", "run", workflow, "-c", str(config), "--json", *sets]
     if processes == 1:
         cmd = [sys.executable, *cli]
+    elif fsdp:
+        accelerate_config = config.parent / f"fsdp-{fsdp}.yaml"
+        accelerate_config.write_text(FSDP_CONFIG.format(strategy=fsdp))
+        launch = ["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
+        cmd = [sys.executable, *launch, "--main_process_port", str(free_port()), *cli]
     else:
         port = str(free_port())
         cmd = [
@@ -77,18 +103,44 @@ def run(config: Path, steps: int, processes: int) -> tuple[dict[str, float], flo
         lines = [line for line in out.stderr.splitlines() if not line.startswith(("[rank0]:   ", "[rank1]:   "))]
         sys.exit(f"run failed ({processes} processes):\n" + "\n".join(lines[-60:]))
     stages = {s["name"]: s["seconds"] for s in json.loads(out.stdout)["stages"]}
-    return {name: stages[name] for name in SHARDED}, wall
+    manifest = next((config.parent / ".pipeline" / "stages" / "lora1").glob("*/manifest.json"))
+    record = json.loads(manifest.read_text())["record"]
+    return {name: stages[name] for name in SHARDED if name in stages}, wall, record
+
+
+def compare_fsdp(config: Path, steps: int, repeats: int) -> None:
+    """lora1 on two plain processes against two under FSDP: seconds and the base model's bytes per process."""
+    strategies = ("", "FULL_SHARD", "SHARD_GRAD_OP")
+    results: dict[str, list] = {s: [] for s in strategies}
+    for _ in range(repeats):
+        for strategy in strategies:
+            results[strategy].append(run(config, steps, 2, "lora", strategy))
+    plain = statistics.median(r[0]["lora1"] for r in results[""])
+    print(f"2 processes, no FSDP: lora1 {[round(r[0]['lora1'], 2) for r in results['']]} s")
+    for strategy in strategies[1:]:
+        seconds = statistics.median(r[0]["lora1"] for r in results[strategy])
+        sharding = results[strategy][0][2]["fsdp"]
+        print(
+            f"FSDP {strategy}: lora1 {[round(r[0]['lora1'], 2) for r in results[strategy]]} s, "
+            f"{seconds / plain:.3f} x the plain run; base model per process {sharding['local_bytes'] / 2**20:.2f} "
+            f"of {sharding['base_bytes'] / 2**20:.2f} MiB ({sharding['local_bytes'] / sharding['base_bytes']:.3f}), "
+            f"{sharding['units']} units"
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--fsdp", action="store_true", help="compare FSDP with plain processes on lora1")
     args = ap.parse_args()
     from pipeline.demo import ensure_demo
 
     with tempfile.TemporaryDirectory() as tmp:
         config = ensure_demo(Path(tmp) / "demo")
+        if args.fsdp:
+            compare_fsdp(config, args.steps, args.repeats)
+            return
         results = {1: [], 2: []}
         for _ in range(args.repeats):
             for processes in (1, 2):

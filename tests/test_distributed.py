@@ -264,7 +264,7 @@ fsdp_config:
   fsdp_offload_params: false
   fsdp_state_dict_type: FULL_STATE_DICT
   fsdp_use_orig_params: true
-machine_rank: 0
+{extra}machine_rank: 0
 main_training_function: main
 mixed_precision: 'no'
 num_machines: 1
@@ -275,10 +275,13 @@ use_cpu: false
 """
 
 
-def accelerate_launch(project: Project, strategy: str, *args: str, env: dict | None = None, workflow: str = "lora"):
-    """`accelerate launch --config_file fsdp.yaml -m cli run ...` with the kind of config `accelerate config` writes."""
+def accelerate_launch(
+    project: Project, strategy: str, *args: str, env: dict | None = None, workflow: str = "lora", extra: str = ""
+):
+    """`accelerate launch --config_file fsdp.yaml -m cli run ...` with the kind of config `accelerate config` writes
+    (extra: more fsdp_config lines)."""
     config = project.root / f"fsdp-{strategy}.yaml"
-    config.write_text(FSDP_CONFIG.format(strategy=strategy))
+    config.write_text(FSDP_CONFIG.format(strategy=strategy, extra=extra))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     cmd = [*launcher, "--main_process_port", str(free_port()), "-m", "cli", "run", workflow, "-c", str(project.config)]
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -320,15 +323,20 @@ def test_fsdp_shards_the_base_model_and_trains_the_lora_of_one_process(project, 
 
 def test_a_run_killed_under_fsdp_resumes_from_its_checkpoint_with_or_without_fsdp(project, tmp_path):
     """The checkpoint of an FSDP run is a whole LoRA and its optimizer, as without FSDP: a run killed at step 3
-    resumes under SHARD_GRAD_OP, or under plain torchrun, to the LoRA of an uninterrupted FSDP run."""
+    resumes under SHARD_GRAD_OP, or under plain torchrun, to the LoRA of an uninterrupted FSDP run (with the
+    config's activation checkpointing, which recomputes the same forwards)."""
+    checkpointing = "  fsdp_activation_checkpointing: true\n"
     whole = copy_of(project, tmp_path / "whole")
-    assert accelerate_launch(whole, "SHARD_GRAD_OP").returncode == 0
+    first = accelerate_launch(whole, "SHARD_GRAD_OP", extra=checkpointing)
+    assert first.returncode == 0 and "; activation checkpointing" in first.stderr, first.stderr[-3000:]
 
     for resume in ("fsdp", "torchrun"):
         run = copy_of(project, tmp_path / resume)
-        killed = accelerate_launch(run, "SHARD_GRAD_OP", env={"LORA_PIPELINE_FAULT": "lora1.step:3@1"})
+        killed = accelerate_launch(
+            run, "SHARD_GRAD_OP", env={"LORA_PIPELINE_FAULT": "lora1.step:3@1"}, extra=checkpointing
+        )
         assert killed.returncode != 0 and not run.manifests("lora1")
-        resumed = accelerate_launch(run, "SHARD_GRAD_OP") if resume == "fsdp" else torchrun(run)
+        resumed = accelerate_launch(run, "SHARD_GRAD_OP", extra=checkpointing) if resume == "fsdp" else torchrun(run)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "resuming from the checkpoint at step 2/6" in resumed.stderr
         a, b = lora(run), lora(whole)

@@ -13,6 +13,7 @@ under FSDP the previews and the student's fidelity measurements run on every pro
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -30,16 +31,10 @@ class Sharding:
     classes: list[str]  # the classes of the wrapped units
     base_bytes: int  # the model's sharded weights, whole
     local_bytes: int  # this process's share of them
+    notes: list[str]  # what else the config turned on (activation checkpointing, offloading), or ignored
 
     def record(self) -> dict:
-        return {
-            "strategy": self.strategy,
-            "processes": self.processes,
-            "units": self.units,
-            "classes": self.classes,
-            "base_bytes": self.base_bytes,
-            "local_bytes": self.local_bytes,
-        }
+        return dataclasses.asdict(self)
 
     def line(self, stage: str) -> str:
         gb = 1024**3
@@ -47,6 +42,7 @@ class Sharding:
             f"{stage}: FSDP {self.strategy} over {self.processes} processes, {self.units} units "
             f"({', '.join(self.classes) or 'the whole model'}): each process keeps {self.local_bytes / gb:.3g} GB of "
             f"the base model's {self.base_bytes / gb:.3g} GB; the LoRA stays whole on every process"
+            + "".join(f"; {note}" for note in self.notes)
         )
 
 
@@ -117,6 +113,9 @@ def shard_denoiser(denoiser, settings, device) -> Sharding:
                 ignored.update({id(p): p for p in module.parameters()})
     units = wrap_units(denoiser, settings)
     classes = sorted({type(u).__name__ for u in units})  # before fully_shard renames them (FSDP<class>)
+    notes = ["activation checkpointing"] if settings.activation_checkpointing else []
+    if settings.offload:
+        notes.append("shards offloaded to CPU memory" if device.type == "cuda" else "nothing to offload on the CPU")
     offload = CPUOffloadPolicy() if settings.offload and device.type == "cuda" else OffloadPolicy()
     for unit in [*units, denoiser]:
         fully_shard(
@@ -136,4 +135,4 @@ def shard_denoiser(denoiser, settings, device) -> Sharding:
         size = p.element_size()
         base += p.numel() * size
         local += (p.to_local().numel() if hasattr(p, "to_local") else p.numel()) * size
-    return Sharding(settings.strategy, world, len(units) + 1, classes, base, local)
+    return Sharding(settings.strategy, world, len(units) + 1, classes, base, local, notes)
