@@ -385,3 +385,19 @@ def test_fsdp_trains_lora2_over_a_frozen_lora1_as_two_plain_processes_do(differe
     for path in files:
         a, b = load_file(path), load_file(plain.root / path.relative_to(project.root))
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_fsdp_keeps_every_trained_parameter_whole_text_encoder_dora_prodigy_and_ema(project, tmp_path):
+    """What trains beside the LoRA stays out of the shards: a text encoder's LoRA, DoRA's magnitudes, Prodigy's
+    global sums over all parameters and the EMA give the files of two plain processes."""
+    sets = ["lora1.train_text_encoder=true", "lora1.network=dora", "lora1.optimizer=prodigy", "lora1.lr=1.0"]
+    args = [a for s in [*sets, "lora1.ema_decay=0.9"] for a in ("--set", s)]
+    fsdp = accelerate_launch(project, "FULL_SHARD", *args)
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    plain = copy_of(project, tmp_path / "plain")
+    assert torchrun(plain, *args).returncode == 0
+    for name in ("lora1.safetensors", "lora1-ema.safetensors"):
+        a = load_file(project.root / "output/lora/lora1" / name)
+        b = load_file(plain.root / "output/lora/lora1" / name)
+        assert any(k.startswith("lora_te_") for k in a) and any(k.endswith(".dora_scale") for k in a)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
