@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -187,42 +188,29 @@ def test_two_processes_make_the_teacher_and_student_of_one(transfer_project, tmp
         assert "student: schedule.grad_accum = 1 is not a multiple of the 2 processes" in two.stderr
 
 
-def test_two_nodes_with_two_mounts_of_one_store_train_as_one_node(project, tmp_path):
-    """Two torchrun "nodes" (one process each, their own launcher) that reach the project through two paths to the
-    same folder, as two hosts mounting one shared filesystem: rank 0 alone writes; the LoRA is the 2-process one."""
+def two_nodes(project: Project, tmp_path: Path, per_node: int = 1, env: dict | None = None) -> list[tuple[str, str]]:
+    """Two torchrun "nodes" (their own launchers, `per_node` processes each) that reach the project through two
+    paths to the same folder, as two hosts mounting one shared filesystem -> each launcher's (stdout, stderr)."""
     mount = tmp_path / "node1-mount"
     mount.symlink_to(project.root, target_is_directory=True)
     port = str(free_port())
     procs = []
     for node, root in ((0, project.root), (1, mount)):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "2",
-            "--nproc_per_node",
-            "1",
-            "--node_rank",
-            str(node),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            port,
-            "-m",
-            "cli",
-            "run",
-            "lora",
-            "-c",
-            str(root / "pipeline.toml"),
-            "--json",
-        ]
-        env = {**os.environ, **ONE_THREAD}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", str(per_node)]
+        cmd += ["--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port]
+        cmd += ["-m", "cli", "run", "lora", "-c", str(root / "pipeline.toml"), "--json"]
+        environ = {**os.environ, **ONE_THREAD, **(env or {})}
         procs.append(
-            subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
         )
     outs = [p.communicate(timeout=SUBPROCESS_TIMEOUT) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    return outs
+
+
+def test_two_nodes_with_two_mounts_of_one_store_train_as_one_node(project, tmp_path):
+    """Two nodes of one process each: rank 0 alone writes; the LoRA is the one of one node's 2 processes."""
+    outs = two_nodes(project, tmp_path)
     report = json.loads(outs[0][0])  # node 0's rank 0 reports; node 1 prints nothing on stdout
     assert outs[1][0] == "" and [s["action"] for s in report["stages"]] == ["ran"] * 4
     single = copy_of(project, tmp_path / "single-node")
@@ -255,33 +243,20 @@ def test_an_fsdp_setting_this_project_cannot_apply_is_a_config_error(project, mo
     assert not project.manifests("caption")
 
 
-FSDP_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-fsdp_config:
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_sharding_strategy: {strategy}
-  fsdp_offload_params: false
-  fsdp_state_dict_type: FULL_STATE_DICT
-  fsdp_use_orig_params: true
-{extra}machine_rank: 0
-main_training_function: main
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 2
-rdzv_backend: static
-same_network: true
-use_cpu: false
-"""
+FSDP_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "accelerate-fsdp.yaml"
 
 
 def accelerate_launch(
-    project: Project, strategy: str, *args: str, env: dict | None = None, workflow: str = "lora", extra: str = ""
+    project: Project, strategy: str, *args: str, env: dict | None = None, workflow: str = "lora", **fsdp_config
 ):
-    """`accelerate launch --config_file fsdp.yaml -m cli run ...` with the kind of config `accelerate config` writes
-    (extra: more fsdp_config lines)."""
+    """`accelerate launch --config_file fsdp.yaml -m cli run ...` with examples/accelerate-fsdp.yaml, its
+    fsdp_sharding_strategy and any other fsdp_config line given (`fsdp_activation_checkpointing="true"`) put in."""
+    text = FSDP_CONFIG.read_text()
+    for key, value in {"fsdp_sharding_strategy": strategy, **fsdp_config}.items():
+        text, found = re.subn(rf"^  {key}: .*$", f"  {key}: {value}", text, flags=re.MULTILINE)
+        assert found == 1, f"examples/accelerate-fsdp.yaml has no {key} line"
     config = project.root / f"fsdp-{strategy}.yaml"
-    config.write_text(FSDP_CONFIG.format(strategy=strategy, extra=extra))
+    config.write_text(text)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     cmd = [*launcher, "--main_process_port", str(free_port()), "-m", "cli", "run", workflow, "-c", str(project.config)]
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -325,18 +300,16 @@ def test_a_run_killed_under_fsdp_resumes_from_its_checkpoint_with_or_without_fsd
     """The checkpoint of an FSDP run is a whole LoRA and its optimizer, as without FSDP: a run killed at step 3
     resumes under SHARD_GRAD_OP, or under plain torchrun, to the LoRA of an uninterrupted FSDP run (with the
     config's activation checkpointing, which recomputes the same forwards)."""
-    checkpointing = "  fsdp_activation_checkpointing: true\n"
+    checkpointing = {"fsdp_activation_checkpointing": "true"}
     whole = copy_of(project, tmp_path / "whole")
-    first = accelerate_launch(whole, "SHARD_GRAD_OP", extra=checkpointing)
+    first = accelerate_launch(whole, "SHARD_GRAD_OP", **checkpointing)
     assert first.returncode == 0 and "; activation checkpointing" in first.stderr, first.stderr[-3000:]
 
     for resume in ("fsdp", "torchrun"):
         run = copy_of(project, tmp_path / resume)
-        killed = accelerate_launch(
-            run, "SHARD_GRAD_OP", env={"LORA_PIPELINE_FAULT": "lora1.step:3@1"}, extra=checkpointing
-        )
+        killed = accelerate_launch(run, "SHARD_GRAD_OP", env={"LORA_PIPELINE_FAULT": "lora1.step:3@1"}, **checkpointing)
         assert killed.returncode != 0 and not run.manifests("lora1")
-        resumed = accelerate_launch(run, "SHARD_GRAD_OP", extra=checkpointing) if resume == "fsdp" else torchrun(run)
+        resumed = accelerate_launch(run, "SHARD_GRAD_OP", **checkpointing) if resume == "fsdp" else torchrun(run)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "resuming from the checkpoint at step 2/6" in resumed.stderr
         a, b = lora(run), lora(whole)
@@ -401,3 +374,19 @@ def test_fsdp_keeps_every_trained_parameter_whole_text_encoder_dora_prodigy_and_
         b = load_file(plain.root / "output/lora/lora1" / name)
         assert any(k.startswith("lora_te_") for k in a) and any(k.endswith(".dora_scale") for k in a)
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_hybrid_fsdp_over_two_nodes_shards_within_each_and_trains_the_lora_of_one_process(project, tmp_path):
+    """HYBRID_SHARD over two nodes of two processes (the environment accelerate's config gives): each node's two
+    processes share the model's weights, the nodes hold one copy each; the LoRA of one process with grad_accum 4."""
+    hybrid = {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}
+    outs = two_nodes(project, tmp_path, per_node=2, env=hybrid)
+    assert "lora1: FSDP HYBRID_SHARD over 4 processes" in outs[0][1]
+    record = json.loads(project.manifests("lora1")[0].read_text())["record"]["fsdp"]
+    assert record["processes"] == 4 and record["local_bytes"] <= 0.55 * record["base_bytes"]  # halves, not quarters
+    assert record["local_bytes"] >= 0.45 * record["base_bytes"]
+    one = copy_of(project, tmp_path / "one")
+    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=4", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    a, b = lora(project), lora(one)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
