@@ -97,6 +97,25 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+def _same_command(ctx: typer.Context) -> list[str]:
+    """The arguments of the running command without --processes, for the processes `run --processes` starts."""
+    params = ctx.params
+    args = [ctx.command.name]
+    for param in sorted(ctx.command.params, key=lambda p: p.param_type_name != "argument"):
+        value = params.get(param.name)
+        if param.param_type_name == "argument":
+            args.append(str(value))
+        elif param.name == "processes" or value is None or value == param.default or value == []:
+            continue
+        elif param.is_flag:
+            args.append(param.opts[0])
+        elif param.multiple:
+            args += [a for v in value for a in (param.opts[0], str(v))]
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
 def _env(config: Path, overrides: list[str]):
     from pipeline.api import open_project
 
@@ -135,6 +154,7 @@ def init(
 @app.command()
 @user_errors
 def run(
+    ctx: typer.Context,
     workflow: str = typer.Argument(..., help="Workflow to run: lora, transfer or differential."),
     config: Path = ConfigOpt,
     set_: list[str] = SetOpt,
@@ -152,6 +172,12 @@ def run(
     as_json: bool = JsonOpt,
     no_progress: bool = typer.Option(
         False, "--no-progress", help="Show no progress (bars, lines or, with --json, JSON lines on stderr)."
+    ),
+    processes: int = typer.Option(
+        None,
+        "--processes",
+        min=1,
+        help="Run on this many processes of this machine (one per GPU), as `torchrun --nproc_per_node N` does.",
     ),
     resume: bool = typer.Option(False, "--resume", hidden=True),  # kohya's habit: resuming needs no flag
 ):
@@ -178,9 +204,11 @@ def run(
             "checkpoint of a training stage, every committed row of the others). Running as usual.",
             err=True,
         )
-    env = _env(config, set_)
+    env = _env(config, set_)  # a config error is said once, before any process starts
     from core import dist
 
+    if processes and processes > 1:
+        raise typer.Exit(dist.launch(processes, _same_command(ctx)))  # (a --demo is built by now)
     dist.init()  # under torchrun / accelerate launch: join the other processes (docs/distributed.md)
     runs = run_workflow(env, workflow, only=only, dry_run=dry_run, progress=_progress(env, as_json, no_progress))
     if not dist.is_main():  # rank 0 reports

@@ -159,9 +159,9 @@ def _collective(what: str):
         yield
     except RuntimeError as e:  # gloo / NCCL: a peer that exited closes its connections
         raise PeerFailed(
-            f"process {rank()} of {size()}: another process of this run stopped during {what} (its message is "
-            f"above); nothing of the running stage was committed. Fix that and run the same command again: the "
-            f"stages already committed are reused. ({str(e).splitlines()[0][:200]})"
+            f"process {rank()} of {size()}: another process of this run stopped during {what} (it says why, or "
+            f"the launcher says how it stopped); nothing of the running stage was committed. Fix that and run the "
+            f"same command again: the stages already committed are reused. ({str(e).splitlines()[0][:200]})"
         ) from None
 
 
@@ -215,3 +215,52 @@ class main_first:
         if size() > 1 and is_main() and kind is None:
             barrier()
         return False
+
+
+def launch(processes: int, args: list[str]) -> int:
+    """`python -m cli <args>` in `processes` processes on this machine, as `torchrun --standalone --nproc_per_node`
+    starts them (torch's elastic launcher, no restarts) -> the exit code. Each process prints its own messages; a
+    process that died without one (a signal: out of memory, kill -9) is named here, and no launcher traceback is
+    printed."""
+    import logging
+    import signal
+    import sys
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if size() > 1:
+        raise PipelineError(
+            "--processes starts processes of its own, but this command already runs under a launcher (WORLD_SIZE "
+            "is set): leave --processes out, or run the command without torchrun / accelerate launch."
+        )
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: the processes share the cores
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its summary of a failure
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "cli", *args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode >= 0:  # it printed its own message above
+            return failure.exitcode or 1
+        try:
+            name = signal.Signals(-failure.exitcode).name
+        except ValueError:
+            name = f"signal {-failure.exitcode}"
+        why = " (the system's out-of-memory killer, or kill -9)" if name == "SIGKILL" else ""
+        print(
+            f"error: process {rank} of {processes} was stopped by {name}{why} and could not say why; nothing of "
+            f"the running stage was committed. Run the same command again: it resumes from the last checkpoint.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

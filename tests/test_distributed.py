@@ -390,3 +390,27 @@ def test_hybrid_fsdp_over_two_nodes_shards_within_each_and_trains_the_lora_of_on
     assert result.returncode == 0, result.stderr
     a, b = lora(project), lora(one)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_run_with_processes_starts_them_itself_and_a_killed_one_is_named_without_a_traceback(project, tmp_path):
+    """`pipeline run lora --processes 2`: the launcher built in (torch's, as torchrun starts them), the LoRA of one
+    process with twice the accumulation; a process killed by a signal is named by the command, which prints no
+    launcher traceback, and the same command resumes."""
+    two = project.subprocess("run", "lora", "-c", str(project.config), "--processes", "2", "--json")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert [s["action"] for s in json.loads(two.stdout)["stages"]] == ["ran"] * 4  # one report: rank 0's
+    assert json.loads(project.manifests("lora1")[0].read_text())["preimage"]["params"]["processes"] == 2
+    one = copy_of(project, tmp_path / "one")
+    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=2", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    a, b = lora(project), lora(one)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+    args = ["run", "lora", "-c", str(project.config), "--processes", "2", "--set", "lora1.steps=8"]
+    killed = project.subprocess(*args, env={"LORA_PIPELINE_FAULT": "lora1.step:5@1"})
+    assert killed.returncode == 1
+    assert "error: process 1 of 2 was stopped by SIGKILL" in killed.stderr
+    assert "Traceback" not in killed.stderr and "ChildFailedError" not in killed.stderr
+    resumed = project.subprocess(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from the checkpoint at step 4/8" in resumed.stderr

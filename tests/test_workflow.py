@@ -83,3 +83,12 @@ def test_gc_removes_only_what_no_ref_reaches(project):
     assert real["bytes"] == dry["bytes"]
     assert len(project.manifests("lora1")) == 1
     assert set(actions(project.run_json("--set", "lora1.lr=5e-4")).values()) == {"reused"}
+
+
+def test_run_processes_checks_the_config_once_before_starting_any(project, monkeypatch):
+    result = project.cli("run", "lora", "--processes", "2", "--set", "lora1.stepz=6")
+    assert result.exit_code == 2 and result.output.count("unknown key `lora1.stepz`") == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun already
+    result = project.cli("run", "lora", "--processes", "2")
+    assert result.exit_code == 2 and "already runs under a launcher" in result.output
+    assert "Traceback" not in result.output and not project.manifests("caption")
