@@ -123,9 +123,11 @@ class StudentStage(Stage):
         if world > 1 and spec.grad_accum % world:  # a step's micro-steps cannot be split evenly: rank 0 trains
             if not dist.is_main():
                 return StageResult()
+            alone = " and holds the whole model (no FSDP)" if dist.fsdp() is not None else ""
             ctx.log(
                 f"student: schedule.grad_accum = {spec.grad_accum} is not a multiple of the {world} processes, so "
-                f"the student trains on process 0 alone; set schedule.grad_accum to a multiple of {world} to split it"
+                f"the student trains on process 0 alone{alone}; set schedule.grad_accum to a multiple of {world} to "
+                f"split it"
             )
             world = 1
         device = resolve_device(ctx.runtime.device)
