@@ -205,6 +205,21 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _toml_hint(message: str) -> str:
+    """What a TOML error of a key set twice means here: most often a `pipeline init` line `key = [...]` beside
+    [[section.key]] tables of the same list."""
+    import re
+
+    found = re.search(r"(?:immutable namespace|Cannot declare|Cannot overwrite a value) \(([^)]*)\)", message)
+    if not found:
+        return ""
+    key = ".".join(part.strip().strip("'\"") for part in found.group(1).split(",") if part.strip())
+    return (
+        f". `{key}` is set twice, as `{key.rsplit('.', 1)[-1]} = ...` and as [[{key}]] tables (or two [{key}] "
+        f"sections): keep one of them, e.g. delete the `{key.rsplit('.', 1)[-1]} = []` line."
+    )
+
+
 def load_config(path: Path, overrides: list[str] = ()) -> LoadedConfig:
     """Read, override and validate a config file. Raises ConfigError with every problem found."""
     path = Path(path).resolve()
@@ -213,7 +228,7 @@ def load_config(path: Path, overrides: list[str] = ()) -> LoadedConfig:
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        raise ConfigError(f"{path} is not valid TOML: {e}{_toml_hint(str(e))}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a UTF-8 text file") from None
     for text in overrides:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,13 @@ def _leaf_fields(model: type[BaseModel]):
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             continue
         yield name, field
+
+
+def _holds_tables(annotation) -> bool:
+    """Whether a field's type admits TOML tables (a list of sections: data.subsets, differential.pairs)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_holds_tables(arg) for arg in typing.get_args(annotation))
 
 
 def toml_value(value: Any) -> str:
@@ -141,6 +149,9 @@ def example_config_toml(overrides: dict[str, dict[str, Any]] | None = None) -> s
         for name, field in _leaf_fields(section):
             value = overrides.get(dotted, {}).get(name, getattr(defaults, name))
             out.append(f"# {field.description}")
+            if value == [] and _holds_tables(field.annotation):  # `x = []` would make [[x]] tables a TOML error
+                out.append(f"# {name} = []  (none; add [[{dotted}.{name}]] tables at the end of the file)")
+                continue
             out.append(f"# {name} = ..." if value is None else f"{name} = {toml_value(value)}")
         out.append("")
     return "\n".join(out)

@@ -122,3 +122,23 @@ def test_version():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"lora-pipeline {__version__}"
+
+
+def test_the_init_template_takes_subset_and_pair_tables_added_at_its_end(tmp_path):
+    """`pipeline init` leaves the lists of tables commented out: [[data.subsets]] added as its comment says is no
+    TOML error (a `subsets = []` line beside them was: the key set twice)."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    target = tmp_path / "pipeline.toml"
+    tables = '\n[[data.subsets]]\nimages = "imgs"\nnum_repeats = 3\n\n[[differential.pairs]]\nname = "p"\n'
+    target.write_text(example_config_toml({"data": {"images": None}}) + tables + 'a = "a.png"\nb = "b.png"\n')
+    config = load_config(target).config
+    assert config.data.subsets[0].num_repeats == 3 and config.differential.pairs[0].name == "p"
+
+
+def test_a_list_set_twice_names_the_key_and_the_line_to_delete(tmp_path):
+    target = tmp_path / "pipeline.toml"
+    target.write_text('[data]\nsubsets = []\n\n[[data.subsets]]\nimages = "imgs"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(target)
+    assert "`data.subsets` is set twice" in str(e.value) and "delete the `subsets = []` line" in str(e.value)
