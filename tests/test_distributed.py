@@ -362,11 +362,13 @@ def test_fsdp_trains_lora2_over_a_frozen_lora1_as_two_plain_processes_do(differe
 
 def test_fsdp_keeps_every_trained_parameter_whole_text_encoder_dora_prodigy_and_ema(project, tmp_path):
     """What trains beside the LoRA stays out of the shards: a text encoder's LoRA, DoRA's magnitudes, Prodigy's
-    global sums over all parameters and the EMA give the files of two plain processes."""
+    global sums over all parameters and the EMA give the files of two plain processes (with the mid block's
+    weights kept whole too: fsdp_ignored_modules)."""
     sets = ["lora1.train_text_encoder=true", "lora1.network=dora", "lora1.optimizer=prodigy", "lora1.lr=1.0"]
     args = [a for s in [*sets, "lora1.ema_decay=0.9"] for a in ("--set", s)]
-    fsdp = accelerate_launch(project, "FULL_SHARD", *args)
+    fsdp = accelerate_launch(project, "FULL_SHARD", *args, env={"FSDP_IGNORED_MODULES": "^mid_block$"})
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "; fsdp_ignored_modules keeps whole: 1 modules" in fsdp.stderr
     plain = copy_of(project, tmp_path / "plain")
     assert torchrun(plain, *args).returncode == 0
     for name in ("lora1.safetensors", "lora1-ema.safetensors"):

@@ -5,7 +5,7 @@ An accelerate FSDP config (core/dist.py FsdpSettings) is applied here with torch
 gather a unit's weights only while it runs. The trained parameters (the LoRA, DoRA's magnitudes) are left out of
 the shards: they are a fraction of a percent of the model, so every process keeps them and the optimizer whole,
 the gradients are averaged as without FSDP (train_step), and the checkpoints, the optimizer, gradient clipping and
-the files are those of a run without FSDP, byte for byte (a checkpoint resumes with or without FSDP).
+the files take the form they have without FSDP (a checkpoint resumes with or without FSDP).
 
 Every process must run every forward of the sharded model in step (each gathers its units' weights from all), so
 under FSDP the previews and the student's fidelity measurements run on every process; rank 0 alone writes them.
@@ -108,12 +108,15 @@ def shard_denoiser(denoiser, settings, device) -> Sharding:
                 f"the accelerate config's fsdp_ignored_modules {settings.ignored_modules!r} is not a regular "
                 f"expression ({e})."
             ) from None
-        for name, module in denoiser.named_modules():
-            if name and pattern.search(name):
-                ignored.update({id(p): p for p in module.parameters()})
+        kept = [m for name, m in denoiser.named_modules() if name and pattern.search(name)]
+        trained = len(ignored)
+        for module in kept:
+            ignored.update({id(p): p for p in module.parameters()})
     units = wrap_units(denoiser, settings)
     classes = sorted({type(u).__name__ for u in units})  # before fully_shard renames them (FSDP<class>)
     notes = ["activation checkpointing"] if settings.activation_checkpointing else []
+    if settings.ignored_modules:
+        notes.append(f"fsdp_ignored_modules keeps whole: {len(kept)} modules, {len(ignored) - trained} weights")
     if settings.offload:
         notes.append("shards offloaded to CPU memory" if device.type == "cuda" else "nothing to offload on the CPU")
     offload = CPUOffloadPolicy() if settings.offload and device.type == "cuda" else OffloadPolicy()
