@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import functools
 import json
 import os
 from pathlib import Path
@@ -16,6 +14,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import typer  # noqa: E402
 
 from core.errors import PipelineError  # noqa: E402
+from pipeline.cli_common import ConfigOpt, JsonOpt, SetOpt, on_sigterm, user_errors  # noqa: E402
+from pipeline.cli_lora import FamilyOpt, family_for, lora_app  # noqa: E402
 
 
 def _flag_types_hidden() -> None:
@@ -36,12 +36,6 @@ app = typer.Typer(
     add_completion=False,
 )
 
-ConfigOpt = typer.Option(Path("pipeline.toml"), "--config", "-c", help="The config file.")
-SetOpt = typer.Option(
-    [], "--set", "-s", metavar="KEY=VALUE", help="Override a config key: --set lora1.lr=5e-5 (repeatable)."
-)
-JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
-
 
 def _version(value: bool) -> None:
     if value:
@@ -56,45 +50,6 @@ def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Staged, content-hashed LoRA training for diffusion models."""
-
-
-def user_errors(fn):
-    """Turn user-fixable errors into `error: ...` on stderr and a non-zero exit, without a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PipelineError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(e.exit_code) from None
-        except BrokenPipeError:  # `pipeline ... | head`: the reader left; end quietly, like any CLI tool
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            raise typer.Exit(141) from None
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                typer.echo(
-                    f"error: the disk is full ({e.filename or 'while writing'}). Free some space and run the "
-                    f"same command again: finished items are kept and nothing partial is trusted.",
-                    err=True,
-                )
-                raise typer.Exit(1) from None
-            where = f" ({e.filename})" if e.filename else ""
-            typer.echo(f"error: {e.strerror or e}{where}. Check that path, then run the same command again.", err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt as e:
-            typer.echo("interrupted: finished items are kept; run the same command again to resume.", err=True)
-            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
-
-    return wrapper
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's or `kill`'s stop), handled like Ctrl-C: the stage stops where it is."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
 
 
 def _same_command(ctx: typer.Context) -> list[str]:
@@ -549,127 +504,7 @@ def import_kohya(
     typer.echo(f"wrote {out}: set model.path in it, then `pipeline run lora -c {out}`.")
 
 
-lora_app = typer.Typer(
-    help="Inspect, convert and combine LoRA files (kohya and diffusers formats).", no_args_is_help=True
-)
 app.add_typer(lora_app, name="lora")
-FamilyOpt = typer.Option(
-    "auto",
-    "--family",
-    help="Model family: sd15, sdxl, flux1, zimage, flux2 or qwenimage; auto: from --model, else from the LoRA file.",
-)
-ModelOpt = typer.Option(None, "--model", help="The model the LoRA was trained for (maps kohya names exactly).")
-UnetOnlyOpt = typer.Option(False, "--unet-only", help="Leave out the text-encoder modules (lora_te_*) on purpose.")
-
-
-def _family(name: str, model: Path | None = None, files=()):
-    from pipeline.api import family
-
-    return family(
-        name, model, [Path(str(f).rsplit(":", 1)[0]) if not Path(str(f)).exists() else Path(f) for f in files]
-    )
-
-
-@lora_app.command("info")
-@user_errors
-def lora_info(
-    file: Path = typer.Argument(..., help="A LoRA .safetensors file."), family: str = FamilyOpt, as_json: bool = JsonOpt
-):
-    """Format, family, rank, alpha, targets and metadata of a LoRA file."""
-    from pipeline.lora_tools import info
-
-    report = info(file, _family(family, None, [file]))
-    if as_json:
-        typer.echo(json.dumps(report, indent=1))
-        return
-    names = ("file", "format", "network", "loads_in", "family", "base_model", "modules", "rank", "alpha", "parameters")
-    for key in (*names, "bytes"):
-        typer.echo(f"{key.replace('_', ' '):11} {report[key]}")
-    typer.echo(f"{'targets':11} " + ", ".join(f"{k} ×{v}" for k, v in report["targets"].items()))
-    for comp, n in report["text_encoder_modules"].items():
-        typer.echo(f"{'text enc.':11} {n} modules for the {comp} (applied by ComfyUI, A1111 and `lora merge`)")
-    for k, v in report["metadata"].items():
-        typer.echo(f"  {k} = {v}")
-
-
-@lora_app.command("convert")
-@user_errors
-def lora_convert(
-    file: Path = typer.Argument(..., help="A LoRA .safetensors file."),
-    to: str = typer.Option(..., "--to", help="kohya or diffusers."),
-    out: Path = typer.Option(..., "--out", help="The file to write."),
-    model: Path = ModelOpt,
-    family: str = FamilyOpt,
-    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
-    unet_only: bool = UnetOnlyOpt,
-    as_json: bool = JsonOpt,
-):
-    """Rewrite a LoRA in the kohya format (for ComfyUI, A1111/Forge, kohya, diffusers) or the diffusers format
-    (for diffusers only); the weights are copied exactly."""
-    from pipeline.lora_tools import check_format, check_out, convert
-
-    check_format(to)
-    check_out(out, force)
-    report = convert(file, to, out, _family(family, model, [file]), model, unet_only)
-    if as_json:
-        typer.echo(json.dumps(report, indent=1))
-        return
-    typer.echo(
-        f"wrote {out} ({report['to_format']} format, {report['modules']} modules): loads in {report['loads_in']}"
-    )
-
-
-@lora_app.command("mix")
-@user_errors
-def lora_mix(
-    files: list[str] = typer.Argument(..., help="FILE:WEIGHT ... (weight 1 when left out)."),
-    out: Path = typer.Option(..., "--out", help="The file to write."),
-    to: str = typer.Option("kohya", "--to", help="Output format: kohya or diffusers."),
-    rank: int = typer.Option(None, "--rank", min=1, help="Compress the mix to this rank by SVD (reports the error)."),
-    model: Path = ModelOpt,
-    family: str = FamilyOpt,
-    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
-    unet_only: bool = UnetOnlyOpt,
-    as_json: bool = JsonOpt,
-):
-    """The exact weighted sum of LoRAs in ΔW space (ranks concatenated), optionally compressed by SVD."""
-    from pipeline.lora_tools import check_format, check_out, mix
-
-    check_format(to)
-    check_out(out, force)
-    report = mix(files, out, to, _family(family, model, files), model, rank, unet_only)
-    if as_json:
-        typer.echo(json.dumps(report, indent=1))
-        return
-    err = f", max relative Frobenius error {report['max_rel_error']:.3g}" if rank else " (exact)"
-    text = "".join(f", {n} {c} modules" for c, n in report["text_encoder_modules"].items())
-    typer.echo(f"wrote {out}: rank {report['rank']}{err}{text}; loads in {report['loads_in']}")
-
-
-@lora_app.command("merge")
-@user_errors
-def lora_merge(
-    files: list[str] = typer.Argument(..., help="FILE:WEIGHT ... (weight 1 when left out)."),
-    model: Path = typer.Option(..., "--model", help="The model: a diffusers folder or a single .safetensors file."),
-    out: Path = typer.Option(..., "--out", help="A new diffusers folder, or a .safetensors file for a single file."),
-    single_file_config: Path = typer.Option(None, "--single-file-config", help="Configs for a single-file model."),
-    family: str = FamilyOpt,
-    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
-    as_json: bool = JsonOpt,
-):
-    """Bake LoRAs into a copy of a model (W += w·ΔW in fp32)."""
-    from pipeline.lora_tools import merge
-
-    report = merge(model, files, out, _family(family, model, files), single_file_config, force)
-    if as_json:
-        typer.echo(json.dumps(report, indent=1))
-        return
-    text = report["text_encoder_modules_changed"]
-    typer.echo(
-        f"wrote {out} ({report['modules_changed']} {report.get('denoiser', 'UNet')} layers"
-        + (f", {text} text-encoder layers" * bool(text))
-        + " changed)"
-    )
 
 
 @app.command()
@@ -703,7 +538,17 @@ def sample(
     for spec in lora:
         parse_weighted(spec)  # a bad weight fails before any model loads
     report = render_grid(
-        model, lora, prompt, seed, out, steps, guidance, size, scales, _family(family, model, lora), single_file_config
+        model,
+        lora,
+        prompt,
+        seed,
+        out,
+        steps,
+        guidance,
+        size,
+        scales,
+        family_for(family, model, lora),
+        single_file_config,
     )
     typer.echo(json.dumps(report, indent=1) if as_json else f"wrote {out} ({len(prompt)} x {len(scales)} images)")
 
@@ -711,7 +556,7 @@ def sample(
 def main() -> None:
     import signal
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     app()
 
 
