@@ -7,14 +7,14 @@ TORCH_PIN ?= $(word 1,$(TORCH_SPEC))
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-lora test test-fast browser lint docs clean
+.PHONY: setup demo demo-lora test test-fast browser lint docs clean constraints
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	echo "$(TORCH_PIN)" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -c constraints.txt -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -34,6 +34,11 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 		echo "could not install chromium: the report's browser test will be skipped"; \
 	else echo "no chromium: the report's browser test will be skipped (sudo make browser installs it)"; fi
+
+# After upgrading packages in .venv and passing `make test`: record them as the versions setup installs.
+constraints: setup
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -E '^(torch==|#|-e )'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 test: setup browser
 	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)

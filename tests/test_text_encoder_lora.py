@@ -16,6 +16,25 @@ from core.errors import ConfigError, PlanError
 from pipeline.config import TrainConfig
 from stages.training.optim import text_encoder_rates
 
+# -- packages ------------------------------------------------------------------------------------------------
+
+
+def test_the_installed_transformers_and_peft_put_adapters_on_text_encoders():
+    """transformers 5.24 refuses every text-encoder adapter under peft 0.21 (its MIN_PEFT_VERSION): the versions
+    installed must agree, and a user whose do not gets the versions and the fix instead of 'peft refused it'."""
+    from importlib.metadata import version
+
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+
+    from stages.training.lora_files import peft_too_old
+
+    assert peft_too_old(version("transformers"), MIN_PEFT_VERSION, version("peft")) is None
+    message = peft_too_old("5.24.0", "0.22.0", "0.21.2")
+    assert "transformers 5.24.0" in message and "peft 0.21.2" in message
+    assert "pip install 'transformers<5.24'" in message and "'peft>=0.22.0'" in message
+    assert peft_too_old("5.24.0", "0.22.0", "0.22.1") is None
+
+
 # -- learning rates ------------------------------------------------------------------------------------------
 
 

@@ -14,8 +14,36 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import ConfigError
+from core.errors import ConfigError, PipelineError
 from stages.training.networks import LycoModule
+
+
+def peft_too_old(transformers_version: str, needed: str, installed: str) -> str | None:
+    """The message for a peft older than transformers' adapter code needs (None when it is new enough)."""
+    from packaging.version import Version
+
+    if Version(installed) >= Version(needed):
+        return None
+    return (
+        f"transformers {transformers_version} puts adapters on text encoders only with peft >= {needed}, and peft "
+        f"{installed} is installed. Install versions that work together: pip install 'transformers<5.24' (what "
+        f"lora-pipeline pins), or pip install -U 'peft>={needed}'."
+    )
+
+
+def _add_adapter(model, config, adapter_name: str = "default") -> None:
+    """model.add_adapter, with transformers' refusal of an older peft said as a fix rather than a traceback."""
+    try:
+        model.add_adapter(config, adapter_name=adapter_name)
+    except ValueError as e:
+        if "version of PEFT" not in str(e):
+            raise
+        from importlib.metadata import version
+
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+
+        message = peft_too_old(version("transformers"), MIN_PEFT_VERSION, version("peft"))
+        raise PipelineError(message or f"peft refused the adapter: {e}") from None
 
 
 def add_lora(
@@ -42,7 +70,7 @@ def add_lora(
         with warnings.catch_warnings():  # differential LoRA-2 trains over a LoRA-1 adapter on purpose
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             for model in _peft_models(denoiser):  # in order, from the one seed
-                model.add_adapter(config)
+                _add_adapter(model, config)
     except ValueError as e:
         if "Unknown initialization" in str(e) and init != "gaussian":
             convs = sorted(
@@ -615,5 +643,5 @@ def attach_lora_file(denoiser, modules: dict[str, LoraModule], adapter_name: str
     )
     with warnings.catch_warnings():  # a second adapter is the point here, not a mistake
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        denoiser.add_adapter(config, adapter_name=adapter_name)
+        _add_adapter(denoiser, config, adapter_name)
     load_lora_into(denoiser, modules, adapter_name)
