@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import typer  # noqa: E402
 
 from core.errors import PipelineError  # noqa: E402
-from pipeline.cli_common import ConfigOpt, JsonOpt, SetOpt, on_sigterm, user_errors  # noqa: E402
+from pipeline.cli_common import ConfigOpt, JsonOpt, SetOpt, on_sigterm, quiet_exit, user_errors  # noqa: E402
 from pipeline.cli_lora import FamilyOpt, family_for, lora_app  # noqa: E402
 
 
@@ -159,12 +159,17 @@ def run(
             "checkpoint of a training stage, every committed row of the others). Running as usual.",
             err=True,
         )
-    env = _env(config, set_)  # a config error is said once, before any process starts
     from core import dist
 
-    if processes and processes > 1:
-        raise typer.Exit(dist.launch(processes, _same_command(ctx)))  # (a --demo is built by now)
-    dist.init()  # under torchrun / accelerate launch: join the other processes (docs/distributed.md)
+    try:
+        env = _env(config, set_)  # a config error is said once, before any process starts
+        if processes and processes > 1:
+            raise typer.Exit(dist.launch(processes, _same_command(ctx)))  # (a --demo is built by now)
+        dist.init()  # under torchrun / accelerate launch: join the other processes (docs/distributed.md)
+    except PipelineError as e:
+        if dist.size() > 1 and not dist.is_main():  # every rank read the same config and launcher: rank 0 says it
+            raise typer.Exit(e.exit_code) from None
+        raise
     runs = run_workflow(env, workflow, only=only, dry_run=dry_run, progress=_progress(env, as_json, no_progress))
     if not dist.is_main():  # rank 0 reports
         return
@@ -557,7 +562,10 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    app()
+    try:
+        app()
+    finally:
+        quiet_exit()
 
 
 if __name__ == "__main__":

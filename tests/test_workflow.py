@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import actions, make_images
 
 
@@ -92,3 +93,49 @@ def test_run_processes_checks_the_config_once_before_starting_any(project, monke
     result = project.cli("run", "lora", "--processes", "2")
     assert result.exit_code == 2 and "already runs under a launcher" in result.output
     assert "Traceback" not in result.output and not project.manifests("caption")
+
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_under_a_launcher_rank_0_alone_says_a_config_error(project, monkeypatch, rank, said):
+    """Every process of torchrun / accelerate launch reads the same config: its error is printed once, by rank 0;
+    the others exit with the same code and say nothing (before any process group is joined)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    result = project.cli("run", "lora", "--set", "lora1.stepz=6")
+    assert result.exit_code == 2 and ("unknown key `lora1.stepz`" in result.output) == said
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # the launcher's settings: the same
+    result = project.cli("run", "lora")
+    assert result.exit_code == 2 and ("DeepSpeed" in result.output) == said
+    assert "Traceback" not in result.output and not project.manifests("caption")
+
+
+def test_sigterm_stops_a_command_once_and_never_inside_its_exit(monkeypatch):
+    """The first SIGTERM stops the command (Terminated, said as 'interrupted'); a second one, or one that arrives
+    while the command runs its exit hooks (a launcher stopping every process of a run whose peer failed), is
+    ignored rather than raised inside the interpreter's clean-up as a traceback."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import cli
+    from pipeline.cli_common import Terminated, on_sigterm
+
+    def delivered():  # a signal to this process is handled between two bytecodes: give it some
+        for _ in range(1000):
+            time.sleep(0.001)
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            delivered()
+        os.kill(os.getpid(), signal.SIGTERM)  # the second: no exception
+        delivered()
+        monkeypatch.setattr(sys, "argv", ["pipeline", "--version"])
+        with pytest.raises(SystemExit):
+            cli.main()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # the command ended: its exit is not interrupted
+    finally:
+        signal.signal(signal.SIGTERM, before)
