@@ -43,6 +43,7 @@ class FsdpSettings:
     offload: bool = False  # the sharded weights kept in CPU memory between uses (GPU runs)
     activation_checkpointing: bool = False
     ignored_modules: str = ""  # a regular expression: modules whose weights every process keeps whole
+    ram_efficient_loading: bool = False  # the processes of a node load the model one after another
 
     @property
     def reshard_after_forward(self) -> bool:
@@ -104,6 +105,7 @@ def read_fsdp() -> FsdpSettings | None:
         offload=_flag("FSDP_OFFLOAD_PARAMS"),
         activation_checkpointing=_flag("FSDP_ACTIVATION_CHECKPOINTING"),
         ignored_modules=os.environ.get("FSDP_IGNORED_MODULES", "").strip(),
+        ram_efficient_loading=_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"),
     )
 
 
@@ -201,6 +203,51 @@ def mean_(tensors: list) -> None:
         n = t.numel()
         t.copy_(flat[offset : offset + n].view_as(t))
         offset += n
+
+
+class in_turn:
+    """A block the processes of each node run one after another (local rank 0 first, the others waiting at
+    barriers; the nodes side by side): for loading a model that fits in a node's memory once but not once per
+    process. `active` False runs it on every process at once. The block must not itself wait on other processes."""
+
+    def __init__(self, active: bool = True):
+        self.active = active and size() > 1
+        self.turns = self.mine = 0
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        import torch
+        import torch.distributed as td
+
+        self.mine = int(os.environ.get("LOCAL_RANK", str(rank())))
+        turns = torch.tensor([int(os.environ.get("LOCAL_WORLD_SIZE", str(size())))])
+        with _collective("the start of loading in turn"):
+            td.all_reduce(turns, op=td.ReduceOp.MAX)  # every process waits at as many barriers
+        self.turns = int(turns.item())
+        for _ in range(self.mine):
+            barrier()
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if self.active and kind is None:  # (a failure exits; the others' barrier says so)
+            release_freed_memory()  # what this turn freed, for the next process's
+            for _ in range(self.turns - 1 - self.mine):
+                barrier()
+        return False
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python and torch back to the system: glibc keeps a freed heap for the process that
+    freed it (malloc_trim; nothing elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator decides
+        pass
 
 
 class main_first:

@@ -273,17 +273,19 @@ def accelerate_launch(
         pytest.fail(f"time-out: accelerate launch ran for over {SUBPROCESS_TIMEOUT} s (a hang?)")
 
 
-@pytest.mark.parametrize("strategy", ["FULL_SHARD", "HYBRID_SHARD"])
-def test_fsdp_shards_the_base_model_and_trains_the_lora_of_one_process(project, tmp_path, strategy):
+@pytest.mark.parametrize(("strategy", "in_turn"), [("FULL_SHARD", "true"), ("HYBRID_SHARD", "false")])
+def test_fsdp_shards_the_base_model_and_trains_the_lora_of_one_process(project, tmp_path, strategy, in_turn):
     """An accelerate FSDP config (the model's transformer blocks as units): each process keeps half the UNet's
     weights (HYBRID_SHARD: shards within the node, of 2 processes here), every process renders the previews'
-    forwards, and the LoRA is the 1-process one with twice the accumulation, as without FSDP."""
+    forwards, and the LoRA is the 1-process one with twice the accumulation, as without FSDP; whether the processes
+    load the model in turn (fsdp_cpu_ram_efficient_loading) or at once."""
     project.write_config(**{"runtime.preview": {"every": 3, "width": 64, "height": 64, "steps": 2}})
-    fsdp = accelerate_launch(project, strategy)
+    fsdp = accelerate_launch(project, strategy, fsdp_cpu_ram_efficient_loading=in_turn)
     assert fsdp.returncode == 0, fsdp.stderr[-4000:]
     assert f"lora1: FSDP {strategy} over 2 processes" in fsdp.stderr
     record = json.loads(project.manifests("lora1")[0].read_text())["record"]["fsdp"]
     assert record["processes"] == 2 and "BasicTransformerBlock" in record["classes"] and record["units"] > 4
+    assert any("one after another" in note for note in record["notes"]) == (in_turn == "true")
     assert record["local_bytes"] <= 0.55 * record["base_bytes"]  # half, and the padding of odd shapes
     previews = sorted(p.name for p in (project.root / "output/lora/lora1/previews").iterdir())
     assert previews == ["step000003.png", "step000006.png"]
@@ -416,3 +418,35 @@ def test_run_with_processes_starts_them_itself_and_a_killed_one_is_named_without
     resumed = project.subprocess(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from the checkpoint at step 4/8" in resumed.stderr
+
+
+IN_TURN = """
+import sys, time
+from pathlib import Path
+from core import dist
+
+dist.init()
+log, r = Path(sys.argv[1]), dist.rank()
+with dist.in_turn():
+    with log.open("a") as f:
+        f.write(f"start {r}\\n")
+    if r == 0:  # were process 1 let in during this turn, its start would come before this end
+        time.sleep(2)
+    with log.open("a") as f:
+        f.write(f"end {r}\\n")
+dist.barrier()
+"""
+
+
+def test_the_processes_of_a_node_load_in_turn(tmp_path):
+    """dist.in_turn (fsdp_cpu_ram_efficient_loading): process 1 starts its block only after process 0 ended its."""
+    from conftest import REPO
+
+    script, log = tmp_path / "in_turn.py", tmp_path / "log.txt"
+    script.write_text(IN_TURN)
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *launcher, str(free_port()), str(script), str(log)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert log.read_text().split("\n")[:-1] == ["start 0", "end 0", "start 1", "end 1"]

@@ -78,15 +78,11 @@ def wrap_units(denoiser, settings) -> list:
     return units
 
 
-def shard_denoiser(denoiser, settings, device) -> Sharding:
-    """Shard the denoiser's frozen weights over the processes and put its trained parameters on `device`.
-    The denoiser may sit on the CPU: fully_shard moves each process's share to the device, so a model larger than
-    one GPU never lands whole on one."""
+def device_mesh(settings, device):
+    """The processes' mesh (every process makes it at once): one dimension, or replicas x shards for HYBRID."""
     import os
 
-    import torch
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     world = dist.size()
     if settings.hybrid:  # shards within a node, replicas across nodes
@@ -96,9 +92,18 @@ def shard_denoiser(denoiser, settings, device) -> Sharding:
                 f"FSDP {settings.strategy}: {world} processes do not make whole nodes of {local}; launch the same "
                 f"number of processes on every node, or use FULL_SHARD."
             )
-        mesh = init_device_mesh(device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
-    else:
-        mesh = init_device_mesh(device.type, (world,))
+        return init_device_mesh(device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (world,))
+
+
+def shard_denoiser(denoiser, settings, device, mesh) -> Sharding:
+    """Shard the denoiser's frozen weights over the mesh's processes and put its trained parameters on `device`.
+    The denoiser may sit on the CPU: fully_shard moves each process's share to the device, so a model larger than
+    one GPU never lands whole on one. Nothing here waits on the other processes (loading in turn relies on it)."""
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    world = dist.size()
     ignored = {id(p): p for p in denoiser.parameters() if p.requires_grad}
     if settings.ignored_modules:
         try:
@@ -117,6 +122,8 @@ def shard_denoiser(denoiser, settings, device) -> Sharding:
     notes = ["activation checkpointing"] if settings.activation_checkpointing else []
     if settings.ignored_modules:
         notes.append(f"fsdp_ignored_modules keeps whole: {len(kept)} modules, {len(ignored) - trained} weights")
+    if settings.ram_efficient_loading:
+        notes.append("the processes of a node loaded the model one after another (fsdp_cpu_ram_efficient_loading)")
     if settings.offload:
         notes.append("shards offloaded to CPU memory" if device.type == "cuda" else "nothing to offload on the CPU")
     offload = CPUOffloadPolicy() if settings.offload and device.type == "cuda" else OffloadPolicy()

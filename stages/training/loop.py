@@ -249,47 +249,53 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
             f"{job.stage}.fp8_base = false, or launch without the FSDP config."
         )
     accelerator = make_accelerator(cfg.mixed_precision, job.device, getattr(cfg, "fp8_base", False), job.stage)
-    # under FSDP the model is sharded from the CPU: no process ever holds all of it on its GPU
-    denoiser = job.family.load_denoiser(job.layout, torch.device("cpu") if fsdp else accelerator.device)
-    preset_adapter = job.preset_lora is not None and apply_preset(
-        denoiser, job.preset_lora, job.preset_mode, job.family.kohya_prefix
-    )
-    targets = cfg.targets if cfg.targets is not None else job.family.default_targets
-    init = getattr(cfg, "lora_init", "gaussian")
+    mesh = None
+    if fsdp is not None:
+        from stages.training.fsdp import device_mesh, shard_denoiser
 
-    def adapter_on(model, targets, seed_name: str):
-        """The section's network on `targets` of `model` -> (peft config, PiSSA/OLoRA starting factors or None)."""
-        config = add_lora(
-            model,
-            cfg.rank,
-            cfg.alpha,
-            cfg.dropout,
-            targets,
-            derive_seed(seed_name, cfg.seed),
-            job.stage,
-            getattr(cfg, "rslora", False),
-            getattr(cfg, "network", "lora"),
-            init,
-            -1 if getattr(cfg, "lokr_factor", None) is None else cfg.lokr_factor,
+        mesh = device_mesh(fsdp, accelerator.device)
+    # fsdp_cpu_ram_efficient_loading: a node's processes load, prepare and shard the model in turn, so its CPU
+    # memory holds one whole model at a time, not one per process
+    with dist.in_turn(fsdp is not None and fsdp.ram_efficient_loading):
+        # under FSDP the model is sharded from the CPU: no process ever holds all of it on its GPU
+        denoiser = job.family.load_denoiser(job.layout, torch.device("cpu") if fsdp else accelerator.device)
+        preset_adapter = job.preset_lora is not None and apply_preset(
+            denoiser, job.preset_lora, job.preset_mode, job.family.kohya_prefix
         )
-        # PiSSA/OLoRA: the start, whose product was taken out of the base weights (written files add it back)
-        return config, None if init == "gaussian" else {k: v.clone() for k, v in lora_state_dict(model).items()}
+        targets = cfg.targets if cfg.targets is not None else job.family.default_targets
+        init = getattr(cfg, "lora_init", "gaussian")
 
-    adapter_config, init_state = adapter_on(denoiser, targets, "lora-init")
-    text = job.text_encoder
-    if text is not None:  # the same network on the text encoder's projections, from a seed of its own
-        text_config, text_init = adapter_on(text.model, list(job.family.text_encoder_targets), "text-lora-init")
-    if preset_adapter:
-        freeze_preset(denoiser)
-    if job.init_lora is not None:
-        load_lora_into(denoiser, match_modules(job.init_lora, denoiser, job.family.kohya_prefix))
-    sharding = None
-    if fsdp is not None:  # after every change to the base weights (PiSSA, a merged LoRA-1), before the optimizer
-        from stages.training.fsdp import shard_denoiser
+        def adapter_on(model, targets, seed_name: str):
+            """The section's network on `targets` of `model` -> (peft config, PiSSA/OLoRA starting factors or None)."""
+            config = add_lora(
+                model,
+                cfg.rank,
+                cfg.alpha,
+                cfg.dropout,
+                targets,
+                derive_seed(seed_name, cfg.seed),
+                job.stage,
+                getattr(cfg, "rslora", False),
+                getattr(cfg, "network", "lora"),
+                init,
+                -1 if getattr(cfg, "lokr_factor", None) is None else cfg.lokr_factor,
+            )
+            # PiSSA/OLoRA: the start, whose product was taken out of the base weights (written files add it back)
+            return config, None if init == "gaussian" else {k: v.clone() for k, v in lora_state_dict(model).items()}
 
-        sharding = shard_denoiser(denoiser, fsdp, accelerator.device)
-        if main:
-            job.log(sharding.line(job.label or job.stage))
+        adapter_config, init_state = adapter_on(denoiser, targets, "lora-init")
+        text = job.text_encoder
+        if text is not None:  # the same network on the text encoder's projections, from a seed of its own
+            text_config, text_init = adapter_on(text.model, list(job.family.text_encoder_targets), "text-lora-init")
+        if preset_adapter:
+            freeze_preset(denoiser)
+        if job.init_lora is not None:
+            load_lora_into(denoiser, match_modules(job.init_lora, denoiser, job.family.kohya_prefix))
+        sharding = None
+        if fsdp is not None:  # after every change to the base weights (PiSSA, a merged LoRA-1), before the optimizer
+            sharding = shard_denoiser(denoiser, fsdp, accelerator.device, mesh)
+    if sharding is not None and main:
+        job.log(sharding.line(job.label or job.stage))
     if getattr(cfg, "fp8_base", False):  # after PiSSA took its start from the fp32 weights
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
         store_base_in_fp8(denoiser, compute)
