@@ -13,7 +13,13 @@ With --fsdp it compares, on `pipeline run lora`, two plain processes (torchrun) 
 config (FULL_SHARD and SHARD_GRAD_OP, `accelerate launch`): lora1's seconds (ratio to the plain run) and the bytes
 of the base model each process keeps (the artifact's record), the saving FSDP is for.
 
-    .venv/bin/python benchmarks/distributed.py [--steps 60] [--repeats 3] [--fsdp]
+With --loading it measures what fsdp_cpu_ram_efficient_loading is for: the demo's UNet replaced by one of SD 1.5's
+size (random weights, `--width 320`: 841M parameters, saved in bf16 as checkpoints are, loaded in fp32: 3.1 GiB),
+`pipeline run lora` under FSDP FULL_SHARD on two processes, the processes loading the model at once and in turn;
+it prints the peak of the machine's memory in use above what it was before the command (sampled every 20 ms; the
+page cache left out) and lora1's seconds.
+
+    .venv/bin/python benchmarks/distributed.py [--steps 60] [--repeats 3] [--fsdp | --loading [--width 320]]
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ distributed_type: FSDP
 fsdp_config:
   fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
   fsdp_sharding_strategy: {strategy}
+  fsdp_cpu_ram_efficient_loading: {in_turn}
+  fsdp_sync_module_states: true
 machine_rank: 0
 mixed_precision: 'no'
 num_machines: 1
@@ -58,10 +66,18 @@ use_cpu: false
 
 
 def run(
-    config: Path, steps: int, processes: int, workflow: str = "transfer", fsdp: str = ""
+    config: Path,
+    steps: int,
+    processes: int,
+    workflow: str = "transfer",
+    fsdp: str = "",
+    in_turn: bool = False,
+    memory: list | None = None,
 ) -> tuple[dict[str, float], float, dict]:
     """({sharded stage: seconds}, wall seconds, lora1's record) of one fresh `pipeline run <workflow>`; fsdp: an
-    accelerate FSDP config's sharding strategy (2 processes under `accelerate launch`)."""
+    accelerate FSDP config's sharding strategy (2 processes under `accelerate launch`), in_turn its
+    fsdp_cpu_ram_efficient_loading. `memory` gets the peaks of memory in use while lora1 loads and in the whole
+    command (watch_memory)."""
     shutil.rmtree(config.parent / ".pipeline", ignore_errors=True)
     shutil.rmtree(config.parent / "output", ignore_errors=True)
     sets = [
@@ -78,7 +94,7 @@ def run(
         cmd = [sys.executable, *cli]
     elif fsdp:
         accelerate_config = config.parent / f"fsdp-{fsdp}.yaml"
-        accelerate_config.write_text(FSDP_CONFIG.format(strategy=fsdp))
+        accelerate_config.write_text(FSDP_CONFIG.format(strategy=fsdp, in_turn=str(in_turn).lower()))
         launch = ["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
         cmd = [sys.executable, *launch, "--main_process_port", str(free_port()), *cli]
     else:
@@ -96,9 +112,18 @@ def run(
             *cli,
         ]
     env = {**os.environ, "OMP_NUM_THREADS": str(2 // processes)}
+    import psutil
+
+    before = psutil.virtual_memory().used
     started = time.perf_counter()
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - started
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=stderr, text=True, env=env)
+        peak = watch_memory(proc, before, stderr)
+        wall = time.perf_counter() - started
+        stdout.seek(0), stderr.seek(0)
+        out = subprocess.CompletedProcess(cmd, proc.returncode, stdout.read(), stderr.read())
+    if memory is not None:
+        memory.append(peak)
     if out.returncode != 0:
         lines = [line for line in out.stderr.splitlines() if not line.startswith(("[rank0]:   ", "[rank1]:   "))]
         sys.exit(f"run failed ({processes} processes):\n" + "\n".join(lines[-60:]))
@@ -106,6 +131,74 @@ def run(
     manifest = next((config.parent / ".pipeline" / "stages" / "lora1").glob("*/manifest.json"))
     record = json.loads(manifest.read_text())["record"]
     return {name: stages[name] for name in SHARDED if name in stages}, wall, record
+
+
+def watch_memory(proc, before: int, stderr) -> tuple[int, int]:
+    """Wait for `proc`, sampling the machine's memory in use (psutil's `used`: not the page cache, which the
+    processes' mappings of one model file share and the system can drop) -> the peaks above `before` (bytes) while
+    lora1 loads its model (up to its FSDP line, which rank 0 prints when every process has sharded its model) and
+    in the whole command."""
+    import psutil
+
+    loading = peak = 0
+    loaded = False
+    while proc.poll() is None:
+        used = psutil.virtual_memory().used - before
+        peak = max(peak, used)
+        if not loaded:
+            stderr.seek(0)
+            loaded = "lora1: FSDP" in stderr.read()
+            loading = used if loaded else max(loading, used)
+        time.sleep(0.02)
+    return loading, peak
+
+
+def bigger_unet(config: Path, width: int) -> int:
+    """Replace the demo's UNet with one of SD 1.5's layout at `width` channels (random weights) -> parameters."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    folder = config.parent / "models" / "tiny-sd15" / "unet"
+    tiny = UNet2DConditionModel.load_config(folder)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        in_channels=tiny["in_channels"],
+        out_channels=tiny["out_channels"],
+        cross_attention_dim=tiny["cross_attention_dim"],
+        block_out_channels=(width, width * 2, width * 4, width * 4),
+        layers_per_block=2,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        sample_size=tiny["sample_size"],
+    )
+    shutil.rmtree(folder)
+    unet.to(torch.bfloat16).save_pretrained(folder)  # as checkpoints ship; the training stages load it in fp32
+    return sum(p.numel() for p in unet.parameters())
+
+
+def compare_loading(config: Path, steps: int, repeats: int, width: int) -> None:
+    """Peak memory of the run's processes together, FSDP FULL_SHARD on 2, loading at once against in turn."""
+    params = bigger_unet(config, width)
+    size = f"{params / 1e6:.0f}M parameters ({params * 4 / 2**30:.2f} GiB in fp32; bf16 on disk)"
+    print(f"UNet of {size}, lora1 {steps} steps")
+    peaks: dict[bool, list] = {False: [], True: []}
+    seconds: dict[bool, list] = {False: [], True: []}
+    for _ in range(repeats):
+        for in_turn in (False, True):
+            stages, _, _ = run(config, steps, 2, "lora", "FULL_SHARD", in_turn, peaks[in_turn])
+            seconds[in_turn].append(stages["lora1"])
+    gib = 2**30
+    for in_turn in (False, True):
+        print(
+            f"{'in turn' if in_turn else 'at once'}: peak memory in use while loading "
+            f"{[round(p[0] / gib, 2) for p in peaks[in_turn]]} GiB, in the whole command "
+            f"{[round(p[1] / gib, 2) for p in peaks[in_turn]]} GiB, lora1 {[round(s, 1) for s in seconds[in_turn]]} s"
+        )
+    for i, phase in enumerate(("while loading", "in the whole command")):
+        at_once, in_turn = (statistics.median(p[i] for p in peaks[t]) for t in (False, True))
+        print(f"in turn / at once, peak {phase}: {in_turn / at_once:.3f} ({(at_once - in_turn) / gib:.2f} GiB less)")
+    ratio = statistics.median(seconds[True]) / statistics.median(seconds[False])
+    print(f"in turn / at once, lora1 seconds: {ratio:.3f}")
 
 
 def compare_fsdp(config: Path, steps: int, repeats: int) -> None:
@@ -133,11 +226,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fsdp", action="store_true", help="compare FSDP with plain processes on lora1")
+    ap.add_argument("--loading", action="store_true", help="FSDP's peak memory, loading at once against in turn")
+    ap.add_argument("--width", type=int, default=320, help="--loading: the UNet's first block's channels")
     args = ap.parse_args()
     from pipeline.demo import ensure_demo
 
     with tempfile.TemporaryDirectory() as tmp:
         config = ensure_demo(Path(tmp) / "demo")
+        if args.loading:
+            compare_loading(config, args.steps, args.repeats, args.width)
+            return
         if args.fsdp:
             compare_fsdp(config, args.steps, args.repeats)
             return

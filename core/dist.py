@@ -207,8 +207,9 @@ def mean_(tensors: list) -> None:
 
 class in_turn:
     """A block the processes of each node run one after another (local rank 0 first, the others waiting at
-    barriers; the nodes side by side): for loading a model that fits in a node's memory once but not once per
-    process. `active` False runs it on every process at once. The block must not itself wait on other processes."""
+    barriers; the nodes side by side), and that every process leaves when the last turn has ended: for loading a
+    model that fits in a node's memory once but not once per process. `active` False runs it on every process at
+    once. The block must not itself wait on other processes."""
 
     def __init__(self, active: bool = True):
         self.active = active and size() > 1
@@ -232,7 +233,7 @@ class in_turn:
     def __exit__(self, kind, value, tb):
         if self.active and kind is None:  # (a failure exits; the others' barrier says so)
             release_freed_memory()  # what this turn freed, for the next process's
-            for _ in range(self.turns - 1 - self.mine):
+            for _ in range(self.turns - self.mine):  # the others' turns, and the end of the last one
                 barrier()
         return False
 

@@ -430,16 +430,17 @@ log, r = Path(sys.argv[1]), dist.rank()
 with dist.in_turn():
     with log.open("a") as f:
         f.write(f"start {r}\\n")
-    if r == 0:  # were process 1 let in during this turn, its start would come before this end
-        time.sleep(2)
+    time.sleep(2)  # were process 1 let in during 0's turn, or 0 let out during 1's, the order below would show it
     with log.open("a") as f:
         f.write(f"end {r}\\n")
-dist.barrier()
+with log.open("a") as f:
+    f.write(f"after {r}\\n")
 """
 
 
 def test_the_processes_of_a_node_load_in_turn(tmp_path):
-    """dist.in_turn (fsdp_cpu_ram_efficient_loading): process 1 starts its block only after process 0 ended its."""
+    """dist.in_turn (fsdp_cpu_ram_efficient_loading): process 1 starts its block only after process 0 ended its,
+    and both leave it when the last turn has ended."""
     from conftest import REPO
 
     script, log = tmp_path / "in_turn.py", tmp_path / "log.txt"
@@ -449,4 +450,5 @@ def test_the_processes_of_a_node_load_in_turn(tmp_path):
     cmd = [sys.executable, *launcher, str(free_port()), str(script), str(log)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert log.read_text().split("\n")[:-1] == ["start 0", "end 0", "start 1", "end 1"]
+    lines = log.read_text().split("\n")[:-1]
+    assert lines[:4] == ["start 0", "end 0", "start 1", "end 1"] and sorted(lines[4:]) == ["after 0", "after 1"]
