@@ -56,15 +56,14 @@ class Terminated(KeyboardInterrupt):
 def on_sigterm(signum, frame) -> None:
     """Stop the command where it is, once: a second SIGTERM (a launcher stopping every process of a run whose peer
     failed) must not raise again inside the first one's clean-up."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    quiet_exit()
     raise Terminated()
 
 
 def quiet_exit() -> None:
-    """The command has ended: a SIGTERM from now on (the launcher stopping the run's processes while this one runs
-    its exit hooks) leaves it to exit with its own code, rather than raising in the interpreter's clean-up."""
+    """Ignore SIGTERM from now on: the command is stopping or has ended, and a SIGTERM now (the launcher stopping
+    the run's processes while this one runs its exit hooks) must leave it to exit with its own code, rather than
+    raise in the interpreter's clean-up."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
