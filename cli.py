@@ -559,9 +559,13 @@ def sample(
 
 
 def main() -> None:
+    import logging
     import signal
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # accelerate imports deepspeed wherever it is installed, and DeepSpeed then tells every machine without a GPU that
+    # it found none: noise before each command (the training stages say what runs where)
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
     try:
         app()
     finally:

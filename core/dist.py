@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+from pathlib import Path
 
 from core.errors import PipelineError
 
@@ -59,6 +60,7 @@ class FsdpSettings:
 _STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")  # accelerate's 1..5
 _WRAPS = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
 _fsdp: FsdpSettings | None = None
+_zero = None  # ZeroSettings
 
 
 def _flag(name: str, default: str = "false") -> bool:
@@ -114,21 +116,86 @@ def fsdp() -> FsdpSettings | None:
     return _fsdp
 
 
-def check_launcher() -> None:
-    """Read what the launcher's accelerate config asks for. FSDP is applied by the training stages themselves, so
-    accelerate's own FSDP set-up is switched off (its flag leaves the environment); DeepSpeed is refused by name."""
+@dataclasses.dataclass(frozen=True)
+class ZeroSettings:
+    """What an accelerate DeepSpeed config asks of the training stages (accelerate launch puts it in the environment:
+    ACCELERATE_USE_DEEPSPEED, ACCELERATE_DEEPSPEED_*, or a deepspeed_config_file). stages/training/zero.py runs it."""
+
+    stage: int  # 1, 2 or 3 (0 is plain data parallelism: no ZeRO at all)
+    offload_optimizer: str = "none"  # none or cpu: the optimizer state and its step in CPU memory (GPU runs)
+    offload_param: str = "none"  # none or cpu: ZeRO-3's shards of the weights in CPU memory between uses
+    source: str = "the accelerate config"  # where the settings came from, for messages
+
+
+def _zero_value(config: dict, path: tuple[str, ...], default):
+    for key in path:
+        if not isinstance(config, dict) or key not in config:
+            return default
+        config = config[key]
+    return config
+
+
+def read_deepspeed() -> ZeroSettings | None:
+    """The ZeRO settings of the environment accelerate launch made from its config (its zero_stage and offload
+    lines, or the deepspeed_config_file it names), None when it asks for no DeepSpeed or for stage 0. A value this
+    project cannot apply is a ConfigError that names the key and where it was read."""
+    import json
+
     from core.errors import ConfigError
 
-    global _fsdp
-    if _flag("ACCELERATE_USE_DEEPSPEED"):
-        raise ConfigError(
-            "the accelerate config asks for DeepSpeed ZeRO (ACCELERATE_USE_DEEPSPEED), which lora-pipeline does not "
-            "run. Its FSDP shards the frozen model as ZeRO does: use an accelerate config with distributed_type FSDP "
-            "(fsdp_sharding_strategy FULL_SHARD for ZeRO-3, SHARD_GRAD_OP for ZeRO-2; docs/distributed.md), or "
-            "launch with torchrun or distributed_type MULTI_GPU to replicate the model on every process."
-        )
-    _fsdp = read_fsdp()
+    if not _flag("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
+    if file and file.lower() != "none":
+        try:
+            config = json.loads(Path(file).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(
+                f"the accelerate config's deepspeed_config_file {file} cannot be read ({e.strerror}); give the path "
+                f"of a DeepSpeed JSON file that exists."
+            ) from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"the DeepSpeed config {file} is not JSON ({e}); fix the file.") from None
+        source = f"the DeepSpeed config {file}"
+        stage = _zero_value(config, ("zero_optimization", "stage"), 0)
+        optimizer = _zero_value(config, ("zero_optimization", "offload_optimizer", "device"), "none")
+        param = _zero_value(config, ("zero_optimization", "offload_param", "device"), "none")
+        keys = ("zero_optimization.stage", "zero_optimization.offload_optimizer.device",
+                "zero_optimization.offload_param.device")  # fmt: skip
+    else:
+        source = "the accelerate config"
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2").strip()  # accelerate's default
+        optimizer = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+        param = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")
+        keys = ("zero_stage", "offload_optimizer_device", "offload_param_device")
+    if str(stage).strip() not in ("0", "1", "2", "3"):
+        raise ConfigError(f"{source}'s {keys[0]} is {stage!r}; use 0, 1, 2 or 3.")
+    devices = []
+    for key, value in zip(keys[1:], (optimizer, param), strict=True):
+        value = str(value).strip().lower()
+        if value not in ("none", "cpu"):
+            why = " (NVMe offload is not supported: it needs DeepSpeed's async I/O build)" if value == "nvme" else ""
+            raise ConfigError(f"{source}'s {key} is {value!r}{why}; use none or cpu.")
+        devices.append(value)
+    if int(stage) == 0:  # plain data parallelism: what the stages do without DeepSpeed
+        return None
+    if devices[1] != "none" and int(stage) != 3:
+        raise ConfigError(f"{source}'s {keys[2]} is {devices[1]}, which only ZeRO stage 3 has; set it to none.")
+    return ZeroSettings(int(stage), devices[0], devices[1], source)
+
+
+def zero() -> ZeroSettings | None:
+    """The run's DeepSpeed ZeRO settings (read by init()), None without DeepSpeed."""
+    return _zero
+
+
+def check_launcher() -> None:
+    """Read what the launcher's accelerate config asks for. FSDP and DeepSpeed ZeRO are applied by the training
+    stages themselves, so accelerate's own set-up of them is switched off (their flags leave the environment)."""
+    global _fsdp, _zero
+    _fsdp, _zero = read_fsdp(), read_deepspeed()
     os.environ.pop("ACCELERATE_USE_FSDP", None)  # accelerate's Accelerator would otherwise set up FSDP of its own
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # ... or DeepSpeed
 
 
 def init() -> None:
@@ -155,16 +222,31 @@ class PeerFailed(PipelineError):
     """Another process of the run failed (its own message is above); this one stops too."""
 
 
+def _peer_failed(what: str, e: BaseException) -> PeerFailed:
+    return PeerFailed(
+        f"process {rank()} of {size()}: another process of this run stopped during {what} (it says why, or "
+        f"the launcher says how it stopped); nothing of the running stage was committed. Fix that and run the "
+        f"same command again: the stages already committed are reused. ({str(e).splitlines()[0][:200]})"
+    )
+
+
 @contextlib.contextmanager
 def _collective(what: str):
     try:
         yield
     except RuntimeError as e:  # gloo / NCCL: a peer that exited closes its connections
-        raise PeerFailed(
-            f"process {rank()} of {size()}: another process of this run stopped during {what} (it says why, or "
-            f"the launcher says how it stopped); nothing of the running stage was committed. Fix that and run the "
-            f"same command again: the stages already committed are reused. ({str(e).splitlines()[0][:200]})"
-        ) from None
+        raise _peer_failed(what, e) from None
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+
+
+def peer_failure(e: BaseException) -> PeerFailed | None:
+    """The PeerFailed of an error a collective raised inside a library (FSDP's gathers, DeepSpeed's reductions)
+    because another process exited, None for any other error."""
+    if size() > 1 and isinstance(e, RuntimeError) and any(mark in str(e) for mark in _PEER_GONE):
+        return _peer_failed("a training step", e)
+    return None
 
 
 def barrier() -> None:

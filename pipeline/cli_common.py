@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from core import dist
 from core.errors import PipelineError
 
 ConfigOpt = typer.Option(Path("pipeline.toml"), "--config", "-c", help="The config file.")
@@ -42,6 +43,12 @@ def user_errors(fn):
             where = f" ({e.filename})" if e.filename else ""
             typer.echo(f"error: {e.strerror or e}{where}. Check that path, then run the same command again.", err=True)
             raise typer.Exit(1) from None
+        except RuntimeError as e:
+            failure = dist.peer_failure(e)  # another process of the run died inside a library's collective
+            if failure is None:
+                raise
+            typer.echo(f"error: {failure}", err=True)
+            raise typer.Exit(failure.exit_code) from None
         except KeyboardInterrupt as e:
             typer.echo("interrupted: finished items are kept; run the same command again to resume.", err=True)
             raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None

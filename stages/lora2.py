@@ -139,8 +139,7 @@ class Lora2Stage(Stage):
             "resumed_from_step": outcome.resumed_from,
             "rank": p.rank,
         }
-        if outcome.sharding:  # FSDP: how the base model was sharded
-            record["fsdp"] = outcome.sharding
+        record.update(outcome.sharding or {})  # FSDP or DeepSpeed ZeRO: how the base model was split
         if drawn is not None:
             record["captions"] = drawn.record
         return StageResult(files=files, pools=pools, record=record, summary=f"loss {record['final_loss']:.4f}")

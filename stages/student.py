@@ -123,7 +123,7 @@ class StudentStage(Stage):
         if world > 1 and spec.grad_accum % world:  # a step's micro-steps cannot be split evenly: rank 0 trains
             if not dist.is_main():
                 return StageResult()
-            alone = " and holds the whole model (no FSDP)" if dist.fsdp() is not None else ""
+            alone = " and holds the whole model (no FSDP or ZeRO)" if dist.fsdp() or dist.zero() else ""
             ctx.log(
                 f"student: schedule.grad_accum = {spec.grad_accum} is not a multiple of the {world} processes, so "
                 f"the student trains on process 0 alone{alone}; set schedule.grad_accum to a multiple of {world} to "
@@ -209,8 +209,7 @@ class StudentStage(Stage):
                 "heldout_images": doc.get("heldout_items", []),
             },
         }
-        if outcome.sharding:  # FSDP: how the base model was sharded
-            record["fsdp"] = outcome.sharding
+        record.update(outcome.sharding or {})  # FSDP or DeepSpeed ZeRO: how the base model was split
         summary = f"loss {record['final_loss']:.4g}"
         if final and "fit_cosine" in final:
             summary += (

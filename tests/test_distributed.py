@@ -219,14 +219,6 @@ def test_two_nodes_with_two_mounts_of_one_store_train_as_one_node(project, tmp_p
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
-def test_an_accelerate_config_with_deepspeed_is_refused_by_name_and_points_to_fsdp(project, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    result = project.cli("run", "lora")
-    assert result.exit_code == 2 and "asks for DeepSpeed ZeRO (ACCELERATE_USE_DEEPSPEED)" in result.output
-    assert "FULL_SHARD for ZeRO-3" in result.output and "Traceback" not in result.output
-    assert not project.manifests("caption")
-
-
 @pytest.mark.parametrize(
     ("variable", "value", "named"),
     [
@@ -244,19 +236,11 @@ def test_an_fsdp_setting_this_project_cannot_apply_is_a_config_error(project, mo
 
 
 FSDP_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "accelerate-fsdp.yaml"
+DEEPSPEED_CONFIG = FSDP_CONFIG.with_name("accelerate-deepspeed.yaml")
 
 
-def accelerate_launch(
-    project: Project, strategy: str, *args: str, env: dict | None = None, workflow: str = "lora", **fsdp_config
-):
-    """`accelerate launch --config_file fsdp.yaml -m cli run ...` with examples/accelerate-fsdp.yaml, its
-    fsdp_sharding_strategy and any other fsdp_config line given (`fsdp_activation_checkpointing="true"`) put in."""
-    text = FSDP_CONFIG.read_text()
-    for key, value in {"fsdp_sharding_strategy": strategy, **fsdp_config}.items():
-        text, found = re.subn(rf"^  {key}: .*$", f"  {key}: {value}", text, flags=re.MULTILINE)
-        assert found == 1, f"examples/accelerate-fsdp.yaml has no {key} line"
-    config = project.root / f"fsdp-{strategy}.yaml"
-    config.write_text(text)
+def launch_with(project: Project, config, *args: str, env: dict | None = None, workflow: str = "lora"):
+    """`accelerate launch --config_file <config> -m cli run <workflow> ...` in the project."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     cmd = [*launcher, "--main_process_port", str(free_port()), "-m", "cli", "run", workflow, "-c", str(project.config)]
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -271,6 +255,27 @@ def accelerate_launch(
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"time-out: accelerate launch ran for over {SUBPROCESS_TIMEOUT} s (a hang?)")
+
+
+def example_config(project: Project, example: Path, name: str, **lines) -> Path:
+    """The example accelerate config with the given lines of its nested section put in (`zero_stage=2`)."""
+    text = example.read_text()
+    for key, value in lines.items():
+        text, found = re.subn(rf"^  {key}: .*$", f"  {key}: {value}", text, flags=re.MULTILINE)
+        assert found == 1, f"{example.name} has no {key} line"
+    config = project.root / name
+    config.write_text(text)
+    return config
+
+
+def accelerate_launch(
+    project: Project, strategy: str, *args: str, env: dict | None = None, workflow: str = "lora", **fsdp_config
+):
+    """`accelerate launch --config_file fsdp.yaml -m cli run ...` with examples/accelerate-fsdp.yaml, its
+    fsdp_sharding_strategy and any other fsdp_config line given (`fsdp_activation_checkpointing="true"`) put in."""
+    lines = {"fsdp_sharding_strategy": strategy, **fsdp_config}
+    config = example_config(project, FSDP_CONFIG, f"fsdp-{strategy}.yaml", **lines)
+    return launch_with(project, config, *args, env=env, workflow=workflow)
 
 
 @pytest.mark.parametrize(("strategy", "in_turn"), [("FULL_SHARD", "true"), ("HYBRID_SHARD", "false")])
@@ -452,3 +457,72 @@ def test_the_processes_of_a_node_load_in_turn(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = log.read_text().split("\n")[:-1]
     assert lines[:4] == ["start 0", "end 0", "start 1", "end 1"] and sorted(lines[4:]) == ["after 0", "after 1"]
+
+
+def deepspeed_launch(project: Project, stage: int, *args: str, env: dict | None = None, workflow: str = "lora"):
+    """`accelerate launch` with examples/accelerate-deepspeed.yaml at ZeRO stage `stage`."""
+    config = example_config(project, DEEPSPEED_CONFIG, f"zero{stage}.yaml", zero_stage=stage)
+    return launch_with(project, config, *args, env=env, workflow=workflow)
+
+
+def test_deepspeed_zero3_shards_the_base_model_and_trains_the_lora_of_one_process(project, tmp_path):
+    """examples/accelerate-deepspeed.yaml (ZeRO-3) on 2 CPU processes: each keeps about half the UNet's weights,
+    every process renders the previews' forwards, and the LoRA, losses and clipped gradient norms are the 1-process
+    run's with twice the accumulation; a run killed after its checkpoint resumes from every process's piece of the
+    optimizer state to the same LoRA."""
+    project.write_config(
+        lora1={"max_grad_norm": 0.05, "ema_decay": 0.9},
+        **{"runtime.preview": {"every": 3, "width": 64, "height": 64, "steps": 2}},
+    )
+    killed = deepspeed_launch(project, 3, env={"LORA_PIPELINE_FAULT": "lora1.step:3@1"})
+    assert killed.returncode != 0 and not project.manifests("lora1"), killed.stderr[-3000:]
+    work = next((project.store / "stages" / "lora1").glob("*/work"))
+    assert sorted(p.name for p in (work / "ckpt-0000002" / "zero" / "state").iterdir())  # each process's piece
+    resumed = deepspeed_launch(project, 3)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming from the checkpoint at step 2/6" in resumed.stderr
+    assert "lora1: DeepSpeed ZeRO-3 over 2 processes" in resumed.stderr
+    # stdout: rank 0's report alone, after the launcher's own line (accelerate imports DeepSpeed, which logs the
+    # accelerator it found to stdout)
+    launcher, report = resumed.stdout.split("\n{", 1)
+    assert all("real_accelerator.py" in line for line in launcher.splitlines())
+    assert [s["action"] for s in json.loads("{" + report)["stages"]][-1] == "ran"
+    record = json.loads(project.manifests("lora1")[0].read_text())["record"]["deepspeed"]
+    assert record["stage"] == 3 and record["processes"] == 2
+    assert record["local_bytes"] <= 0.6 * record["base_bytes"]  # half, and the small weights every process keeps
+    previews = sorted(p.name for p in (project.root / "output/lora/lora1/previews").iterdir())
+    assert previews == ["step000003.png", "step000006.png"]
+
+    one = copy_of(project, tmp_path / "one")
+    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=2", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    a, b = lora(project), lora(one)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    figures = [line.split(",")[1:3] for line in (project.root / "output/lora/lora1/loss.csv").read_text().splitlines()]
+    assert figures == [
+        line.split(",")[1:3] for line in (one.root / "output/lora/lora1/loss.csv").read_text().splitlines()
+    ]
+
+
+def test_a_zero2_checkpoint_resumes_under_zero2_alone_and_another_launch_is_told_why(project, tmp_path):
+    """ZeRO-2 keeps the base model whole on every process and splits the LoRA's optimizer state: a run killed after
+    its checkpoint is refused, by name, by a plain 2-process launch (the checkpoint's optimizer state is in pieces),
+    and resumes under ZeRO-2 to the LoRA of a 1-process run with twice the accumulation."""
+    killed = deepspeed_launch(project, 2, env={"LORA_PIPELINE_FAULT": "lora1.step:3@1"})
+    assert killed.returncode != 0 and not project.manifests("lora1")
+    plain = torchrun(project)
+    assert plain.returncode != 0 and not project.manifests("lora1")
+    assert "was written under DeepSpeed ZeRO-2 on 2 processes, and this run is without DeepSpeed" in plain.stderr
+    assert "loop.py" not in plain.stderr  # a message, not a traceback of ours (torchrun prints its own below it)
+    resumed = deepspeed_launch(project, 2)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming from the checkpoint at step 2/6" in resumed.stderr
+    record = json.loads(project.manifests("lora1")[0].read_text())["record"]["deepspeed"]
+    assert record["stage"] == 2 and record["local_bytes"] == record["base_bytes"] > 0
+
+    one = copy_of(project, tmp_path / "one")
+    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=2", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    a, b = lora(project), lora(one)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6

@@ -104,8 +104,9 @@ def test_under_a_launcher_rank_0_alone_says_a_config_error(project, monkeypatch,
     result = project.cli("run", "lora", "--set", "lora1.stepz=6")
     assert result.exit_code == 2 and ("unknown key `lora1.stepz`" in result.output) == said
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # the launcher's settings: the same
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "4")
     result = project.cli("run", "lora")
-    assert result.exit_code == 2 and ("DeepSpeed" in result.output) == said
+    assert result.exit_code == 2 and ("zero_stage is '4'" in result.output) == said
     assert "Traceback" not in result.output and not project.manifests("caption")
 
 

@@ -34,7 +34,7 @@ class Sharding:
     notes: list[str]  # what else the config turned on (activation checkpointing, offloading), or ignored
 
     def record(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"fsdp": dataclasses.asdict(self)}
 
     def line(self, stage: str) -> str:
         gb = 1024**3

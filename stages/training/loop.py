@@ -32,6 +32,7 @@ from stages.training.optim import (
     text_encoder_groups,
 )
 from stages.training.sampling import BatchOrder, derive_seed, generator
+from stages.training.zero import ThroughEngine, engine_grad_norm
 
 
 class TrainingDiverged(PipelineError):
@@ -168,7 +169,9 @@ class TrainOutcome:
     init_state: dict | None = None  # PiSSA/OLoRA: the adapter's starting factors (networks.pissa_to_lora)
     text: TextOutcome | None = None  # the text encoder's LoRA, when it was trained
     grad_norms: list[float | None] = field(default_factory=list)  # per step: the LoRA's gradient norm before clipping
-    sharding: dict | None = None  # FSDP: how the base model was sharded (stages/training/fsdp.py Sharding.record)
+    # how the base model was split over the processes, under the record's key: {"fsdp": ...} (stages/training/fsdp.py
+    # Sharding.record) or {"deepspeed": ...} (stages/training/zero.py ZeroRecord.record)
+    sharding: dict | None = None
 
 
 def check_precision(mixed_precision: str, device, fp8_base: bool = False, section: str = "lora1") -> None:
@@ -243,6 +246,11 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
             f"processes' gradients are known; set it to false to train on {job.processes} processes."
         )
     fsdp = dist.fsdp() if job.processes > 1 and dist.size() > 1 else None  # an accelerate FSDP config
+    zero = dist.zero() if job.processes > 1 and dist.size() > 1 else None  # ... or DeepSpeed ZeRO config
+    if zero is not None:
+        from stages.training.zero import check_section
+
+        check_section(zero, cfg, job.stage, job.text_encoder is not None)
     if fsdp is not None and getattr(cfg, "fp8_base", False):
         raise ConfigError(
             f"{job.stage}.fp8_base and FSDP do not go together (FSDP gathers the weights as they are stored); set "
@@ -296,6 +304,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
             sharding = shard_denoiser(denoiser, fsdp, accelerator.device, mesh)
     if sharding is not None and main:
         job.log(sharding.line(job.label or job.stage))
+    per_rank = cfg.grad_accum // job.processes if job.split_accum else cfg.grad_accum  # micro-steps per step
     if getattr(cfg, "fp8_base", False):  # after PiSSA took its start from the fp32 weights
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
         store_base_in_fp8(denoiser, compute)
@@ -310,9 +319,18 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     scheduler = LrSchedule(optimizer, cfg.lr_schedule, cfg.steps)
     if job.gradient_checkpointing or (fsdp is not None and fsdp.activation_checkpointing):
         enable_gradient_checkpointing(denoiser)
+    engine = None
+    if zero is not None:  # the optimizer steps inside DeepSpeed's engine, which the lr schedule still sets
+        from stages.training.zero import start_engine
+
+        engine, sharding = start_engine(denoiser, optimizer, zero, cfg, per_rank, accelerator.device)
+        if main:
+            job.log(sharding.line(job.label or job.stage))
     process = make_process(cfg.timesteps, job.prediction_type)
     if cfg.fused_backward:  # accelerate's optimizer wrapper steps in step(); the fused one steps in backward
         denoiser = accelerator.prepare(denoiser)
+    elif engine is not None:  # DeepSpeed averages the gradients and steps the optimizer
+        pass
     elif job.processes > 1 or dist.size() > 1:  # no DDP wrapper: train_step averages the LoRA's gradients itself
         optimizer = accelerator.prepare(optimizer)
     else:
@@ -321,13 +339,17 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     unwrapped = accelerator.unwrap_model(denoiser)
     trained = unwrapped if text is None else torch.nn.ModuleDict({"denoiser": unwrapped, "text_encoder": text.model})
     ema = LoraEMA(trained, cfg.ema) if cfg.ema else None
-    start, losses, evals, previews, history = restore_checkpoint(job.work_dir, trained, optimizer, scheduler, ema)
+    start, losses, evals, previews, history = restore_checkpoint(
+        job.work_dir, trained, optimizer, scheduler, ema, engine, zero, job.stage
+    )
     if start and main:
         job.log(f"{job.stage}: resuming from the checkpoint at step {start}/{cfg.steps}")
     if not main:  # the other ranks train, and leave the files and the figures to rank 0 ...
-        job = dataclasses.replace(job, checkpoint_every=0, tracker=None, progress=False, snapshot=None)
-        if fsdp is None:  # ... and, under FSDP, run the previews' and measurements' forwards beside it
-            job = dataclasses.replace(job, preview=None, evaluate=None)
+        # (under ZeRO every process writes its piece of the optimizer state into rank 0's checkpoints)
+        every = job.checkpoint_every if engine is not None else 0
+        job = dataclasses.replace(job, checkpoint_every=every, tracker=None, progress=False, snapshot=None)
+        if fsdp is None and (zero is None or zero.stage < 3):  # ... and, with the base model sharded, run the
+            job = dataclasses.replace(job, preview=None, evaluate=None)  # previews' and measurements' forwards too
     render = PreviewRenderer(job, unwrapped, ema, write=main)
     every = preview_every(job.preview, cfg.steps) if job.preview_prompts else 0
     evaluate = Evaluator(job, unwrapped, evals)
@@ -340,7 +362,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     lrs, grad_norms = history.get("lrs", []), history.get("grad_norms", [])  # per step, kept across resumes
     for step in range(start, cfg.steps):
         lrs.append({g["name"]: g["lr"] for g in optimizer.param_groups})
-        loss, grad_norm = train_step(step, job, batches, accelerator, denoiser, process, optimizer, lora_params)
+        loss, grad_norm = train_step(step, job, batches, accelerator, denoiser, process, optimizer, lora_params, engine)
         grad_norms.append(grad_norm)
         if not math.isfinite(loss):
             bar.close()
@@ -382,7 +404,9 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
             previews[name] = path
         if job.checkpoint_every and done % job.checkpoint_every == 0 and done < cfg.steps:
             history = {"lrs": lrs, "grad_norms": grad_norms}
-            save_checkpoint(job.work_dir, done, trained, optimizer, scheduler, losses, evals, previews, ema, history)
+            save_checkpoint(
+                job.work_dir, done, trained, optimizer, scheduler, losses, evals, previews, ema, history, engine, zero
+            )
             fault_point(f"{job.stage}.checkpoint", done)
     bar.close()
     evaluate(cfg.steps)
@@ -472,10 +496,11 @@ def freeze_preset(denoiser) -> None:
 
 
 def train_step(
-    step, job, batches, accelerator, denoiser, process, optimizer, lora_params
+    step, job, batches, accelerator, denoiser, process, optimizer, lora_params, engine=None
 ) -> tuple[float, float | None]:
     """One optimizer step over grad_accum micro-batches (this rank's share of them) -> (loss, gradient norm before
-    clipping, None with the fused backward pass); every draw derives from (seed, micro-step)."""
+    clipping, None with the fused backward pass); every draw derives from (seed, micro-step). engine: DeepSpeed's
+    (stages/training/zero.py), which runs the forwards, accumulates, averages, clips and steps."""
     import torch
 
     cfg = job.params
@@ -496,7 +521,8 @@ def train_step(
                 cond = cond.encoded(job.text_encoder)
             elif job.text_encoder is not None:
                 cond = job.text_encoder.conditioning(cond)
-            pred = job.family.predict(denoiser, x_t, t, cond, guidance=getattr(cfg, "guidance_embed", None))
+            model = denoiser if engine is None else ThroughEngine(engine)
+            pred = job.family.predict(model, x_t, t, cond, guidance=getattr(cfg, "guidance_embed", None))
         loss = training_loss(
             pred,
             target,
@@ -507,8 +533,15 @@ def train_step(
             mask[0] if mask else None,
             batches.sample_weights(k) if hasattr(batches, "sample_weights") else None,
         )
-        accelerator.backward(loss / per_rank)
+        if engine is not None:
+            engine.backward(loss)  # (divided by the micro-steps, as below)
+            engine.step()  # a step at the last micro-step; until then, the gradients add up
+        else:
+            accelerator.backward(loss / per_rank)
         total += loss.detach()
+    if engine is not None:
+        dist.mean_([total])
+        return total.item() / per_rank, engine_grad_norm(engine)
     if job.processes > 1:  # what DDP does: every rank steps with the mean gradient, and logs the mean loss
         dist.mean_([p.grad for p in lora_params if p.grad is not None] + [total])
     if cfg.max_grad_norm > 0:
@@ -562,18 +595,34 @@ def save_checkpoint(
     previews: dict[str, Path] | None = None,
     ema=None,
     history: dict | None = None,
+    engine=None,
+    zero=None,
 ) -> None:
     """Write the resume state to a temp folder and rename it into place: a kill leaves the old one intact.
-    history: per-step figures to carry over a resume (lrs, grad_norms)."""
+    history: per-step figures to carry over a resume (lrs, grad_norms). engine: DeepSpeed's, whose processes all
+    call this and write their pieces of the optimizer state into the folder; rank 0 writes the rest."""
     import torch
     from safetensors.torch import save_file
 
+    from stages.training import zero as deepspeed_zero
+
     final = work_dir / f"ckpt-{step:07d}"
     tmp = work_dir / f".tmp-ckpt-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    extra = {}
+    if engine is not None:
+        dist.barrier()  # the folder exists
+        deepspeed_zero.save_state(engine, tmp)
+        dist.barrier()  # every piece is written
+        if not dist.is_main():
+            return
+        extra = {"zero": deepspeed_zero.checkpoint_record(zero)}
     save_file({k: v.contiguous() for k, v in trainable_state(denoiser).items()}, str(tmp / "lora.safetensors"))
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    state = {"scheduler": scheduler.state_dict()}
+    if engine is None:
+        state["optimizer"] = optimizer.state_dict()
     if ema is not None:
         state["ema"] = ema.state_dict()
     torch.save(state, tmp / "state.pt")
@@ -581,10 +630,9 @@ def save_checkpoint(
     for path in (previews or {}).values():
         shutil.copyfile(path, tmp / "previews" / path.name)
     names = {name: path.name for name, path in (previews or {}).items()}
-    (tmp / "progress.json").write_text(
-        json.dumps({"step": step, "losses": losses, "evals": list(evals), "previews": names, **(history or {})})
-    )
-    for f in [f for f in tmp.iterdir() if f.is_file()] + list((tmp / "previews").iterdir()):
+    progress = {"step": step, "losses": losses, "evals": list(evals), "previews": names, **(history or {}), **extra}
+    (tmp / "progress.json").write_text(json.dumps(progress))
+    for f in [f for f in tmp.rglob("*") if f.is_file()]:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     os.replace(tmp, final)
@@ -599,27 +647,34 @@ def checkpoint_step(work_dir: Path) -> int:
 
 
 def restore_checkpoint(
-    work_dir: Path, denoiser, optimizer, scheduler, ema=None
+    work_dir: Path, denoiser, optimizer, scheduler, ema=None, engine=None, zero=None, stage: str = "lora1"
 ) -> tuple[int, list[float], list[dict], dict[str, Path], dict]:
-    """(step, losses, evals, previews, history) of the last checkpoint, its weights and optimizer state loaded."""
+    """(step, losses, evals, previews, history) of the last checkpoint, its weights and optimizer state loaded
+    (engine: into DeepSpeed's, from every process's piece; zero: its settings, which must be the checkpoint's)."""
     import torch
     from safetensors.torch import load_file
+
+    from stages.training import zero as deepspeed_zero
 
     ckpts = _checkpoints(work_dir)
     if not ckpts:
         return 0, [], [], {}, {}
     ckpt = ckpts[-1]
+    progress = json.loads((ckpt / "progress.json").read_text())
+    deepspeed_zero.check_checkpoint(progress.get("zero"), zero if engine is not None else None, ckpt, stage)
+    if engine is not None:
+        deepspeed_zero.load_state(engine, ckpt)
     weights = load_file(str(ckpt / "lora.safetensors"))
     expected = set(trainable_state(denoiser))
     if set(weights) != expected:
         raise RuntimeError(f"checkpoint {ckpt} does not fit this LoRA; delete it to start over")
     denoiser.load_state_dict(weights, strict=False)
     state = torch.load(ckpt / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if engine is None:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
-    progress = json.loads((ckpt / "progress.json").read_text())
     previews = {}
     for name, filename in progress.get("previews", {}).items():
         shutil.copyfile(ckpt / "previews" / filename, work_dir / filename)
