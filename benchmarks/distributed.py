@@ -19,7 +19,13 @@ size (random weights, `--width 320`: 841M parameters, saved in bf16 as checkpoin
 it prints the peak of the machine's memory in use above what it was before the command (sampled every 20 ms; the
 page cache left out) and lora1's seconds.
 
-    .venv/bin/python benchmarks/distributed.py [--steps 60] [--repeats 3] [--fsdp | --loading [--width 320]]
+With --zero it compares, on `pipeline run lora`, two plain processes (torchrun) with two under DeepSpeed ZeRO-2 and
+ZeRO-3 (`accelerate launch`, examples/accelerate-deepspeed.yaml's settings): lora1's seconds (ratio to the plain
+run), the bytes of the base model each process keeps (the artifact's record) and the peak memory in use of the
+whole command; `--width N` replaces the demo's UNet with an SD 1.5-shaped one as --loading does.
+
+    .venv/bin/python benchmarks/distributed.py [--steps 60] [--repeats 3] [--fsdp | --loading [--width 320] |
+                                               --zero [--width 0]]
 """
 
 from __future__ import annotations
@@ -64,6 +70,21 @@ num_processes: 2
 use_cpu: false
 """
 
+ZERO_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: {stage}
+  offload_optimizer_device: none
+  offload_param_device: none
+  zero3_init_flag: false
+machine_rank: 0
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+use_cpu: false
+"""
+
 
 def run(
     config: Path,
@@ -73,11 +94,12 @@ def run(
     fsdp: str = "",
     in_turn: bool = False,
     memory: list | None = None,
+    zero: int = 0,
 ) -> tuple[dict[str, float], float, dict]:
     """({sharded stage: seconds}, wall seconds, lora1's record) of one fresh `pipeline run <workflow>`; fsdp: an
     accelerate FSDP config's sharding strategy (2 processes under `accelerate launch`), in_turn its
-    fsdp_cpu_ram_efficient_loading. `memory` gets the peaks of memory in use while lora1 loads and in the whole
-    command (watch_memory)."""
+    fsdp_cpu_ram_efficient_loading; zero: a DeepSpeed ZeRO stage instead. `memory` gets the peaks of memory in use
+    while lora1 loads and in the whole command (watch_memory)."""
     shutil.rmtree(config.parent / ".pipeline", ignore_errors=True)
     shutil.rmtree(config.parent / "output", ignore_errors=True)
     sets = [
@@ -92,9 +114,10 @@ def run(
     cli = ["-m", "cli", "run", workflow, "-c", str(config), "--json", *sets]
     if processes == 1:
         cmd = [sys.executable, *cli]
-    elif fsdp:
-        accelerate_config = config.parent / f"fsdp-{fsdp}.yaml"
-        accelerate_config.write_text(FSDP_CONFIG.format(strategy=fsdp, in_turn=str(in_turn).lower()))
+    elif fsdp or zero:
+        accelerate_config = config.parent / (f"fsdp-{fsdp}.yaml" if fsdp else f"zero{zero}.yaml")
+        text = FSDP_CONFIG.format(strategy=fsdp, in_turn=str(in_turn).lower()) if fsdp else ZERO_CONFIG
+        accelerate_config.write_text(text.format(stage=zero) if zero else text)
         launch = ["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
         cmd = [sys.executable, *launch, "--main_process_port", str(free_port()), *cli]
     else:
@@ -127,7 +150,8 @@ def run(
     if out.returncode != 0:
         lines = [line for line in out.stderr.splitlines() if not line.startswith(("[rank0]:   ", "[rank1]:   "))]
         sys.exit(f"run failed ({processes} processes):\n" + "\n".join(lines[-60:]))
-    stages = {s["name"]: s["seconds"] for s in json.loads(out.stdout)["stages"]}
+    report = out.stdout[out.stdout.index("{") :]  # (under DeepSpeed the launcher logs a line first)
+    stages = {s["name"]: s["seconds"] for s in json.loads(report)["stages"]}
     manifest = next((config.parent / ".pipeline" / "stages" / "lora1").glob("*/manifest.json"))
     record = json.loads(manifest.read_text())["record"]
     return {name: stages[name] for name in SHARDED if name in stages}, wall, record
@@ -147,7 +171,8 @@ def watch_memory(proc, before: int, stderr) -> tuple[int, int]:
         peak = max(peak, used)
         if not loaded:
             stderr.seek(0)
-            loaded = "lora1: FSDP" in stderr.read()
+            said = stderr.read()
+            loaded = "lora1: FSDP" in said or "lora1: DeepSpeed" in said
             loading = used if loaded else max(loading, used)
         time.sleep(0.02)
     return loading, peak
@@ -201,6 +226,37 @@ def compare_loading(config: Path, steps: int, repeats: int, width: int) -> None:
     print(f"in turn / at once, lora1 seconds: {ratio:.3f}")
 
 
+def compare_zero(config: Path, steps: int, repeats: int, width: int) -> None:
+    """lora1 on two plain processes against two under ZeRO-2 and ZeRO-3: seconds, the base model's bytes per
+    process and the peak memory in use of the whole command."""
+    if width:
+        params = bigger_unet(config, width)
+        print(f"UNet of {params / 1e6:.0f}M parameters ({params * 4 / 2**30:.2f} GiB in fp32), lora1 {steps} steps")
+    stages = (0, 2, 3)
+    results: dict[int, list] = {s: [] for s in stages}
+    peaks: dict[int, list] = {s: [] for s in stages}
+    for _ in range(repeats):
+        for stage in stages:
+            results[stage].append(run(config, steps, 2, "lora", memory=peaks[stage], zero=stage))
+    gib = 2**30
+    plain = statistics.median(r[0]["lora1"] for r in results[0])
+    plain_peak = statistics.median(p[1] for p in peaks[0])
+    print(
+        f"2 processes, no DeepSpeed: lora1 {[round(r[0]['lora1'], 2) for r in results[0]]} s, peak memory in use "
+        f"{[round(p[1] / gib, 2) for p in peaks[0]]} GiB"
+    )
+    for stage in stages[1:]:
+        seconds = statistics.median(r[0]["lora1"] for r in results[stage])
+        record = results[stage][0][2]["deepspeed"]
+        peak = statistics.median(p[1] for p in peaks[stage])
+        print(
+            f"ZeRO-{stage}: lora1 {[round(r[0]['lora1'], 2) for r in results[stage]]} s, {seconds / plain:.3f} x the "
+            f"plain run; base model per process {record['local_bytes'] / 2**20:.2f} of "
+            f"{record['base_bytes'] / 2**20:.2f} MiB ({record['local_bytes'] / record['base_bytes']:.3f}); peak memory "
+            f"in use {[round(p[1] / gib, 2) for p in peaks[stage]]} GiB, {peak / plain_peak:.3f} x the plain run"
+        )
+
+
 def compare_fsdp(config: Path, steps: int, repeats: int) -> None:
     """lora1 on two plain processes against two under FSDP: seconds and the base model's bytes per process."""
     strategies = ("", "FULL_SHARD", "SHARD_GRAD_OP")
@@ -227,14 +283,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fsdp", action="store_true", help="compare FSDP with plain processes on lora1")
     ap.add_argument("--loading", action="store_true", help="FSDP's peak memory, loading at once against in turn")
-    ap.add_argument("--width", type=int, default=320, help="--loading: the UNet's first block's channels")
+    ap.add_argument("--zero", action="store_true", help="compare DeepSpeed ZeRO-2/3 with plain processes on lora1")
+    ap.add_argument(
+        "--width", type=int, default=None, help="--loading (320), --zero (0: the demo's): the UNet's first channels"
+    )
     args = ap.parse_args()
     from pipeline.demo import ensure_demo
 
     with tempfile.TemporaryDirectory() as tmp:
         config = ensure_demo(Path(tmp) / "demo")
         if args.loading:
-            compare_loading(config, args.steps, args.repeats, args.width)
+            compare_loading(config, args.steps, args.repeats, 320 if args.width is None else args.width)
+            return
+        if args.zero:
+            compare_zero(config, args.steps, args.repeats, args.width or 0)
             return
         if args.fsdp:
             compare_fsdp(config, args.steps, args.repeats)

@@ -496,9 +496,10 @@ def test_deepspeed_zero3_shards_the_base_model_and_trains_the_lora_of_one_proces
     one = copy_of(project, tmp_path / "one")
     result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=2", env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
-    a, b = lora(project), lora(one)
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    for name in ("lora1.safetensors", "lora1-ema.safetensors"):  # the EMA, too, follows the whole LoRA
+        a, b = (load_file(p.root / "output/lora/lora1" / name) for p in (project, one))
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     figures = [line.split(",")[1:3] for line in (project.root / "output/lora/lora1/loss.csv").read_text().splitlines()]
     assert figures == [
         line.split(",")[1:3] for line in (one.root / "output/lora/lora1/loss.csv").read_text().splitlines()
@@ -526,3 +527,26 @@ def test_a_zero2_checkpoint_resumes_under_zero2_alone_and_another_launch_is_told
     assert result.returncode == 0, result.stderr
     a, b = lora(project), lora(one)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_deepspeed_zero2_trains_the_student_of_one_process(transfer_project, tmp_path):
+    """The student under ZeRO-2: each rank one micro-step of every schedule step (DeepSpeed accumulates one per
+    process, and averages), rank 0 measures the fidelity with its whole model: the student and its fidelity curve of
+    a 1-process run."""
+    project = transfer_project
+    project.write_config(schedule={"grad_accum": 2})
+    reference = imported_teacher_and_reference(project, tmp_path)
+    zero = deepspeed_launch(project, 2, workflow="transfer")
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    assert "student: DeepSpeed ZeRO-2 over 2 processes" in zero.stderr
+    a = load_file(project.root / "output/transfer/student/student.safetensors")
+    b = load_file(reference.root / "output/transfer/student/student.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    curve = [line.split(",") for line in (project.root / "output/transfer/student/fidelity.csv").read_text().split()]
+    wanted = [line.split(",") for line in (reference.root / "output/transfer/student/fidelity.csv").read_text().split()]
+    assert len(curve) > 2 and curve[0] == wanted[0]
+    assert all(
+        abs(float(x) - float(y)) < 1e-4
+        for r, w in zip(curve[1:], wanted[1:], strict=True)
+        for x, y in zip(r, w, strict=True)
+    )
