@@ -125,6 +125,9 @@ class ZeroSettings:
     offload_optimizer: str = "none"  # none or cpu: the optimizer state and its step in CPU memory (GPU runs)
     offload_param: str = "none"  # none or cpu: ZeRO-3's shards of the weights in CPU memory between uses
     source: str = "the accelerate config"  # where the settings came from, for messages
+    # the deepspeed_config_file's other zero_optimization settings (bucket sizes, stage3_max_live_parameters, ...),
+    # as JSON: passed to DeepSpeed as they are
+    tuning: str = "{}"
 
 
 def _zero_value(config: dict, path: tuple[str, ...], default):
@@ -162,12 +165,16 @@ def read_deepspeed() -> ZeroSettings | None:
         param = _zero_value(config, ("zero_optimization", "offload_param", "device"), "none")
         keys = ("zero_optimization.stage", "zero_optimization.offload_optimizer.device",
                 "zero_optimization.offload_param.device")  # fmt: skip
+        section = config.get("zero_optimization") if isinstance(config, dict) else None
+        own = ("stage", "offload_optimizer", "offload_param")
+        tuning = {k: v for k, v in (section or {}).items() if k not in own}
     else:
         source = "the accelerate config"
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2").strip()  # accelerate's default
         optimizer = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
         param = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")
         keys = ("zero_stage", "offload_optimizer_device", "offload_param_device")
+        tuning = {}
     if str(stage).strip() not in ("0", "1", "2", "3"):
         raise ConfigError(f"{source}'s {keys[0]} is {stage!r}; use 0, 1, 2 or 3.")
     devices = []
@@ -181,7 +188,7 @@ def read_deepspeed() -> ZeroSettings | None:
         return None
     if devices[1] != "none" and int(stage) != 3:
         raise ConfigError(f"{source}'s {keys[2]} is {devices[1]}, which only ZeRO stage 3 has; set it to none.")
-    return ZeroSettings(int(stage), devices[0], devices[1], source)
+    return ZeroSettings(int(stage), devices[0], devices[1], source, json.dumps(tuning, sort_keys=True))
 
 
 def zero() -> ZeroSettings | None:

@@ -8,10 +8,11 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from core import dist
 from core.errors import ConfigError
-from stages.training.zero import check_section
+from stages.training.zero import check_section, engine_config
 
 
 def settings(monkeypatch, **env):
@@ -38,13 +39,28 @@ def test_a_deepspeed_config_file_gives_its_zero_section(monkeypatch, tmp_path):
             {
                 "train_micro_batch_size_per_gpu": "auto",
                 "optimizer": {"type": "AdamW"},  # the section's own optimizer steps: these are left alone
-                "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+                "zero_optimization": {
+                    "stage": 3,
+                    "offload_optimizer": {"device": "cpu"},
+                    "stage3_max_live_parameters": 100000,
+                    "stage3_param_persistence_threshold": 10,  # raised: the LoRA must stay whole
+                },
             }
         )
     )
     zero = settings(monkeypatch, ACCELERATE_DEEPSPEED_CONFIG_FILE=str(file))
     assert (zero.stage, zero.offload_optimizer, zero.offload_param) == (3, "cpu", "none")
     assert str(file) in zero.source
+
+    lora = [torch.nn.Parameter(torch.zeros(4, 64)), torch.nn.Parameter(torch.zeros(64, 4))]
+    section = SimpleNamespace(batch_size=2, max_grad_norm=0.0)
+    config = engine_config(zero, section, 3, lora, torch.device("cpu"), model_size=5 * 10**8)
+    assert config["gradient_accumulation_steps"] == 3 and config["gradient_clipping"] == 0.0
+    tuned = config["zero_optimization"]
+    assert tuned["stage3_max_live_parameters"] == 100000 and tuned["stage3_param_persistence_threshold"] == 257
+    assert tuned["stage3_max_reuse_distance"] == 5 * 10**7  # a tenth of the model, where the file says nothing
+    assert tuned["reduce_bucket_size"] == 512  # the LoRA's size, not DeepSpeed's 500M numbers
+    assert "offload_optimizer" not in tuned  # nothing to offload on the CPU
 
 
 @pytest.mark.parametrize(

@@ -93,15 +93,32 @@ def import_deepspeed(settings):
     return deepspeed
 
 
-def engine_config(settings, cfg, per_rank: int, persist: int, device) -> dict:
-    """The DeepSpeed config of a section: its batch, accumulation and clipping, and the ZeRO settings."""
-    zero: dict = {"stage": settings.stage}
+def engine_config(settings, cfg, per_rank: int, trained: list, device, model_size: int = 0) -> dict:
+    """The DeepSpeed config of a section: its batch, accumulation and clipping, and the ZeRO settings. The buckets
+    of gradients are sized to the LoRA (DeepSpeed's defaults, 500M numbers, are for training whole models), and
+    ZeRO-3 keeps at most a tenth of the model's `model_size` weights gathered at a time (DeepSpeed's default, 1e9
+    numbers live, would keep a model under 1B parameters whole on every process: benchmarks/distributed.py --zero);
+    a deepspeed_config_file's own zero_optimization settings come first."""
+    import json
+
+    lora = sum(p.numel() for p in trained)
+    zero: dict = {"reduce_bucket_size": lora, "allgather_bucket_size": lora}
+    if settings.stage == 3 and model_size:
+        live = max(min(10**9, model_size // 10), 10**6)
+        zero.update(
+            stage3_max_live_parameters=live,
+            stage3_max_reuse_distance=live,
+            stage3_prefetch_bucket_size=min(5 * 10**7, live // 2),
+        )
+    zero.update(json.loads(settings.tuning))
+    zero["stage"] = settings.stage
     if device.type == "cuda" and settings.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
     if device.type == "cuda" and settings.offload_param == "cpu":
         zero["offload_param"] = {"device": "cpu"}
-    if settings.stage == 3:
-        zero["stage3_param_persistence_threshold"] = persist  # the LoRA's matrices stay whole on every process
+    if settings.stage == 3:  # the LoRA's matrices stay whole on every process
+        persist = max(p.numel() for p in trained) + 1
+        zero["stage3_param_persistence_threshold"] = max(persist, zero.get("stage3_param_persistence_threshold", 0))
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": per_rank,
@@ -120,10 +137,10 @@ def start_engine(denoiser, optimizer, settings, cfg, per_rank: int, device):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # (DeepSpeed would say it found no GPU)
     deepspeed = import_deepspeed(settings)
     trained = [p for p in denoiser.parameters() if p.requires_grad]
-    persist = max(p.numel() for p in trained) + 1
     frozen = [p for p in denoiser.parameters() if not p.requires_grad]
     base = sum(p.numel() * p.element_size() for p in frozen)
-    config = engine_config(settings, cfg, per_rank, persist, device)
+    size = sum(p.numel() for p in denoiser.parameters())
+    config = engine_config(settings, cfg, per_rank, trained, device, size)
     with contextlib.redirect_stdout(sys.stderr):  # (on the CPU it prints that it built its shared-memory op)
         engine, *_ = deepspeed.initialize(model=denoiser, optimizer=optimizer, config=config)
     local, notes = base, []
@@ -135,6 +152,7 @@ def start_engine(denoiser, optimizer, settings, cfg, per_rank: int, device):
         notes.append("offloaded to CPU memory" if device.type == "cuda" else "nothing to offload on the CPU")
     if settings.stage == 3:  # persistent parameters are gathered at their first use: now, so the LoRA is whole
         trained[0].all_gather(param_list=trained)
+        dist.release_freed_memory()  # the whole weights DeepSpeed replaced with this process's shards
         split = [p for p in trained if not getattr(p, "ds_persist", False) or p.data.numel() != p.ds_numel]
         if split:  # (the persistence threshold covers every trained parameter: this would be a DeepSpeed change)
             raise PipelineError(f"DeepSpeed ZeRO-3 split {len(split)} LoRA parameters over the processes; report this.")
