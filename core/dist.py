@@ -167,7 +167,8 @@ def read_deepspeed() -> ZeroSettings | None:
                 "zero_optimization.offload_param.device")  # fmt: skip
         section = config.get("zero_optimization") if isinstance(config, dict) else None
         own = ("stage", "offload_optimizer", "offload_param")
-        tuning = {k: v for k, v in (section or {}).items() if k not in own}
+        # ("auto": a value accelerate or transformers would fill in; here the defaults of engine_config stand)
+        tuning = {k: v for k, v in (section or {}).items() if k not in own and v != "auto"}
     else:
         source = "the accelerate config"
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2").strip()  # accelerate's default

@@ -134,6 +134,21 @@ def imported_teacher_and_reference(project: Project, tmp_path: Path) -> Project:
     return reference
 
 
+def assert_the_student_of(reference: Project, project: Project) -> None:
+    """The project's student is the reference's (to 1e-6), and so is its fidelity curve (to 1e-4)."""
+    a = load_file(project.root / "output/transfer/student/student.safetensors")
+    b = load_file(reference.root / "output/transfer/student/student.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    curve = [line.split(",") for line in (project.root / "output/transfer/student/fidelity.csv").read_text().split()]
+    wanted = [line.split(",") for line in (reference.root / "output/transfer/student/fidelity.csv").read_text().split()]
+    assert len(curve) > 2 and curve[0] == wanted[0]
+    assert all(
+        abs(float(x) - float(y)) < 1e-4
+        for r, w in zip(curve[1:], wanted[1:], strict=True)
+        for x, y in zip(r, w, strict=True)
+    )
+
+
 def teacher_arrays(project: Project, stage: str = "teacher") -> dict[str, bytes]:
     return pool_arrays(project, stage)
 
@@ -333,17 +348,7 @@ def test_fsdp_trains_the_student_of_one_process_and_measures_its_fidelity_on_eve
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     assert "student: FSDP FULL_SHARD over 2 processes" in fsdp.stderr
     assert teacher_arrays(project) == teacher_arrays(reference)
-    a = load_file(project.root / "output/transfer/student/student.safetensors")
-    b = load_file(reference.root / "output/transfer/student/student.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    curve = [line.split(",") for line in (project.root / "output/transfer/student/fidelity.csv").read_text().split()]
-    wanted = [line.split(",") for line in (reference.root / "output/transfer/student/fidelity.csv").read_text().split()]
-    assert len(curve) > 2 and curve[0] == wanted[0]
-    assert all(
-        abs(float(x) - float(y)) < 1e-4
-        for r, w in zip(curve[1:], wanted[1:], strict=True)
-        for x, y in zip(r, w, strict=True)
-    )
+    assert_the_student_of(reference, project)
 
 
 def test_fsdp_trains_lora2_over_a_frozen_lora1_as_two_plain_processes_do(differential_project, tmp_path):
@@ -539,14 +544,4 @@ def test_deepspeed_zero2_trains_the_student_of_one_process(transfer_project, tmp
     zero = deepspeed_launch(project, 2, workflow="transfer")
     assert zero.returncode == 0, zero.stderr[-3000:]
     assert "student: DeepSpeed ZeRO-2 over 2 processes" in zero.stderr
-    a = load_file(project.root / "output/transfer/student/student.safetensors")
-    b = load_file(reference.root / "output/transfer/student/student.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    curve = [line.split(",") for line in (project.root / "output/transfer/student/fidelity.csv").read_text().split()]
-    wanted = [line.split(",") for line in (reference.root / "output/transfer/student/fidelity.csv").read_text().split()]
-    assert len(curve) > 2 and curve[0] == wanted[0]
-    assert all(
-        abs(float(x) - float(y)) < 1e-4
-        for r, w in zip(curve[1:], wanted[1:], strict=True)
-        for x, y in zip(r, w, strict=True)
-    )
+    assert_the_student_of(reference, project)

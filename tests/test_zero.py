@@ -44,6 +44,7 @@ def test_a_deepspeed_config_file_gives_its_zero_section(monkeypatch, tmp_path):
                     "offload_optimizer": {"device": "cpu"},
                     "stage3_max_live_parameters": 100000,
                     "stage3_param_persistence_threshold": 10,  # raised: the LoRA must stay whole
+                    "reduce_bucket_size": "auto",  # (transformers' configs: the defaults stand)
                 },
             }
         )
@@ -112,3 +113,15 @@ def test_what_zero_would_change_is_refused_by_name(monkeypatch, change, text_enc
     with pytest.raises(ConfigError) as e:
         check_section(zero, SimpleNamespace(**{**SECTION, **change}), "lora1", text_encoder)
     assert named in str(e.value) and "ZeRO-3" in str(e.value)
+
+
+def test_a_peer_that_died_inside_a_library_collective_is_a_message(monkeypatch):
+    """gloo's error in DeepSpeed's or FSDP's own collectives when another process exited: the one-line message of
+    dist's own collectives (cli_common.user_errors prints it), not a traceback; any other error stays one."""
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:30616")
+    assert dist.peer_failure(gone) is None  # one process: no peers
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    failure = dist.peer_failure(gone)
+    assert "process 1 of 2: another process of this run stopped during a training step" in str(failure)
+    assert dist.peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None

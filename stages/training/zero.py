@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 from dataclasses import dataclass
 
@@ -54,7 +53,8 @@ class ZeroRecord:
 
 
 def check_section(settings, cfg, stage: str, text_encoder: bool) -> None:
-    """Refuse, by name, what a section asks for that ZeRO would change or cannot run."""
+    """Refuse, by name, what a section asks for that ZeRO would change or cannot run, and a missing deepspeed,
+    before the model loads."""
     where = f"{settings.source} asks for DeepSpeed ZeRO-{settings.stage}"
     if cfg.optimizer not in ELEMENTWISE:
         raise ConfigError(
@@ -77,6 +77,7 @@ def check_section(settings, cfg, stage: str, text_encoder: bool) -> None:
             f"{stage}.fp8_base and DeepSpeed ZeRO-{settings.stage} do not go together; set {stage}.fp8_base = "
             f"false, or launch without the DeepSpeed config."
         )
+    import_deepspeed(settings)
 
 
 def import_deepspeed(settings):
@@ -108,7 +109,7 @@ def engine_config(settings, cfg, per_rank: int, trained: list, device, model_siz
         zero.update(
             stage3_max_live_parameters=live,
             stage3_max_reuse_distance=live,
-            stage3_prefetch_bucket_size=min(5 * 10**7, live // 2),
+            stage3_prefetch_bucket_size=min(5 * 10**7, live),  # (DeepSpeed's default, within what may be live)
         )
     zero.update(json.loads(settings.tuning))
     zero["stage"] = settings.stage
@@ -133,8 +134,6 @@ def engine_config(settings, cfg, per_rank: int, trained: list, device, model_siz
 
 def start_engine(denoiser, optimizer, settings, cfg, per_rank: int, device):
     """The denoiser and optimizer in a DeepSpeed engine -> (engine, ZeroRecord). Every process calls it at once."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # (DeepSpeed would say it found no GPU)
     deepspeed = import_deepspeed(settings)
     trained = [p for p in denoiser.parameters() if p.requires_grad]
     frozen = [p for p in denoiser.parameters() if not p.requires_grad]
