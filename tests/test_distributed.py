@@ -78,6 +78,23 @@ def copy_of(project: Project, where: Path) -> Project:
     return Project(where, json.loads(json.dumps(project.settings)))
 
 
+def one_process(project: Project, tmp_path: Path, accum: int) -> Project:
+    """A copy of the project (its model and images) that ran `pipeline run lora` in one process of one thread with
+    lora1.grad_accum = accum: what W processes with accum / W each must train."""
+    one = copy_of(project, tmp_path / "one")
+    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", f"lora1.grad_accum={accum}", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    return one
+
+
+def assert_same_lora(project: Project, other: Project, *names: str) -> None:
+    """lora1's files (lora1.safetensors unless named) are the same in both projects, to fp32 tolerance."""
+    for name in names or ("lora1.safetensors",):
+        a, b = (load_file(p.root / "output/lora/lora1" / name) for p in (project, other))
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
 def test_two_processes_train_the_lora_of_one_with_twice_the_accumulation(project, tmp_path):
     two = torchrun(project)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -86,14 +103,10 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_accumulation(project
     manifest = json.loads(project.manifests("lora1")[0].read_text())
     assert manifest["preimage"]["params"]["processes"] == 2  # not the artifact of a 1-process run
 
-    one = copy_of(project, tmp_path / "one")
-    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=2", env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr
+    one = one_process(project, tmp_path, accum=2)
     assert pool_arrays(project, "latents") == pool_arrays(one, "latents")  # split by batch, the same bytes
     assert pool_arrays(project, "text") == pool_arrays(one, "text")
-    a, b = lora(project), lora(one)
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert_same_lora(project, one)
     losses = [line.split(",")[1] for line in (project.root / "output/lora/lora1/loss.csv").read_text().splitlines()]
     assert losses == [line.split(",")[1] for line in (one.root / "output/lora/lora1/loss.csv").read_text().splitlines()]
 
@@ -310,12 +323,7 @@ def test_fsdp_shards_the_base_model_and_trains_the_lora_of_one_process(project, 
     previews = sorted(p.name for p in (project.root / "output/lora/lora1/previews").iterdir())
     assert previews == ["step000003.png", "step000006.png"]
 
-    one = copy_of(project, tmp_path / "one")
-    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=2", env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr
-    a, b = lora(project), lora(one)
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert_same_lora(project, one_process(project, tmp_path, accum=2))
 
 
 def test_a_run_killed_under_fsdp_resumes_from_its_checkpoint_with_or_without_fsdp(project, tmp_path):
@@ -399,11 +407,7 @@ def test_hybrid_fsdp_over_two_nodes_shards_within_each_and_trains_the_lora_of_on
     record = json.loads(project.manifests("lora1")[0].read_text())["record"]["fsdp"]
     assert record["processes"] == 4 and record["local_bytes"] <= 0.55 * record["base_bytes"]  # halves, not quarters
     assert record["local_bytes"] >= 0.45 * record["base_bytes"]
-    one = copy_of(project, tmp_path / "one")
-    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=4", env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr
-    a, b = lora(project), lora(one)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert_same_lora(project, one_process(project, tmp_path, accum=4))
 
 
 def test_run_with_processes_starts_them_itself_and_a_killed_one_is_named_without_a_traceback(project, tmp_path):
@@ -414,11 +418,7 @@ def test_run_with_processes_starts_them_itself_and_a_killed_one_is_named_without
     assert two.returncode == 0, two.stderr[-3000:]
     assert [s["action"] for s in json.loads(two.stdout)["stages"]] == ["ran"] * 4  # one report: rank 0's
     assert json.loads(project.manifests("lora1")[0].read_text())["preimage"]["params"]["processes"] == 2
-    one = copy_of(project, tmp_path / "one")
-    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=2", env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr
-    a, b = lora(project), lora(one)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert_same_lora(project, one_process(project, tmp_path, accum=2))
 
     args = ["run", "lora", "-c", str(project.config), "--processes", "2", "--set", "lora1.steps=8"]
     killed = project.subprocess(*args, env={"LORA_PIPELINE_FAULT": "lora1.step:5@1"})
@@ -498,13 +498,8 @@ def test_deepspeed_zero3_shards_the_base_model_and_trains_the_lora_of_one_proces
     previews = sorted(p.name for p in (project.root / "output/lora/lora1/previews").iterdir())
     assert previews == ["step000003.png", "step000006.png"]
 
-    one = copy_of(project, tmp_path / "one")
-    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=2", env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr
-    for name in ("lora1.safetensors", "lora1-ema.safetensors"):  # the EMA, too, follows the whole LoRA
-        a, b = (load_file(p.root / "output/lora/lora1" / name) for p in (project, one))
-        assert a.keys() == b.keys()
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    one = one_process(project, tmp_path, accum=2)
+    assert_same_lora(project, one, "lora1.safetensors", "lora1-ema.safetensors")  # the EMA, too
     figures = [line.split(",")[1:3] for line in (project.root / "output/lora/lora1/loss.csv").read_text().splitlines()]
     assert figures == [
         line.split(",")[1:3] for line in (one.root / "output/lora/lora1/loss.csv").read_text().splitlines()
@@ -527,11 +522,7 @@ def test_a_zero2_checkpoint_resumes_under_zero2_alone_and_another_launch_is_told
     record = json.loads(project.manifests("lora1")[0].read_text())["record"]["deepspeed"]
     assert record["stage"] == 2 and record["local_bytes"] == record["base_bytes"] > 0
 
-    one = copy_of(project, tmp_path / "one")
-    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", "lora1.grad_accum=2", env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr
-    a, b = lora(project), lora(one)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert_same_lora(project, one_process(project, tmp_path, accum=2))
 
 
 def test_deepspeed_zero2_trains_the_student_of_one_process(transfer_project, tmp_path):
