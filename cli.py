@@ -50,6 +50,15 @@ def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Staged, content-hashed LoRA training for diffusion models."""
+    import logging
+
+    # accelerate imports deepspeed wherever it is installed, and DeepSpeed then tells every machine without a GPU that
+    # it found none, on stdout (where `--json` keeps its one document): noise (the training stages say what runs where)
+    logging.getLogger("DeepSpeed").addFilter(_no_cpu_accelerator_notice)
+
+
+def _no_cpu_accelerator_notice(record) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
 
 
 def _same_command(ctx: typer.Context) -> list[str]:
@@ -559,13 +568,9 @@ def sample(
 
 
 def main() -> None:
-    import logging
     import signal
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    # accelerate imports deepspeed wherever it is installed, and DeepSpeed then tells every machine without a GPU that
-    # it found none: noise before each command (the training stages say what runs where)
-    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
     try:
         app()
     finally:

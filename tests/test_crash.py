@@ -15,32 +15,40 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, SUBPROCESS_TIMEOUT, make_images
+from conftest import REPO, SUBPROCESS_TIMEOUT, Project, make_images
 
 pytestmark = pytest.mark.slow
 
 
-def _run(project, *args, fault: str | None = None):
-    env = {"LORA_PIPELINE_FAULT": fault} if fault else {}
-    return project.subprocess("run", "lora", "-c", str(project.config), "--json", *args, env=env)
+def _killed(project, fault: str):
+    """A run in a subprocess, SIGKILLed at the fault point."""
+    env = {"LORA_PIPELINE_FAULT": fault}
+    return project.subprocess("run", "lora", "-c", str(project.config), "--json", env=env)
 
 
-def _status(project) -> dict[str, dict]:
-    out = project.subprocess("status", "lora", "-c", str(project.config), "--json")
+def _run(project, workflow: str = "lora"):
+    """A run after the kill, in this process: the new process a user starts, without a subprocess's imports."""
+    result = project.cli("run", workflow, "--json", "--no-progress")
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _status(project, workflow: str = "lora") -> dict[str, dict]:
+    out = project.cli("status", workflow, "--json")
+    assert out.exit_code == 0, out.output
     return {s["name"]: s for s in json.loads(out.stdout)["stages"]}
 
 
 def test_kill_during_latents_then_resume(project):
     make_images(project.root / "images", 4, start=6)  # 10 images
     # Killed while writing the 4th latent: 3 committed, the 4th written to zarr but not in the commit log.
-    killed = _run(project, fault="pool.put:4")
+    killed = _killed(project, "pool.put:4")
     assert killed.returncode == -signal.SIGKILL
     assert not project.manifests("latents")
     status = _status(project)
     assert status["caption"]["state"] == "fresh"
     assert (status["latents"]["state"], status["latents"]["progress"]) == ("partial", [3, 10])
     done = _run(project)
-    assert done.returncode == 0, done.stderr
     latents = next(s for s in json.loads(done.stdout)["stages"] if s["name"] == "latents")
     assert latents["action"] == "ran" and latents["summary"] == "7 encoded, 3 reused"
     assert "3/10 images already encoded" in done.stderr
@@ -63,8 +71,7 @@ def test_external_kill_9_during_training(project):
     status = _status(project)["lora1"]
     assert status["state"] == "partial" and status["progress"][0] >= 2
     # The lock died with the process: a new run gets it at once and finishes from the checkpoint.
-    done = _run(project, "--no-progress")
-    assert done.returncode == 0, done.stderr
+    done = _run(project)
     assert "resuming from the checkpoint" in done.stderr
 
 
@@ -101,23 +108,16 @@ def test_kill_during_teacher_resumes_per_step_to_the_same_deltas(transfer_projec
     twin_root = tmp_path.parent / (tmp_path.name + "-twin")
     shutil.copytree(project.root, twin_root)
 
-    def run(root, fault=None):
-        env = {**os.environ, **({"LORA_PIPELINE_FAULT": fault} if fault else {})}
-        cmd = [sys.executable, str(REPO / "cli.py"), "run", "transfer", "-c", str(root / "pipeline.toml"), "--json"]
-        return subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT)
-
-    killed = run(project.root, "teacher.step:3")  # 3 of 6 steps committed, then SIGKILL
+    env = {"LORA_PIPELINE_FAULT": "teacher.step:3"}  # 3 of 6 steps committed, then SIGKILL
+    killed = project.subprocess("run", "transfer", "-c", str(project.config), "--json", env=env)
     assert killed.returncode == -signal.SIGKILL
     assert not project.manifests("teacher")
-    status = json.loads(project.subprocess("status", "transfer", "-c", str(project.config), "--json").stdout)
-    teacher = next(s for s in status["stages"] if s["name"] == "teacher")
+    teacher = _status(project, "transfer")["teacher"]
     # (inputs, c) x 3 steps of 6, + the held-out and fit sets
     assert teacher["state"] == "partial" and teacher["progress"] == [6, 16]
-    resumed = run(project.root)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = _run(project, "transfer")
     assert "teacher: resuming, 3 of 6 steps and the held-out sets to go" in resumed.stderr
-    clean = run(twin_root)
-    assert clean.returncode == 0, clean.stderr
+    clean = _run(Project(twin_root, project.settings), "transfer")
     a = {s["name"]: s["key"] for s in json.loads(resumed.stdout)["stages"]}
     b = {s["name"]: s["key"] for s in json.loads(clean.stdout)["stages"]}
     assert a == b
@@ -138,12 +138,10 @@ def test_a_killed_run_keeps_its_save_every_steps_files_to_the_same_bytes(project
     project.write_config(lora1={"save_every_steps": 2})
     twin_root = tmp_path / "twin"
     shutil.copytree(project.root, twin_root)
-    killed = _run(project, fault="lora1.step:5")  # after the checkpoint and the file of step 4
+    killed = _killed(project, "lora1.step:5")  # after the checkpoint and the file of step 4
     assert killed.returncode == -signal.SIGKILL and not project.manifests("lora1")
-    assert _run(project).returncode == 0
-    from conftest import run_cli
-
-    assert run_cli(["run", "lora", "--json"], twin_root).returncode == 0
+    _run(project)
+    _run(Project(twin_root, project.settings))
     steps = "output/lora/lora1/steps"
     names = sorted(p.name for p in (project.root / steps).iterdir())
     assert names == ["lora1-step000002.safetensors", "lora1-step000004.safetensors"]

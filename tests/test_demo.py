@@ -11,15 +11,28 @@ pytestmark = pytest.mark.slow
 
 
 def _demo(cwd, workflow, *args):
+    """The first run, as a newcomer starts it: a new process."""
     return run_cli(["run", workflow, "--demo", *args], cwd)
 
 
-def _ran(result) -> list[str]:
-    assert result.returncode == 0, result.stderr
+def _again(cwd, monkeypatch, *args):
+    """The runs after it, in this process (the same code, without a subprocess's imports), from the same folder."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    monkeypatch.chdir(cwd)
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _ran(cwd, monkeypatch, workflow, *args) -> list[str]:
+    result = _again(cwd, monkeypatch, "run", workflow, "--demo", "--json", *args)
     return [s["name"] for s in json.loads(result.stdout)["stages"] if s["action"] == "ran"]
 
 
-def test_transfer_demo_runs_reports_fidelity_then_reruns_only_the_student(tmp_path):
+def test_transfer_demo_runs_reports_fidelity_then_reruns_only_the_student(tmp_path, monkeypatch):
     first = _demo(tmp_path, "transfer")
     assert first.returncode == 0, first.stderr
     assert (
@@ -43,15 +56,16 @@ def test_transfer_demo_runs_reports_fidelity_then_reruns_only_the_student(tmp_pa
     assert all(b > a for a, b in zip(cos, cos[1:], strict=False)) and cos[-1] > 0.8
     assert all(b < a for a, b in zip(err, err[1:], strict=False))
 
-    again = _demo(tmp_path, "transfer", "--json")
-    assert _ran(again) == [] and "building a tiny" not in again.stderr  # the demo models are built once
-    assert _ran(_demo(tmp_path, "transfer", "--json", "--set", "student.lr=1e-3")) == ["student"]
-    assert _ran(_demo(tmp_path, "transfer", "--json", "--set", "student.guidance=2.0")) == ["student"]
+    again = _again(tmp_path, monkeypatch, "run", "transfer", "--demo", "--json")
+    assert [s["name"] for s in json.loads(again.stdout)["stages"] if s["action"] == "ran"] == []
+    assert "building a tiny" not in again.stderr  # the demo models are built once
+    assert _ran(tmp_path, monkeypatch, "transfer", "--set", "student.lr=1e-3") == ["student"]
+    assert _ran(tmp_path, monkeypatch, "transfer", "--set", "student.guidance=2.0") == ["student"]
     # The lora workflow shares caption, latents, text and lora1 with transfer: nothing to do.
-    assert _ran(_demo(tmp_path, "lora", "--json")) == []
+    assert _ran(tmp_path, monkeypatch, "lora") == []
 
 
-def test_differential_demo_prints_the_eval_and_draws_the_grid(tmp_path):
+def test_differential_demo_prints_the_eval_and_draws_the_grid(tmp_path, monkeypatch):
     from PIL import Image
 
     result = _demo(tmp_path, "differential")
@@ -63,8 +77,7 @@ def test_differential_demo_prints_the_eval_and_draws_the_grid(tmp_path):
     grid = tmp_path / "pipeline-demo" / "output" / "differential" / "sample-grid.png"
     width, height = Image.open(grid).size  # LoRA-2 at 0, 0.5, 1 x two prompts, in labelled cells of >= 256 px
     assert width >= 3 * 256 and height >= 2 * 256
-    evaluated = run_cli(["eval", "differential", "-c", "pipeline-demo/pipeline.toml", "--json"], tmp_path)
-    assert evaluated.returncode == 0, evaluated.stderr
+    evaluated = _again(tmp_path, monkeypatch, "eval", "differential", "-c", "pipeline-demo/pipeline.toml", "--json")
     record = json.loads(evaluated.stdout)
     for row in record["pairs"].values():
         assert row["loss_a_lora1"] < row["loss_a_base"] - 0.1  # LoRA-1 learned A
@@ -73,7 +86,7 @@ def test_differential_demo_prints_the_eval_and_draws_the_grid(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux1", "zimage", "flux2", "qwenimage"])
-def test_family_demos_run_every_workflow(tmp_path, family):
+def test_family_demos_run_every_workflow(tmp_path, monkeypatch, family):
     """`--demo --family sdxl|flux1|zimage|flux2|qwenimage`: tiny Base/Turbo pairs built once, the transfer chain with
     fit and fidelity printed, then the lora and differential workflows on the same project."""
     first = _demo(tmp_path, "transfer", "--family", family)
@@ -83,11 +96,10 @@ def test_family_demos_run_every_workflow(tmp_path, family):
     out = tmp_path / f"pipeline-demo-{family}" / "output" / "transfer"
     assert (out / "student" / "student.safetensors").exists()
     assert sorted(p.name for p in (out / "lora1" / "previews").iterdir()) == ["step000060.png", "step000120.png"]
-    assert _ran(_demo(tmp_path, "transfer", "--family", family, "--json", "--set", "student.lr=1e-3")) == ["student"]
-    assert _ran(_demo(tmp_path, "lora", "--family", family, "--json")) == []
-    # the differential chain on the same models, at a fifth of its steps: the wiring, not the result (which the SD
+    assert _ran(tmp_path, monkeypatch, "transfer", "--family", family, "--set", "student.lr=1e-3") == ["student"]
+    assert _ran(tmp_path, monkeypatch, "lora", "--family", family) == []
+    # the differential chain on the same models, at a fifteenth of its steps: the wiring, not the result (which the SD
     # 1.5 demo's test checks at full length)
-    short = ["--set", "differential.lora1.steps=30", "--set", "differential.lora2.steps=30"]
-    diff = _demo(tmp_path, "differential", "--family", family, *short)
-    assert diff.returncode == 0, diff.stderr
+    short = ["--set", "differential.lora1.steps=10", "--set", "differential.lora2.steps=10"]
+    diff = _again(tmp_path, monkeypatch, "run", "differential", "--demo", "--family", family, *short)
     assert "differential eval (held-out noise)" in diff.stdout

@@ -43,6 +43,19 @@ def torchrun(project: Project, *args: str, env: dict | None = None, workflow: st
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as torchrun gives each process: the same float summation order
 
 
+def one_thread(project: Project, workflow: str = "lora", *args: str):
+    """`pipeline run WORKFLOW` in this process (no subprocess's imports), on one thread as torchrun gives each
+    process: the same float summation order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = project.cli("run", workflow, *args)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    return result
+
+
 def pool_arrays(project: Project, stage: str) -> dict[str, bytes]:
     """The bytes of every array the stage's artifact references in its pools."""
     from cache.store import Store
@@ -59,12 +72,10 @@ def pool_arrays(project: Project, stage: str) -> dict[str, bytes]:
 def test_a_rank_killed_while_encoding_latents_leaves_its_rows_for_a_one_process_run(project, tmp_path):
     project.write_config(runtime={"checkpoint_every": 2, "encode_batch_size": 1})  # 6 batches: 3 per rank
     reference = copy_of(project, tmp_path / "reference")
-    assert reference.subprocess("run", "lora", "-c", str(reference.config), env=ONE_THREAD).returncode == 0
+    one_thread(reference)
     killed = torchrun(project, env={"LORA_PIPELINE_FAULT": "latents.batch:2@1"})  # rank 1, after its 2nd batch
     assert killed.returncode != 0 and not project.manifests("latents")
-    result = project.subprocess("run", "lora", "-c", str(project.config), env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr
-    assert "already encoded" in result.stderr
+    assert "already encoded" in one_thread(project).stderr
     assert pool_arrays(project, "latents") == pool_arrays(reference, "latents")
 
 
@@ -82,8 +93,7 @@ def one_process(project: Project, tmp_path: Path, accum: int) -> Project:
     """A copy of the project (its model and images) that ran `pipeline run lora` in one process of one thread with
     lora1.grad_accum = accum: what W processes with accum / W each must train."""
     one = copy_of(project, tmp_path / "one")
-    result = one.subprocess("run", "lora", "-c", str(one.config), "--set", f"lora1.grad_accum={accum}", env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr
+    one_thread(one, "lora", "--set", f"lora1.grad_accum={accum}")
     return one
 
 
@@ -143,7 +153,7 @@ def imported_teacher_and_reference(project: Project, tmp_path: Path) -> Project:
     shutil.copytree(project.root / "student", reference.root / "student")
     shutil.copyfile(project.root / "teacher.safetensors", reference.root / "teacher.safetensors")
     shutil.copytree(project.store, reference.store)
-    assert reference.subprocess("run", "transfer", "-c", str(reference.config), env=ONE_THREAD).returncode == 0
+    one_thread(reference, "transfer")
     return reference
 
 
@@ -174,8 +184,6 @@ def test_the_teacher_splits_its_steps_and_a_run_killed_on_two_resumes_on_one_to_
     uninterrupted 1-process run (the teacher's key does not depend on the number of processes)."""
     project = transfer_project
     reference = imported_teacher_and_reference(project, tmp_path)
-    one_thread = ONE_THREAD
-
     killed = torchrun(project, workflow="transfer", env={"LORA_PIPELINE_FAULT": "teacher.step:2@1"})
     assert killed.returncode != 0, killed.stderr[-4000:]
     assert not project.manifests("teacher")
@@ -183,9 +191,7 @@ def test_the_teacher_splits_its_steps_and_a_run_killed_on_two_resumes_on_one_to_
     logs = sorted(p.name for p in pool_dir.glob("committed.*.jsonl"))
     assert logs == ["committed.r0.jsonl", "committed.r1.jsonl"]  # each rank its own log
 
-    result = project.subprocess("run", "transfer", "-c", str(project.config), env=one_thread)
-    assert result.returncode == 0, result.stderr
-    assert "teacher: resuming" in result.stderr
+    assert "teacher: resuming" in one_thread(project, "transfer").stderr
     assert teacher_arrays(project) == teacher_arrays(reference)
     assert sorted(p.name for p in pool_dir.glob("committed*.jsonl")) == ["committed.jsonl"]  # folded by rank 0
     a = load_file(project.root / "output/transfer/student/student.safetensors")
@@ -335,10 +341,11 @@ def test_a_run_killed_under_fsdp_resumes_from_its_checkpoint_with_or_without_fsd
     first = accelerate_launch(whole, "SHARD_GRAD_OP", **checkpointing)
     assert first.returncode == 0 and "; activation checkpointing" in first.stderr, first.stderr[-3000:]
 
+    killed = accelerate_launch(project, "SHARD_GRAD_OP", env={"LORA_PIPELINE_FAULT": "lora1.step:3@1"}, **checkpointing)
+    assert killed.returncode != 0 and not project.manifests("lora1")
     for resume in ("fsdp", "torchrun"):
         run = copy_of(project, tmp_path / resume)
-        killed = accelerate_launch(run, "SHARD_GRAD_OP", env={"LORA_PIPELINE_FAULT": "lora1.step:3@1"}, **checkpointing)
-        assert killed.returncode != 0 and not run.manifests("lora1")
+        shutil.copytree(project.store, run.store)  # the killed run's store, checkpoint included
         resumed = accelerate_launch(run, "SHARD_GRAD_OP", **checkpointing) if resume == "fsdp" else torchrun(run)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "resuming from the checkpoint at step 2/6" in resumed.stderr
