@@ -27,7 +27,7 @@ def _killed(project, fault: str):
 
 
 def _run(project, workflow: str = "lora"):
-    """A run after the kill, in this process: the new process a user starts, without a subprocess's imports."""
+    """The user's next run after the kill, in this process (the same code, without a subprocess's imports)."""
     result = project.cli("run", workflow, "--json", "--no-progress")
     assert result.exit_code == 0, result.output
     return result
