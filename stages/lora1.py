@@ -102,7 +102,7 @@ class Lora1Stage(Stage):
         check_precision(params.mixed_precision, resolve_device(env.config.runtime.device), params.fp8_base, "lora1")
 
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
-        from stages.training.loop import checkpoint_step
+        from stages.training.checkpoints import checkpoint_step
 
         if not env.store.has_work(self.name, key):
             return None

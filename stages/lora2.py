@@ -78,7 +78,7 @@ class Lora2Stage(Stage):
         )
 
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
-        from stages.training.loop import checkpoint_step
+        from stages.training.checkpoints import checkpoint_step
 
         if not env.store.has_work(self.name, key):
             return None

@@ -89,7 +89,7 @@ class StudentStage(Stage):
             check_teacher_init(env, params)
 
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
-        from stages.training.loop import checkpoint_step
+        from stages.training.checkpoints import checkpoint_step
 
         if not env.store.has_work(self.name, key):
             return None
