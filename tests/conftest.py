@@ -122,10 +122,14 @@ class Project:
             app, [*args[:2], "-c", str(self.config), *args[2:]] if args[0] in ("run", "status") else [*args]
         )
 
-    def run_json(self, *args: str, workflow: str = "lora") -> dict:
+    def run(self, workflow: str, *args: str):
+        """`pipeline run WORKFLOW --json ARGS` in this process; the test fails with its output unless it succeeds."""
         result = self.cli("run", workflow, "--json", *args)
         assert result.exit_code == 0, result.output
-        return json.loads(result.stdout)
+        return result
+
+    def run_json(self, *args: str, workflow: str = "lora") -> dict:
+        return json.loads(self.run(workflow, *args).stdout)
 
     def subprocess(self, *args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
         return run_cli(list(args), self.root, env={**os.environ, **(env or {})}, **kw)

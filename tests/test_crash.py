@@ -28,9 +28,7 @@ def _killed(project, fault: str):
 
 def _run(project, workflow: str = "lora"):
     """The user's next run after the kill, in this process (the same code, without a subprocess's imports)."""
-    result = project.cli("run", workflow, "--json", "--no-progress")
-    assert result.exit_code == 0, result.output
-    return result
+    return project.run(workflow, "--no-progress")
 
 
 def _status(project, workflow: str = "lora") -> dict[str, dict]:

@@ -49,11 +49,9 @@ def one_thread(project: Project, workflow: str = "lora", *args: str):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = project.cli("run", workflow, *args)
+        return project.run(workflow, *args)
     finally:
         torch.set_num_threads(threads)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def pool_arrays(project: Project, stage: str) -> dict[str, bytes]:
