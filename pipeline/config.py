@@ -566,6 +566,13 @@ class RuntimeConfig(Section):
         description="Recompute the denoiser's activations in the backward pass instead of keeping them: less memory, "
         "about a third more compute per step. The trained LoRA is the same.",
     )
+    attention: Literal["sdpa", "xformers"] = Field(
+        "sdpa",
+        description="The denoiser's attention kernels in the training, teacher, prior and evaluation stages: sdpa "
+        "(PyTorch's scaled_dot_product_attention, which picks flash or memory-efficient kernels on a GPU; every "
+        'device) or xformers (CUDA GPUs only; pip install "lora-pipeline[xformers]"). Same LoRA up to float '
+        "rounding; kohya's --sdpa / --xformers.",
+    )
     encode_batch_size: int = Field(8, ge=1, description="Images per VAE / text-encoder forward when caching.")
     progress_every: float = Field(
         10.0,

@@ -114,7 +114,8 @@ TOP_LEVEL = {
     "max_train_epochs": "lora1.epochs", "epochs": "lora1.epochs", "num_epochs": "lora1.epochs",
     "save_every_n_epochs": None, "output_name": "lora1.output_name", "save_precision": "lora1.save_precision",
     "save_model_as": None, "sample_prompts": "runtime.preview.prompts",
-    "sample_every_n_steps": "runtime.preview.every",
+    "sample_every_n_steps": "runtime.preview.every", "xformers": "runtime.attention", "sdpa": "runtime.attention",
+    "mem_eff_attn": "runtime.attention",
     # kohya's config-file sections and a few generic ones
     "model_arguments": "model", "dataset_arguments": "data", "training_arguments": "lora1",
     "optimizer_arguments": "lora1", "additional_network_arguments": "lora1", "saving_arguments": "runtime",

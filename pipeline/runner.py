@@ -26,6 +26,7 @@ from pipeline.planner import (
 )
 from pipeline.workflows import get_workflow
 from stages.base import PlanEnv, StageContext
+from stages.devices import check_attention, resolve_device
 from stages.tracking import check_backends, open_tracker
 
 EXPORT_MARKER = ".lora-pipeline-export"
@@ -65,6 +66,8 @@ def run_workflow(
     if dry_run:
         return [_dry(p) for p in _plans(env, workflow, stages, only)]
     check_backends(env.config.runtime.log_with)
+    if env.config.runtime.attention != "sdpa":  # before the first stage, not at the first that loads the denoiser
+        check_attention(env.config.runtime.attention, resolve_device(env.config.runtime.device))
 
     def waiting(holder):
         print(f"waiting for the store lock held by {describe_holder(holder)} ...", file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""Device selection from runtime.device."""
+"""Device selection from runtime.device, and the attention kernels of runtime.attention."""
 
 from __future__ import annotations
 
@@ -19,3 +19,42 @@ def resolve_device(name: str):
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError('runtime.device = "mps", but MPS is not available here; use "auto" or "cpu".')
     return torch.device(name)
+
+
+def check_attention(name: str, device) -> None:
+    """Refuse runtime.attention where it cannot run, by name, before anything is loaded: xformers needs a CUDA GPU
+    and the xformers package."""
+    if name == "sdpa":
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            f'runtime.attention = "{name}" runs on CUDA GPUs only, and this run is on {device.type}. Use "sdpa" '
+            f"(the default: PyTorch's own fused attention, on every device)."
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        raise ConfigError(
+            f'runtime.attention = "{name}", but xformers is not installed here: pip install "lora-pipeline[xformers]" '
+            f'(a build that matches your torch and CUDA), or use "sdpa" (the default).'
+        )
+
+
+def use_attention(denoiser, name: str, device) -> None:
+    """Put the denoiser's attention on runtime.attention's kernels. sdpa: as loaded (diffusers' default is PyTorch's
+    scaled_dot_product_attention). xformers: the transformers (Z-Image, FLUX, Qwen-Image) through diffusers'
+    attention dispatcher, the UNets (SD 1.x, SDXL) through their xformers processors."""
+    check_attention(name, device)
+    if name == "sdpa":
+        return
+    dispatched = any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in denoiser.modules())
+    try:
+        if dispatched:
+            denoiser.set_attention_backend(name)
+        else:
+            denoiser.enable_xformers_memory_efficient_attention()
+    except Exception as e:  # xformers' own checks: a build without this GPU's kernels, a torch it was not built for
+        raise ConfigError(
+            f'runtime.attention = "{name}": xformers does not run here ({type(e).__name__}: {e}). Install a build '
+            f'that matches your torch and CUDA, or use "sdpa" (the default).'
+        ) from None

@@ -51,7 +51,7 @@ class EvalStage(Stage):
         return {"model": {denoiser: d[denoiser], "scheduler": d["scheduler"]}}
 
     def run(self, ctx: StageContext) -> StageResult:
-        from stages.devices import resolve_device
+        from stages.devices import resolve_device, use_attention
         from stages.families.noise import make_process
         from stages.pools import load_training_data
         from stages.training.adapters import FixedLora
@@ -62,6 +62,7 @@ class EvalStage(Stage):
         family = env.family
         device = resolve_device(ctx.runtime.device)
         unet = family.load_denoiser(env.layout, device).eval()
+        use_attention(unet, ctx.runtime.attention, device)
         process = make_process(p.timesteps, p.prediction_type)
 
         adapters = {}

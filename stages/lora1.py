@@ -138,6 +138,7 @@ class Lora1Stage(Stage):
             progress=ctx.progress and dist.is_main(),
             processes=p.processes or 1,
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
+            attention=ctx.runtime.attention,
             log=ctx.log,
             tracker=ctx.tracker,
             label=ctx.node,

@@ -75,7 +75,7 @@ class PriorStage(Stage):
 
         from core.faults import fault_point
         from core.progress import bar
-        from stages.devices import resolve_device
+        from stages.devices import resolve_device, use_attention
         from stages.families.noise import make_process
         from stages.pools import (
             ensure_text_embeddings,
@@ -112,6 +112,7 @@ class PriorStage(Stage):
         if todo:
             device = resolve_device(ctx.runtime.device)
             unet = student.family.load_denoiser(student.layout, device).eval()
+            use_attention(unet, ctx.runtime.attention, device)
             process = make_process(ctx.upstream["schedule"].contract["timesteps"], p.prediction_type)
             cond, row_of = load_text_table(store, text)
             latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in doc["rows"]})

@@ -175,6 +175,7 @@ class StudentStage(Stage):
             processes=world,
             split_accum=True,
             gradient_checkpointing=ctx.runtime.gradient_checkpointing,
+            attention=ctx.runtime.attention,
             log=ctx.log,
             tracker=ctx.tracker,
             label=ctx.node,

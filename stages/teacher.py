@@ -86,7 +86,7 @@ class TeacherStage(Stage):
         import numpy as np
 
         from core.progress import bar
-        from stages.devices import resolve_device
+        from stages.devices import resolve_device, use_attention
         from stages.families.noise import make_process
         from stages.pools import (
             ensure_text_embeddings,
@@ -135,6 +135,7 @@ class TeacherStage(Stage):
         if todo:
             device = resolve_device(ctx.runtime.device)
             denoiser = env.family.load_denoiser(env.layout, device).eval()
+            use_attention(denoiser, ctx.runtime.attention, device)
             teacher = FixedLora(denoiser, match_modules(lora, denoiser, env.family.kohya_prefix), device)
             cond, row_of = load_text_table(store, text)
             rows = doc["rows"] + doc["heldout"] + doc.get("fit", [])

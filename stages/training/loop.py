@@ -16,6 +16,7 @@ from pathlib import Path
 from core import dist
 from core.errors import ConfigError, PipelineError
 from core.faults import fault_point
+from stages.devices import use_attention
 from stages.families.base import Conditioning, TokenIds
 from stages.families.noise import make_process, training_noise
 from stages.training.checkpoints import restore_checkpoint, save_checkpoint
@@ -127,6 +128,7 @@ class TrainJob:
     evaluate: Callable | None = None  # (denoiser) -> dict of metrics, run at step 0, every eval_every and at the end
     eval_every: int = 0
     gradient_checkpointing: bool = False  # runtime.gradient_checkpointing: same LoRA, less activation memory
+    attention: str = "sdpa"  # runtime.attention: the denoiser's attention kernels (stages/devices.py)
     # train_text_encoder: the family's text encoder (with .model, .conditioning(ids)), which gets a LoRA of its own
     # and encodes each micro-batch's token ids
     text_encoder: object | None = None
@@ -265,6 +267,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     with dist.in_turn(fsdp is not None and fsdp.ram_efficient_loading):
         # under FSDP the model is sharded from the CPU: no process ever holds all of it on its GPU
         denoiser = job.family.load_denoiser(job.layout, torch.device("cpu") if fsdp else accelerator.device)
+        use_attention(denoiser, job.attention, accelerator.device)
         preset_adapter = job.preset_lora is not None and apply_preset(
             denoiser, job.preset_lora, job.preset_mode, job.family.kohya_prefix
         )
