@@ -172,7 +172,9 @@ class LoraSettings(Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this value; 0 disables clipping.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no",
-        description="Autocast precision of the forward pass. fp16 needs a CUDA GPU; on a CPU bf16 is slower than no.",
+        description="Autocast precision of the forward pass; the frozen base model is stored in it too (half of "
+        "fp32's memory; the LoRA stays fp32; FSDP/ZeRO shard an fp32 base). fp16 needs a CUDA GPU; on a CPU bf16 is "
+        "slower than no.",
     )
     fp8_base: bool = Field(
         False,

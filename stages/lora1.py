@@ -42,7 +42,7 @@ class Lora1Stage(Stage):
     name = "lora1"
     # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version); v3: the files carry the
     # training settings, dataset and tag frequencies (ss_*), and ss_output_name
-    IMPL_VERSION = 3
+    IMPL_VERSION = 4  # v4: under mixed precision the frozen base is stored in bf16/fp16 (loop.py store_base_in)
     upstream = ("caption", "latents", "text")
     trained_section = "lora1"
     # train_text_encoder: the captions are encoded in every step by the text encoder in training, so the `lora`

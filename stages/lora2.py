@@ -35,7 +35,7 @@ class Lora2Stage(Stage):
     name = "lora2"
     # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version); v3: training settings, dataset
     # and tag frequencies in the files (ss_*), and ss_output_name
-    IMPL_VERSION = 3
+    IMPL_VERSION = 4  # v4: under mixed precision the frozen base is stored in bf16/fp16
     upstream = ("caption", "latents", "text", "lora1")
     trained_section = "differential.lora2"
     contract_from = ("caption", "latents")

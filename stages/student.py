@@ -41,7 +41,7 @@ class StudentStage(Stage):
     name = "student"
     # v2: the kohya file names the trained SD version (ss_v2, ss_base_model_version); v3: the training settings in
     # the files (ss_*), and ss_output_name
-    IMPL_VERSION = 3
+    IMPL_VERSION = 4  # v4: under mixed precision the frozen base is stored in bf16/fp16
     upstream = ("latents", "schedule", "teacher", "prior")
     trained_section = "student"
     contract_from = ("teacher", "prior")
@@ -96,6 +96,8 @@ class StudentStage(Stage):
         return checkpoint_step(env.store.work_dir(self.name, key, create=False)), self.params(env).steps
 
     def run(self, ctx: StageContext) -> StageResult:
+        import torch
+
         from stages.devices import resolve_device
         from stages.pools import load_latent_table, load_mask_table, load_text_table
         from stages.training.loop import TrainJob, train_lora
@@ -135,6 +137,7 @@ class StudentStage(Stage):
             student.family, doc, spec, latents, cond, row_of, store, teacher, prior, p.guidance, p.guidance_embed
         )
         batches.shard = (dist.rank() if world > 1 else 0, world)
+        batches.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.mixed_precision)
         if "masks" in ctx.upstream["latents"].record:  # data.alpha_mask: the student's loss is masked as lora1's
             batches.masks = load_mask_table(store, ctx.upstream["latents"].record, latents)
         fidelity = Fidelity(
@@ -312,6 +315,8 @@ class TransferBatches:
         self._prior: tuple[int, object] | None = None
         self.masks: dict | None = None  # {latent digest: (1, h, w) loss mask} with data.alpha_mask
         self.shard = (0, 1)  # (rank, world) when several processes split each step's micro-steps
+        # the on-the-fly prior's autocast dtype: the training's mixed precision (its base is stored in it), else None
+        self.compute_dtype = None
 
     def inputs(self, k: int, process):
         """(x_t, t, cond, captions) of micro-step k, rebuilt from the schedule alone."""
@@ -377,7 +382,9 @@ class TransferBatches:
         else:
             model = getattr(denoiser, "module", denoiser)
             device = next(model.parameters()).device
-            prior = predict_base(self.family, model, x_t.to(device), t.to(device), cond.to(device), self.guidance).cpu()
+            with torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
+                prior = predict_base(self.family, model, x_t.to(device), t.to(device), cond.to(device), self.guidance)
+            prior = prior.float().cpu()
         target = prior + self.deltas.target_delta(f"{step:07d}", rows, self.g, shapes)
         if self.masks is None:
             return x_t, t, cond, target

@@ -5,6 +5,7 @@ a killed rank fails the stage with nothing committed, and the run resumes from r
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -218,6 +219,26 @@ def test_two_processes_make_the_teacher_and_student_of_one(transfer_project, tmp
     else:
         assert all(torch.equal(a[k], b[k]) for k in a)  # rank 0 alone: the 1-process bytes
         assert "student: schedule.grad_accum = 1 is not a multiple of the 2 processes" in two.stderr
+
+
+def test_bf16_under_two_processes_previews_measures_and_predicts_the_prior_under_autocast(transfer_project):
+    """With mixed_precision = bf16 the frozen base is stored in bf16; several processes do not hand the denoiser to
+    accelerate (which would wrap its forward in autocast), so the previews, the student's fidelity and its
+    on-the-fly prior enter the training's autocast themselves."""
+    project = transfer_project
+    project.write_config(
+        schedule={"grad_accum": 2}, **{"runtime.preview": {"every": 3, "width": 32, "height": 32, "steps": 2}}
+    )
+    sets = ["lora1.mixed_precision='bf16'", "student.mixed_precision='bf16'", "student.prior='on_the_fly'"]
+    two = torchrun(project, *[a for s in sets for a in ("--set", s)], workflow="transfer")
+    assert two.returncode == 0, two.stderr[-3000:]
+    for stage in ("lora1", "student"):
+        assert sorted(p.name for p in (project.root / "output/transfer" / stage / "previews").iterdir()) == [
+            "step000003.png",
+            "step000006.png",
+        ]
+    student = json.loads(project.manifests("student")[0].read_text())["record"]
+    assert student["fidelity"]["curve"] and all(math.isfinite(c["cosine"]) for c in student["fidelity"]["curve"])
 
 
 def two_nodes(project: Project, tmp_path: Path, per_node: int = 1, env: dict | None = None) -> list[tuple[str, str]]:

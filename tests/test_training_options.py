@@ -115,3 +115,26 @@ def test_a_diverging_loss_stops_with_advice(project):
     assert "the loss became nan" in result.output.lower() or "the loss became inf" in result.output.lower()
     assert "Lower lora1.lr (now 1e+30)" in result.output
     assert not project.manifests("lora1")
+
+
+@pytest.mark.parametrize("family_name", ["sd15", "zimage", "flux2"])
+def test_mixed_precision_stores_the_frozen_base_as_it_computes(tiny_model, tiny_flow_models, tmp_path, family_name):
+    """mixed_precision = bf16: the frozen base weights are kept in bf16 (half of fp32's memory, as kohya and the
+    diffusers examples keep them), the trained LoRA in fp32; the loop trains."""
+    family = get_family(family_name)
+    layout = family.layout(tiny_model / "model" if family_name == "sd15" else tiny_flow_models / family_name, None)
+    cfg = TrainConfig(rank=4, alpha=4.0, lr=1e-2, steps=2, batch_size=2, mixed_precision="bf16")
+    shape = family.latent_shape(layout, 32)
+    cond = Conditioning.stack(family.load_text_encoder(layout, "cpu").encode(["a red circle", "a blue square"]))
+    data = TrainData(torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)), cond, torch.tensor([0, 1]))
+    params = train_params(family, layout, cfg, shape)
+    job = TrainJob(
+        family, layout, family.prediction_type(layout), params, torch.device("cpu"), tmp_path, progress=False
+    )
+    outcome = train_lora(job, DiffusionBatches(data, params.seed, params.batch_size))
+    assert all(math.isfinite(v) for v in outcome.losses)
+    frozen = {n: p.dtype for n, p in outcome.denoiser.named_parameters() if not p.requires_grad}
+    trained = {n: p.dtype for n, p in outcome.denoiser.named_parameters() if p.requires_grad}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    assert trained and set(trained.values()) == {torch.float32}
+    assert max(v.abs().max().item() for k, v in lora_state_dict(outcome.denoiser).items() if "lora_B" in k) > 0

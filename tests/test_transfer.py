@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -151,6 +152,21 @@ def test_on_the_fly_prior_trains_the_same_student_as_the_materialized_one(transf
     lb = manifest(transfer_project, "student", b["student"])["record"]
     assert lb["first_loss"] == pytest.approx(la["first_loss"], rel=1e-5)
     assert lb["final_loss"] == pytest.approx(la["final_loss"], rel=1e-3)
+
+
+def test_bf16_runs_store_the_base_in_bf16_with_previews_fidelity_and_the_on_the_fly_prior(transfer_project):
+    """mixed_precision = bf16 keeps the frozen base in bf16: the previews, the student's fidelity and its on-the-fly
+    prior (the base model's own prediction) run under the training's autocast, as its steps do."""
+    transfer_project.write_config(**{"runtime.preview": {"every": 3, "width": 32, "height": 32, "steps": 2}})
+    keys = keys_of(
+        run(transfer_project, "--set", "lora1.mixed_precision='bf16'", "--set", "student.mixed_precision='bf16'",
+            "--set", "student.prior='on_the_fly'")
+    )  # fmt: skip
+    for stage in ("lora1", "student"):
+        assert list((transfer_project.root / "output/transfer" / stage / "previews").glob("step*.png")), stage
+    record = manifest(transfer_project, "student", keys["student"])["record"]
+    assert math.isfinite(record["final_loss"]) and record["fidelity"]["curve"]
+    assert all(math.isfinite(c["cosine"]) for c in record["fidelity"]["curve"])
 
 
 def test_cfg_mode_stores_unconditional_deltas_and_trains(transfer_project):

@@ -219,6 +219,17 @@ def store_base_in_fp8(denoiser, compute_dtype) -> int:
     return count
 
 
+def store_base_in(denoiser, dtype) -> int:
+    """Store every frozen parameter of the denoiser (the base model, a frozen LoRA-1 adapter) in dtype; the trained
+    adapter stays fp32, and buffers (position tables, frequencies) stay as they are. -> how many were cast."""
+    count = 0
+    for param in denoiser.parameters():
+        if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            count += 1
+    return count
+
+
 def make_accelerator(mixed_precision: str, device, fp8_base: bool = False, section: str = "lora1"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -257,6 +268,11 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
             f"{job.stage}.fp8_base = false, or launch without the FSDP config."
         )
     accelerator = make_accelerator(cfg.mixed_precision, job.device, getattr(cfg, "fp8_base", False), job.stage)
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    # Under mixed precision the frozen base is stored as it is computed (bf16/fp16, or fp8 with fp8_base), as kohya
+    # and diffusers' examples store it: it is loaded, given its adapters and narrowed on the CPU, so the accelerator
+    # never holds the fp32 model. FSDP and ZeRO shard the fp32 model from the CPU instead.
+    narrow_base = (compute is not None or getattr(cfg, "fp8_base", False)) and fsdp is None and zero is None
     mesh = None
     if fsdp is not None:
         from stages.training.fsdp import device_mesh, shard_denoiser
@@ -266,7 +282,8 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     # memory holds one whole model at a time, not one per process
     with dist.in_turn(fsdp is not None and fsdp.ram_efficient_loading):
         # under FSDP the model is sharded from the CPU: no process ever holds all of it on its GPU
-        denoiser = job.family.load_denoiser(job.layout, torch.device("cpu") if fsdp else accelerator.device)
+        on_cpu = fsdp is not None or narrow_base
+        denoiser = job.family.load_denoiser(job.layout, torch.device("cpu") if on_cpu else accelerator.device)
         use_attention(denoiser, job.attention, accelerator.device)
         preset_adapter = job.preset_lora is not None and apply_preset(
             denoiser, job.preset_lora, job.preset_mode, job.family.kohya_prefix
@@ -307,8 +324,11 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         job.log(sharding.line(job.label or job.stage))
     per_rank = cfg.grad_accum // job.processes if job.split_accum else cfg.grad_accum  # micro-steps per step
     if getattr(cfg, "fp8_base", False):  # after PiSSA took its start from the fp32 weights
-        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
-        store_base_in_fp8(denoiser, compute)
+        store_base_in_fp8(denoiser, compute or torch.float32)
+    elif narrow_base:  # ... and after a merged LoRA-1 was added in fp32
+        store_base_in(denoiser, compute)
+    if narrow_base:
+        denoiser.to(accelerator.device)
     groups = param_groups(denoiser, cfg, job.stage)
     if text is not None:
         groups += text_encoder_groups(text.model, cfg)
@@ -351,9 +371,9 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         job = dataclasses.replace(job, checkpoint_every=every, tracker=None, progress=False, snapshot=None)
         if fsdp is None and (zero is None or zero.stage < 3):  # ... and, with the base model sharded, run the
             job = dataclasses.replace(job, preview=None, evaluate=None)  # previews' and measurements' forwards too
-    render = PreviewRenderer(job, unwrapped, ema, write=main)
+    render = PreviewRenderer(job, unwrapped, ema, write=main, autocast=accelerator.autocast)
     every = preview_every(job.preview, cfg.steps) if job.preview_prompts else 0
-    evaluate = Evaluator(job, unwrapped, evals)
+    evaluate = Evaluator(job, unwrapped, evals, accelerator.autocast)
     if start == 0:
         evaluate(0)
     trained.train()
@@ -563,15 +583,17 @@ def train_step(
 class Evaluator:
     """Runs job.evaluate in eval mode once per step number and keeps the results (they survive a resume)."""
 
-    def __init__(self, job: TrainJob, denoiser, evals: list[dict]):
-        self.job, self.denoiser, self.evals = job, denoiser, evals
+    def __init__(self, job: TrainJob, denoiser, evals: list[dict], autocast=contextlib.nullcontext):
+        """autocast: the training's (a base stored in bf16 or fp8 needs it to take fp32 inputs)."""
+        self.job, self.denoiser, self.evals, self.autocast = job, denoiser, evals, autocast
 
     def __call__(self, step: int) -> None:
         if self.job.evaluate is None or any(e["step"] == step for e in self.evals):
             return
         was_training = self.denoiser.training
         self.denoiser.eval()
-        self.evals.append({"step": step, **self.job.evaluate(self.denoiser)})
+        with self.autocast():
+            self.evals.append({"step": step, **self.job.evaluate(self.denoiser)})
         if self.job.tracker is not None:
             group = "fidelity" if self.job.stage == "student" else "eval"
             self.job.tracker.scalars(step, {f"{group}/{k}": v for k, v in self.evals[-1].items() if k != "step"})
@@ -584,8 +606,8 @@ class Evaluator:
 class PreviewRenderer:
     """Renders the preview prompts at fixed seeds into one PNG strip; builds its pipeline on first use."""
 
-    def __init__(self, job: TrainJob, denoiser, ema=None, write: bool = True):
-        self.job, self.denoiser, self._render, self.write = job, denoiser, None, write
+    def __init__(self, job: TrainJob, denoiser, ema=None, write: bool = True, autocast=contextlib.nullcontext):
+        self.job, self.denoiser, self._render, self.write, self.autocast = job, denoiser, None, write, autocast
         self.ema = ema if job.preview is not None and job.preview.ema else None
 
     def __call__(self, step: int) -> Path | None:
@@ -601,7 +623,7 @@ class PreviewRenderer:
         self.denoiser.eval()
         if job.text_encoder is not None:
             job.text_encoder.model.eval()
-        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), self.autocast():
             images = [self._render(spec) for spec in job.preview_prompts]
         if not self.write:
             return None
