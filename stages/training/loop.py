@@ -497,11 +497,18 @@ def apply_preset(denoiser, lora, mode: str, kohya_prefix: str) -> bool:
 
 
 def _dense_hook(delta, layer):
+    """delta: fp32, where the model was when LoRA-1 was applied (the CPU when the base is narrowed there); kept on the
+    input's device and in its dtype from the first forward on, not copied over in every one."""
     import torch.nn.functional as F
+
+    moved = {}
 
     def hook(module, args, out):
         x = args[0]
-        d = delta.to(device=x.device, dtype=x.dtype)
+        d = moved.get((x.device, x.dtype))
+        if d is None:
+            moved.clear()
+            d = moved[(x.device, x.dtype)] = delta.to(device=x.device, dtype=x.dtype)
         if d.dim() == 4:
             return out + F.conv2d(x, d, None, layer.stride, layer.padding, layer.dilation)
         return out + F.linear(x, d)
