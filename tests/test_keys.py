@@ -122,6 +122,7 @@ RUNTIME = [
     "runtime.teacher_batching='two_pass'",
     "runtime.fidelity_every=2",
     "runtime.gradient_checkpointing=true",
+    "runtime.attention='xformers'",  # (refused on a CPU when a run starts; planning keys it nowhere)
     "runtime.preview.ema=true",
     "runtime.preview.negative_prompt='blurry'",
     "runtime.preview.width=64",
