@@ -96,11 +96,9 @@ class StudentStage(Stage):
         return checkpoint_step(env.store.work_dir(self.name, key, create=False)), self.params(env).steps
 
     def run(self, ctx: StageContext) -> StageResult:
-        import torch
-
         from stages.devices import resolve_device
         from stages.pools import load_latent_table, load_mask_table, load_text_table
-        from stages.training.loop import TrainJob, train_lora
+        from stages.training.loop import TrainJob, compute_dtype, train_lora
         from stages.training.lora_files import read_lora_file
         from stages.training.outputs import snapshot_writer, training_metadata, write_lora_outputs
         from stages.training.previews import preview_specs
@@ -137,7 +135,7 @@ class StudentStage(Stage):
             student.family, doc, spec, latents, cond, row_of, store, teacher, prior, p.guidance, p.guidance_embed
         )
         batches.shard = (dist.rank() if world > 1 else 0, world)
-        batches.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.mixed_precision)
+        batches.compute_dtype = compute_dtype(p.mixed_precision)
         if "masks" in ctx.upstream["latents"].record:  # data.alpha_mask: the student's loss is masked as lora1's
             batches.masks = load_mask_table(store, ctx.upstream["latents"].record, latents)
         fidelity = Fidelity(

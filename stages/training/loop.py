@@ -219,6 +219,13 @@ def store_base_in_fp8(denoiser, compute_dtype) -> int:
     return count
 
 
+def compute_dtype(mixed_precision: str):
+    """The torch dtype a section's mixed_precision computes (and stores the frozen base) in; None for "no"."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+
+
 def store_base_in(denoiser, dtype) -> int:
     """Store every frozen parameter of the denoiser (the base model, a frozen LoRA-1 adapter) in dtype; the trained
     adapter stays fp32, and buffers (position tables, frequencies) stay as they are. -> how many were cast."""
@@ -268,7 +275,7 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
             f"{job.stage}.fp8_base = false, or launch without the FSDP config."
         )
     accelerator = make_accelerator(cfg.mixed_precision, job.device, getattr(cfg, "fp8_base", False), job.stage)
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    compute = compute_dtype(cfg.mixed_precision)
     # Under mixed precision the frozen base is stored as it is computed (bf16/fp16, or fp8 with fp8_base), as kohya
     # and diffusers' examples store it: it is loaded, given its adapters and narrowed on the CPU, so the accelerator
     # never holds the fp32 model. FSDP and ZeRO shard the fp32 model from the CPU instead.
