@@ -33,6 +33,22 @@ QWEN3_4B = dict(
 )  # fmt: skip
 
 
+def real_transformer(family: str):
+    """The real-size transformer of family (zimage, flux2 = [klein] 4B, flux2-dev) on the meta device."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        if family == "zimage":
+            return diffusers.ZImageTransformer2DModel()
+        if family == "flux2-dev":
+            return diffusers.Flux2Transformer2DModel()
+        return diffusers.Flux2Transformer2DModel(
+            num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
+            joint_attention_dim=3 * 2560, guidance_embeds=False,
+        )  # fmt: skip
+
+
 def real_counts(family: str) -> dict[str, int]:
     """family: zimage, flux2 ([klein] 4B) or flux2-dev."""
     import diffusers
@@ -43,23 +59,16 @@ def real_counts(family: str) -> dict[str, int]:
         return sum(p.numel() for p in model.parameters())
 
     vae_kwargs = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2)
+    transformer = real_transformer(family)
     with init_empty_weights():
         if family == "zimage":
-            transformer = diffusers.ZImageTransformer2DModel()
             vae = diffusers.AutoencoderKL(
                 latent_channels=16,
                 down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4,
                 **vae_kwargs,
             )
-        elif family == "flux2-dev":
-            transformer = diffusers.Flux2Transformer2DModel()
-            vae = diffusers.AutoencoderKLFlux2()
         else:
-            transformer = diffusers.Flux2Transformer2DModel(
-                num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
-                joint_attention_dim=3 * 2560, guidance_embeds=False,
-            )  # fmt: skip
             vae = diffusers.AutoencoderKLFlux2()
         if family == "flux2-dev":
             text = Mistral3ForConditionalGeneration(Mistral3Config())

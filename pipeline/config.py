@@ -433,6 +433,14 @@ class TransferConfig(Section):
     delta_dtype: Literal["fp16", "fp32"] = Field(
         "fp16", description="Storage dtype of the teacher deltas (they are always computed in fp32)."
     )
+    weights_dtype: Literal["fp32", "fp16", "bf16", "fp8"] = Field(
+        "fp32",
+        description="The dtype the teacher's and the stored prior's model weights are kept in: fp16/bf16 halve their "
+        "memory (a FLUX.2 [dev] teacher: 60 instead of 120 GiB), fp8 (e4m3, scaled per channel) quarters it. They "
+        "still compute in fp32, each weight cast at its use, so a delta stays the difference of two fp32 "
+        "predictions of one slightly rounded model: off by about 0.1% (fp16), 0.6% (bf16; nothing for a model "
+        "released in bf16, as FLUX.2, Z-Image and Qwen-Image are) or 10% (fp8) (docs/transfer.md).",
+    )
     uncond_caption: str = Field("", description="The caption of the unconditional passes (delta_mode = cfg).")
 
 

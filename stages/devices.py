@@ -58,3 +58,22 @@ def use_attention(denoiser, name: str, device) -> None:
             f'runtime.attention = "{name}": xformers does not run here ({type(e).__name__}: {e}). Install a build '
             f'that matches your torch and CUDA, or use "sdpa" (the default).'
         ) from None
+
+
+def load_frozen(family, layout, device, weights_dtype: str, attention: str):
+    """The family's denoiser for inference only (the teacher, the prior), in eval mode, computing in fp32. With
+    weights_dtype "fp16", "bf16" or "fp8" its Linear and Conv2d weights (nearly all of its bytes) are stored in that
+    dtype and cast to fp32 at each use (training/loop.store_weights_in): the model becomes a fixed, slightly rounded
+    copy of itself, and its predictions and their differences stay fp32 computations. It is loaded and narrowed on
+    the CPU, so the accelerator never holds the fp32 model."""
+    import torch
+
+    from stages.training.loop import store_weights_in
+
+    narrow = weights_dtype != "fp32"
+    denoiser = family.load_denoiser(layout, torch.device("cpu") if narrow else device).eval()
+    if narrow:
+        store_weights_in(denoiser, weights_dtype, torch.float32)
+        denoiser.to(device)
+    use_attention(denoiser, attention, device)
+    return denoiser

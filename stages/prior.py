@@ -8,18 +8,20 @@ With student.prior = "on_the_fly" only the embeddings are made here and the stud
 
 from __future__ import annotations
 
-from pydantic import BaseModel
-
 from cache.store import Manifest
 from core import dist
 from stages.base import PlanEnv, Stage, StageContext, StageResult
+from stages.training.params import KeyedParams
 
 
-class PriorParams(BaseModel):
+class PriorParams(KeyedParams):
+    UNKEYED_WHEN_NONE = ("weights_dtype",)
+
     mode: str
     prediction_type: str
     compute_dtype: str = "fp32"
     guidance_embed: float | None = None  # the student's, for a student with a guidance embedding
+    weights_dtype: str | None = None  # transfer.weights_dtype when not fp32 and the prior is stored
 
 
 class PriorStage(Stage):
@@ -33,10 +35,14 @@ class PriorStage(Stage):
     def params(self, env: PlanEnv) -> PriorParams:
         from stages.student import student_guidance
 
+        weights = env.config.transfer.weights_dtype
+
         return PriorParams(
             mode=env.config.student.prior,
             prediction_type=env.student.auto_prediction_type,
             guidance_embed=student_guidance(env),
+            # on the fly the student computes the prior with its own (training) model
+            weights_dtype=None if weights == "fp32" or env.config.student.prior != "materialized" else weights,
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -75,7 +81,7 @@ class PriorStage(Stage):
 
         from core.faults import fault_point
         from core.progress import bar
-        from stages.devices import resolve_device, use_attention
+        from stages.devices import load_frozen, resolve_device
         from stages.families.noise import make_process
         from stages.pools import (
             ensure_text_embeddings,
@@ -111,8 +117,8 @@ class PriorStage(Stage):
         todo = todo[rank::world]
         if todo:
             device = resolve_device(ctx.runtime.device)
-            unet = student.family.load_denoiser(student.layout, device).eval()
-            use_attention(unet, ctx.runtime.attention, device)
+            weights = p.weights_dtype or "fp32"
+            unet = load_frozen(student.family, student.layout, device, weights, ctx.runtime.attention)
             process = make_process(ctx.upstream["schedule"].contract["timesteps"], p.prediction_type)
             cond, row_of = load_text_table(store, text)
             latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in doc["rows"]})

@@ -1,7 +1,8 @@
 """Stage `teacher`: the teacher's prediction deltas on every schedule row (design.md §5).
 
-Δc = T_L(x_t, t, c) − T(x_t, t, c), computed in fp32 with LoRA dropout off, both predictions from one
-batched forward (peft mixed-adapter batches) unless runtime.teacher_batching = "two_pass". In cfg mode also
+Δc = T_L(x_t, t, c) − T(x_t, t, c), computed in fp32 with LoRA dropout off (transfer.weights_dtype may store the
+weights narrower), both predictions from one batched forward (peft mixed-adapter batches) unless
+runtime.teacher_batching = "two_pass". In cfg mode also
 Δu, the same with the unconditional caption. Stored per optimizer step as one zarr array (one chunk), so
 an interrupted run resumes at the first step it had not committed, and the student reads one chunk per step.
 """
@@ -11,22 +12,24 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from cache.store import Manifest
 from core import dist
 from core.errors import PipelineError
 from core.faults import fault_point
 from stages.base import PlanEnv, Stage, StageContext, StageResult
+from stages.training.params import KeyedParams
 
 
-class TeacherParams(BaseModel):
+class TeacherParams(KeyedParams):
+    UNKEYED_WHEN_NONE = ("weights_dtype",)
+
     delta_mode: str
     delta_dtype: str
     uncond_caption: str | None  # only in cfg mode
     prediction_type: str
     compute_dtype: str = "fp32"
     lora_dropout: float = 0.0
+    weights_dtype: str | None = None  # transfer.weights_dtype when not fp32 (stored narrower, computed in fp32)
 
 
 class TeacherError(PipelineError):
@@ -61,6 +64,7 @@ class TeacherStage(Stage):
             delta_dtype=t.delta_dtype,
             uncond_caption=t.uncond_caption if t.delta_mode == "cfg" else None,
             prediction_type=env.prediction_type,
+            weights_dtype=None if t.weights_dtype == "fp32" else t.weights_dtype,
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -86,7 +90,7 @@ class TeacherStage(Stage):
         import numpy as np
 
         from core.progress import bar
-        from stages.devices import resolve_device, use_attention
+        from stages.devices import load_frozen, resolve_device
         from stages.families.noise import make_process
         from stages.pools import (
             ensure_text_embeddings,
@@ -134,8 +138,8 @@ class TeacherStage(Stage):
         )
         if todo:
             device = resolve_device(ctx.runtime.device)
-            denoiser = env.family.load_denoiser(env.layout, device).eval()
-            use_attention(denoiser, ctx.runtime.attention, device)
+            weights = p.weights_dtype or "fp32"
+            denoiser = load_frozen(env.family, env.layout, device, weights, ctx.runtime.attention)
             teacher = FixedLora(denoiser, match_modules(lora, denoiser, env.family.kohya_prefix), device)
             cond, row_of = load_text_table(store, text)
             rows = doc["rows"] + doc["heldout"] + doc.get("fit", [])
@@ -169,6 +173,7 @@ class TeacherStage(Stage):
             "pool": pid,
             "arrays": names,
             "dtype": p.delta_dtype,
+            "weights_dtype": p.weights_dtype or "fp32",
             "lora": {"digest": lora_obj["digest"], "format": lora.format, "modules": len(lora.modules)},
             "text": {"pool": text["pool"], "strings": text["strings"]},
             "stats": stats,

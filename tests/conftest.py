@@ -34,6 +34,32 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, **kw) -> subpro
         pytest.fail(f"time-out: `pipeline {' '.join(args)}` ran for over {SUBPROCESS_TIMEOUT} s (a hang?)")
 
 
+def assert_narrow_weights_predict_like_fp32(family, layout, timesteps) -> None:
+    """transfer.weights_dtype's loading (stages/devices.load_frozen) on a family's tiny denoiser: with bf16 weights
+    every Linear and Conv2d weight is stored in bf16 and the prediction, computed in fp32, stays within bf16's
+    rounding of the fp32 model's (and is not equal to it)."""
+    import torch
+
+    from stages.devices import load_frozen
+    from stages.families.base import Conditioning
+
+    cpu = torch.device("cpu")
+    exact = load_frozen(family, layout, cpu, "fp32", "sdpa")
+    narrow = load_frozen(family, layout, cpu, "bf16", "sdpa")
+    layers = [m for m in exact.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    stored = [m.parametrizations.weight.original for m in narrow.modules() if hasattr(m, "parametrizations")]
+    assert len(stored) == len(layers) > 0 and {w.dtype for w in stored} == {torch.bfloat16}
+    cond = Conditioning.stack(family.load_text_encoder(layout, "cpu").encode(["a red circle", "a blue square"]))
+    x = torch.randn(2, *family.latent_shape(layout, 32), generator=torch.Generator().manual_seed(0))
+    guidance = family.default_guidance_embed if family.has_guidance_embed(layout) else None
+    with torch.no_grad():
+        want = family.predict(exact, x, timesteps, cond, guidance=guidance)
+        got = family.predict(narrow, x, timesteps, cond, guidance=guidance)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    error = ((got - want).abs().mean() / want.abs().mean()).item()
+    assert 0 < error < 0.02, error
+
+
 SMALL_SETTINGS = {
     "model": {"path": "model"},
     "latents": {"resolution": 32},

@@ -12,7 +12,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import Project, make_images, make_pairs, pair_project, stage_manifest, train_params
+from conftest import (
+    Project,
+    assert_narrow_weights_predict_like_fp32,
+    make_images,
+    make_pairs,
+    pair_project,
+    stage_manifest,
+    train_params,
+)
 
 from stages.families import Conditioning, detect_family, get_family
 
@@ -425,3 +433,10 @@ def test_bad_family_and_eval_arguments_are_named(tmp_path, monkeypatch):
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("folder", MODELS)
+def test_narrow_teacher_weights_predict_like_fp32(tiny_flow_models, folder):
+    family = get_family(family_of(folder))
+    layout = family.layout(tiny_flow_models / folder, None)
+    assert_narrow_weights_predict_like_fp32(family, layout, torch.tensor([0.5, 0.8]))

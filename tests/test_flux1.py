@@ -9,7 +9,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import Project, make_images, make_pairs, pair_project, stage_manifest, train_params
+from conftest import (
+    Project,
+    assert_narrow_weights_predict_like_fp32,
+    make_images,
+    make_pairs,
+    pair_project,
+    stage_manifest,
+    train_params,
+)
 
 from stages.families import detect_family, detect_lora_family, get_family
 from stages.families.base import Conditioning
@@ -420,3 +428,10 @@ def test_a_flux1_teacher_lora_with_an_sd_model_is_refused(tmp_path, tiny_flux1, 
     result = project.cli("run", "transfer")
     assert result.exit_code == 2, result.output
     assert "flux.safetensors" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("folder", ["dev", "schnell"])
+def test_narrow_teacher_weights_predict_like_fp32(tiny_flux1, folder):
+    family = get_family("flux1")
+    layout = family.layout(tiny_flux1 / folder, None)
+    assert_narrow_weights_predict_like_fp32(family, layout, torch.tensor([0.5, 0.8]))

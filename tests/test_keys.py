@@ -210,6 +210,7 @@ OPTIONS = [
     *[(f"schedule.{k}={v}", DOWNSTREAM["schedule"], None) for k, v in NOISE_FIELDS],
     *[(f"student.{k}={v}", {"student"}, None) for k, v in LOSS_FIELDS + OPTIM_FIELDS + NETWORK_FIELDS],
     # optimizer_groups splits the fused backward pass's optimizer: refused without it (tests/test_optim.py)
+    *[(f"transfer.weights_dtype='{d}'", {"teacher", "prior", "student"}, None) for d in ("fp16", "bf16", "fp8")],
     ("lora1.optimizer_groups=2", DOWNSTREAM["lora1"], "lora1.max_grad_norm=0.0;lora1.fused_backward=true"),
     ("student.optimizer_groups=2", {"student"}, "student.max_grad_norm=0.0;student.fused_backward=true"),
     *[
@@ -446,6 +447,13 @@ def test_prediction_type_override_changes_lora1_and_breaks_the_transfer_contract
 def test_semantic_setting_changes_exactly_the_downstream_keys(project, override, first):
     base, changed = keys(project), keys(project, override)
     assert {s for s in base if base[s] != changed[s]} == DOWNSTREAM[first]
+
+
+def test_weights_dtype_enters_the_priors_key_only_when_the_prior_is_stored(project):
+    """With student.prior = on_the_fly the student computes the prior with its own training model."""
+    on_the_fly = "student.prior='on_the_fly'"
+    base, new = keys(project, on_the_fly), keys(project, on_the_fly, "transfer.weights_dtype='fp16'")
+    assert {s for s in base if base[s] != new[s]} == {"teacher", "student"}
 
 
 @pytest.mark.parametrize("override", RUNTIME)

@@ -16,7 +16,7 @@ from stages.training.adapters import FixedLora
 from stages.training.lora_files import LoraModule, match_modules, read_lora_file
 from stages.training.networks import LycoModule, effective_delta
 from stages.training.outputs import write_lora_outputs
-from tests.conftest import train_tiny_sd15
+from tests.conftest import assert_narrow_weights_predict_like_fp32, train_tiny_sd15
 
 # -- ΔW by hand ----------------------------------------------------------------------------------------------
 
@@ -423,3 +423,54 @@ def test_the_training_loop_runs_with_fp8_base_weights(tiny_model, tmp_path, monk
     family, outcome, files = _train(tiny_model, tmp_path, fp8_base=True, targets=["to_q", "to_v"])
     assert all(torch.isfinite(torch.tensor(outcome.losses)))
     assert read_lora_file(files["lora1.safetensors"]).network == "lora"
+
+
+def test_narrow_teacher_weights_predict_like_fp32(tiny_model):
+    from stages.families import get_family
+
+    family = get_family("sd15")
+    layout = family.layout(tiny_model / "model", None)
+    assert_narrow_weights_predict_like_fp32(family, layout, torch.tensor([500, 800]))
+
+
+def test_fp16_weights_beyond_its_range_are_refused_by_layer(tiny_model):
+    """transfer.weights_dtype = fp16 on a model with a weight past 65504: refused, naming the layer and the fix,
+    instead of an inf that would make every delta NaN."""
+    from core.errors import PipelineError
+    from stages.training.loop import store_weights_in
+
+    unet = StableDiffusionPipeline.from_pretrained(tiny_model / "model").unet.requires_grad_(False)
+    with torch.no_grad():
+        unet.conv_in.weight[0, 0, 0, 0] = 1e6
+    with pytest.raises(PipelineError, match=r'conv_in: a weight is beyond fp16.*transfer.weights_dtype = "bf16"'):
+        store_weights_in(unet, "fp16", torch.float32)
+
+
+def test_bf16_weights_of_a_model_released_in_bf16_lose_nothing(tiny_model, tmp_path):
+    """A checkpoint whose weights are bf16 values (as FLUX.2, Z-Image, Qwen-Image and FLUX.1 are released) gives
+    bit-identical predictions with transfer.weights_dtype = "bf16" and "fp32": the narrowing rounds nothing."""
+    import shutil
+
+    from stages.devices import load_frozen
+    from stages.families import get_family
+    from stages.families.base import Conditioning
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model / "model", folder)
+    unet = StableDiffusionPipeline.from_pretrained(folder).unet
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    unet.save_pretrained(folder / "unet")
+    family = get_family("sd15")
+    layout = family.layout(folder, None)
+    cond = Conditioning.stack(family.load_text_encoder(layout, "cpu").encode(["a red circle", "a blue square"]))
+    x = torch.randn(2, *family.latent_shape(layout, 32), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 800])
+    out = {}
+    for dtype in ("fp32", "bf16", "fp16"):
+        model = load_frozen(family, layout, torch.device("cpu"), dtype, "sdpa")
+        with torch.no_grad():
+            out[dtype] = family.predict(model, x, t, cond)
+    assert torch.equal(out["bf16"], out["fp32"])
+    assert not torch.equal(out["fp16"], out["fp32"])  # fp16 has fewer exponent bits: the smallest weights round

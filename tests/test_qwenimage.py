@@ -8,7 +8,14 @@ import json
 
 import pytest
 import torch
-from conftest import Project, make_pairs, pair_project, stage_manifest, train_params
+from conftest import (
+    Project,
+    assert_narrow_weights_predict_like_fp32,
+    make_pairs,
+    pair_project,
+    stage_manifest,
+    train_params,
+)
 
 from stages.families import detect_family, detect_lora_family, get_family
 from stages.families.base import Conditioning
@@ -219,3 +226,9 @@ def test_lora_tools_work_on_qwenimage(tiny_qwen, tmp_path):
     assert (tmp_path / "g.png").exists()
     with pytest.raises(ModelError, match="is a qwenimage LoRA .* and the model is zimage"):
         info(single, get_family("zimage"))
+
+
+def test_narrow_teacher_weights_predict_like_fp32(tiny_qwen):
+    family = get_family("qwenimage")
+    layout = family.layout(tiny_qwen / "base", None)
+    assert_narrow_weights_predict_like_fp32(family, layout, torch.tensor([0.5, 0.8]))

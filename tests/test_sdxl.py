@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import Project, pair_project, stage_manifest
+from conftest import Project, assert_narrow_weights_predict_like_fp32, pair_project, stage_manifest
 
 from stages.families import detect_family, detect_lora_family, get_family
 from stages.families.base import Conditioning, ModelLayout
@@ -321,3 +321,9 @@ def test_each_image_s_size_and_crop_condition_the_unet_in_every_phase(tiny_sdxl,
     assert seen and all(ids is not None for _, ids in seen)
     assert all(row[4:] == [shape[2] * 8, shape[3] * 8] for shape, ids in seen for row in ids)
     assert {tuple(row[4:]) for _, ids in seen for row in ids} != {(32.0, 32.0)}  # not all square
+
+
+def test_narrow_teacher_weights_predict_like_fp32(tiny_sdxl):
+    family = get_family("sdxl")
+    layout = family.layout(tiny_sdxl / "model", None)
+    assert_narrow_weights_predict_like_fp32(family, layout, torch.tensor([500, 800]))

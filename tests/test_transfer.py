@@ -169,6 +169,40 @@ def test_bf16_runs_store_the_base_in_bf16_with_previews_fidelity_and_the_on_the_
     assert all(math.isfinite(c["cosine"]) for c in record["fidelity"]["curve"])
 
 
+def test_narrow_teacher_and_prior_weights_are_their_own_artifacts_close_to_fp32(transfer_project):
+    """transfer.weights_dtype keeps the teacher's and the stored prior's weights in fp16/bf16/fp8 and computes in
+    fp32: new keys for both (and so the student), the fp32 keys unchanged by the option's existence, and values
+    near the fp32 ones (fp16 nearest, fp8 farthest) but not equal to them."""
+    from cache.store import Store
+
+    fp32 = keys_of(run(transfer_project))
+    store = Store(transfer_project.store)
+
+    def arrays(keys):
+        out = []
+        for stage, name in (("teacher", "0000000.c"), ("teacher", "heldout.c"), ("prior", "0000000")):
+            record = manifest(transfer_project, stage, keys[stage])["record"]
+            out.append(store.pool(record["pool"]).get(name).astype(np.float32))
+        return out
+
+    exact = arrays(fp32)
+    errors = {}
+    for dtype in ("fp16", "bf16", "fp8"):
+        report = run(transfer_project, "--set", f"transfer.weights_dtype='{dtype}'")
+        assert {s for s, a in actions(report).items() if a == "ran"} == {"teacher", "prior", "student"}, dtype
+        keys = keys_of(report)
+        assert manifest(transfer_project, "teacher", keys["teacher"])["record"]["weights_dtype"] == dtype
+        assert math.isfinite(manifest(transfer_project, "student", keys["student"])["record"]["final_loss"])
+        errors[dtype] = []
+        for want, got in zip(exact, arrays(keys), strict=True):
+            assert np.isfinite(got).all() and not np.array_equal(want, got), dtype
+            errors[dtype].append(float(np.abs(got - want).mean() / np.abs(want).mean()))
+    # the stored deltas are fp16 (transfer.delta_dtype): their own rounding, ~0.05%, is under every error here
+    assert max(errors["fp16"]) < 0.005 and max(errors["bf16"]) < 0.03 and max(errors["fp8"]) < 0.3, errors
+    assert all(f < b < e for f, b, e in zip(errors["fp16"], errors["bf16"], errors["fp8"], strict=True)), errors
+    assert set(actions(run(transfer_project)).values()) == {"reused"}  # fp32 again: the first run's artifacts
+
+
 def test_cfg_mode_stores_unconditional_deltas_and_trains(transfer_project):
     from cache.store import Store
 

@@ -177,7 +177,8 @@ class TrainOutcome:
 def check_precision(mixed_precision: str, device, fp8_base: bool = False, section: str = "lora1") -> None:
     if mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError(
-            f'mixed_precision = "fp16" needs a CUDA GPU, but this run is on {device.type}. Use "bf16" or "no".'
+            f'{section}.mixed_precision = "fp16" needs a CUDA GPU, but this run is on {device.type}. Use "bf16" or '
+            f'"no".'
         )
     if fp8_base and device.type != "cuda":
         raise ConfigError(
@@ -191,30 +192,47 @@ def store_base_in_fp8(denoiser, compute_dtype) -> int:
     """Keep every frozen Linear/Conv2d weight of the denoiser (not the adapter's) in float8_e4m3fn and cast it to
     compute_dtype at each use (a parametrization: the product runs in compute_dtype, the LoRA stays fp32). Weights
     are scaled per output channel into fp8's range first, so small weights keep their precision. -> how many."""
+    return store_weights_in(denoiser, "fp8", compute_dtype)
+
+
+def store_weights_in(denoiser, storage: str, compute_dtype) -> int:
+    """Keep every frozen Linear/Conv2d weight of the denoiser (not an adapter's) in storage ("fp8": float8_e4m3fn
+    scaled per output channel into its range; "bf16"; "fp16") and cast it to compute_dtype at each use, through a
+    parametrization: the layer computes in compute_dtype from a rounded copy of its weight. -> how many."""
     import torch
     from torch.nn.utils import parametrize
 
-    class Fp8Weight(torch.nn.Module):
+    class StoredWeight(torch.nn.Module):
         def __init__(self, scale):
             super().__init__()
             self.register_buffer("scale", scale)
 
         def forward(self, stored):
+            if self.scale is None:
+                return stored.to(compute_dtype)
             return stored.to(compute_dtype) * self.scale.to(compute_dtype)
 
+    dtype = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp16": torch.float16}[storage]
     count = 0
-    fp8_max = torch.finfo(torch.float8_e4m3fn).max
     for name, module in list(denoiser.named_modules()):
         if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or module.weight.requires_grad:
             continue
         if any(part in name.split(".") for part in ("lora_A", "lora_B", "lora_magnitude_vector")):
             continue
         w = module.weight.detach().float()
-        amax = w.reshape(w.shape[0], -1).abs().amax(dim=1).clamp_min(1e-12)
-        scale = (amax / fp8_max).reshape(w.shape[0], *[1] * (w.dim() - 1))
-        stored = torch.nn.Parameter((w / scale).to(torch.float8_e4m3fn), requires_grad=False)
-        module.weight = stored
-        parametrize.register_parametrization(module, "weight", Fp8Weight(scale), unsafe=True)
+        scale = None
+        if storage == "fp8":
+            amax = w.reshape(w.shape[0], -1).abs().amax(dim=1).clamp_min(1e-12)
+            scale = (amax / torch.finfo(dtype).max).reshape(w.shape[0], *[1] * (w.dim() - 1))
+            w = w / scale
+        stored = w.to(dtype)
+        if storage == "fp16" and not torch.isfinite(stored).all():
+            raise PipelineError(
+                f"{name}: a weight is beyond fp16's range (max |w| {w.abs().max().item():.3g} > 65504); store the "
+                f'weights in bf16 (transfer.weights_dtype = "bf16").'
+            )
+        module.weight = torch.nn.Parameter(stored, requires_grad=False)
+        parametrize.register_parametrization(module, "weight", StoredWeight(scale), unsafe=True)
         count += 1
     return count
 
