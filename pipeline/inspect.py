@@ -73,6 +73,7 @@ def teacher_report(env: PlanEnv, teacher: Manifest, schedule: Manifest) -> dict:
         "steps": spec.steps,
         "rows_per_step": spec.rows_per_step,
         "delta_mode": teacher.contract["delta"]["mode"],
+        "weights_dtype": teacher.record.get("weights_dtype", "fp32"),  # the teacher model's (transfer.weights_dtype)
         "arrays": kinds,
         "bytes_per_sample_step": stored / max(1, samples + spec.heldout),
         "bins": timestep_bins(teacher.record["stats"]["rows"], spec.num_timesteps),

@@ -228,6 +228,7 @@ def print_inspect(report: dict) -> None:
     if stage == "teacher":
         console.print(
             f"{report['steps']} steps x {report['rows_per_step']} rows, delta mode {report['delta_mode']}, "
+            f"teacher weights {report.get('weights_dtype', 'fp32')} (computed in fp32), "
             f"{report['bytes_per_sample_step']:,.0f} bytes stored per sample-step"
         )
         table("arrays", [{"kind": k, **v} for k, v in report["arrays"].items()])

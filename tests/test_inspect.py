@@ -34,7 +34,7 @@ def test_inspect_teacher_schedule_and_latents(transfer_project, tmp_path):
     assert delta["nonfinite"] == 0 and delta["bytes"] > 0
     assert sum(b["rows"] for b in teacher["bins"]) == 12  # every scheduled row lands in one timestep bin
     assert all(b["max_abs"] >= b["mean_abs"] > 0 for b in teacher["bins"] if b["rows"])
-    assert teacher["bytes_per_sample_step"] > 0
+    assert teacher["bytes_per_sample_step"] > 0 and teacher["weights_dtype"] == "fp32"
     (sheet,) = teacher["sheets"]
     # 4 columns (clean, teacher, +LoRA, |delta|) of 32 px shown at 256 px, one row per slot with its label on the
     # left, and under them the colour scale of the |delta| maps: the heatmaps' ramp from black to white.

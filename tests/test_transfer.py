@@ -187,6 +187,7 @@ def test_narrow_teacher_and_prior_weights_are_their_own_artifacts_close_to_fp32(
 
     exact = arrays(fp32)
     errors = {}
+    narrowest = "transfer.weights_dtype='fp8'"
     for dtype in ("fp16", "bf16", "fp8"):
         report = run(transfer_project, "--set", f"transfer.weights_dtype='{dtype}'")
         assert {s for s, a in actions(report).items() if a == "ran"} == {"teacher", "prior", "student"}, dtype
@@ -201,6 +202,8 @@ def test_narrow_teacher_and_prior_weights_are_their_own_artifacts_close_to_fp32(
     assert max(errors["fp16"]) < 0.005 and max(errors["bf16"]) < 0.03 and max(errors["fp8"]) < 0.3, errors
     assert all(f < b < e for f, b, e in zip(errors["fp16"], errors["bf16"], errors["fp8"], strict=True)), errors
     assert set(actions(run(transfer_project)).values()) == {"reused"}  # fp32 again: the first run's artifacts
+    shown = transfer_project.cli("inspect", "teacher", "-c", str(transfer_project.config), "--set", narrowest)
+    assert shown.exit_code == 0 and "teacher weights fp8 (computed in fp32)" in shown.output, shown.output
 
 
 def test_cfg_mode_stores_unconditional_deltas_and_trains(transfer_project):
