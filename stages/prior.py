@@ -81,7 +81,7 @@ class PriorStage(Stage):
 
         from core.faults import fault_point
         from core.progress import bar
-        from stages.devices import load_frozen, resolve_device
+        from stages.devices import load_frozen_in_turn, resolve_device
         from stages.families.noise import make_process
         from stages.pools import (
             ensure_text_embeddings,
@@ -115,10 +115,18 @@ class PriorStage(Stage):
         if 0 < len(todo) < spec.steps and dist.is_main():
             ctx.log(f"prior: resuming, {len(todo)} of {spec.steps} steps to go")
         todo = todo[rank::world]
+        device = resolve_device(ctx.runtime.device)
+        unet = load_frozen_in_turn(
+            student.family,
+            student.layout,
+            device,
+            p.weights_dtype or "fp32",
+            ctx.runtime.attention,
+            bool(todo),
+            ctx.log,
+            "prior",
+        )
         if todo:
-            device = resolve_device(ctx.runtime.device)
-            weights = p.weights_dtype or "fp32"
-            unet = load_frozen(student.family, student.layout, device, weights, ctx.runtime.attention)
             process = make_process(ctx.upstream["schedule"].contract["timesteps"], p.prediction_type)
             cond, row_of = load_text_table(store, text)
             latents = load_latent_table(store, ctx.upstream["latents"].record, {r["latent"] for r in doc["rows"]})

@@ -90,7 +90,7 @@ class TeacherStage(Stage):
         import numpy as np
 
         from core.progress import bar
-        from stages.devices import load_frozen, resolve_device
+        from stages.devices import load_frozen_in_turn, resolve_device
         from stages.families.noise import make_process
         from stages.pools import (
             ensure_text_embeddings,
@@ -136,10 +136,18 @@ class TeacherStage(Stage):
         lora.path = Path(
             ctx.upstream["lora1"].record.get("imported_from") or f"the lora1 artifact {lora.path.name[:12]}"
         )
+        device = resolve_device(ctx.runtime.device)
+        denoiser = load_frozen_in_turn(
+            env.family,
+            env.layout,
+            device,
+            p.weights_dtype or "fp32",
+            ctx.runtime.attention,
+            bool(todo),
+            ctx.log,
+            "teacher",
+        )
         if todo:
-            device = resolve_device(ctx.runtime.device)
-            weights = p.weights_dtype or "fp32"
-            denoiser = load_frozen(env.family, env.layout, device, weights, ctx.runtime.attention)
             teacher = FixedLora(denoiser, match_modules(lora, denoiser, env.family.kohya_prefix), device)
             cond, row_of = load_text_table(store, text)
             rows = doc["rows"] + doc["heldout"] + doc.get("fit", [])

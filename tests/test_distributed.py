@@ -209,6 +209,8 @@ def test_two_processes_make_the_teacher_and_student_of_one(transfer_project, tmp
     assert two.returncode == 0, two.stderr[-3000:]
     assert teacher_arrays(project) == teacher_arrays(reference)
     assert teacher_arrays(project, "prior") == teacher_arrays(reference, "prior")  # the prior splits its steps too
+    for stage in ("teacher", "prior"):  # each process loads the whole model: one at a time (dist.in_turn)
+        assert f"{stage}: the 2 processes of this node load the model one after another" in two.stderr
     keys = {s["name"]: s["key"] for s in json.loads(two.stdout)["stages"]}
     assert project.manifests("teacher")[0].parent.name == keys["teacher"]
     a = load_file(project.root / "output/transfer/student/student.safetensors")
