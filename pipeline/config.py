@@ -511,6 +511,11 @@ class DifferentialConfig(Section):
         "k compresses it by SVD and reports the relative error.",
     )
     eval_samples: int = Field(8, ge=1, description="Held-out (noise, timestep) draws per image for the eval table.")
+    eval_weights_dtype: Literal["fp32", "fp16", "bf16", "fp8"] = Field(
+        "fp32",
+        description="The dtype the eval keeps the model's weights in, computing in fp32 as the teacher does "
+        "(transfer.weights_dtype): bf16 halves the memory and loses nothing for a model released in bf16.",
+    )
     lora1: TrainConfig = Field(
         default_factory=_overfit, description="LoRA-1 on A: settings that overfit one image by default."
     )

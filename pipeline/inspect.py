@@ -90,7 +90,7 @@ def teacher_sheet(
     import numpy as np
     import torch
 
-    from stages.devices import resolve_device
+    from stages.devices import load_frozen, resolve_device
     from stages.families.noise import make_process
     from stages.pools import load_latent_table, load_text_table
     from stages.training.previews import heatmap, labelled_grid, with_colour_scale
@@ -102,7 +102,10 @@ def teacher_sheet(
         raise PlanError(f"--step {bad[0]}: the schedule has steps 0 to {spec.steps - 1}.")
     device = resolve_device(env.config.runtime.device)
     family, layout = env.family, env.layout
-    unet = family.load_denoiser(layout, device).eval()
+    # the model as the teacher held it (transfer.weights_dtype), so the sheet shows the deltas it computed
+    unet = load_frozen(
+        family, layout, device, teacher.record.get("weights_dtype", "fp32"), env.config.runtime.attention
+    )
     vae = family.load_vae(layout, device)
     process = make_process(schedule.contract["timesteps"], schedule.contract["prediction_type"])
     guidance = schedule.contract.get("guidance_embed")

@@ -17,13 +17,14 @@ from stages.training.params import KeyedParams
 
 
 class EvalParams(KeyedParams):
-    UNKEYED_WHEN_NONE = ("guidance_embed",)
+    UNKEYED_WHEN_NONE = ("guidance_embed", "weights_dtype")
 
     samples: int
     seed: int = 1234
     prediction_type: str
     timesteps: dict
     guidance_embed: float | None = None  # LoRA-2's, for a model with a guidance embedding
+    weights_dtype: str | None = None  # differential.eval_weights_dtype when not fp32 (stored narrower, fp32 compute)
 
 
 def pair_names(upstream) -> list[str]:
@@ -44,6 +45,7 @@ class EvalStage(Stage):
             prediction_type=env.prediction_type,
             timesteps=env.model.timesteps(d.lora1, "differential.lora1", env.config.latents.resolution),
             guidance_embed=guidance_embed_for(env.model, d.lora2.guidance_embed, "differential.lora2.guidance_embed"),
+            weights_dtype=None if d.eval_weights_dtype == "fp32" else d.eval_weights_dtype,
         )
 
     def inputs(self, env: PlanEnv) -> dict:
@@ -51,7 +53,7 @@ class EvalStage(Stage):
         return {"model": {denoiser: d[denoiser], "scheduler": d["scheduler"]}}
 
     def run(self, ctx: StageContext) -> StageResult:
-        from stages.devices import resolve_device, use_attention
+        from stages.devices import load_frozen, resolve_device
         from stages.families.noise import make_process
         from stages.pools import load_training_data
         from stages.training.adapters import FixedLora
@@ -61,8 +63,7 @@ class EvalStage(Stage):
         env, p, store, up = ctx.env, ctx.params, ctx.store, ctx.upstream
         family = env.family
         device = resolve_device(ctx.runtime.device)
-        unet = family.load_denoiser(env.layout, device).eval()
-        use_attention(unet, ctx.runtime.attention, device)
+        unet = load_frozen(family, env.layout, device, p.weights_dtype or "fp32", ctx.runtime.attention)
         process = make_process(p.timesteps, p.prediction_type)
 
         adapters = {}
@@ -99,7 +100,12 @@ class EvalStage(Stage):
         mean_dir = sum(r["direction_average"] for r in table.values()) / len(table)
         if ctx.tracker is not None:
             ctx.tracker.scalars(0, {f"eval/{pair}/{k}": v for pair, row in table.items() for k, v in row.items()})
-        record = {"pairs": table, "samples": p.samples, "direction_average_mean": mean_dir}
+        record = {
+            "pairs": table,
+            "samples": p.samples,
+            "direction_average_mean": mean_dir,
+            "weights_dtype": p.weights_dtype or "fp32",
+        }
         return StageResult(record=record, summary=f"{len(pairs)} pairs, LoRA-2 average direction cos {mean_dir:.3f}")
 
 

@@ -89,6 +89,23 @@ def test_eval_table_is_stored_and_printed(differential_project):
     assert "differential eval" in table.output and "red-circle" in table.output
 
 
+def test_the_eval_with_bf16_weights_reruns_alone_and_reads_as_the_fp32_one(differential_project):
+    """differential.eval_weights_dtype = bf16 stores the model's weights in bf16 and computes in fp32: only the eval
+    runs again, its losses and cosines near the fp32 eval's but not equal to them."""
+    project = differential_project
+    exact = run(project)
+    narrow = run(project, "--set", "differential.eval_weights_dtype='bf16'")
+    assert ran(narrow) == {"eval"}
+    tables = []
+    for report in (exact, narrow):
+        key = next(s["key"] for s in report["stages"] if s["name"] == "eval")
+        tables.append(json.loads((project.store / "stages" / "eval" / key / "manifest.json").read_text())["record"])
+    assert tables[1]["weights_dtype"] == "bf16" and tables[0]["weights_dtype"] == "fp32"
+    values = [[v for row in t["pairs"].values() for v in row.values()] for t in tables]
+    assert values[0] != values[1]
+    assert values[1] == pytest.approx(values[0], rel=0.05, abs=0.02)
+
+
 def test_lora1_merged_in_fp32_gives_the_adapter_s_first_loss(differential_project):
     """W + ΔW merged in fp32 and W with a frozen LoRA adapter compute the same forward: same first LoRA-2 loss."""
 

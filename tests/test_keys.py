@@ -238,6 +238,7 @@ DIFFERENTIAL = [
     ("differential.paired_noise=true", per_pair("lora2") | {"average", "eval"}),
     ("differential.average_rank=2", {"average", "eval"}),
     ("differential.eval_samples=3", {"eval"}),
+    ("differential.eval_weights_dtype='bf16'", {"eval"}),
     *[
         (f"differential.{side}.{k}={v}", per_pair(*stages) | {"average", "eval"})
         for side, stages in [("lora1", ("lora1", "lora2")), ("lora2", ("lora2",))]
