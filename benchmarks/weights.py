@@ -11,7 +11,13 @@ under bf16 autocast, as mixed_precision training runs): what the option does not
 Then the weight memory of the real-size teachers at each dtype, from the parameter counts of benchmarks/memory.py
 (real configs on the meta device; Linear/Conv2d weights are narrowed, the rest stays fp32).
 
-    .venv/bin/python benchmarks/weights.py [--repeats 20]
+With --loading: the CPU memory a load takes, for a mid-size Z-Image-shaped transformer (~0.4 B parameters) saved in
+bf16 as the real ones are released. Each way in a fresh process (peak RSS minus the RSS before the load): the
+teacher's load_frozen(bf16) loading the checkpoint as stored, against the same with the fp32 load narrowed
+afterwards (the way before session 22); and the same two for a training stage's load under mixed_precision bf16
+(load, widen the targets, narrow).
+
+    .venv/bin/python benchmarks/weights.py [--repeats 20] [--loading]
 """
 
 from __future__ import annotations
@@ -122,12 +128,76 @@ def real_size() -> list[tuple[str, dict[str, float]]]:
     return out
 
 
+LOAD_CHILD = """
+import resource, sys, torch
+sys.path.insert(0, {repo!r})
+from stages.families import get_family
+from stages.devices import load_frozen
+from stages.training.loop import store_base_in, widen_for
+from pipeline.config import TrainConfig
+family = get_family("zimage")
+from pathlib import Path
+layout = family.layout(Path({folder!r}), None)
+if {fp32_first!r}:
+    type(family).stored_dtype = lambda self, layout: None
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
+before = rss()
+if {what!r} == "teacher":
+    model = load_frozen(family, layout, torch.device("cpu"), "bf16", "sdpa")
+else:
+    cfg = TrainConfig(rank=16, mixed_precision="bf16")
+    model = family.load_denoiser(layout, torch.device("cpu"), family.stored_dtype(layout))
+    if family.stored_dtype(layout) is not None:
+        widen_for(model, cfg, family.default_targets, "gaussian", None, family.kohya_prefix)
+    store_base_in(model, torch.bfloat16)
+params = sum(p.numel() for p in model.parameters())
+print(params, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def loading(root: Path) -> None:
+    import subprocess
+
+    import torch
+    from diffusers import ZImageTransformer2DModel
+
+    from stages.families.tiny_flow import build_tiny_zimage
+
+    folder = build_tiny_zimage(root / "zimage-mid", seed=0)
+    torch.manual_seed(0)
+    model = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, n_refiner_layers=1, cap_feat_dim=32,
+        axes_lens=[64, 64, 64], dim=1536, n_layers=12, n_heads=12, n_kv_heads=12, axes_dims=[32, 48, 48],
+    )  # fmt: skip
+    model.to(torch.bfloat16).save_pretrained(folder / "transformer", safe_serialization=True)
+    del model
+    print("\nloading a 0.4 B-parameter transformer stored in bf16 (peak RSS over the RSS before the load):")
+    for what in ("teacher", "training"):
+        for fp32_first in (True, False):
+            code = LOAD_CHILD.format(repo=str(REPO), folder=str(folder), fp32_first=fp32_first, what=what)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(out.stderr[-3000:])
+            params, before, peak = (int(v) for v in out.stdout.split()[-3:])
+            way = "fp32 load, narrowed after" if fp32_first else "loaded as stored (bf16)"
+            print(
+                f"  {what:8} {way:27} {(peak - before) / 2**20:5.2f} GiB "
+                f"(fp32 weights {params * 4 / 2**30:.2f} GiB, bf16 {params * 2 / 2**30:.2f} GiB)"
+            )
+
+
 def main() -> None:
     import torch
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--loading", action="store_true", help="only the CPU memory of loading, each way")
     args = ap.parse_args()
+    if args.loading:
+        with tempfile.TemporaryDirectory() as tmp:
+            loading(Path(tmp))
+        return
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, latents of 64 px, batch 2 (a doubled forward)"
     )

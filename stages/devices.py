@@ -71,8 +71,16 @@ def load_frozen(family, layout, device, weights_dtype: str, attention: str):
     from stages.training.loop import store_weights_in
 
     narrow = weights_dtype != "fp32"
-    denoiser = family.load_denoiser(layout, torch.device("cpu") if narrow else device).eval()
-    if narrow:
+    if not narrow:
+        denoiser = family.load_denoiser(layout, device).eval()
+    else:  # a checkpoint stored in bf16/fp16 is loaded as stored: no fp32 copy, the same values
+        denoiser = family.load_denoiser(layout, torch.device("cpu"), family.stored_dtype(layout)).eval()
+        for module in denoiser.modules():  # what stays fp32: all but the Linear/Conv2d weights narrowed below
+            for name, param in module.named_parameters(recurse=False):
+                if param.is_floating_point() and not (
+                    name == "weight" and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+                ):
+                    param.data = param.data.float()
         store_weights_in(denoiser, weights_dtype, torch.float32)
         denoiser.to(device)
     use_attention(denoiser, attention, device)

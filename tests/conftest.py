@@ -60,6 +60,48 @@ def assert_narrow_weights_predict_like_fp32(family, layout, timesteps) -> None:
     assert 0 < error < 0.02, error
 
 
+def bf16_checkpoint(src: Path, dst: Path) -> Path:
+    """A copy of a model folder or single file with every floating tensor of its .safetensors files in bf16, as
+    FLUX.2, Z-Image, Qwen-Image and FLUX.1 are released."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    def convert(path: Path, out: Path) -> None:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        save_file(state, str(out), metadata=metadata)
+
+    if src.is_file():
+        convert(src, dst)
+    else:
+        shutil.copytree(src, dst)
+        for path in dst.rglob("*.safetensors"):
+            convert(path, path)
+    return dst
+
+
+def assert_a_bf16_checkpoint_loads_as_stored(family, layout) -> None:
+    """stored_dtype reads bf16 from the headers, and load_frozen, which then loads the weights as stored (no fp32
+    copy), gives the model an fp32 load narrowed afterwards gives, tensor for tensor (bf16 and fp8 weights)."""
+    import torch
+
+    from stages.devices import load_frozen
+    from stages.training.loop import store_weights_in
+
+    assert family.stored_dtype(layout) == torch.bfloat16
+    cpu = torch.device("cpu")
+    for weights in ("bf16", "fp8"):
+        direct = load_frozen(family, layout, cpu, weights, "sdpa").state_dict()
+        reference = family.load_denoiser(layout, cpu)
+        store_weights_in(reference, weights, torch.float32)
+        reference = reference.state_dict()
+        assert direct.keys() == reference.keys()
+        for key, value in reference.items():
+            assert direct[key].dtype == value.dtype and torch.equal(direct[key], value), (weights, key)
+
+
 SMALL_SETTINGS = {
     "model": {"path": "model"},
     "latents": {"resolution": 32},

@@ -16,7 +16,12 @@ from stages.training.adapters import FixedLora
 from stages.training.lora_files import LoraModule, match_modules, read_lora_file
 from stages.training.networks import LycoModule, effective_delta
 from stages.training.outputs import write_lora_outputs
-from tests.conftest import assert_narrow_weights_predict_like_fp32, train_tiny_sd15
+from tests.conftest import (
+    assert_a_bf16_checkpoint_loads_as_stored,
+    assert_narrow_weights_predict_like_fp32,
+    bf16_checkpoint,
+    train_tiny_sd15,
+)
 
 # -- ΔW by hand ----------------------------------------------------------------------------------------------
 
@@ -474,3 +479,16 @@ def test_bf16_weights_of_a_model_released_in_bf16_lose_nothing(tiny_model, tmp_p
             out[dtype] = family.predict(model, x, t, cond)
     assert torch.equal(out["bf16"], out["fp32"])
     assert not torch.equal(out["fp16"], out["fp32"])  # fp16 has fewer exponent bits: the smallest weights round
+
+
+@pytest.mark.parametrize("form", ["folder", "single file"])
+def test_a_bf16_checkpoint_loads_as_stored(tiny_model, tmp_path, form):
+    from stages.families import get_family
+
+    family = get_family("sd15")
+    if form == "folder":
+        layout = family.layout(bf16_checkpoint(tiny_model / "model", tmp_path / "model"), None)
+    else:
+        single = bf16_checkpoint(tiny_model / "model.safetensors", tmp_path / "model.safetensors")
+        layout = family.layout(single, tiny_model / "model")
+    assert_a_bf16_checkpoint_loads_as_stored(family, layout)

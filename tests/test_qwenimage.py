@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import (
     Project,
+    assert_a_bf16_checkpoint_loads_as_stored,
     assert_narrow_weights_predict_like_fp32,
+    bf16_checkpoint,
     make_pairs,
     pair_project,
     stage_manifest,
@@ -232,3 +234,14 @@ def test_narrow_teacher_weights_predict_like_fp32(tiny_qwen):
     family = get_family("qwenimage")
     layout = family.layout(tiny_qwen / "base", None)
     assert_narrow_weights_predict_like_fp32(family, layout, torch.tensor([0.5, 0.8]))
+
+
+@pytest.mark.parametrize("form", ["folder", "single file"])
+def test_a_bf16_checkpoint_loads_as_stored(tiny_qwen, tmp_path, form):
+    family = get_family("qwenimage")
+    if form == "folder":
+        layout = family.layout(bf16_checkpoint(tiny_qwen / "base", tmp_path / "base"), None)
+    else:
+        single = bf16_checkpoint(tiny_qwen / "base.safetensors", tmp_path / "base.safetensors")
+        layout = family.layout(single, tiny_qwen / "base")
+    assert_a_bf16_checkpoint_loads_as_stored(family, layout)

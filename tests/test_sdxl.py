@@ -8,7 +8,14 @@ import shutil
 
 import pytest
 import torch
-from conftest import Project, assert_narrow_weights_predict_like_fp32, pair_project, stage_manifest
+from conftest import (
+    Project,
+    assert_a_bf16_checkpoint_loads_as_stored,
+    assert_narrow_weights_predict_like_fp32,
+    bf16_checkpoint,
+    pair_project,
+    stage_manifest,
+)
 
 from stages.families import detect_family, detect_lora_family, get_family
 from stages.families.base import Conditioning, ModelLayout
@@ -327,3 +334,14 @@ def test_narrow_teacher_weights_predict_like_fp32(tiny_sdxl):
     family = get_family("sdxl")
     layout = family.layout(tiny_sdxl / "model", None)
     assert_narrow_weights_predict_like_fp32(family, layout, torch.tensor([500, 800]))
+
+
+@pytest.mark.parametrize("form", ["folder", "single file"])
+def test_a_bf16_checkpoint_loads_as_stored(tiny_sdxl, tmp_path, form):
+    family = get_family("sdxl")
+    if form == "folder":
+        layout = family.layout(bf16_checkpoint(tiny_sdxl / "model", tmp_path / "model"), None)
+    else:
+        single = bf16_checkpoint(tiny_sdxl / "sdxl.safetensors", tmp_path / "sdxl.safetensors")
+        layout = family.layout(single, tiny_sdxl / "model")
+    assert_a_bf16_checkpoint_loads_as_stored(family, layout)

@@ -12,7 +12,7 @@ from stages.families import Conditioning, get_family
 from stages.training.loop import DiffusionBatches, TrainData, TrainJob, train_lora
 from stages.training.lora_files import lora_state_dict
 from stages.training.optim import LrSchedule, resolve_lr_schedule
-from tests.conftest import train_params
+from tests.conftest import bf16_checkpoint, train_params
 
 OPTIONS = [
     {},
@@ -115,6 +115,66 @@ def test_a_diverging_loss_stops_with_advice(project):
     assert "the loss became nan" in result.output.lower() or "the loss became inf" in result.output.lower()
     assert "Lower lora1.lr (now 1e+30)" in result.output
     assert not project.manifests("lora1")
+
+
+@pytest.mark.parametrize(
+    "family_name, options, preset",
+    [
+        ("sd15", {}, None),
+        ("sd15", {"network": "dora"}, None),
+        ("sd15", {"lora_init": "pissa", "targets": ["to_q", "to_k", "to_v", "to_out.0"]}, None),
+        ("sd15", {}, "merged"),
+        ("sd15", {}, "adapter"),
+        ("zimage", {}, None),
+        ("flux2", {"network": "loha"}, "merged"),
+    ],
+)
+def test_a_bf16_checkpoint_trains_as_stored_to_the_bytes_of_an_fp32_load(
+    tiny_model, tiny_flow_models, tmp_path, monkeypatch, family_name, options, preset
+):
+    """mixed_precision = bf16 on a checkpoint stored in bf16: the model is loaded as stored (no fp32 copy in CPU
+    memory) and the layers adapters start from are widened first, so the LoRA (gaussian, DoRA, PiSSA, LoHa, over a
+    merged or attached LoRA-1) and its losses are exactly those of the fp32 load narrowed afterwards."""
+    from stages.training.lora_files import LoraFile, LoraModule
+
+    family = get_family(family_name)
+    source = tiny_model / "model" if family_name == "sd15" else tiny_flow_models / family_name
+    layout = family.layout(bf16_checkpoint(source, tmp_path / "model"), None)
+    assert family.stored_dtype(layout) == torch.bfloat16
+    cfg = TrainConfig(rank=4, alpha=4.0, lr=1e-2, steps=3, batch_size=2, mixed_precision="bf16", **options)
+    shape = family.latent_shape(layout, 32)
+    cond = Conditioning.stack(family.load_text_encoder(layout, "cpu").encode(["a red circle", "a blue square"]))
+    data = TrainData(torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)), cond, torch.tensor([0, 1]))
+    params = train_params(family, layout, cfg, shape)
+    lora1 = None
+    if preset is not None:  # a LoRA-1 on the attention projections, its ΔW well above bf16's rounding
+        g = torch.Generator().manual_seed(3)
+        layers = family.load_denoiser(layout, "cpu").named_modules()
+        modules = {
+            name: LoraModule(
+                torch.randn(2, m.in_features, generator=g) * 0.3, torch.randn(m.out_features, 2, generator=g) * 0.3, 2.0
+            )
+            for name, m in layers
+            if isinstance(m, torch.nn.Linear) and name.endswith(("to_q", "to_v"))
+        }
+        lora1 = LoraFile(tmp_path / "lora1.safetensors", "diffusers", modules, {})
+
+    def train(work: str):
+        job = TrainJob(
+            family, layout, family.prediction_type(layout), params, torch.device("cpu"), tmp_path / work,
+            progress=False, preset_lora=lora1, preset_mode=preset or "adapter",
+        )  # fmt: skip
+        outcome = train_lora(job, DiffusionBatches(data, params.seed, params.batch_size))
+        frozen = {p.dtype for p in outcome.denoiser.parameters() if not p.requires_grad}
+        return outcome.losses, {k: v.clone() for k, v in lora_state_dict(outcome.denoiser).items()}, frozen
+
+    as_stored = train("stored")
+    monkeypatch.setattr(type(family), "stored_dtype", lambda self, layout: None)  # the fp32 load, narrowed after
+    via_fp32 = train("fp32")
+    assert as_stored[2] == via_fp32[2] == {torch.bfloat16}
+    assert as_stored[0] == via_fp32[0] and all(math.isfinite(v) for v in as_stored[0])
+    assert as_stored[1].keys() == via_fp32[1].keys()
+    assert all(torch.equal(as_stored[1][k], via_fp32[1][k]) for k in as_stored[1])
 
 
 @pytest.mark.parametrize("family_name", ["sd15", "zimage", "flux2"])

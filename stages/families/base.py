@@ -212,7 +212,30 @@ class ModelFamily(ABC):
         """-> an object with .encode(list[str]) -> one float32 (L_i, D) array per caption."""
 
     @abstractmethod
-    def load_denoiser(self, layout: ModelLayout, device): ...
+    def load_denoiser(self, layout: ModelLayout, device, dtype=None):
+        """The denoiser, frozen, on device; in fp32, or with dtype (stored_dtype's: the checkpoint's own) every
+        parameter as the file stores it, without the fp32 copy in CPU memory."""
+
+    def stored_dtype(self, layout: ModelLayout):
+        """torch.bfloat16 or torch.float16 when every floating weight of the denoiser's safetensors files is stored
+        in that one dtype (read from their headers, nothing loaded), else None. Loading in it gives the values an
+        fp32 load gives, each exactly representable, for half the CPU memory."""
+        import torch
+
+        from stages.families.sd15 import read_safetensors_header
+
+        dtypes = set()
+        files = [layout.path] if layout.single_file else self.component_files(layout)[self.lora_component]
+        for path in files:  # (a single file's config folder may hold weights too: they are not loaded)
+            if path.suffix != ".safetensors":
+                continue
+            header = {k: v for k, v in read_safetensors_header(path).items() if k != "__metadata__"}
+            own = {k: v for k, v in header.items() if k.startswith("model.diffusion_model.")}
+            for entry in (own if layout.single_file and own else header).values():
+                dtypes.add(entry.get("dtype"))
+        found = {"BF16": torch.bfloat16, "F16": torch.float16}
+        floats = {d for d in dtypes if d not in ("I64", "I32", "I16", "I8", "U8", "BOOL")}
+        return found[floats.pop()] if len(floats) == 1 and next(iter(floats)) in found else None
 
     # Whether the denoiser takes each image's size conditioning (SDXL): the latents stage records it per view and
     # batches attach it to their Conditioning (size_ids)

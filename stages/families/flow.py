@@ -129,9 +129,11 @@ class FlowFamily(ModelFamily):
         return False
 
     # -- heavy -------------------------------------------------------------------------------------------
-    def _from_pretrained(self, layout: ModelLayout, comp: str, cls):
+    def _from_pretrained(self, layout: ModelLayout, comp: str, cls, dtype=None):
         quiet_libraries()
         kwargs = {"use_safetensors": True} if comp in self.weighted else {}
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
         try:
             return cls.from_pretrained(str(self._root(layout)), subfolder=comp, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -153,30 +155,42 @@ class FlowFamily(ModelFamily):
         z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return vae.decode(z).sample
 
-    def load_denoiser(self, layout: ModelLayout, device):
+    def load_denoiser(self, layout: ModelLayout, device, dtype=None):
         import diffusers
 
         cls = getattr(diffusers, self.transformer_class)
         if layout.single_file and self.converts_single_file:
+            from accelerate import init_empty_weights
             from safetensors.torch import load_file
 
             quiet_libraries()
             try:
-                model = cls.from_config(cls.load_config(str(layout.config_dir), subfolder="transformer"))
+                config = cls.load_config(str(layout.config_dir), subfolder="transformer")
                 state = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(layout.path)).items()}
-                model.load_state_dict(self.from_single_file(state), strict=True)
+                if dtype is None:
+                    model = cls.from_config(config)
+                    model.load_state_dict(self.from_single_file(state), strict=True)
+                else:  # the file's tensors become the parameters: no fp32 model is ever allocated
+                    with init_empty_weights():
+                        model = cls.from_config(config)
+                    model.load_state_dict(self.from_single_file(state), strict=True, assign=True)
             except (OSError, ValueError, KeyError, RuntimeError) as e:
                 raise ModelError(f"could not load the transformer from {layout.path}: {str(e)[:300]}") from None
         elif layout.single_file:
             quiet_libraries()
+            kwargs = {} if dtype is None else {"torch_dtype": dtype}
             try:
                 model = cls.from_single_file(
-                    str(layout.path), config=str(layout.config_dir), subfolder="transformer", local_files_only=True
+                    str(layout.path),
+                    config=str(layout.config_dir),
+                    subfolder="transformer",
+                    local_files_only=True,
+                    **kwargs,
                 )
             except (OSError, ValueError, KeyError, RuntimeError) as e:
                 raise ModelError(f"could not load the transformer from {layout.path}: {e}") from None
         else:
-            model = self._from_pretrained(layout, "transformer", cls)
+            model = self._from_pretrained(layout, "transformer", cls, dtype)
         model = model.to(device)
         model.requires_grad_(False)
         return model

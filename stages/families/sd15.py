@@ -145,8 +145,9 @@ class SD15Family(ModelFamily):
         }
 
     # -- heavy -------------------------------------------------------------------------------------------
-    def _load(self, layout: ModelLayout, *components: str) -> tuple:
-        """The named components, from one load: a single file is read once however many are asked for."""
+    def _load(self, layout: ModelLayout, *components: str, dtype=None) -> tuple:
+        """The named components, from one load: a single file is read once however many are asked for. dtype: the
+        weights as stored (stored_dtype), not converted to fp32."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -158,6 +159,7 @@ class SD15Family(ModelFamily):
                     config=str(layout.config_dir) if layout.config_dir else None,
                     local_files_only=layout.config_dir is not None,
                     **self._single_file_kwargs,
+                    **({} if dtype is None else {"torch_dtype": dtype}),
                 )
                 return tuple(getattr(pipe, c) for c in components)
             # A diffusers folder, or a single file's scheduler: a config with no weights in the checkpoint.
@@ -172,7 +174,10 @@ class SD15Family(ModelFamily):
             }
             return tuple(
                 classes[c].from_pretrained(
-                    str(root), subfolder=c, **({"use_safetensors": True} if c in self.weighted else {})
+                    str(root),
+                    subfolder=c,
+                    **({"use_safetensors": True} if c in self.weighted else {}),
+                    **({"torch_dtype": dtype} if dtype is not None and c in self.weighted else {}),
                 )
                 for c in components
             )
@@ -218,8 +223,8 @@ class SD15Family(ModelFamily):
         model.requires_grad_(False)
         return ClipText(tokenizer, model, device)
 
-    def load_denoiser(self, layout: ModelLayout, device):
-        (unet,) = self._load(layout, "unet")
+    def load_denoiser(self, layout: ModelLayout, device, dtype=None):
+        (unet,) = self._load(layout, "unet", dtype=dtype)
         unet = unet.to(device)
         unet.requires_grad_(False)
         return unet

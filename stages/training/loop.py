@@ -308,13 +308,18 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
     with dist.in_turn(fsdp is not None and fsdp.ram_efficient_loading):
         # under FSDP the model is sharded from the CPU: no process ever holds all of it on its GPU
         on_cpu = fsdp is not None or narrow_base
-        denoiser = job.family.load_denoiser(job.layout, torch.device("cpu") if on_cpu else accelerator.device)
+        # a checkpoint stored in bf16/fp16 is loaded as stored when it is narrowed anyway: no fp32 copy of the model
+        # in CPU memory; the layers adapters start from are widened back to fp32 first (exactly: see widen_for)
+        stored = job.family.stored_dtype(job.layout) if narrow_base and not getattr(cfg, "fp8_base", False) else None
+        denoiser = job.family.load_denoiser(job.layout, torch.device("cpu") if on_cpu else accelerator.device, stored)
+        targets = cfg.targets if cfg.targets is not None else job.family.default_targets
+        init = getattr(cfg, "lora_init", "gaussian")
+        if stored is not None:
+            widen_for(denoiser, cfg, targets, init, job.preset_lora, job.family.kohya_prefix)
         use_attention(denoiser, job.attention, accelerator.device)
         preset_adapter = job.preset_lora is not None and apply_preset(
             denoiser, job.preset_lora, job.preset_mode, job.family.kohya_prefix
         )
-        targets = cfg.targets if cfg.targets is not None else job.family.default_targets
-        init = getattr(cfg, "lora_init", "gaussian")
 
         def adapter_on(model, targets, seed_name: str):
             """The section's network on `targets` of `model` -> (peft config, PiSSA/OLoRA starting factors or None)."""
@@ -492,6 +497,41 @@ def enable_gradient_checkpointing(denoiser) -> None:
             f"runtime.gradient_checkpointing: {type(denoiser).__name__} has no gradient checkpointing in diffusers; "
             f"set it to false for this model."
         ) from None
+
+
+def widen_for(denoiser, cfg, targets, init: str, preset_lora, kohya_prefix: str) -> int:
+    """After a load in the checkpoint's own bf16/fp16 (family.stored_dtype): the layers that adapters start from back
+    in fp32, the section's targets (by peft's own matching) and a preset LoRA-1's modules, so PiSSA/OLoRA, DoRA's
+    norms and a merged LoRA-1 compute from the fp32 weights an fp32 load gives (each value came from the narrower
+    dtype, so widening it is exact). The rest stays narrow until store_base_in, whose cast of it is then exact
+    too. -> how many parameters were widened."""
+    import torch
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from stages.training.lora_files import match_modules
+    from stages.training.networks import adapter_config
+
+    config = adapter_config(
+        getattr(cfg, "network", "lora"),
+        cfg.rank,
+        cfg.alpha,
+        cfg.dropout,
+        targets,
+        getattr(cfg, "rslora", False),
+        init,
+        -1 if getattr(cfg, "lokr_factor", None) is None else cfg.lokr_factor,
+    )
+    preset = set(match_modules(preset_lora, denoiser, kohya_prefix)) if preset_lora is not None else set()
+    count = 0
+    for name, module in denoiser.named_modules():
+        layer = isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+        if not (name in preset or (layer and check_target_module_exists(config, name))):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+                count += 1
+    return count
 
 
 def apply_preset(denoiser, lora, mode: str, kohya_prefix: str) -> bool:
