@@ -61,11 +61,12 @@ def use_attention(denoiser, name: str, device) -> None:
 
 
 def load_frozen(family, layout, device, weights_dtype: str, attention: str):
-    """The family's denoiser for inference only (the teacher, the prior), in eval mode, computing in fp32. With
-    weights_dtype "fp16", "bf16" or "fp8" its Linear and Conv2d weights (nearly all of its bytes) are stored in that
-    dtype and cast to fp32 at each use (training/loop.store_weights_in): the model becomes a fixed, slightly rounded
-    copy of itself, and its predictions and their differences stay fp32 computations. It is loaded and narrowed on
-    the CPU, so the accelerator never holds the fp32 model."""
+    """The family's denoiser for inference only (the teacher, the prior, the differential eval), in eval mode,
+    computing in fp32. With weights_dtype "fp16", "bf16" or "fp8" its Linear and Conv2d weights (nearly all of its
+    bytes) are stored in that dtype and cast to fp32 at each use (training/loop.store_weights_in): the model becomes a
+    fixed, slightly rounded copy of itself, and its predictions and their differences stay fp32 computations. It is
+    loaded and narrowed on the CPU, so the accelerator never holds the fp32 model; a checkpoint stored in bf16/fp16
+    (family.stored_dtype) is loaded as stored, so the CPU never holds it either."""
     import torch
 
     from stages.training.loop import store_weights_in

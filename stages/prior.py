@@ -36,7 +36,6 @@ class PriorStage(Stage):
         from stages.student import student_guidance
 
         weights = env.config.transfer.weights_dtype
-
         return PriorParams(
             mode=env.config.student.prior,
             prediction_type=env.student.auto_prediction_type,

@@ -2,9 +2,9 @@
 
 Δc = T_L(x_t, t, c) − T(x_t, t, c), computed in fp32 with LoRA dropout off (transfer.weights_dtype may store the
 weights narrower), both predictions from one batched forward (peft mixed-adapter batches) unless
-runtime.teacher_batching = "two_pass". In cfg mode also
-Δu, the same with the unconditional caption. Stored per optimizer step as one zarr array (one chunk), so
-an interrupted run resumes at the first step it had not committed, and the student reads one chunk per step.
+runtime.teacher_batching = "two_pass". In cfg mode also Δu, the same with the unconditional caption. Stored per
+optimizer step as one zarr array (one chunk), so an interrupted run resumes at the first step it had not
+committed, and the student reads one chunk per step.
 """
 
 from __future__ import annotations

@@ -82,6 +82,14 @@ def bf16_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def bf16_layout(family, tmp_path: Path, form: str, folder: Path, single: Path):
+    """The layout of a bf16 copy (bf16_checkpoint) of a tiny model: its diffusers folder, or (form "single file")
+    its single file with the fp32 folder as the config."""
+    if form == "folder":
+        return family.layout(bf16_checkpoint(folder, tmp_path / folder.name), None)
+    return family.layout(bf16_checkpoint(single, tmp_path / single.name), folder)
+
+
 def assert_a_bf16_checkpoint_loads_as_stored(family, layout) -> None:
     """stored_dtype reads bf16 from the headers, and load_frozen, which then loads the weights as stored (no fp32
     copy), gives the model an fp32 load narrowed afterwards gives, tensor for tensor (bf16 and fp8 weights)."""

@@ -16,7 +16,7 @@ from conftest import (
     Project,
     assert_a_bf16_checkpoint_loads_as_stored,
     assert_narrow_weights_predict_like_fp32,
-    bf16_checkpoint,
+    bf16_layout,
     make_images,
     make_pairs,
     pair_project,
@@ -448,10 +448,6 @@ def test_narrow_teacher_weights_predict_like_fp32(tiny_flow_models, folder):
 @pytest.mark.parametrize("form", ["folder", "single file"])
 def test_a_bf16_checkpoint_loads_as_stored(tiny_flow_models, tmp_path, family, form):
     fam = get_family(family)
-    if form == "folder":
-        layout = fam.layout(bf16_checkpoint(tiny_flow_models / family, tmp_path / family), None)
-    else:
-        single = bf16_checkpoint(tiny_flow_models / f"{family}.safetensors", tmp_path / f"{family}.safetensors")
-        layout = fam.layout(single, tiny_flow_models / family)
-    assert_a_bf16_checkpoint_loads_as_stored(fam, layout)
-    assert fam.stored_dtype(fam.layout(tiny_flow_models / family, None)) is None  # fp32: loaded as before
+    folder, single = tiny_flow_models / family, tiny_flow_models / f"{family}.safetensors"
+    assert_a_bf16_checkpoint_loads_as_stored(fam, bf16_layout(fam, tmp_path, form, folder, single))
+    assert fam.stored_dtype(fam.layout(folder, None)) is None  # fp32: loaded as before

@@ -13,7 +13,7 @@ from conftest import (
     Project,
     assert_a_bf16_checkpoint_loads_as_stored,
     assert_narrow_weights_predict_like_fp32,
-    bf16_checkpoint,
+    bf16_layout,
     make_images,
     make_pairs,
     pair_project,
@@ -443,9 +443,5 @@ def test_narrow_teacher_weights_predict_like_fp32(tiny_flux1, folder):
 def test_a_bf16_checkpoint_loads_as_stored(tiny_flux1, tmp_path, form):
     """The single file is read by our own converter (the original FLUX.1 layout): its tensors become the model's."""
     family = get_family("flux1")
-    if form == "folder":
-        layout = family.layout(bf16_checkpoint(tiny_flux1 / "dev", tmp_path / "dev"), None)
-    else:
-        single = bf16_checkpoint(tiny_flux1 / "dev.safetensors", tmp_path / "dev.safetensors")
-        layout = family.layout(single, tiny_flux1 / "dev")
+    layout = bf16_layout(family, tmp_path, form, tiny_flux1 / "dev", tiny_flux1 / "dev.safetensors")
     assert_a_bf16_checkpoint_loads_as_stored(family, layout)

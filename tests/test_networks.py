@@ -19,7 +19,7 @@ from stages.training.outputs import write_lora_outputs
 from tests.conftest import (
     assert_a_bf16_checkpoint_loads_as_stored,
     assert_narrow_weights_predict_like_fp32,
-    bf16_checkpoint,
+    bf16_layout,
     train_tiny_sd15,
 )
 
@@ -486,9 +486,5 @@ def test_a_bf16_checkpoint_loads_as_stored(tiny_model, tmp_path, form):
     from stages.families import get_family
 
     family = get_family("sd15")
-    if form == "folder":
-        layout = family.layout(bf16_checkpoint(tiny_model / "model", tmp_path / "model"), None)
-    else:
-        single = bf16_checkpoint(tiny_model / "model.safetensors", tmp_path / "model.safetensors")
-        layout = family.layout(single, tiny_model / "model")
+    layout = bf16_layout(family, tmp_path, form, tiny_model / "model", tiny_model / "model.safetensors")
     assert_a_bf16_checkpoint_loads_as_stored(family, layout)

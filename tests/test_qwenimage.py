@@ -12,7 +12,7 @@ from conftest import (
     Project,
     assert_a_bf16_checkpoint_loads_as_stored,
     assert_narrow_weights_predict_like_fp32,
-    bf16_checkpoint,
+    bf16_layout,
     make_pairs,
     pair_project,
     stage_manifest,
@@ -239,9 +239,5 @@ def test_narrow_teacher_weights_predict_like_fp32(tiny_qwen):
 @pytest.mark.parametrize("form", ["folder", "single file"])
 def test_a_bf16_checkpoint_loads_as_stored(tiny_qwen, tmp_path, form):
     family = get_family("qwenimage")
-    if form == "folder":
-        layout = family.layout(bf16_checkpoint(tiny_qwen / "base", tmp_path / "base"), None)
-    else:
-        single = bf16_checkpoint(tiny_qwen / "base.safetensors", tmp_path / "base.safetensors")
-        layout = family.layout(single, tiny_qwen / "base")
+    layout = bf16_layout(family, tmp_path, form, tiny_qwen / "base", tiny_qwen / "base.safetensors")
     assert_a_bf16_checkpoint_loads_as_stored(family, layout)

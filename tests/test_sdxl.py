@@ -12,7 +12,7 @@ from conftest import (
     Project,
     assert_a_bf16_checkpoint_loads_as_stored,
     assert_narrow_weights_predict_like_fp32,
-    bf16_checkpoint,
+    bf16_layout,
     pair_project,
     stage_manifest,
 )
@@ -339,9 +339,5 @@ def test_narrow_teacher_weights_predict_like_fp32(tiny_sdxl):
 @pytest.mark.parametrize("form", ["folder", "single file"])
 def test_a_bf16_checkpoint_loads_as_stored(tiny_sdxl, tmp_path, form):
     family = get_family("sdxl")
-    if form == "folder":
-        layout = family.layout(bf16_checkpoint(tiny_sdxl / "model", tmp_path / "model"), None)
-    else:
-        single = bf16_checkpoint(tiny_sdxl / "sdxl.safetensors", tmp_path / "sdxl.safetensors")
-        layout = family.layout(single, tiny_sdxl / "model")
+    layout = bf16_layout(family, tmp_path, form, tiny_sdxl / "model", tiny_sdxl / "sdxl.safetensors")
     assert_a_bf16_checkpoint_loads_as_stored(family, layout)
