@@ -346,6 +346,8 @@ def test_fsdp_shards_the_base_model_and_trains_the_lora_of_one_process(project, 
     record = json.loads(project.manifests("lora1")[0].read_text())["record"]["fsdp"]
     assert record["processes"] == 2 and "BasicTransformerBlock" in record["classes"] and record["units"] > 4
     assert any("one after another" in note for note in record["notes"]) == (in_turn == "true")
+    said = "lora1: the 2 processes of this node load the model one after another" in fsdp.stderr
+    assert said == (in_turn == "true")  # said before rank 0 waits through the others' turns
     assert record["local_bytes"] <= 0.55 * record["base_bytes"]  # half, and the padding of odd shapes
     previews = sorted(p.name for p in (project.root / "output/lora/lora1/previews").iterdir())
     assert previews == ["step000003.png", "step000006.png"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -305,7 +306,11 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         mesh = device_mesh(fsdp, accelerator.device)
     # fsdp_cpu_ram_efficient_loading: a node's processes load, prepare and shard the model in turn, so its CPU
     # memory holds one whole model at a time, not one per process
-    with dist.in_turn(fsdp is not None and fsdp.ram_efficient_loading):
+    in_turn = fsdp is not None and fsdp.ram_efficient_loading
+    if in_turn and main:  # said before the others' turns, which rank 0 waits through
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(dist.size())))
+        job.log(f"{job.label or job.stage}: the {local} processes of this node load the model one after another")
+    with dist.in_turn(in_turn):
         # under FSDP the model is sharded from the CPU: no process ever holds all of it on its GPU
         on_cpu = fsdp is not None or narrow_base
         # a checkpoint stored in bf16/fp16 is loaded as stored when it is narrowed anyway: no fp32 copy of the model
