@@ -315,12 +315,13 @@ def train_lora(job: TrainJob, batches) -> TrainOutcome:
         on_cpu = fsdp is not None or narrow_base
         # a checkpoint stored in bf16/fp16 is loaded as stored when it is narrowed anyway: no fp32 copy of the model
         # in CPU memory; the layers adapters start from are widened back to fp32 first (exactly: see widen_for)
-        stored = job.family.stored_dtype(job.layout) if narrow_base and not getattr(cfg, "fp8_base", False) else None
+        stored = job.family.stored_dtype(job.layout) if narrow_base else None
         denoiser = job.family.load_denoiser(job.layout, torch.device("cpu") if on_cpu else accelerator.device, stored)
         targets = cfg.targets if cfg.targets is not None else job.family.default_targets
         init = getattr(cfg, "lora_init", "gaussian")
         if stored is not None:
-            widen_for(denoiser, cfg, targets, init, job.preset_lora, job.family.kohya_prefix)
+            fp8 = getattr(cfg, "fp8_base", False)  # which keeps all but the Linear/Conv2d weights in fp32
+            widen_for(denoiser, cfg, targets, init, job.preset_lora, job.family.kohya_prefix, everything_else=fp8)
         use_attention(denoiser, job.attention, accelerator.device)
         preset_adapter = job.preset_lora is not None and apply_preset(
             denoiser, job.preset_lora, job.preset_mode, job.family.kohya_prefix
@@ -504,12 +505,13 @@ def enable_gradient_checkpointing(denoiser) -> None:
         ) from None
 
 
-def widen_for(denoiser, cfg, targets, init: str, preset_lora, kohya_prefix: str) -> int:
+def widen_for(denoiser, cfg, targets, init: str, preset_lora, kohya_prefix: str, everything_else: bool = False) -> int:
     """After a load in the checkpoint's own bf16/fp16 (family.stored_dtype): the layers that adapters start from back
     in fp32, the section's targets (by peft's own matching) and a preset LoRA-1's modules, so PiSSA/OLoRA, DoRA's
     norms and a merged LoRA-1 compute from the fp32 weights an fp32 load gives (each value came from the narrower
-    dtype, so widening it is exact). The rest stays narrow until store_base_in, whose cast of it is then exact
-    too. -> how many parameters were widened."""
+    dtype, so widening it is exact). The rest stays narrow until store_base_in (or store_base_in_fp8), whose cast of
+    it is then exact too; with everything_else (fp8_base, which keeps them fp32) every parameter but the other
+    Linear/Conv2d weights is widened as well. -> how many parameters were widened."""
     import torch
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -530,10 +532,10 @@ def widen_for(denoiser, cfg, targets, init: str, preset_lora, kohya_prefix: str)
     count = 0
     for name, module in denoiser.named_modules():
         layer = isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
-        if not (name in preset or (layer and check_target_module_exists(config, name))):
-            continue
-        for param in module.parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != torch.float32:
+        adapted = name in preset or (layer and check_target_module_exists(config, name))
+        for pname, param in module.named_parameters(recurse=False):
+            wide = adapted or (everything_else and not (layer and pname == "weight"))
+            if wide and param.is_floating_point() and param.dtype != torch.float32:
                 param.data = param.data.float()
                 count += 1
     return count
