@@ -171,8 +171,8 @@ def test_bf16_runs_store_the_base_in_bf16_with_previews_fidelity_and_the_on_the_
 
 def test_narrow_teacher_and_prior_weights_are_their_own_artifacts_close_to_fp32(transfer_project):
     """transfer.weights_dtype keeps the teacher's and the stored prior's weights in fp16/bf16/fp8 and computes in
-    fp32: new keys for both (and so the student), the fp32 keys unchanged by the option's existence, and values
-    near the fp32 ones (fp16 nearest, fp8 farthest) but not equal to them."""
+    fp32: new keys for both (and so the student), fp32 again reusing the first run's artifacts, and values near the
+    fp32 ones (fp16 nearest, fp8 farthest) but not equal to them."""
     from cache.store import Store
 
     fp32 = keys_of(run(transfer_project))
