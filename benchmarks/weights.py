@@ -66,7 +66,7 @@ def measure(family_name: str, folder: Path, repeats: int) -> list[dict]:
     from stages.families import get_family
     from stages.families.base import Conditioning
     from stages.training.adapters import FixedLora
-    from stages.training.loop import store_base_in
+    from stages.training.precision import store_base_in
 
     family = get_family(family_name)
     layout = family.layout(folder, None)
@@ -133,7 +133,7 @@ import resource, sys, torch
 sys.path.insert(0, {repo!r})
 from stages.families import get_family
 from stages.devices import load_frozen
-from stages.training.loop import store_base_in, widen_for
+from stages.training.precision import store_base_in, widen_for
 from pipeline.config import TrainConfig
 family = get_family("zimage")
 from pathlib import Path

@@ -24,6 +24,11 @@ def size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_size() -> int:
+    """The processes on this node (the launcher's LOCAL_WORLD_SIZE; all of them when it does not say)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", str(size())))
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -312,7 +317,7 @@ class in_turn:
         import torch.distributed as td
 
         self.mine = int(os.environ.get("LOCAL_RANK", str(rank())))
-        turns = torch.tensor([int(os.environ.get("LOCAL_WORLD_SIZE", str(size())))])
+        turns = torch.tensor([local_size()])
         with _collective("the start of loading in turn"):
             td.all_reduce(turns, op=td.ReduceOp.MAX)  # every process waits at as many barriers
         self.turns = int(turns.item())

@@ -63,25 +63,20 @@ def use_attention(denoiser, name: str, device) -> None:
 def load_frozen(family, layout, device, weights_dtype: str, attention: str):
     """The family's denoiser for inference only (the teacher, the prior, the differential eval), in eval mode,
     computing in fp32. With weights_dtype "fp16", "bf16" or "fp8" its Linear and Conv2d weights (nearly all of its
-    bytes) are stored in that dtype and cast to fp32 at each use (training/loop.store_weights_in): the model becomes a
-    fixed, slightly rounded copy of itself, and its predictions and their differences stay fp32 computations. It is
-    loaded and narrowed on the CPU, so the accelerator never holds the fp32 model; a checkpoint stored in bf16/fp16
-    (family.stored_dtype) is loaded as stored, so the CPU never holds it either."""
+    bytes) are stored in that dtype and cast to fp32 at each use (training/precision.store_weights_in): the model
+    becomes a fixed, slightly rounded copy of itself, and its predictions and their differences stay fp32
+    computations. It is loaded and narrowed on the CPU, so the accelerator never holds the fp32 model; a checkpoint
+    stored in bf16/fp16 (family.stored_dtype) is loaded as stored, so the CPU never holds it either."""
     import torch
 
-    from stages.training.loop import store_weights_in
+    from stages.training.precision import store_weights_in, widen_all_but_layer_weights
 
     narrow = weights_dtype != "fp32"
     if not narrow:
         denoiser = family.load_denoiser(layout, device).eval()
     else:  # a checkpoint stored in bf16/fp16 is loaded as stored: no fp32 copy, the same values
         denoiser = family.load_denoiser(layout, torch.device("cpu"), family.stored_dtype(layout)).eval()
-        for module in denoiser.modules():  # what stays fp32: all but the Linear/Conv2d weights narrowed below
-            for name, param in module.named_parameters(recurse=False):
-                if param.is_floating_point() and not (
-                    name == "weight" and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
-                ):
-                    param.data = param.data.float()
+        widen_all_but_layer_weights(denoiser)  # what stays fp32: all but the Linear/Conv2d weights narrowed below
         store_weights_in(denoiser, weights_dtype, torch.float32)
         denoiser.to(device)
     use_attention(denoiser, attention, device)
@@ -92,11 +87,9 @@ def load_frozen_in_turn(family, layout, device, weights_dtype: str, attention: s
     """load_frozen on every process that has rows to compute (wanted; None on the others), the processes of a node
     one after another (core/dist.in_turn): each loads the whole model through its CPU memory, so a node holds one
     such copy at a time, not one per process. Every process must call it."""
-    import os
-
     from core import dist
 
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(dist.size())))
+    local = dist.local_size()
     if local > 1 and dist.is_main():
         log(
             f"{stage}: the {local} processes of this node load the model one after another, so its CPU memory holds "

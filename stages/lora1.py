@@ -97,7 +97,7 @@ class Lora1Stage(Stage):
 
     def preflight(self, env: PlanEnv, params: Lora1Params) -> None:
         from stages.devices import resolve_device
-        from stages.training.loop import check_precision
+        from stages.training.precision import check_precision
 
         check_precision(params.mixed_precision, resolve_device(env.config.runtime.device), params.fp8_base, "lora1")
 

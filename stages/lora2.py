@@ -71,7 +71,7 @@ class Lora2Stage(Stage):
 
     def preflight(self, env: PlanEnv, params: Lora2Params) -> None:
         from stages.devices import resolve_device
-        from stages.training.loop import check_precision
+        from stages.training.precision import check_precision
 
         check_precision(
             params.mixed_precision, resolve_device(env.config.runtime.device), params.fp8_base, "differential.lora2"

@@ -82,7 +82,7 @@ class StudentStage(Stage):
 
     def preflight(self, env: PlanEnv, params: StudentParams) -> None:
         from stages.devices import resolve_device
-        from stages.training.loop import check_precision
+        from stages.training.precision import check_precision
 
         check_precision(params.mixed_precision, resolve_device(env.config.runtime.device), params.fp8_base, "student")
         if params.init == "teacher":
@@ -98,9 +98,10 @@ class StudentStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         from stages.devices import resolve_device
         from stages.pools import load_latent_table, load_mask_table, load_text_table
-        from stages.training.loop import TrainJob, compute_dtype, train_lora
+        from stages.training.loop import TrainJob, train_lora
         from stages.training.lora_files import read_lora_file
         from stages.training.outputs import snapshot_writer, training_metadata, write_lora_outputs
+        from stages.training.precision import compute_dtype
         from stages.training.previews import preview_specs
         from stages.training.schedule import read_schedule
 

@@ -96,7 +96,7 @@ def assert_a_bf16_checkpoint_loads_as_stored(family, layout) -> None:
     import torch
 
     from stages.devices import load_frozen
-    from stages.training.loop import store_weights_in
+    from stages.training.precision import store_weights_in
 
     assert family.stored_dtype(layout) == torch.bfloat16
     cpu = torch.device("cpu")

@@ -385,8 +385,8 @@ def test_lora_tools_merge_any_network_exactly_and_refuse_to_combine_it(tiny_mode
 def test_fp8_base_weights_keep_the_model_and_train_the_lora(tiny_model):
     """The mechanism of fp8_base (CUDA only in a run) on CPU: the frozen weights are stored in float8, the output
     stays within fp8's rounding of the fp32 model, and the LoRA (fp32) still gets gradients."""
-    from stages.training.loop import store_base_in_fp8
     from stages.training.lora_files import add_lora
+    from stages.training.precision import store_base_in_fp8
 
     unet = StableDiffusionPipeline.from_pretrained(tiny_model / "model").unet
     add_lora(unet, 4, 4.0, 0.0, ["to_q", "proj_in"], 0, network="dora")
@@ -442,7 +442,7 @@ def test_fp16_weights_beyond_its_range_are_refused_by_layer(tiny_model):
     """transfer.weights_dtype = fp16 on a model with a weight past 65504: refused, naming the layer and the fix,
     instead of an inf that would make every delta NaN."""
     from core.errors import PipelineError
-    from stages.training.loop import store_weights_in
+    from stages.training.precision import store_weights_in
 
     unet = StableDiffusionPipeline.from_pretrained(tiny_model / "model").unet.requires_grad_(False)
     with torch.no_grad():

@@ -80,13 +80,12 @@ def wrap_units(denoiser, settings) -> list:
 
 def device_mesh(settings, device):
     """The processes' mesh (every process makes it at once): one dimension, or replicas x shards for HYBRID."""
-    import os
 
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.size()
     if settings.hybrid:  # shards within a node, replicas across nodes
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        local = dist.local_size()
         if local < 1 or world % local:
             raise ConfigError(
                 f"FSDP {settings.strategy}: {world} processes do not make whole nodes of {local}; launch the same "
