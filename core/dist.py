@@ -368,8 +368,10 @@ def launch(processes: int, args: list[str]) -> int:
     import logging
     import signal
     import sys
+    import tempfile
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -380,30 +382,35 @@ def launch(processes: int, args: list[str]) -> int:
         )
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: the processes share the cores
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its summary of a failure
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=processes,
-        run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,
-    )
-    try:
-        elastic_launch(config, sys.executable)("-m", "cli", *args)
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode >= 0:  # it printed its own message above
-            return failure.exitcode or 1
-        try:
-            name = signal.Signals(-failure.exitcode).name
-        except ValueError:
-            name = f"signal {-failure.exitcode}"
-        why = " (the system's out-of-memory killer, or kill -9)" if name == "SIGKILL" else ""
-        print(
-            f"error: process {rank} of {processes} was stopped by {name}{why} and could not say why; nothing of "
-            f"the running stage was committed. Run the same command again: it resumes from the last checkpoint.",
-            file=sys.stderr,
+    # The launcher keeps its processes' error files in a folder that, left to itself, it makes in the temp folder
+    # and never removes (a torchelastic_* per run); this one is ours and goes when the launch is over.
+    with tempfile.TemporaryDirectory(prefix="pipeline-launch-") as logs:
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=processes,
+            run_id=str(uuid.uuid4()),
+            rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0",
+            max_restarts=0,
+            logs_specs=DefaultLogsSpecs(log_dir=logs),
         )
-        return 1
+        try:
+            elastic_launch(config, sys.executable)("-m", "cli", *args)
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            if failure.exitcode >= 0:  # it printed its own message above
+                return failure.exitcode or 1
+            try:
+                name = signal.Signals(-failure.exitcode).name
+            except ValueError:
+                name = f"signal {-failure.exitcode}"
+            why = " (the system's out-of-memory killer, or kill -9)" if name == "SIGKILL" else ""
+            print(
+                f"error: process {rank} of {processes} was stopped by {name}{why} and could not say why; nothing "
+                f"of the running stage was committed. Run the same command again: it resumes from the last "
+                f"checkpoint.",
+                file=sys.stderr,
+            )
+            return 1
     return 0

@@ -443,18 +443,25 @@ def test_hybrid_fsdp_over_two_nodes_shards_within_each_and_trains_the_lora_of_on
 def test_run_with_processes_starts_them_itself_and_a_killed_one_is_named_without_a_traceback(project, tmp_path):
     """`pipeline run lora --processes 2`: the launcher built in (torch's, as torchrun starts them), the LoRA of one
     process with twice the accumulation; a process killed by a signal is named by the command, which prints no
-    launcher traceback, and the same command resumes."""
-    two = project.subprocess("run", "lora", "-c", str(project.config), "--processes", "2", "--json")
+    launcher traceback, and the same command resumes. The launches leave nothing in the temp folder (torch's
+    launcher, left to itself, leaves a torchelastic_* folder there per run)."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    two = project.subprocess(
+        "run", "lora", "-c", str(project.config), "--processes", "2", "--json", env={"TMPDIR": str(temp)}
+    )
     assert two.returncode == 0, two.stderr[-3000:]
+    assert list(temp.iterdir()) == []
     assert [s["action"] for s in json.loads(two.stdout)["stages"]] == ["ran"] * 4  # one report: rank 0's
     assert json.loads(project.manifests("lora1")[0].read_text())["preimage"]["params"]["processes"] == 2
     assert_same_lora(project, one_process(project, tmp_path, accum=2))
 
     args = ["run", "lora", "-c", str(project.config), "--processes", "2", "--set", "lora1.steps=8"]
-    killed = project.subprocess(*args, env={"LORA_PIPELINE_FAULT": "lora1.step:5@1"})
+    killed = project.subprocess(*args, env={"LORA_PIPELINE_FAULT": "lora1.step:5@1", "TMPDIR": str(temp)})
     assert killed.returncode == 1
     assert "error: process 1 of 2 was stopped by SIGKILL" in killed.stderr
     assert "Traceback" not in killed.stderr and "ChildFailedError" not in killed.stderr, killed.stderr
+    assert list(temp.iterdir()) == []
     resumed = project.subprocess(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from the checkpoint at step 4/8" in resumed.stderr
