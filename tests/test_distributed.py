@@ -32,7 +32,7 @@ def torchrun(project: Project, *args: str, env: dict | None = None, workflow: st
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port"]
     cmd = [sys.executable, *launcher, str(free_port()), "-m", "cli", "run", workflow, "-c", str(project.config)]
     cmd += ["--json", *args]
-    environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", **launch_temp(project), **(env or {})}
     try:
         return subprocess.run(
             cmd, cwd=project.root, capture_output=True, text=True, env=environ, timeout=SUBPROCESS_TIMEOUT
@@ -42,6 +42,13 @@ def torchrun(project: Project, *args: str, env: dict | None = None, workflow: st
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as torchrun gives each process: the same float summation order
+
+
+def launch_temp(project: Project) -> dict:
+    """TMPDIR beside the project: torchrun and accelerate launch leave a torchelastic_* folder per run in it."""
+    temp = project.root.parent / "launch-temp"
+    temp.mkdir(exist_ok=True)
+    return {"TMPDIR": str(temp)}
 
 
 def one_thread(project: Project, workflow: str = "lora", *args: str):
@@ -254,7 +261,7 @@ def two_nodes(project: Project, tmp_path: Path, per_node: int = 1, env: dict | N
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", str(per_node)]
         cmd += ["--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port]
         cmd += ["-m", "cli", "run", "lora", "-c", str(root / "pipeline.toml"), "--json"]
-        environ = {**os.environ, **ONE_THREAD, **(env or {})}
+        environ = {**os.environ, **ONE_THREAD, **launch_temp(project), **(env or {})}
         procs.append(
             subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
         )
@@ -298,7 +305,7 @@ def launch_with(project: Project, config, *args: str, env: dict | None = None, w
     """`accelerate launch --config_file <config> -m cli run <workflow> ...` in the project."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     cmd = [*launcher, "--main_process_port", str(free_port()), "-m", "cli", "run", workflow, "-c", str(project.config)]
-    environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", **launch_temp(project), **(env or {})}
     try:
         return subprocess.run(
             [*cmd, "--json", *args],
