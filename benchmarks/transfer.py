@@ -104,7 +104,8 @@ def artifacts(env: PlanEnv, runs) -> dict[str, Manifest]:
     return {r.name: env.store.load_manifest(r.name, r.key) for r in runs}
 
 
-def student_step(env: PlanEnv, m: dict[str, Manifest], work: Path, prior: str) -> float:
+def student_step(env: PlanEnv, m: dict[str, Manifest], work: Path, prior: str, device="cpu", **job) -> float:
+    """job: TrainJob's runtime fields (attention, gradient_checkpointing)."""
     from stages.pools import load_latent_table, load_text_table
     from stages.student import TransferBatches
     from stages.training.schedule import read_schedule
@@ -116,11 +117,11 @@ def student_step(env: PlanEnv, m: dict[str, Manifest], work: Path, prior: str) -
     batches = TransferBatches(env.family, doc, spec, latents, cond, row_of, env.store, m["teacher"], prior_m, 1.0)
     cfg = m["student"].preimage["params"]
     pt = cfg["prediction_type"]
-    job = TrainJob(env.family, env.student.layout, pt, SimpleNamespace(**cfg), torch.device("cpu"), work)
+    job = TrainJob(env.family, env.student.layout, pt, SimpleNamespace(**cfg), torch.device(device), work, **job)
     return median_step(quiet(train_lora, job, batches).step_times)
 
 
-def lora1_step(env: PlanEnv, m: dict[str, Manifest], work: Path) -> float:
+def lora1_step(env: PlanEnv, m: dict[str, Manifest], work: Path, device="cpu", **job) -> float:
     """The same model, batch, LoRA and optimizer as the student, trained as lora1 trains."""
     import numpy as np
 
@@ -133,22 +134,28 @@ def lora1_step(env: PlanEnv, m: dict[str, Manifest], work: Path) -> float:
     data = TrainData(latents, cond, torch.arange(latents.shape[0]) % len(cond))
     cfg = m["student"].preimage["params"]
     pt = cfg["prediction_type"]
-    job = TrainJob(env.family, env.student.layout, pt, SimpleNamespace(**cfg), torch.device("cpu"), work)
+    job = TrainJob(env.family, env.student.layout, pt, SimpleNamespace(**cfg), torch.device(device), work, **job)
     return median_step(quiet(train_lora, job, DiffusionBatches(data, cfg["seed"], cfg["batch_size"])).step_times)
 
 
-def bare_step(env: PlanEnv, m: dict[str, Manifest], steps: int) -> float:
+def bare_step(env: PlanEnv, m: dict[str, Manifest], steps: int, device="cpu", attention="sdpa", checkpointing=False):
     """A bare PyTorch loop on the same model, LoRA, batch and optimizer: diffusers' class + peft + AdamW, the
     family's noise (flow matching at uniform sigma; DDPM's add_noise at a uniform timestep, ε target) and model
-    call; no accelerate, progress bar or seeds per step."""
+    call; no accelerate, progress bar or seeds per step. With the section's mixed_precision "bf16" it does what
+    diffusers' LoRA training examples do: the frozen model cast to bf16, the LoRA kept in fp32
+    (cast_training_params), the forward under bf16 autocast; the loss is read every step, as they log it."""
+    import contextlib
+
     import diffusers
     import numpy as np
     import torch.nn.functional as F
     from peft import LoraConfig
 
+    from stages.devices import use_attention
     from stages.pools import load_latent_table, load_text_table
 
-    fam, cfg = env.family, m["student"].preimage["params"]
+    fam, cfg, device = env.family, m["student"].preimage["params"], torch.device(device)
+    bf16 = cfg.get("mixed_precision") == "bf16"
     names = [v["array"] for v in m["latents"].record["items"].values()]
     lat = load_latent_table(env.store, m["latents"].record, names)
     cond, _ = load_text_table(env.store, m["prior"].record["text"])
@@ -158,11 +165,18 @@ def bare_step(env: PlanEnv, m: dict[str, Manifest], steps: int) -> float:
     model = getattr(diffusers, cls).from_pretrained(str(env.student.path), subfolder=sub, use_safetensors=True)
     ddpm = None if flow else diffusers.DDPMScheduler.from_pretrained(str(env.student.path), subfolder="scheduler")
     model.requires_grad_(False)
+    model.to(device, dtype=torch.bfloat16) if bf16 else model.to(device)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    use_attention(model, attention, device)  # diffusers' own switches (set_attention_backend / enable_xformers_...)
     model.add_adapter(
         LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], target_modules=cfg["targets"], init_lora_weights="gaussian")
     )
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext()
     g = torch.Generator().manual_seed(0)
     model.train()
     times = [time.perf_counter()]
@@ -173,59 +187,86 @@ def bare_step(env: PlanEnv, m: dict[str, Manifest], steps: int) -> float:
         if flow:
             sigma = torch.rand(x0.shape[0], generator=g)
             s = sigma.view(-1, 1, 1, 1)
-            loss = F.mse_loss(fam.predict(model, (1 - s) * x0 + s * noise, sigma, c), noise - x0)
+            x_t, t, target = (1 - s) * x0 + s * noise, sigma, noise - x0
         else:
             t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
-            loss = F.mse_loss(fam.predict(model, ddpm.add_noise(x0, noise, t), t, c), noise)
+            x_t, target = ddpm.add_noise(x0, noise, t), noise
+        with autocast:
+            pred = fam.predict(model, x_t.to(device), t.to(device), c.to(device))
+        loss = F.mse_loss(pred.float(), target.to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
         opt.step()
         opt.zero_grad(set_to_none=True)
+        loss.item()
         times.append(time.perf_counter())
     return median_step(times)
 
 
-def teacher_step(env: PlanEnv, m: dict[str, Manifest], batching: str) -> tuple[float, float]:
-    """(median seconds of a teacher step, of one batched double forward of the same rows) on the teacher UNet."""
+def teacher_step(env: PlanEnv, m: dict[str, Manifest], batching: str, device="cpu", attention="sdpa", apart=False):
+    """(median seconds of a teacher step, of one batched double forward of the same rows on the teacher's model
+    without peft, the peak GPU bytes of the teacher's steps or None) -> the steps alternate, or with apart the
+    teacher's run first and its model is freed before the plain one is loaded (two real-size models at once do
+    not fit a GPU)."""
+    import gc
+
+    from stages.devices import load_frozen
     from stages.pools import load_latent_table, load_text_table
     from stages.teacher import DeltaComputer
     from stages.training.adapters import FixedLora
     from stages.training.lora_files import match_modules, read_lora_file
     from stages.training.schedule import read_schedule, rebuild_inputs, step_rows
 
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     doc, spec = read_schedule(env.store, m["schedule"])
-    unet = env.family.load_denoiser(env.layout, torch.device("cpu")).eval()
     lora = read_lora_file(
         env.store.object_path(m["teacher"].record["lora"]["digest"]),
         env.family.kohya_prefix,
         env.family.lora_component,
         env.family.name,
     )
-    teacher = FixedLora(unet, match_modules(lora, unet, env.family.kohya_prefix), "cpu")
+    unet = load_frozen(env.family, env.layout, device, "fp32", attention)
+    teacher = FixedLora(unet, match_modules(lora, unet, env.family.kohya_prefix), device)
     process = make_process(m["schedule"].contract["timesteps"], m["schedule"].contract["prediction_type"])
     cond, row_of = load_text_table(env.store, m["teacher"].record["text"])
     latents = load_latent_table(env.store, m["latents"].record, {r["latent"] for r in doc["rows"]})
     params = SimpleNamespace(**m["teacher"].preimage["params"])
-    plain = env.family.load_denoiser(env.layout, torch.device("cpu")).eval()  # the baseline: no peft at all
     guidance = m["schedule"].contract.get("guidance_embed")
     delta = DeltaComputer(
-        env.family, teacher, process, latents, cond, row_of, spec, params, batching, "cpu", guidance=guidance
+        env.family, teacher, process, latents, cond, row_of, spec, params, batching, device, guidance=guidance
     )
-    ours, bare = [], []
-    for s in range(spec.steps):
-        rows = step_rows(doc, spec, s)
+
+    def ours(s: int) -> float:
         t0 = time.perf_counter()
-        delta(rows, f"step {s}")
-        t1 = time.perf_counter()
+        delta(step_rows(doc, spec, s), f"step {s}")  # (its deltas come back to the CPU: synchronized)
+        return time.perf_counter() - t0
+
+    def bare(s: int) -> float:
+        rows = step_rows(doc, spec, s)
         x_t, t, _ = rebuild_inputs(rows, latents, process)
         c = cond[[row_of[r["caption"]] for r in rows]]
-        t2 = time.perf_counter()
+        x_t, t, c = torch.cat([x_t, x_t]).to(device), torch.cat([t, t]).to(device), c.doubled().to(device)
+        t0 = time.perf_counter()
         with torch.no_grad():
-            env.family.predict(plain, torch.cat([x_t, x_t]), torch.cat([t, t]), c.doubled(), delta.guidance)
-        t3 = time.perf_counter()
-        ours.append(t1 - t0)
-        bare.append(t3 - t2)
-    return statistics.median(ours[3:]), statistics.median(bare[3:])
+            env.family.predict(plain, x_t, t, c, guidance).cpu()
+        return time.perf_counter() - t0
+
+    mine, theirs, peak = [], [], None
+    if apart:
+        mine = [ours(s) for s in range(spec.steps)]
+        peak = torch.cuda.max_memory_allocated() if cuda else None
+        del delta, teacher, unet
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    plain = load_frozen(env.family, env.layout, device, "fp32", attention)  # the baseline: no peft at all
+    for s in range(spec.steps):
+        if not apart:
+            mine.append(ours(s))
+        theirs.append(bare(s))
+    return statistics.median(mine[3:]), statistics.median(theirs[3:]), peak
 
 
 def main() -> None:
@@ -263,7 +304,7 @@ def main() -> None:
         timings: dict[str, list[tuple[float, float]]] = {"mixed": [], "two_pass": []}
         for _ in range(args.repeats):  # interleaved repeats; each is a per-step median, ours and bare alternating
             for batching in timings:
-                timings[batching].append(teacher_step(env, m, batching))
+                timings[batching].append(teacher_step(env, m, batching)[:2])
         for batching, runs in timings.items():
             ours = statistics.median(o for o, _ in runs)
             bare = statistics.median(b for _, b in runs)
