@@ -6,7 +6,9 @@ teacher stage computes it (stages/devices.load_frozen, then FixedLora's mixed ba
 fp32, fp16, bf16 and fp8 (every Linear/Conv2d weight; computed in fp32). For each: the mean error of the delta
 against fp32's, relative to the mean |delta|; the bytes of the loaded parameters; the median time of a teacher
 forward, interleaved with fp32's, as a ratio. One more row computes in bf16 (the model stored in bf16 and run
-under bf16 autocast, as mixed_precision training runs): what the option does not offer, and why.
+under bf16 autocast, as mixed_precision training runs): what the option does not offer, and why. With --device cuda
+every row computes with TF32 off, and two more compute the fp32 model with PyTorch's GPU default (TF32
+convolutions: SD/SDXL's teacher as it runs now) and with TF32 matmuls too, against full fp32.
 
 Then the weight memory of the real-size teachers at each dtype, from the parameter counts of benchmarks/memory.py
 (real configs on the meta device; Linear/Conv2d weights are narrowed, the rest stays fp32).
@@ -17,7 +19,7 @@ teacher's load_frozen(bf16) loading the checkpoint as stored, against the same w
 afterwards (the way before session 22); and the same two for a training stage's load under mixed_precision bf16
 (load, widen the targets, narrow).
 
-    .venv/bin/python benchmarks/weights.py [--repeats 20] [--loading]
+    .venv/bin/python benchmarks/weights.py [--repeats 20] [--loading] [--device cuda]
 """
 
 from __future__ import annotations
@@ -59,7 +61,17 @@ def random_lora(denoiser, seed: int = 1) -> dict:
     return modules
 
 
-def measure(family_name: str, folder: Path, repeats: int) -> list[dict]:
+def tf32(convolutions: bool, matmuls: bool) -> None:
+    """Let cuDNN's fp32 convolutions and cuBLAS's fp32 matmuls round their inputs to TF32 (10-bit mantissa) on the
+    tensor cores, or not. PyTorch's default: convolutions yes, matmuls no."""
+    import torch
+
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = convolutions, matmuls
+
+
+def measure(family_name: str, folder: Path, repeats: int, device: str = "cpu") -> list[dict]:
+    """On a GPU every row but the TF32 ones computes with TF32 off (full fp32); those two compute the fp32 model
+    as PyTorch does by default (TF32 convolutions) and with TF32 matmuls as well."""
     import torch
 
     from stages.devices import load_frozen
@@ -70,20 +82,28 @@ def measure(family_name: str, folder: Path, repeats: int) -> list[dict]:
 
     family = get_family(family_name)
     layout = family.layout(folder, None)
-    cpu = torch.device("cpu")
+    dev = torch.device(device)
     cond = Conditioning.stack(family.load_text_encoder(layout, "cpu").encode(["a red circle", "a blue square"]))
     x = torch.randn(2, *family.latent_shape(layout, 64), generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500, 800]) if family_name == "sd15" else torch.tensor([0.5, 0.8])
-    models = {d: load_frozen(family, layout, cpu, d, "sdpa") for d in DTYPES}
+    cond, x, t = cond.to(dev), x.to(dev), t.to(dev)
+    models = {d: load_frozen(family, layout, dev, d, "sdpa") for d in DTYPES}
     lora = random_lora(models["fp32"])
     autocast = copy.deepcopy(models["fp32"])
     store_base_in(autocast, torch.bfloat16)
     models["bf16 compute"] = autocast
-    teachers = {d: FixedLora(m, lora, cpu) for d, m in models.items()}
+    teachers = {d: FixedLora(m, lora, dev) for d, m in models.items()}
+    flags = {name: (False, False) for name in models}
+    if dev.type == "cuda":  # the fp32 teacher itself, computed with TF32
+        for name, both in (("fp32, TF32 conv", (True, False)), ("TF32 everywhere", (True, True))):
+            models[name], teachers[name], flags[name] = models["fp32"], teachers["fp32"], both
 
     def delta(name):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16 compute"):
+        tf32(*flags[name])
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=name == "bf16 compute"):
             base, with_lora = teachers[name].predict_both(family, x, t, cond)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         return base, with_lora - base
 
     base32, exact = delta("fp32")
@@ -107,6 +127,7 @@ def measure(family_name: str, folder: Path, repeats: int) -> list[dict]:
                 "time_ratio": statistics.median(times[name]) / statistics.median(times["fp32"]),
             }
         )
+    tf32(True, False)  # PyTorch's default again
     return rows
 
 
@@ -193,13 +214,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--loading", action="store_true", help="only the CPU memory of loading, each way")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: adds the TF32 rows")
     args = ap.parse_args()
     if args.loading:
         with tempfile.TemporaryDirectory() as tmp:
             loading(Path(tmp))
         return
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, latents of 64 px, batch 2 (a doubled forward)"
+        f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, latents of 64 px, batch 2 "
+        f"(a doubled forward)"
     )
     with tempfile.TemporaryDirectory() as tmp:
         folders = tiny_models(Path(tmp))
@@ -207,7 +230,7 @@ def main() -> None:
             f"{'family':8} {'weights':13} {'|Δ|/|pred|':>10} {'Δ error':>9} {'pred error':>10} {'MiB':>7} {'time':>6}"
         )
         for name, folder in folders.items():
-            for r in measure(name, folder, args.repeats):
+            for r in measure(name, folder, args.repeats, args.device):
                 print(
                     f"{r['family']:8} {r['weights']:13} {r['delta_share']:10.3f} {r['delta_error']:9.4f} "
                     f"{r['pred_error']:10.4f} {r['bytes'] / 2**20:7.2f} {r['time_ratio']:6.2f}"
