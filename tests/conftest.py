@@ -82,6 +82,26 @@ def bf16_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def sharded_bf16_folder(src: Path, dst: Path, denoiser: str = "transformer") -> Path:
+    """A copy of a diffusers folder as the big models are released: the denoiser and text encoder in bf16, each in
+    several safetensors shards with the index diffusers' and transformers' save_pretrained write beside them."""
+    import diffusers
+    import torch
+    import transformers
+
+    shutil.copytree(src, dst)
+    for name in (denoiser, "text_encoder"):
+        folder = dst / name
+        config = json.loads((folder / "config.json").read_text())
+        if name == denoiser:
+            model = getattr(diffusers, config["_class_name"]).from_pretrained(str(folder), use_safetensors=True)
+        else:
+            model = getattr(transformers, config["architectures"][0]).from_pretrained(str(folder))
+        shutil.rmtree(folder)
+        model.to(torch.bfloat16).save_pretrained(str(folder), max_shard_size="20KB", safe_serialization=True)
+    return dst
+
+
 def bf16_layout(family, tmp_path: Path, form: str, folder: Path, single: Path):
     """The layout of a bf16 copy (bf16_checkpoint) of a tiny model: its diffusers folder, or (form "single file")
     its single file with the fp32 folder as the config."""
