@@ -11,6 +11,7 @@ start, every runtime.fidelity_every steps and at the end.
 from __future__ import annotations
 
 import math
+import sys
 
 from cache.store import Manifest
 from core import dist
@@ -87,6 +88,17 @@ class StudentStage(Stage):
         check_precision(params.mixed_precision, resolve_device(env.config.runtime.device), params.fp8_base, "student")
         if params.init == "teacher":
             check_teacher_init(env, params)
+        world = dist.size()
+        if world > 1 and params.grad_accum % world and dist.is_main():  # said before the teacher runs, not after
+            alone = " and hold the whole model (no FSDP or ZeRO)" if dist.fsdp() or dist.zero() else ""
+            print(
+                f"warning: student: schedule.grad_accum = {params.grad_accum} is not a multiple of the {world} "
+                f"processes, so the student will train on process 0 alone{alone}. To split it, set "
+                f"schedule.grad_accum to a multiple of {world}: it is part of the schedule, so changing it re-runs "
+                f"the schedule, teacher and prior (stop now if they are about to run).",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def progress(self, env: PlanEnv, key: str, upstream: dict[str, Manifest | None]) -> tuple[int, int] | None:
         from stages.training.checkpoints import checkpoint_step

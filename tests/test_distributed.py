@@ -224,10 +224,14 @@ def test_two_processes_make_the_teacher_and_student_of_one(transfer_project, tmp
     b = load_file(reference.root / "output/transfer/student/student.safetensors")
     if accum == 2:  # each rank one micro-step of every step; the gradients averaged
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-        assert "trains on process 0 alone" not in two.stderr
+        assert "trains on process 0 alone" not in two.stderr and "train on process 0 alone" not in two.stderr
     else:
         assert all(torch.equal(a[k], b[k]) for k in a)  # rank 0 alone: the 1-process bytes
         assert "student: schedule.grad_accum = 1 is not a multiple of the 2 processes" in two.stderr
+        # said once, before the teacher runs, while changing schedule.grad_accum costs nothing yet
+        warning = "warning: student: schedule.grad_accum = 1 is not a multiple of the 2 processes, so the student will"
+        assert two.stderr.count(warning) == 1
+        assert two.stderr.index(warning) < two.stderr.index("teacher: the 2 processes of this node load")
 
 
 def test_bf16_under_two_processes_previews_measures_and_predicts_the_prior_under_autocast(transfer_project):
