@@ -19,7 +19,7 @@ Peak memory is torch.cuda.max_memory_allocated over each measurement, the model'
 interleaved (ours and the peer's alternate). On the CPU (--device cpu: the family's "small" tiny model in fp32,
 unless --size real / --precision bf16) the same code runs as a check of the script itself.
 
-    .venv/bin/python benchmarks/gpu.py --family zimage [--attention sdpa xformers] [--steps 12] [--resolution 1024]
+    .venv/bin/python benchmarks/gpu.py --family zimage [--attention sdpa xformers] [--checkpointing off on] [--steps 12]
     .venv/bin/python benchmarks/gpu.py --family sdxl --device cpu --resolution 256   # the script's check, any machine
 """
 
@@ -175,6 +175,12 @@ def median(runs: list) -> tuple:
     return mid, f"{max(peaks) / 2**30:.1f}" if peaks else "-"
 
 
+def teacher_cells(teacher: tuple) -> str:
+    """median()'s ((teacher step, double forward), peak) as the table's last three columns."""
+    (ours, double), peak = teacher
+    return f"{ours * 1e3:10.0f}  {peak:4s}  {double * 1e3:13.0f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="zimage", choices=["sdxl", "zimage", "flux2"])
@@ -185,7 +191,9 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--resolution", type=int, default=1024)
-    ap.add_argument("--gradient-checkpointing", action="store_true", help="in ours and the peer's training loops")
+    ap.add_argument(
+        "--checkpointing", nargs="+", default=["off"], choices=["off", "on"], help="gradient checkpointing, each way"
+    )
     ap.add_argument("--precision", choices=["bf16", "no"], help="mixed_precision (default: bf16 on a GPU, no else)")
     ap.add_argument("--size", choices=["real", "small"], help="the denoiser's (default: real on a GPU, small else)")
     ap.add_argument("--work", type=Path, default=None, help="where the model and store go (default: a temp folder)")
@@ -214,33 +222,40 @@ def main() -> None:
             f"{time.perf_counter() - t:.0f} s; " + ", ".join(f"{r.name} {r.seconds:.0f} s" for r in runs)
         )
         m = artifacts(env, runs)
-        checkpointing = args.gradient_checkpointing
         print(
-            f"\nbatch 1, rank 16, {args.resolution} px, mixed_precision {precision}, "
-            f"gradient checkpointing {'on' if checkpointing else 'off'}; ms per step (median over the steps after "
-            f"warm-up and over {args.repeats} repeat(s)), peak GiB"
+            f"\nbatch 1, rank 16, {args.resolution} px, mixed_precision {precision}; ms per step (median over the "
+            f"steps after warm-up and over {args.repeats} repeat(s)), peak GiB; ckpt: gradient checkpointing in ours "
+            f"and the peer's training loops (the teacher has no backward pass: measured once per kernel)"
         )
-        print("attention  lora1 ms  GiB   peer ms  GiB   lora1/peer  student ms  GiB   teacher ms  GiB   double fwd ms")
+        print(
+            "attention  ckpt  lora1 ms  GiB   peer ms  GiB   lora1/peer  student ms  GiB   teacher ms  GiB   "
+            "double fwd ms"
+        )
         for attention in args.attention:  # a row as soon as it is measured: a run cut short keeps what it has
-            job = {"attention": attention, "gradient_checkpointing": checkpointing}
-            got: dict[str, list] = {"lora1": [], "peer": [], "student": [], "teacher": []}
-            for r in range(args.repeats):  # ours and the peer's alternate; who goes first alternates
-                for who in ("lora1", "peer") if r % 2 == 0 else ("peer", "lora1"):
-                    if who == "lora1":
-                        got[who].append(measured(lora1_step, env, m, tmp / f"l{attention}{r}", args.device, **job))
-                    else:
-                        got[who].append(measured(bare_step, env, m, args.steps, args.device, attention, checkpointing))
-                work = tmp / f"s{attention}{r}"
-                got["student"].append(measured(student_step, env, m, work, "materialized", args.device, **job))
-                ours, double, peak = teacher_step(env, m, "mixed", args.device, attention, apart=True)
-                got["teacher"].append(((ours, double), peak))
-            lora1, peer, student, teacher = (median(got[k]) for k in ("lora1", "peer", "student", "teacher"))
-            print(
-                f"{attention:9s}  {lora1[0] * 1e3:8.0f}  {lora1[1]:4s}  {peer[0] * 1e3:7.0f}  {peer[1]:4s}  "
-                f"{lora1[0] / peer[0]:10.2f}  {student[0] * 1e3:10.0f}  {student[1]:4s}  {teacher[0][0] * 1e3:10.0f}  "
-                f"{teacher[1]:4s}  {teacher[0][1] * 1e3:13.0f}",
-                flush=True,
-            )
+            for n, ckpt in enumerate(args.checkpointing):
+                checkpointing = ckpt == "on"
+                job = {"attention": attention, "gradient_checkpointing": checkpointing}
+                got: dict[str, list] = {"lora1": [], "peer": [], "student": [], "teacher": []}
+                for r in range(args.repeats):  # ours and the peer's alternate; who goes first alternates
+                    for who in ("lora1", "peer") if r % 2 == 0 else ("peer", "lora1"):
+                        if who == "lora1":
+                            work = tmp / f"l{attention}{ckpt}{r}"
+                            got[who].append(measured(lora1_step, env, m, work, args.device, **job))
+                        else:
+                            peer = (env, m, args.steps, args.device, attention, checkpointing)
+                            got[who].append(measured(bare_step, *peer))
+                    work = tmp / f"s{attention}{ckpt}{r}"
+                    got["student"].append(measured(student_step, env, m, work, "materialized", args.device, **job))
+                    if n == 0:
+                        ours, double, peak = teacher_step(env, m, "mixed", args.device, attention, apart=True)
+                        got["teacher"].append(((ours, double), peak))
+                lora1, peer, student = (median(got[k]) for k in ("lora1", "peer", "student"))
+                teacher = f"{'(above)':>10s}" if n else teacher_cells(median(got["teacher"]))
+                print(
+                    f"{attention:9s}  {ckpt:4s}  {lora1[0] * 1e3:8.0f}  {lora1[1]:4s}  {peer[0] * 1e3:7.0f}  "
+                    f"{peer[1]:4s}  {lora1[0] / peer[0]:10.2f}  {student[0] * 1e3:10.0f}  {student[1]:4s}  {teacher}",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
