@@ -504,7 +504,7 @@ def test_the_processes_of_a_node_load_in_turn(tmp_path):
     script, log = tmp_path / "in_turn.py", tmp_path / "log.txt"
     script.write_text(IN_TURN)
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     cmd = [sys.executable, *launcher, str(free_port()), str(script), str(log)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
