@@ -82,24 +82,73 @@ def bf16_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-def sharded_bf16_folder(src: Path, dst: Path, denoiser: str = "transformer") -> Path:
-    """A copy of a diffusers folder as the big models are released: the denoiser and text encoder in bf16, each in
-    several safetensors shards with the index diffusers' and transformers' save_pretrained write beside them."""
+def sharded_bf16_folder(src: Path, dst: Path, parts: tuple[str, ...]) -> Path:
+    """A copy of a diffusers folder as the big models are released: its parts (the denoiser, text encoders) in bf16,
+    each in several safetensors shards with the index diffusers' and transformers' save_pretrained write beside
+    them."""
     import diffusers
     import torch
     import transformers
 
     shutil.copytree(src, dst)
-    for name in (denoiser, "text_encoder"):
+    for name in parts:
         folder = dst / name
         config = json.loads((folder / "config.json").read_text())
-        if name == denoiser:
+        if "_class_name" in config:  # a diffusers model
             model = getattr(diffusers, config["_class_name"]).from_pretrained(str(folder), use_safetensors=True)
         else:
             model = getattr(transformers, config["architectures"][0]).from_pretrained(str(folder))
         shutil.rmtree(folder)
         model.to(torch.bfloat16).save_pretrained(str(folder), max_shard_size="20KB", safe_serialization=True)
     return dst
+
+
+def assert_a_sharded_release_loads_and_is_digested(
+    family_name: str, src: Path, tmp_path: Path, text: str = "text_encoder", denoiser: str = "transformer"
+) -> None:
+    """Real releases are diffusers folders whose denoiser and (large) text encoder are several bf16 safetensors
+    shards with an index: every shard's header is read (stored_dtype), the shards load as stored and encode text,
+    and a one-bit change to any shard changes the model's digest, so the stages re-run."""
+    import numpy as np
+    import torch
+
+    from cache.store import Store
+    from stages.base import ModelRef
+    from stages.families import get_family
+
+    family = get_family(family_name)
+    folder = sharded_bf16_folder(src, tmp_path / "sharded", (denoiser, text))
+    shards = sorted((folder / denoiser).glob("*.safetensors"))
+    assert len(shards) > 2 and (folder / denoiser / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    text_shards = sorted((folder / text).glob("model-*-of-*.safetensors"))
+    assert len(text_shards) > 1
+    layout = family.layout(folder, None)
+    assert_a_bf16_checkpoint_loads_as_stored(family, layout)
+
+    def arrays(encoded) -> list:
+        if isinstance(encoded, dict):
+            return [a for k in sorted(encoded) for a in arrays(encoded[k])]
+        if isinstance(encoded, list | tuple):
+            return [a for e in encoded for a in arrays(e)]
+        return [np.asarray(torch.as_tensor(encoded).float())]
+
+    captions = ["a red circle"]
+    reference = arrays(family.load_text_encoder(family.layout(src, None), "cpu").encode(captions))
+    encoded = arrays(family.load_text_encoder(layout, "cpu").encode(captions))
+    assert len(encoded) == len(reference)
+    assert all(np.allclose(a, b, rtol=0.05, atol=0.05) for a, b in zip(encoded, reference, strict=True))
+
+    def digests() -> dict:
+        return ModelRef(family_name, folder, None, Store(tmp_path / "store"), "model.path").component_digests
+
+    before = digests()
+    for shard in (shards[-1], text_shards[-1]):
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 1  # one bit of the last tensor's last value
+        shard.write_bytes(bytes(data))
+    after = digests()
+    assert after[family.lora_component] != before[family.lora_component] and after["text"] != before["text"]
+    assert after["vae"] == before["vae"]
 
 
 def bf16_layout(family, tmp_path: Path, form: str, folder: Path, single: Path):

@@ -15,12 +15,12 @@ import torch
 from conftest import (
     Project,
     assert_a_bf16_checkpoint_loads_as_stored,
+    assert_a_sharded_release_loads_and_is_digested,
     assert_narrow_weights_predict_like_fp32,
     bf16_layout,
     make_images,
     make_pairs,
     pair_project,
-    sharded_bf16_folder,
     stage_manifest,
     train_params,
 )
@@ -456,31 +456,5 @@ def test_a_bf16_checkpoint_loads_as_stored(tiny_flow_models, tmp_path, family, f
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_sharded_release_loads_as_stored_and_every_shard_is_in_the_model_s_digest(tiny_flow_models, tmp_path, family):
-    """Z-Image and FLUX.2 are released as diffusers folders whose transformer and text encoder are several bf16
-    safetensors shards with an index: every shard's header is read (stored_dtype), the shards load as stored and
-    encode text, and a change to any one shard's bytes changes the model's digest, so the stages re-run."""
-    from cache.store import Store
-    from stages.base import ModelRef
-
-    fam = get_family(family)
-    folder = sharded_bf16_folder(tiny_flow_models / family, tmp_path / family)
-    shards = sorted((folder / "transformer").glob("*.safetensors"))
-    assert len(shards) > 2 and (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
-    assert len(list((folder / "text_encoder").glob("model-*-of-*.safetensors"))) > 1
-    layout = fam.layout(folder, None)
-    assert_a_bf16_checkpoint_loads_as_stored(fam, layout)
-    reference = fam.load_text_encoder(fam.layout(tiny_flow_models / family, None), "cpu").encode(["a red circle"])
-    encoded = fam.load_text_encoder(layout, "cpu").encode(["a red circle"])
-    assert torch.allclose(torch.as_tensor(encoded[0]), torch.as_tensor(reference[0]), rtol=0.05, atol=0.05)
-
-    def digests() -> dict:
-        return ModelRef(family, folder, None, Store(tmp_path / "store"), "model.path").component_digests
-
-    before = digests()
-    for shard in (shards[-1], sorted((folder / "text_encoder").glob("model-*.safetensors"))[-1]):
-        data = bytearray(shard.read_bytes())
-        data[-1] ^= 1  # one bit of the last tensor's last value
-        shard.write_bytes(bytes(data))
-    after = digests()
-    assert after["transformer"] != before["transformer"] and after["text"] != before["text"]
-    assert after["vae"] == before["vae"]
+    """Z-Image and FLUX.2 are released with their transformer and text encoder in several bf16 shards."""
+    assert_a_sharded_release_loads_and_is_digested(family, tiny_flow_models / family, tmp_path)

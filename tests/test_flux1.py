@@ -12,6 +12,7 @@ import torch
 from conftest import (
     Project,
     assert_a_bf16_checkpoint_loads_as_stored,
+    assert_a_sharded_release_loads_and_is_digested,
     assert_narrow_weights_predict_like_fp32,
     bf16_layout,
     make_images,
@@ -445,3 +446,8 @@ def test_a_bf16_checkpoint_loads_as_stored(tiny_flux1, tmp_path, form):
     family = get_family("flux1")
     layout = bf16_layout(family, tmp_path, form, tiny_flux1 / "dev", tiny_flux1 / "dev.safetensors")
     assert_a_bf16_checkpoint_loads_as_stored(family, layout)
+
+
+def test_a_sharded_release_loads_as_stored_and_every_shard_is_in_the_model_s_digest(tiny_flux1, tmp_path):
+    """FLUX.1 [dev] is released with its transformer and T5 (text_encoder_2) in several bf16 shards."""
+    assert_a_sharded_release_loads_and_is_digested("flux1", tiny_flux1 / "dev", tmp_path, text="text_encoder_2")

@@ -11,6 +11,7 @@ import torch
 from conftest import (
     Project,
     assert_a_bf16_checkpoint_loads_as_stored,
+    assert_a_sharded_release_loads_and_is_digested,
     assert_narrow_weights_predict_like_fp32,
     bf16_layout,
     make_pairs,
@@ -241,3 +242,8 @@ def test_a_bf16_checkpoint_loads_as_stored(tiny_qwen, tmp_path, form):
     family = get_family("qwenimage")
     layout = bf16_layout(family, tmp_path, form, tiny_qwen / "base", tiny_qwen / "base.safetensors")
     assert_a_bf16_checkpoint_loads_as_stored(family, layout)
+
+
+def test_a_sharded_release_loads_as_stored_and_every_shard_is_in_the_model_s_digest(tiny_qwen, tmp_path):
+    """Qwen-Image is released with its transformer and Qwen2.5-VL text encoder in several bf16 shards."""
+    assert_a_sharded_release_loads_and_is_digested("qwenimage", tiny_qwen / "base", tmp_path)
