@@ -458,3 +458,22 @@ def test_a_bf16_checkpoint_loads_as_stored(tiny_flow_models, tmp_path, family, f
 def test_a_sharded_release_loads_as_stored_and_every_shard_is_in_the_model_s_digest(tiny_flow_models, tmp_path, family):
     """Z-Image and FLUX.2 are released with their transformer and text encoder in several bf16 shards."""
     assert_a_sharded_release_loads_and_is_digested(family, tiny_flow_models / family, tmp_path)
+
+
+def test_a_folder_of_variant_files_loads(tiny_flow_models, tmp_path):
+    """Weights saved under a variant name alone (diffusion_pytorch_model.bf16.safetensors, model.bf16.safetensors)
+    load, as diffusers and transformers load them when told the variant."""
+    from safetensors.torch import load_file, save_file
+
+    fam = get_family("zimage")
+    folder = tmp_path / "zimage"
+    shutil.copytree(tiny_flow_models / "zimage", folder)
+    for component in ("transformer", "vae", "text_encoder"):
+        for path in list((folder / component).glob("*.safetensors")):
+            state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+            save_file(state, str(path.with_name(path.name.replace(".safetensors", ".bf16.safetensors"))))
+            path.unlink()
+    layout = fam.layout(folder, None)
+    assert_a_bf16_checkpoint_loads_as_stored(fam, layout)
+    assert fam.load_text_encoder(layout, "cpu").encode(["a red circle"])
+    assert fam.load_vae(layout, "cpu") is not None

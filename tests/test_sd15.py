@@ -48,3 +48,31 @@ def test_lora_workflow_on_a_v_prediction_model(project):
     assert manifest["preimage"]["params"]["prediction_type"] == "v_prediction"
     assert manifest["contract"]["prediction_type"] == "v_prediction"
     assert report["stages"][-1]["action"] == "ran"
+
+
+def test_a_folder_of_fp16_variant_files_loads_and_trains(project, tiny_model):
+    """SD 1.5's and SDXL's repositories offer their weights as fp16 variants too; a download of those files alone
+    (diffusion_pytorch_model.fp16.safetensors, model.fp16.safetensors) is a folder diffusers and transformers load
+    only when told the variant. It loads, with the fp16 values, and a LoRA trains on it."""
+    from safetensors.torch import load_file, save_file
+
+    from stages.families.base import weights_variant
+
+    folder = project.root / "model"
+    for component in ("unet", "vae", "text_encoder"):
+        for path in list((folder / component).glob("*.safetensors")):
+            state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+            save_file(state, str(path.with_name(path.name.replace(".safetensors", ".fp16.safetensors"))))
+            path.unlink()
+        assert weights_variant(folder / component) == "fp16"
+    assert weights_variant(tiny_model / "model" / "unet") is None
+    family = SD15Family()
+    layout = family.layout(folder, None)
+    assert family.stored_dtype(layout) == torch.float16
+    cpu = torch.device("cpu")
+    loaded = family.load_denoiser(layout, cpu).state_dict()
+    reference = family.load_denoiser(family.layout(tiny_model / "model", None), cpu).state_dict()
+    assert all(torch.equal(loaded[k], v.half().float()) for k, v in reference.items())
+    assert family.load_text_encoder(layout, "cpu").encode(["a red circle"])
+    assert project.run_json()["stages"][-1]["action"] == "ran"
+    assert project.manifests("lora1")

@@ -24,6 +24,21 @@ def quiet_libraries() -> None:
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
+def weights_variant(folder: Path) -> str | None:
+    """The variant a component folder holds its weights in when it holds them in no other: "fp16" for a folder of
+    diffusion_pytorch_model.fp16.safetensors (what a download of a repository's fp16 files leaves, as SD 1.5's and
+    SDXL's offer them), which diffusers and transformers load only when told the variant; None for plain names."""
+    import re
+
+    names = [p.name.removesuffix(".safetensors") for p in folder.glob("*.safetensors")]
+    plain = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?")
+    variant = re.compile(r"(?:diffusion_pytorch_model|model)\.(\w+?)(?:-\d+-of-\d+)?")
+    if any(plain.fullmatch(n) for n in names):
+        return None
+    found = {m.group(1) for m in map(variant.fullmatch, names) if m}
+    return found.pop() if len(found) == 1 else None
+
+
 def check_diffusers_folder(path: Path, components, weighted, field: str, pretty: str) -> None:
     """A diffusers folder has every component folder, and each weighted one a config.json and .safetensors
     weights (pickle files are never loaded); ModelError naming the config field and what is missing."""

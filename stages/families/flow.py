@@ -21,6 +21,7 @@ from stages.families.base import (
     check_diffusers_folder,
     pipeline_renderer,
     quiet_libraries,
+    weights_variant,
 )
 from stages.families.sd15 import _json, read_safetensors_header
 
@@ -131,13 +132,14 @@ class FlowFamily(ModelFamily):
     # -- heavy -------------------------------------------------------------------------------------------
     def _from_pretrained(self, layout: ModelLayout, comp: str, cls, dtype=None):
         quiet_libraries()
-        kwargs = {"use_safetensors": True} if comp in self.weighted else {}
+        root = self._root(layout)
+        kwargs = {"use_safetensors": True, "variant": weights_variant(root / comp)} if comp in self.weighted else {}
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
         try:
-            return cls.from_pretrained(str(self._root(layout)), subfolder=comp, **kwargs)
+            return cls.from_pretrained(str(root), subfolder=comp, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
-            raise ModelError(f"could not load the {comp} of {self._root(layout)}: {e}") from None
+            raise ModelError(f"could not load the {comp} of {root}: {e}") from None
 
     def load_vae(self, layout: ModelLayout, device):
         import diffusers

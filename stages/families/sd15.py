@@ -16,6 +16,7 @@ from stages.families.base import (
     check_diffusers_folder,
     pipeline_renderer,
     quiet_libraries,
+    weights_variant,
 )
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -176,7 +177,7 @@ class SD15Family(ModelFamily):
                 classes[c].from_pretrained(
                     str(root),
                     subfolder=c,
-                    **({"use_safetensors": True} if c in self.weighted else {}),
+                    **({"use_safetensors": True, "variant": weights_variant(root / c)} if c in self.weighted else {}),
                     **({"torch_dtype": dtype} if dtype is not None and c in self.weighted else {}),
                 )
                 for c in components
