@@ -103,6 +103,18 @@ def sharded_bf16_folder(src: Path, dst: Path, parts: tuple[str, ...]) -> Path:
     return dst
 
 
+def as_variant(folder: Path, components: tuple[str, ...], dtype, variant: str) -> None:
+    """Rewrite the components' weights in dtype under the variant's names alone (diffusion_pytorch_model.<variant>.
+    safetensors, model.<variant>.safetensors), as a download of a repository's variant files leaves them."""
+    from safetensors.torch import load_file, save_file
+
+    for component in components:
+        for path in list((folder / component).glob("*.safetensors")):
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+            save_file(state, str(path.with_name(path.name.replace(".safetensors", f".{variant}.safetensors"))))
+            path.unlink()
+
+
 def assert_a_sharded_release_loads_and_is_digested(
     family_name: str, src: Path, tmp_path: Path, text: str = "text_encoder", denoiser: str = "transformer"
 ) -> None:

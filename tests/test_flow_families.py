@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import (
     Project,
+    as_variant,
     assert_a_bf16_checkpoint_loads_as_stored,
     assert_a_sharded_release_loads_and_is_digested,
     assert_narrow_weights_predict_like_fp32,
@@ -463,16 +464,10 @@ def test_a_sharded_release_loads_as_stored_and_every_shard_is_in_the_model_s_dig
 def test_a_folder_of_variant_files_loads(tiny_flow_models, tmp_path):
     """Weights saved under a variant name alone (diffusion_pytorch_model.bf16.safetensors, model.bf16.safetensors)
     load, as diffusers and transformers load them when told the variant."""
-    from safetensors.torch import load_file, save_file
-
     fam = get_family("zimage")
     folder = tmp_path / "zimage"
     shutil.copytree(tiny_flow_models / "zimage", folder)
-    for component in ("transformer", "vae", "text_encoder"):
-        for path in list((folder / component).glob("*.safetensors")):
-            state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-            save_file(state, str(path.with_name(path.name.replace(".safetensors", ".bf16.safetensors"))))
-            path.unlink()
+    as_variant(folder, ("transformer", "vae", "text_encoder"), torch.bfloat16, "bf16")
     layout = fam.layout(folder, None)
     assert_a_bf16_checkpoint_loads_as_stored(fam, layout)
     assert fam.load_text_encoder(layout, "cpu").encode(["a red circle"])

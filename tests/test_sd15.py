@@ -54,17 +54,13 @@ def test_a_folder_of_fp16_variant_files_loads_and_trains(project, tiny_model):
     """SD 1.5's and SDXL's repositories offer their weights as fp16 variants too; a download of those files alone
     (diffusion_pytorch_model.fp16.safetensors, model.fp16.safetensors) is a folder diffusers and transformers load
     only when told the variant. It loads, with the fp16 values, and a LoRA trains on it."""
-    from safetensors.torch import load_file, save_file
+    from conftest import as_variant
 
     from stages.families.base import weights_variant
 
     folder = project.root / "model"
-    for component in ("unet", "vae", "text_encoder"):
-        for path in list((folder / component).glob("*.safetensors")):
-            state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-            save_file(state, str(path.with_name(path.name.replace(".safetensors", ".fp16.safetensors"))))
-            path.unlink()
-        assert weights_variant(folder / component) == "fp16"
+    as_variant(folder, ("unet", "vae", "text_encoder"), torch.float16, "fp16")
+    assert all(weights_variant(folder / c) == "fp16" for c in ("unet", "vae", "text_encoder"))
     assert weights_variant(tiny_model / "model" / "unet") is None
     family = SD15Family()
     layout = family.layout(folder, None)
