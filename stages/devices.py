@@ -83,17 +83,20 @@ def load_frozen(family, layout, device, weights_dtype: str, attention: str):
     return denoiser
 
 
-def load_frozen_in_turn(family, layout, device, weights_dtype: str, attention: str, wanted: bool, log, stage: str):
-    """load_frozen on every process that has rows to compute (wanted; None on the others), the processes of a node
-    one after another (core/dist.in_turn): each loads the whole model through its CPU memory, so a node holds one
-    such copy at a time, not one per process. Every process must call it."""
+def load_frozen_in_turn(ctx, family, layout, device, weights_dtype: str | None, wanted: bool, stage: str):
+    """load_frozen for a stage (ctx: its StageContext; weights_dtype None is fp32) on every process that has rows to
+    compute (wanted; None on the others), the processes of a node one after another (core/dist.in_turn): each loads
+    the whole model through its CPU memory, so a node holds one such copy at a time, not one per process. Every
+    process must call it."""
     from core import dist
 
     local = dist.local_size()
     if local > 1 and dist.is_main():
-        log(
+        ctx.log(
             f"{stage}: the {local} processes of this node load the model one after another, so its CPU memory holds "
             f"one copy at a time"
         )
     with dist.in_turn(dist.size() > 1):
-        return load_frozen(family, layout, device, weights_dtype, attention) if wanted else None
+        if not wanted:
+            return None
+        return load_frozen(family, layout, device, weights_dtype or "fp32", ctx.runtime.attention)

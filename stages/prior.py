@@ -115,16 +115,7 @@ class PriorStage(Stage):
             ctx.log(f"prior: resuming, {len(todo)} of {spec.steps} steps to go")
         todo = todo[rank::world]
         device = resolve_device(ctx.runtime.device)
-        unet = load_frozen_in_turn(
-            student.family,
-            student.layout,
-            device,
-            p.weights_dtype or "fp32",
-            ctx.runtime.attention,
-            bool(todo),
-            ctx.log,
-            "prior",
-        )
+        unet = load_frozen_in_turn(ctx, student.family, student.layout, device, p.weights_dtype, bool(todo), "prior")
         if todo:
             process = make_process(ctx.upstream["schedule"].contract["timesteps"], p.prediction_type)
             cond, row_of = load_text_table(store, text)

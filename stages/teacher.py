@@ -137,16 +137,7 @@ class TeacherStage(Stage):
             ctx.upstream["lora1"].record.get("imported_from") or f"the lora1 artifact {lora.path.name[:12]}"
         )
         device = resolve_device(ctx.runtime.device)
-        denoiser = load_frozen_in_turn(
-            env.family,
-            env.layout,
-            device,
-            p.weights_dtype or "fp32",
-            ctx.runtime.attention,
-            bool(todo),
-            ctx.log,
-            "teacher",
-        )
+        denoiser = load_frozen_in_turn(ctx, env.family, env.layout, device, p.weights_dtype, bool(todo), "teacher")
         if todo:
             teacher = FixedLora(denoiser, match_modules(lora, denoiser, env.family.kohya_prefix), device)
             cond, row_of = load_text_table(store, text)
